@@ -1,0 +1,65 @@
+//! A model folder in onnxruntime-genai's layout: `genai_config.json`, the decoder graph with its
+//! external data, `tokenizer.json`, and a chat template in `tokenizer_config.json` or
+//! `chat_template.jinja`.
+
+pub mod chat;
+pub mod genai_config;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use genai_config::{DecoderNames, GenaiConfig, SearchDefaults};
+pub use tokenizer::{Detokenizer, TextTokenizer};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug)]
+pub struct ModelFolder {
+    pub dir: PathBuf,
+    pub config: GenaiConfig,
+    pub tokenizer: TextTokenizer,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl ModelFolder {
+    /// Reads and checks everything but the weights: a missing file is named before ONNX Runtime
+    /// gets to it, so the user sees which file to fetch again.
+    pub fn open(dir: &Path) -> Result<ModelFolder> {
+        if !dir.is_dir() {
+            return Err(Error::ModelFile { path: dir.to_path_buf(), reason: "not a directory".into() });
+        }
+        let config = GenaiConfig::load(dir)?;
+        let decoder = dir.join(&config.decoder_file);
+        require_file(&decoder)?;
+        // The builder stores weights in `<model>.onnx.data`; ONNX Runtime's own message for a
+        // missing one is cryptic, so check it here.
+        let data = PathBuf::from(format!("{}.data", decoder.display()));
+        if external_data_expected(&decoder)? {
+            require_file(&data)?;
+        }
+        let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"))?;
+        let chat_template = ChatTemplate::find(dir, &tokenizer)?;
+        Ok(ModelFolder { dir: dir.to_path_buf(), config, tokenizer, chat_template })
+    }
+
+    pub fn decoder_path(&self) -> PathBuf {
+        self.dir.join(&self.config.decoder_file)
+    }
+}
+
+fn require_file(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() && m.len() > 0 => Ok(()),
+        Ok(_) => Err(Error::ModelFile { path: path.to_path_buf(), reason: "empty or not a regular file".into() }),
+        Err(e) => Err(Error::ModelFile { path: path.to_path_buf(), reason: format!("{e}") }),
+    }
+}
+
+/// Whether the graph refers to an external data file named after it (a cheap byte search
+/// for the file name in the protobuf, whose `location` entries hold it as plain text).
+fn external_data_expected(decoder: &Path) -> Result<bool> {
+    let bytes = std::fs::read(decoder).map_err(|e| Error::ModelFile { path: decoder.to_path_buf(), reason: e.to_string() })?;
+    let name = format!("{}.data", decoder.file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx"));
+    Ok(bytes.windows(name.len()).any(|w| w == name.as_bytes()))
+}

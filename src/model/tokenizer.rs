@@ -1,0 +1,85 @@
+//! `tokenizer.json` through the `tokenizers` crate, and incremental detokenization for streaming.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TextTokenizer")
+    }
+}
+
+impl TextTokenizer {
+    pub fn load(path: &Path) -> Result<TextTokenizer> {
+        if !path.exists() {
+            return Err(Error::ModelFile { path: path.to_path_buf(), reason: "missing".into() });
+        }
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: format!("not a valid tokenizer.json: {e}") })?;
+        Ok(TextTokenizer { inner })
+    }
+
+    /// Token ids of `text`, with no special tokens added (as onnxruntime-genai does); special
+    /// tokens written in the text (`<|im_start|>`) are still recognised.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// Turns a growing list of token ids into text pieces. A piece never ends inside a UTF-8
+/// character (byte-level BPE splits them across tokens), and the pieces concatenated equal the
+/// decoding of all ids at once: the same offsets scheme as text-generation-inference.
+#[derive(Debug, Default)]
+pub struct Detokenizer {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl Detokenizer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one token; returns the new text it completes (possibly empty).
+    pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            let piece = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(piece)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Whatever is still held (an incomplete character at the end), as the full decode renders it.
+    pub fn flush(&mut self, tokenizer: &TextTokenizer) -> Result<String> {
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(full.get(prefix.len()..).unwrap_or_default().to_string())
+    }
+}

@@ -1,0 +1,249 @@
+//! ONNX Runtime: finding and loading libonnxruntime.so, the OpenVINO plugin, and building sessions
+//! on an ordered list of execution providers with an explicit fallback.
+//!
+//! ONNX Runtime is loaded once per process (ort keeps the library in a global); `Runtime` is the
+//! handle everything else is built from.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ort::environment::Environment;
+use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider};
+use ort::session::Session;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+
+use crate::error::{Error, Result};
+
+/// File name of the OpenVINO plugin of the `onnxruntime-ep-openvino` wheel.
+pub const OPENVINO_PLUGIN: &str = "libonnxruntime_providers_openvino_plugin.so";
+const OPENVINO_EP: &str = "OpenVINOExecutionProvider";
+const CPU_EP: &str = "CPUExecutionProvider";
+
+/// An execution provider a model may ask for, in config order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Provider {
+    Cpu,
+    Cuda,
+    OpenVino,
+}
+
+impl Provider {
+    pub fn parse(name: &str) -> Option<Provider> {
+        match name {
+            "cpu" => Some(Provider::Cpu),
+            "cuda" => Some(Provider::Cuda),
+            "openvino" => Some(Provider::OpenVino),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda => "cuda",
+            Provider::OpenVino => "openvino",
+        }
+    }
+}
+
+/// How a session should be built: providers in order of preference and their options.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub providers: Vec<Provider>,
+    /// A provider that fails to register is an error instead of a step down the list.
+    pub strict: bool,
+    /// Intra-op threads; 0 lets ONNX Runtime choose (one per core).
+    pub threads: usize,
+    /// Passed through to the provider that runs (e.g. OpenVINO `device_type`, CUDA `device_id`).
+    pub provider_options: Vec<(String, String)>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions { providers: vec![Provider::Cpu], strict: false, threads: 0, provider_options: Vec::new() }
+    }
+}
+
+/// What really runs, and what was tried before it.
+#[derive(Debug, Clone)]
+pub struct ProviderReport {
+    pub provider: Provider,
+    /// (provider, reason) for each provider that was tried and failed, in order.
+    pub failed: Vec<(Provider, String)>,
+}
+
+pub struct Runtime {
+    env: Environment,
+    library: PathBuf,
+    openvino_plugin: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("library", &self.library).field("openvino_plugin", &self.openvino_plugin).finish()
+    }
+}
+
+/// Where to look for libonnxruntime.so, in order: the config's `[runtime] library`,
+/// `ORT_DYLIB_PATH`, the folder `scripts/setup-runtime.sh` installs into (`$EDGELLM_RUNTIME_DIR`,
+/// else `.edgellm/runtime` of this source tree), and the system install (/usr/lib/edgellm).
+pub fn library_candidates(configured: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(path) = configured {
+        return vec![path.to_path_buf()];
+    }
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
+        return vec![PathBuf::from(path)];
+    }
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::var_os("EDGELLM_RUNTIME_DIR") {
+        dirs.push(PathBuf::from(dir));
+    }
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(".edgellm/runtime"));
+    dirs.push(PathBuf::from("/usr/lib/edgellm"));
+    dirs.into_iter().map(|d| d.join("libonnxruntime.so")).collect()
+}
+
+impl Runtime {
+    /// Loads ONNX Runtime from the first candidate that exists; a missing or wrong library is a
+    /// typed error that says how to install it (ort itself would panic at its first call).
+    pub fn load(configured: Option<&Path>) -> Result<Arc<Runtime>> {
+        let candidates = library_candidates(configured);
+        let library = match candidates.iter().find(|p| p.exists()) {
+            Some(found) => found.clone(),
+            None => {
+                return Err(Error::RuntimeLibrary {
+                    path: candidates[0].clone(),
+                    reason: format!(
+                        "not found (looked at {})",
+                        candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                });
+            }
+        };
+        let builder = ort::init_from(&library)
+            .map_err(|e| Error::RuntimeLibrary { path: library.clone(), reason: e.to_string() })?;
+        let env = builder
+            .with_name("edgellm")
+            .build()
+            .map_err(|e| Error::RuntimeLibrary { path: library.clone(), reason: e.to_string() })?;
+        // The OpenVINO plugin lives beside the runtime library when the setup script installed it.
+        // A symlink is resolved so that the plugin finds its OpenVINO libraries beside itself.
+        let plugin = library.parent().map(|d| d.join(OPENVINO_PLUGIN)).and_then(|p| std::fs::canonicalize(p).ok());
+        let openvino_plugin = match plugin {
+            Some(path) => match env.register_ep_library("openvino", &path) {
+                Ok(()) => Some(path),
+                Err(e) => {
+                    tracing::warn!(plugin = %path.display(), error = %e, "OpenVINO plugin did not register");
+                    None
+                }
+            },
+            None => None,
+        };
+        tracing::info!(library = %library.display(), openvino = openvino_plugin.is_some(), "ONNX Runtime loaded");
+        Ok(Arc::new(Runtime { env, library, openvino_plugin }))
+    }
+
+    pub fn library(&self) -> &Path {
+        &self.library
+    }
+
+    /// Builds a session for `model_file` on the first provider of `options` that registers.
+    pub fn session(&self, model_file: &Path, options: &SessionOptions) -> Result<(Session, ProviderReport)> {
+        let mut failed = Vec::new();
+        let mut providers = options.providers.clone();
+        if !options.strict && !providers.contains(&Provider::Cpu) {
+            // The explicit fallback: CPU always exists, so a non-strict model still loads.
+            providers.push(Provider::Cpu);
+        }
+        for provider in providers {
+            match self.session_on(model_file, provider, options) {
+                Ok(session) => {
+                    if !failed.is_empty() {
+                        tracing::warn!(model = %model_file.display(), provider = provider.name(), ?failed, "fell back to a later execution provider");
+                    }
+                    return Ok((session, ProviderReport { provider, failed }));
+                }
+                Err(Error::ProviderUnavailable { reason, .. }) => {
+                    if options.strict {
+                        return Err(Error::ProviderUnavailable { provider: provider.name().into(), reason });
+                    }
+                    failed.push((provider, reason));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        let (provider, reason) = failed.pop().expect("at least one provider was tried");
+        Err(Error::ProviderUnavailable { provider: provider.name().into(), reason })
+    }
+
+    fn builder(&self, options: &SessionOptions) -> Result<SessionBuilder> {
+        let mut builder = Session::builder(&self.env)?;
+        builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(ort::Error::from)?;
+        if options.threads > 0 {
+            builder = builder.with_intra_threads(options.threads).map_err(ort::Error::from)?;
+        }
+        Ok(builder)
+    }
+
+    fn session_on(&self, model_file: &Path, provider: Provider, options: &SessionOptions) -> Result<Session> {
+        let unavailable = |reason: String| Error::ProviderUnavailable { provider: provider.name().into(), reason };
+        let mut builder = self.builder(options)?;
+        match provider {
+            Provider::Cpu => {
+                // Name the CPU provider's device explicitly: ort otherwise sets an automatic
+                // device policy, which picks the OpenVINO plugin's CPU device once that is
+                // registered (seen here as different logits from plain ONNX Runtime).
+                let devices: Vec<_> = self.env.devices().filter(|d| d.ep().map(|n| n == CPU_EP).unwrap_or(false)).collect();
+                builder = builder.with_devices(devices, None).map_err(|e| unavailable(e.to_string()))?;
+            }
+            Provider::Cuda => {
+                let mut cuda = ep::CUDA::default();
+                for (key, value) in &options.provider_options {
+                    cuda = cuda.with_arbitrary_config(key, value);
+                }
+                builder = builder
+                    .with_execution_providers([cuda.build().error_on_failure()])
+                    .map_err(|e| unavailable(format!("{e} (install the `onnxruntime-gpu` wheel and point `[runtime] library` at its libonnxruntime.so; a CUDA GPU and driver are needed)")))?;
+            }
+            Provider::OpenVino => {
+                if self.openvino_plugin.is_none() {
+                    return Err(unavailable(format!(
+                        "{OPENVINO_PLUGIN} was not found beside {} (scripts/setup-runtime.sh installs it from the `onnxruntime-ep-openvino` wheel)",
+                        self.library.display()
+                    )));
+                }
+                let device_type = options
+                    .provider_options
+                    .iter()
+                    .find(|(k, _)| k == "device_type")
+                    .map(|(_, v)| v.to_uppercase())
+                    .unwrap_or_else(|| "CPU".into());
+                let devices: Vec<_> = self
+                    .env
+                    .devices()
+                    .filter(|d| d.ep().map(|n| n == OPENVINO_EP).unwrap_or(false))
+                    .filter(|d| format!("{:?}", d.hardware_device().ty()).eq_ignore_ascii_case(device_type.split('.').next().unwrap_or("CPU")))
+                    .collect();
+                if devices.is_empty() {
+                    return Err(unavailable(format!("OpenVINO offers no {device_type} device on this machine")));
+                }
+                let prefixed: Vec<(String, String)> = options
+                    .provider_options
+                    .iter()
+                    .filter(|(k, _)| k != "device_type")
+                    .map(|(k, v)| (format!("{OPENVINO_EP}.{k}"), v.clone()))
+                    .collect();
+                builder = builder
+                    .with_devices(devices, Some(&prefixed))
+                    .map_err(|e| unavailable(e.to_string()))?;
+            }
+        }
+        let session = builder.commit_from_file(model_file).map_err(|e| {
+            if provider == Provider::Cpu {
+                Error::ModelFile { path: model_file.to_path_buf(), reason: e.to_string() }
+            } else {
+                unavailable(e.to_string())
+            }
+        })?;
+        Ok(session)
+    }
+}
