@@ -4,9 +4,12 @@
 //! (`engine`) -> token events -> the caller. Only `service` and the binaries know zbus; only
 //! `runtime`, `model` and `engine` know ONNX Runtime.
 
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod model;
 pub mod runtime;
+pub mod scheduler;
+pub mod service;
 
 pub use error::{Error, Result};

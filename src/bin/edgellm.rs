@@ -1,1 +1,246 @@
-fn main() {}
+//! edgellm: the command-line client of edgellmd (talks D-Bus only).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use zbus::zvariant::{OwnedValue, Value};
+
+use edgellm::service::client::Daemon1Proxy;
+
+#[derive(Parser, Debug)]
+#[command(name = "edgellm", version, about = "Talk to edgellmd over D-Bus")]
+struct Cli {
+    /// Use the system bus.
+    #[arg(long, global = true, conflicts_with_all = ["session", "address"])]
+    system: bool,
+    /// Use the session bus (the default).
+    #[arg(long, global = true)]
+    session: bool,
+    /// Use this D-Bus address (e.g. unix:path=/run/edgellm/bus).
+    #[arg(long, global = true)]
+    address: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Debug, Default)]
+struct GenArgs {
+    /// Model name (see `edgellm models`).
+    #[arg(short, long, default_value = "kjv")]
+    model: String,
+    #[arg(long)]
+    max_new_tokens: Option<u32>,
+    /// 0 is greedy.
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_k: Option<u32>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Turn speculative decoding on or off for this request.
+    #[arg(long)]
+    speculative: Option<bool>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Stream a continuation of PROMPT.
+    Generate {
+        #[command(flatten)]
+        args: GenArgs,
+        prompt: String,
+    },
+    /// Stream a chat answer to MESSAGE (with an optional --system message).
+    Chat {
+        #[command(flatten)]
+        args: GenArgs,
+        #[arg(long = "system-prompt")]
+        system_prompt: Option<String>,
+        message: String,
+    },
+    /// Print the whole continuation of PROMPT at once.
+    Complete {
+        #[command(flatten)]
+        args: GenArgs,
+        prompt: String,
+    },
+    /// List the configured models and their state.
+    Models,
+    /// Load a model and wait until it is ready.
+    Load { name: String },
+    /// Unload a model.
+    Unload { name: String },
+    /// Show the daemon's status.
+    Status,
+}
+
+impl GenArgs {
+    fn options(&self) -> HashMap<&'static str, Value<'static>> {
+        let mut o = HashMap::new();
+        if let Some(v) = self.max_new_tokens { o.insert("max_new_tokens", Value::U32(v)); }
+        if let Some(v) = self.temperature { o.insert("temperature", Value::F64(v)); }
+        if let Some(v) = self.top_k { o.insert("top_k", Value::U32(v)); }
+        if let Some(v) = self.top_p { o.insert("top_p", Value::F64(v)); }
+        if let Some(v) = self.repetition_penalty { o.insert("repetition_penalty", Value::F64(v)); }
+        if let Some(v) = self.seed { o.insert("seed", Value::U64(v)); }
+        if !self.stop.is_empty() { o.insert("stop", Value::from(self.stop.clone())); }
+        if let Some(v) = self.speculative { o.insert("speculative", Value::Bool(v)); }
+        o
+    }
+}
+
+fn show(v: &OwnedValue) -> String {
+    match &**v {
+        Value::Str(s) => s.to_string(),
+        Value::F64(f) => format!("{f:.2}"),
+        other => other.to_string(),
+    }
+}
+
+fn show_dict(d: &HashMap<String, OwnedValue>) -> String {
+    let mut keys: Vec<&String> = d.keys().collect();
+    keys.sort();
+    keys.iter().map(|k| format!("{k}={}", show(&d[*k]))).collect::<Vec<_>>().join(" ")
+}
+
+/// Shows "loading MODEL... Ns" on stderr until `done` resolves.
+async fn with_progress<T>(what: &str, done: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    let ticker = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            eprint!("\r{what}... {:.0}s", started.elapsed().as_secs_f64());
+        }
+    };
+    tokio::pin!(done);
+    let out = tokio::select! { out = &mut done => out, _ = ticker => unreachable!() };
+    if started.elapsed() >= Duration::from_millis(500) {
+        eprintln!("\r{what}: done in {:.1}s", started.elapsed().as_secs_f64());
+    }
+    out
+}
+
+async fn connect(cli: &Cli) -> zbus::Result<zbus::Connection> {
+    if let Some(address) = &cli.address {
+        zbus::connection::Builder::address(address.as_str())?.build().await
+    } else if cli.system {
+        zbus::Connection::system().await
+    } else {
+        zbus::Connection::session().await
+    }
+}
+
+async fn model_ready(proxy: &Daemon1Proxy<'_>, model: &str) -> bool {
+    proxy.list_models().await.ok().and_then(|ms| ms.into_iter().find(|(n, _)| n == model)).and_then(|(_, d)| d.get("state").map(show)).as_deref() == Some("ready")
+}
+
+/// Starts a request and streams its tokens to stdout; Ctrl-C cancels it.
+async fn stream(proxy: &Daemon1Proxy<'_>, model: &str, start: impl std::future::Future<Output = zbus::Result<u64>>) -> Result<ExitCode, String> {
+    // Subscribe before calling: the first token may follow the reply at once.
+    let mut tokens = proxy.receive_token().await.map_err(|e| e.to_string())?;
+    let mut finished = proxy.receive_finished().await.map_err(|e| e.to_string())?;
+    let loading = !model_ready(proxy, model).await;
+    let id = start.await.map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut first = true;
+    let mut cancelled = false;
+    let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
+    loop {
+        tokio::select! {
+            Some(t) = tokens.next() => {
+                if let Ok(args) = t.args() {
+                    if args.request_id == id {
+                        if first && loading { eprintln!("\r(model loaded in {:.1}s)", started.elapsed().as_secs_f64()); }
+                        first = false;
+                        print!("{}", args.text);
+                        let _ = std::io::stdout().flush();
+                    }
+                }
+            }
+            Some(f) = finished.next() => {
+                if let Ok(args) = f.args() {
+                    if args.request_id == id {
+                        println!();
+                        eprintln!("[{}] {}", args.reason, show_dict(&args.stats));
+                        return Ok(match args.reason.as_str() {
+                            "stop" | "length" => ExitCode::SUCCESS,
+                            "cancelled" => ExitCode::from(130),
+                            _ => ExitCode::FAILURE,
+                        });
+                    }
+                }
+            }
+            _ = &mut ctrl_c, if !cancelled => {
+                cancelled = true;
+                eprintln!("\n(cancelling request {id})");
+                proxy.cancel(id).await.map_err(|e| e.to_string())?;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)), if first && loading => {
+                eprint!("\rloading model {model}... {:.0}s", started.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    let conn = connect(&cli).await.map_err(|e| format!("cannot connect to D-Bus: {e}"))?;
+    let proxy = Daemon1Proxy::new(&conn).await.map_err(|e| e.to_string())?;
+    match &cli.command {
+        Command::Generate { args, prompt } => stream(&proxy, &args.model, proxy.generate(&args.model, prompt, args.options())).await,
+        Command::Chat { args, system_prompt, message } => {
+            let mut messages: Vec<(&str, &str)> = Vec::new();
+            if let Some(s) = system_prompt { messages.push(("system", s)); }
+            messages.push(("user", message));
+            stream(&proxy, &args.model, proxy.chat(&args.model, &messages, args.options())).await
+        }
+        Command::Complete { args, prompt } => {
+            let (text, stats) = proxy.complete(&args.model, prompt, args.options()).await.map_err(|e| e.to_string())?;
+            println!("{text}");
+            eprintln!("{}", show_dict(&stats));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Models => {
+            for (name, d) in proxy.list_models().await.map_err(|e| e.to_string())? {
+                println!("{name}\t{}", show_dict(&d));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Load { name } => {
+            with_progress(&format!("loading {name}"), proxy.load_model(name)).await.map_err(|e| e.to_string())?;
+            println!("{name}: ready");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Unload { name } => {
+            proxy.unload_model(name).await.map_err(|e| e.to_string())?;
+            println!("{name}: unloaded");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            println!("{}", show_dict(&proxy.status().await.map_err(|e| e.to_string())?));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("edgellm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

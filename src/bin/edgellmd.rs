@@ -1,1 +1,185 @@
-fn main() {}
+//! edgellmd: the daemon. Reads the config, loads ONNX Runtime, serves org.edgellm.Daemon1,
+//! preloads models, tells systemd it is ready, and shuts down cleanly on SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::StreamExt;
+use zbus::fdo::{DBusProxy, RequestNameFlags, RequestNameReply};
+use zbus::object_server::SignalEmitter;
+
+use edgellm::config::{Bus, Config, DEFAULT_PATH};
+use edgellm::runtime::Runtime;
+use edgellm::scheduler::Scheduler;
+use edgellm::service::{AdminPolicy, BUS_NAME, Daemon, OBJECT_PATH};
+
+#[derive(Parser, Debug)]
+#[command(name = "edgellmd", version, about = "On-device LLM service over D-Bus")]
+struct Args {
+    /// The TOML config file.
+    #[arg(long, default_value = DEFAULT_PATH)]
+    config: PathBuf,
+    /// Only check the config file and exit (0 when valid).
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn init_logging() {
+    // Under systemd, log to the journal through systemd-journal-logger: tracing events reach it
+    // through tracing's `log` bridge (no tracing subscriber is installed then). Elsewhere, stderr.
+    if systemd_journal_logger::connected_to_journal() {
+        if let Ok(logger) = systemd_journal_logger::JournalLog::new() {
+            if logger.with_syslog_identifier("edgellmd".into()).install().is_ok() {
+                let level = std::env::var("EDGELLM_LOG").ok().and_then(|l| l.parse().ok()).unwrap_or(log::LevelFilter::Info);
+                log::set_max_level(level);
+                return;
+            }
+        }
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGELLM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn notify(state: &[sd_notify::NotifyState]) {
+    let _ = sd_notify::notify(false, state);
+}
+
+/// The gid of a group named in the config, from /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then(|| fields.nth(1)?.parse().ok()).flatten()
+    })
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgellmd: invalid config: {e}");
+            tracing::error!("invalid config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("{}: ok ({} models)", config.file.display(), config.models.len());
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edgellmd: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("edgellmd: {message}");
+            tracing::error!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    let runtime = Runtime::load(config.runtime_library.as_deref()).map_err(|e| e.to_string())?;
+    let scheduler = Scheduler::start(runtime, &config);
+    let admin = AdminPolicy {
+        daemon_uid: effective_uid(),
+        admin_gid: config.daemon.admin_group.as_deref().and_then(group_id),
+    };
+    if let (Some(name), None) = (&config.daemon.admin_group, admin.admin_gid) {
+        tracing::warn!(group = %name, "daemon.admin_group names no group in /etc/group");
+    }
+    let daemon = Daemon::new(scheduler.clone(), admin, config.daemon.log_text);
+    let builder = match &config.daemon.bus {
+        Bus::Session => zbus::connection::Builder::session(),
+        Bus::System => zbus::connection::Builder::system(),
+        Bus::Address(a) => zbus::connection::Builder::address(a.as_str()),
+    }
+    .map_err(|e| format!("cannot connect to the D-Bus bus: {e}"))?;
+    // Serve the object before taking the name, so no caller finds the name without the object.
+    let conn = builder
+        .serve_at(OBJECT_PATH, daemon)
+        .map_err(|e| e.to_string())?
+        .build()
+        .await
+        .map_err(|e| format!("cannot connect to the D-Bus bus ({:?}): {e}", config.daemon.bus))?;
+    match conn.request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into()).await {
+        Ok(RequestNameReply::PrimaryOwner) | Ok(RequestNameReply::AlreadyOwner) => {}
+        Ok(_) => return Err(format!("another process already owns {BUS_NAME} on this bus: is edgellmd already running?")),
+        Err(e) => return Err(format!("cannot own {BUS_NAME}: {e} (on the system bus the D-Bus policy must allow this user)")),
+    }
+    tracing::info!(bus = ?config.daemon.bus, name = BUS_NAME, "serving");
+
+    let iface = conn.object_server().interface::<_, Daemon>(OBJECT_PATH).await.map_err(|e| e.to_string())?;
+    // A client that leaves the bus has its requests cancelled.
+    let dbus = DBusProxy::new(&conn).await.map_err(|e| e.to_string())?;
+    let mut owners = dbus.receive_name_owner_changed().await.map_err(|e| e.to_string())?;
+    let gone_iface = iface.clone();
+    tokio::spawn(async move {
+        while let Some(signal) = owners.next().await {
+            if let Ok(args) = signal.args() {
+                if args.name().starts_with(':') && args.new_owner().is_none() {
+                    gone_iface.get().await.client_gone(args.name());
+                }
+            }
+        }
+    });
+    // Model state changes are broadcast: they carry nothing private.
+    let mut states = scheduler.subscribe_states();
+    let state_conn = conn.clone();
+    tokio::spawn(async move {
+        while let Ok((name, state)) = states.recv().await {
+            if let Ok(emitter) = SignalEmitter::new(&state_conn, OBJECT_PATH) {
+                let _ = Daemon::model_state_changed(&emitter, &name, state.as_str()).await;
+            }
+        }
+    });
+
+    scheduler.preload().await;
+    notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!("ready");
+
+    let mut watchdog_usec = 0;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let mut tick = tokio::time::interval(Duration::from_micros(if watchdog { watchdog_usec / 2 } else { 3_600_000_000 }));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => if watchdog { notify(&[sd_notify::NotifyState::Watchdog]) },
+        }
+    }
+
+    // Shutdown: no new requests; in-flight ones get the grace period, then are cancelled.
+    notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!(grace_s = config.daemon.shutdown_grace.as_secs(), "shutting down");
+    scheduler.stop_accepting();
+    let deadline = Instant::now() + config.daemon.shutdown_grace;
+    while (scheduler.in_flight() > 0 || scheduler.queued() > 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stopper = scheduler.clone();
+    let _ = tokio::task::spawn_blocking(move || stopper.shutdown()).await;
+    // Let the last Finished signals reach their callers before the name goes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = conn.release_name(BUS_NAME).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The user id the daemon runs as (read from /proc to avoid an unsafe libc call).
+fn effective_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2)).and_then(|u| u.parse().ok()))
+        .unwrap_or(0)
+}

@@ -20,7 +20,21 @@ use crate::error::{Error, Result};
 use crate::model::{DecoderNames, GenaiConfig};
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
 
-pub type SharedRunOptions = Arc<RunOptions<HasSelectedOutputs>>;
+/// The run options of one sequence, shared with its `CancelToken`.
+#[derive(Clone)]
+pub struct SharedRunOptions(Arc<RunOptions<HasSelectedOutputs>>);
+
+// SAFETY: other threads only call `terminate`, which sets ONNX Runtime's atomic terminate flag
+// (made for exactly this); the preallocated outputs inside are used only by the thread that
+// owns the cache and runs the session.
+unsafe impl Send for SharedRunOptions {}
+unsafe impl Sync for SharedRunOptions {}
+
+impl SharedRunOptions {
+    pub fn terminate(&self) -> Result<()> {
+        Ok(self.0.terminate()?)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvLayout {
@@ -230,7 +244,7 @@ impl Decoder {
                 }
             }
         }
-        let run_options = Arc::new(RunOptions::new()?.with_outputs(selector));
+        let run_options = SharedRunOptions(Arc::new(RunOptions::new()?.with_outputs(selector)));
         Ok(KvCache { layout, slots, run_options, len: 0, capacity: self.context })
     }
 
@@ -258,7 +272,7 @@ impl Decoder {
             };
             inputs.push((name.as_str(), value.into()));
         }
-        let mut outputs = self.session.run_with_options(inputs, &*cache.run_options).map_err(|e| {
+        let mut outputs = self.session.run_with_options(inputs, &*cache.run_options.0).map_err(|e| {
             let message = e.to_string();
             if message.contains("terminate") {
                 Error::Cancelled

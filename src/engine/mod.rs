@@ -14,7 +14,8 @@ pub use decoder::{Decoder, KvCache, KvLayout};
 pub use sampler::{Sampler, SamplingParams};
 
 use crate::error::{Error, Result};
-use crate::model::{ChatMessage, Detokenizer, ModelFolder};
+pub use crate::model::Prompt;
+use crate::model::{Detokenizer, ModelFolder};
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
 use text::{Piece, StopText};
 
@@ -38,13 +39,6 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Ends the request with `FinishReason::Timeout` when passed.
     pub deadline: Option<Instant>,
-}
-
-#[derive(Debug, Clone)]
-pub enum Prompt {
-    Text(String),
-    Chat(Vec<ChatMessage>),
-    Tokens(Vec<u32>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +120,7 @@ impl CancelToken {
 /// A model ready to generate. Owned by the one thread that runs it.
 pub struct Engine {
     pub name: String,
-    pub folder: ModelFolder,
+    pub folder: Arc<ModelFolder>,
     decoder: Decoder,
     kv_layout: KvLayout,
     pub load_time: Duration,
@@ -134,8 +128,15 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(runtime: &Runtime, name: &str, dir: &Path, options: &LoadOptions) -> Result<Engine> {
+        Self::load_folder(runtime, name, Arc::new(ModelFolder::open(dir)?), options)
+    }
+
+    /// Loads the weights of an opened folder (the daemon opens folders first, to tokenize and
+    /// validate requests before they are queued).
+    pub fn load_folder(runtime: &Runtime, name: &str, folder: Arc<ModelFolder>, options: &LoadOptions) -> Result<Engine> {
         let started = Instant::now();
-        let folder = ModelFolder::open(dir)?;
+        let dir = folder.dir.clone();
+        let dir = dir.as_path();
         // Loading path, measured (see `cargo run --release --bin bench`, "load"): ONNX Runtime
         // reading model.onnx.data from its own path peaked lower in RSS than handing it a
         // memory-mapped copy (it copies in-memory external data, and prepacking MatMulNBits
@@ -160,18 +161,6 @@ impl Engine {
         self.kv_layout
     }
 
-    /// Prompt token ids, through the chat template for messages.
-    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        match prompt {
-            Prompt::Tokens(ids) => Ok(ids.clone()),
-            Prompt::Text(text) => self.folder.tokenizer.encode(text),
-            Prompt::Chat(messages) => {
-                let template = self.folder.chat_template.as_ref().ok_or_else(|| Error::NoChatTemplate(self.name.clone()))?;
-                self.folder.tokenizer.encode(&template.render(messages, true)?)
-            }
-        }
-    }
-
     /// The sampling a request gets: the model's `search` defaults, overridden by the request.
     pub fn sampling_params(&self, options: &GenerateOptions) -> SamplingParams {
         let search = &self.folder.config.search;
@@ -185,17 +174,6 @@ impl Engine {
         }
     }
 
-    /// Checks that a prompt fits before any work is done.
-    pub fn check_prompt(&self, ids: &[u32]) -> Result<()> {
-        if ids.is_empty() {
-            return Err(Error::InvalidArgument { argument: "prompt".into(), reason: "is empty".into() });
-        }
-        if ids.len() >= self.context() {
-            return Err(Error::PromptTooLong { tokens: ids.len(), context: self.context() });
-        }
-        Ok(())
-    }
-
     /// Generates for `prompt`, calling `on_text` with each piece of final text as it is decided.
     /// `on_text` returns false when nobody listens any more, which cancels the request.
     pub fn generate(
@@ -205,8 +183,7 @@ impl Engine {
         cancel: &CancelToken,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Outcome> {
-        let prompt_ids = self.prompt_ids(prompt)?;
-        self.check_prompt(&prompt_ids)?;
+        let prompt_ids = self.folder.prompt_ids(&self.name, prompt)?;
         let params = self.sampling_params(options);
         let started = Instant::now();
         let max_total = self.folder.config.search.max_length.min(self.context());

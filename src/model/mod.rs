@@ -14,6 +14,15 @@ pub use tokenizer::{Detokenizer, TextTokenizer};
 
 use crate::error::{Error, Result};
 
+/// What a request asks the model to continue.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Text(String),
+    /// (role, content) messages, rendered through the model's chat template.
+    Chat(Vec<ChatMessage>),
+    Tokens(Vec<u32>),
+}
+
 #[derive(Debug)]
 pub struct ModelFolder {
     pub dir: PathBuf,
@@ -41,6 +50,29 @@ impl ModelFolder {
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"))?;
         let chat_template = ChatTemplate::find(dir, &tokenizer)?;
         Ok(ModelFolder { dir: dir.to_path_buf(), config, tokenizer, chat_template })
+    }
+
+    /// Prompt token ids (through the chat template for messages), checked to leave room for at
+    /// least one new token: too long a prompt is an error before any work, never a truncation.
+    pub fn prompt_ids(&self, model_name: &str, prompt: &Prompt) -> Result<Vec<u32>> {
+        let ids = match prompt {
+            Prompt::Tokens(ids) => ids.clone(),
+            Prompt::Text(text) => self.tokenizer.encode(text)?,
+            Prompt::Chat(messages) => {
+                let template = self.chat_template.as_ref().ok_or_else(|| Error::NoChatTemplate(model_name.to_string()))?;
+                self.tokenizer.encode(&template.render(messages, true)?)?
+            }
+        };
+        if ids.is_empty() {
+            return Err(Error::InvalidArgument { argument: "prompt".into(), reason: "is empty".into() });
+        }
+        if ids.len() >= self.config.context_length {
+            return Err(Error::PromptTooLong { tokens: ids.len(), context: self.config.context_length });
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(Error::InvalidArgument { argument: "prompt".into(), reason: format!("token id {bad} is outside the vocabulary") });
+        }
+        Ok(ids)
     }
 
     pub fn decoder_path(&self) -> PathBuf {

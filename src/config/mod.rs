@@ -1,0 +1,335 @@
+//! The daemon's TOML file: parsed into raw structs (unknown fields rejected), then validated into
+//! `Config`. Every error names the file, the line and the field, and says what to do.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::engine::{KvLayout, LoadOptions};
+use crate::runtime::{Provider, SessionOptions};
+
+pub const DEFAULT_PATH: &str = "/etc/edgellm/edgellm.toml";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", file.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+// ---------------------------------------------------------------- raw (as written)
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    model: Vec<RawModel>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    bus: Option<Spanned<String>>,
+    address: Option<String>,
+    admin_group: Option<String>,
+    log_text: Option<bool>,
+    shutdown_grace_s: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    library: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_queue: Option<Spanned<u32>>,
+    max_per_client: Option<Spanned<u32>>,
+    max_prompt_bytes: Option<Spanned<u32>>,
+    max_new_tokens: Option<Spanned<u32>>,
+    request_timeout_s: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Spanned<String>,
+    path: Spanned<PathBuf>,
+    providers: Option<Spanned<Vec<String>>>,
+    strict: Option<bool>,
+    threads: Option<u32>,
+    provider_options: Option<Spanned<BTreeMap<String, toml::Value>>>,
+    kv_layout: Option<Spanned<String>>,
+    draft: Option<Spanned<String>>,
+    preload: Option<bool>,
+    speculative_min_tokens: Option<Spanned<u32>>,
+    speculative_max_tokens: Option<Spanned<u32>>,
+    speculative_min_confidence: Option<Spanned<f64>>,
+}
+
+// ---------------------------------------------------------------- validated
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bus {
+    Session,
+    System,
+    Address(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub bus: Bus,
+    /// Unix group whose members may call the admin methods (LoadModel, UnloadModel), besides root.
+    pub admin_group: Option<String>,
+    /// Log prompts and generated text (debug only; off by default).
+    pub log_text: bool,
+    pub shutdown_grace: std::time::Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_queue: usize,
+    pub max_per_client: usize,
+    pub max_prompt_bytes: usize,
+    pub max_new_tokens: usize,
+    pub request_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_queue: 64,
+            max_per_client: 8,
+            max_prompt_bytes: 64 * 1024,
+            max_new_tokens: 1024,
+            request_timeout: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SpeculativeConfig {
+    pub min_tokens: usize,
+    pub max_tokens: usize,
+    pub min_confidence: f32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub name: String,
+    /// Absolute (relative paths in the file are relative to the file).
+    pub path: PathBuf,
+    pub load: LoadOptions,
+    pub draft: Option<String>,
+    pub preload: bool,
+    pub speculative: SpeculativeConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub daemon: DaemonConfig,
+    pub runtime_library: Option<PathBuf>,
+    pub limits: Limits,
+    pub models: Vec<ModelConfig>,
+}
+
+impl Config {
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_path_buf(),
+            line: None,
+            message: format!("cannot read the config file: {e} (pass another with --config PATH)"),
+        })?;
+        Config::parse(file, &text)
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_path_buf(),
+            line: e.span().map(|s| line_of(s.start)),
+            message: e.message().trim().to_string(),
+        })?;
+        let err = |span: std::ops::Range<usize>, message: String| ConfigError { file: file.to_path_buf(), line: Some(line_of(span.start)), message };
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+
+        let bus = match (&raw.daemon.address, &raw.daemon.bus) {
+            (Some(address), _) => Bus::Address(address.clone()),
+            (None, None) => Bus::Session,
+            (None, Some(bus)) => match bus.get_ref().as_str() {
+                "session" => Bus::Session,
+                "system" => Bus::System,
+                other => return Err(err(bus.span(), format!("field `daemon.bus`: `{other}` is not a bus; use \"session\" or \"system\", or set `daemon.address`"))),
+            },
+        };
+        let grace = match &raw.daemon.shutdown_grace_s {
+            Some(g) if *g.get_ref() > 3600 => return Err(err(g.span(), "field `daemon.shutdown_grace_s`: at most 3600 seconds".into())),
+            Some(g) => *g.get_ref(),
+            None => 10,
+        };
+        let daemon = DaemonConfig {
+            bus,
+            admin_group: raw.daemon.admin_group.clone(),
+            log_text: raw.daemon.log_text.unwrap_or(false),
+            shutdown_grace: std::time::Duration::from_secs(grace),
+        };
+
+        let defaults = Limits::default();
+        let positive = |v: &Option<Spanned<u32>>, field: &str, default: usize| -> Result<usize, ConfigError> {
+            match v {
+                None => Ok(default),
+                Some(s) if *s.get_ref() == 0 => Err(err(s.span(), format!("field `limits.{field}`: must be at least 1"))),
+                Some(s) => Ok(*s.get_ref() as usize),
+            }
+        };
+        let limits = Limits {
+            max_queue: positive(&raw.limits.max_queue, "max_queue", defaults.max_queue)?,
+            max_per_client: positive(&raw.limits.max_per_client, "max_per_client", defaults.max_per_client)?,
+            max_prompt_bytes: positive(&raw.limits.max_prompt_bytes, "max_prompt_bytes", defaults.max_prompt_bytes)?,
+            max_new_tokens: positive(&raw.limits.max_new_tokens, "max_new_tokens", defaults.max_new_tokens)?,
+            request_timeout: match &raw.limits.request_timeout_s {
+                None => defaults.request_timeout,
+                Some(s) if *s.get_ref() == 0 => return Err(err(s.span(), "field `limits.request_timeout_s`: must be at least 1".into())),
+                Some(s) => std::time::Duration::from_secs(*s.get_ref()),
+            },
+        };
+
+        let mut models: Vec<ModelConfig> = Vec::new();
+        for m in &raw.model {
+            let name = m.name.get_ref().clone();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                return Err(err(m.name.span(), format!("field `model.name`: `{name}` may use only letters, digits, `-`, `_` and `.`")));
+            }
+            if models.iter().any(|o| o.name == name) {
+                return Err(err(m.name.span(), format!("field `model.name`: `{name}` is configured twice")));
+            }
+            let path = base.join(m.path.get_ref());
+            let providers = match &m.providers {
+                None => vec![Provider::Cpu],
+                Some(list) => {
+                    if list.get_ref().is_empty() {
+                        return Err(err(list.span(), "field `model.providers`: empty; list at least one of \"cuda\", \"openvino\", \"cpu\"".into()));
+                    }
+                    let mut out = Vec::new();
+                    for p in list.get_ref() {
+                        out.push(Provider::parse(p).ok_or_else(|| err(list.span(), format!("field `model.providers`: unknown provider `{p}`; use \"cuda\", \"openvino\" or \"cpu\"")))?);
+                    }
+                    out
+                }
+            };
+            let mut provider_options = Vec::new();
+            if let Some(opts) = &m.provider_options {
+                for (k, v) in opts.get_ref() {
+                    let value = match v {
+                        toml::Value::String(s) => s.clone(),
+                        toml::Value::Integer(i) => i.to_string(),
+                        toml::Value::Boolean(b) => b.to_string(),
+                        toml::Value::Float(f) => f.to_string(),
+                        _ => return Err(err(opts.span(), format!("field `model.provider_options.{k}`: use a string, number or boolean"))),
+                    };
+                    provider_options.push((k.clone(), value));
+                }
+            }
+            let kv_layout = match &m.kv_layout {
+                None => None,
+                Some(s) => match s.get_ref().as_str() {
+                    "shared" => Some(KvLayout::Shared),
+                    "growing" => Some(KvLayout::Growing),
+                    "auto" => None,
+                    other => return Err(err(s.span(), format!("field `model.kv_layout`: `{other}`; use \"auto\", \"shared\" or \"growing\""))),
+                },
+            };
+            let min_tokens = m.speculative_min_tokens.as_ref().map(|s| (*s.get_ref() as usize, s.span()));
+            let max_tokens = m.speculative_max_tokens.as_ref().map(|s| (*s.get_ref() as usize, s.span()));
+            let (min_k, max_k) = (min_tokens.clone().map(|v| v.0).unwrap_or(1), max_tokens.clone().map(|v| v.0).unwrap_or(8));
+            if min_k == 0 || max_k > 16 || min_k > max_k {
+                let span = min_tokens.or(max_tokens).map(|v| v.1).unwrap_or(m.name.span());
+                return Err(err(span, format!("fields `model.speculative_min_tokens` ({min_k}) and `speculative_max_tokens` ({max_k}): need 1 <= min <= max <= 16")));
+            }
+            let min_confidence = match &m.speculative_min_confidence {
+                Some(c) if !(0.0..=1.0).contains(c.get_ref()) => return Err(err(c.span(), "field `model.speculative_min_confidence`: between 0 and 1".into())),
+                Some(c) => *c.get_ref() as f32,
+                None => 0.0,
+            };
+            models.push(ModelConfig {
+                name,
+                path,
+                load: LoadOptions {
+                    session: SessionOptions {
+                        providers,
+                        strict: m.strict.unwrap_or(false),
+                        threads: m.threads.unwrap_or(0) as usize,
+                        provider_options,
+                    },
+                    kv_layout,
+                },
+                draft: m.draft.as_ref().map(|d| d.get_ref().clone()),
+                preload: m.preload.unwrap_or(true),
+                speculative: SpeculativeConfig { min_tokens: min_k, max_tokens: max_k, min_confidence },
+            });
+        }
+        // Drafts must name another configured model.
+        for (m, raw_m) in models.iter().zip(&raw.model) {
+            if let (Some(draft), Some(span)) = (&m.draft, raw_m.draft.as_ref().map(|d| d.span())) {
+                if draft == &m.name || !models.iter().any(|o| &o.name == draft) {
+                    return Err(err(span, format!("field `model.draft`: `{draft}` is not another configured [[model]]")));
+                }
+            }
+        }
+        Ok(Config { file: file.to_path_buf(), daemon, runtime_library: raw.runtime.library.map(|l| base.join(l)), limits, models })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/edgellm/test.toml"), text)
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse("[[model]]\nname = \"kjv\"\npath = \"models/kjv\"\n").unwrap();
+        assert_eq!(c.daemon.bus, Bus::Session);
+        assert_eq!(c.models[0].path, PathBuf::from("/etc/edgellm/models/kjv"));
+        assert_eq!(c.models[0].load.session.providers, vec![Provider::Cpu]);
+        assert!(c.models[0].preload);
+        assert_eq!(c.limits.max_queue, Limits::default().max_queue);
+    }
+
+    #[test]
+    fn unknown_field_names_line_and_field() {
+        let e = parse("[daemon]\nbus = \"session\"\n\n[[model]]\nname = \"a\"\npath = \"x\"\nprovider = [\"cpu\"]\n").unwrap_err().to_string();
+        assert!(e.starts_with("/etc/edgellm/test.toml:7:"), "{e}");
+        assert!(e.contains("provider"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let e = parse("[daemon]\nbus = \"sesion\"\n").unwrap_err().to_string();
+        assert!(e.contains(":2:") && e.contains("daemon.bus"), "{e}");
+        let e = parse("[[model]]\nname = \"a\"\npath = \"x\"\nproviders = [\"gpu\"]\n").unwrap_err().to_string();
+        assert!(e.contains(":4:") && e.contains("unknown provider `gpu`"), "{e}");
+        let e = parse("[[model]]\nname = \"a\"\npath = \"x\"\ndraft = \"b\"\n").unwrap_err().to_string();
+        assert!(e.contains(":4:") && e.contains("model.draft"), "{e}");
+        let e = parse("[limits]\nmax_queue = -1\n").unwrap_err().to_string();
+        assert!(e.contains(":2:"), "{e}");
+    }
+}

@@ -1,0 +1,491 @@
+//! Admission, queues and the engine threads.
+//!
+//! Each configured model has one engine thread that owns its ONNX Runtime session and runs one
+//! request at a time. Requests wait in a per-model queue that takes clients in turn (one
+//! client's burst cannot push another's request behind all of its own). Everything is bounded:
+//! the queue by `max_queue` and `max_per_client`, each request's token stream by a channel.
+//! Nothing here knows who a client is beyond an opaque id (the service passes the D-Bus unique
+//! name).
+
+mod queue;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::config::{Config, Limits, ModelConfig};
+use crate::engine::{CancelToken, Engine, FinishReason, GenerateOptions, GenerationStats, Prompt};
+use crate::error::Error;
+use crate::model::ModelFolder;
+use crate::runtime::Runtime;
+use queue::FairQueue;
+
+pub type ClientId = String;
+pub type RequestId = u64;
+
+/// How many text pieces may wait between the engine and the caller's connection.
+const EVENT_BUFFER: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelState {
+    Unloaded,
+    Loading,
+    Ready,
+    Failed,
+}
+
+impl ModelState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelState::Unloaded => "unloaded",
+            ModelState::Loading => "loading",
+            ModelState::Ready => "ready",
+            ModelState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub state: ModelState,
+    pub provider: Option<String>,
+    pub draft: Option<String>,
+    pub error: Option<String>,
+    pub generated_tokens: u64,
+    pub requests: u64,
+}
+
+/// Why admission or a model operation failed; the service maps these to D-Bus errors.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("no model named `{0}` is configured (ListModels shows the names)")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("model `{model}` failed to load: {reason}")]
+    LoadFailed { model: String, reason: String },
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Request(#[from] Error),
+}
+
+/// What the caller receives for one request, in order: text pieces, then one `Finished`.
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Finished(Finished),
+}
+
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub reason: FinishReason,
+    /// Set when the request failed (the reason is then reported as "error").
+    pub error: Option<String>,
+    pub text: String,
+    pub stats: GenerationStats,
+}
+
+pub struct Submitted {
+    pub id: RequestId,
+    pub events: mpsc::Receiver<Event>,
+    pub cancel: CancelToken,
+}
+
+struct GenerateJob {
+    id: RequestId,
+    client: ClientId,
+    prompt_ids: Vec<u32>,
+    options: GenerateOptions,
+    cancel: CancelToken,
+    events: mpsc::Sender<Event>,
+}
+
+enum Control {
+    Load(oneshot::Sender<Result<(), String>>),
+    Unload(oneshot::Sender<()>),
+}
+
+struct ModelSlot {
+    config: ModelConfig,
+    folder: Mutex<Option<Arc<ModelFolder>>>,
+    status: Mutex<ModelInfo>,
+    queue: Mutex<FairQueue<GenerateJob, Control>>,
+    wake: Condvar,
+}
+
+struct Counters {
+    in_flight: AtomicU64,
+    total: AtomicU64,
+    generated_tokens: AtomicU64,
+}
+
+struct Inner {
+    runtime: Arc<Runtime>,
+    limits: Limits,
+    models: HashMap<String, Arc<ModelSlot>>,
+    order: Vec<String>,
+    next_id: AtomicU64,
+    accepting: AtomicBool,
+    stopping: AtomicBool,
+    counters: Counters,
+    per_client: Mutex<HashMap<ClientId, usize>>,
+    states: broadcast::Sender<(String, ModelState)>,
+}
+
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+    threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
+}
+
+impl Scheduler {
+    /// Starts one engine thread per configured model. Models are not loaded yet: see `preload`.
+    pub fn start(runtime: Arc<Runtime>, config: &Config) -> Scheduler {
+        let (states, _) = broadcast::channel(64);
+        let models: HashMap<String, Arc<ModelSlot>> = config
+            .models
+            .iter()
+            .map(|m| {
+                let slot = Arc::new(ModelSlot {
+                    config: m.clone(),
+                    folder: Mutex::new(None),
+                    status: Mutex::new(ModelInfo {
+                        name: m.name.clone(),
+                        state: ModelState::Unloaded,
+                        provider: None,
+                        draft: m.draft.clone(),
+                        error: None,
+                        generated_tokens: 0,
+                        requests: 0,
+                    }),
+                    queue: Mutex::new(FairQueue::default()),
+                    wake: Condvar::new(),
+                });
+                (m.name.clone(), slot)
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            runtime,
+            limits: config.limits.clone(),
+            models,
+            order: config.models.iter().map(|m| m.name.clone()).collect(),
+            // Ids unique for the daemon's lifetime, from a random offset so that they are not
+            // guessable from one run to the next.
+            next_id: AtomicU64::new((rand::random::<u32>() as u64) << 16),
+            accepting: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
+            counters: Counters { in_flight: AtomicU64::new(0), total: AtomicU64::new(0), generated_tokens: AtomicU64::new(0) },
+            per_client: Mutex::new(HashMap::new()),
+            states,
+        });
+        let threads = inner
+            .order
+            .iter()
+            .map(|name| {
+                let inner = inner.clone();
+                let slot = inner.models[name].clone();
+                std::thread::Builder::new()
+                    .name(format!("engine-{name}"))
+                    .spawn(move || engine_thread(inner, slot))
+                    .expect("spawn engine thread")
+            })
+            .collect();
+        Scheduler { inner, threads: Arc::new(Mutex::new(threads)) }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    pub fn subscribe_states(&self) -> broadcast::Receiver<(String, ModelState)> {
+        self.inner.states.subscribe()
+    }
+
+    fn slot(&self, model: &str) -> Result<&Arc<ModelSlot>, SchedulerError> {
+        self.inner.models.get(model).ok_or_else(|| SchedulerError::ModelNotFound(model.to_string()))
+    }
+
+    pub fn has_model(&self, model: &str) -> bool {
+        self.inner.models.contains_key(model)
+    }
+
+    pub fn model_config(&self, model: &str) -> Option<&ModelConfig> {
+        self.inner.models.get(model).map(|s| &s.config)
+    }
+
+    /// The folder (tokenizer, config, template) of a model, opened on first use.
+    fn folder(&self, slot: &ModelSlot) -> Result<Arc<ModelFolder>, SchedulerError> {
+        open_folder(slot).map_err(|e| SchedulerError::LoadFailed { model: slot.config.name.clone(), reason: e.to_string() })
+    }
+
+    /// Validates and queues a request. Tokenizing here means a prompt that is too long, or a
+    /// chat request to a model without a template, is refused before it waits in any queue.
+    pub fn submit(&self, client: &str, model: &str, prompt: &Prompt, mut options: GenerateOptions) -> Result<Submitted, SchedulerError> {
+        if !self.inner.accepting.load(Ordering::SeqCst) {
+            return Err(SchedulerError::ShuttingDown);
+        }
+        let slot = self.slot(model)?;
+        let folder = self.folder(slot)?;
+        let prompt_ids = folder.prompt_ids(model, prompt)?;
+        let limit = self.inner.limits.max_new_tokens;
+        match options.max_new_tokens {
+            Some(n) if n > limit => {
+                return Err(Error::InvalidArgument {
+                    argument: "max_new_tokens".into(),
+                    reason: format!("{n} is over the daemon's limit of {limit} (`limits.max_new_tokens`)"),
+                }
+                .into());
+            }
+            Some(0) => {
+                return Err(Error::InvalidArgument { argument: "max_new_tokens".into(), reason: "must be at least 1".into() }.into());
+            }
+            None => options.max_new_tokens = Some(limit),
+            Some(_) => {}
+        }
+        if options.deadline.is_none() {
+            options.deadline = Some(Instant::now() + self.inner.limits.request_timeout);
+        }
+        // Admission: per-client and global bounds, checked and counted under one lock.
+        {
+            let mut per_client = self.inner.per_client.lock().expect("per_client");
+            let queued: usize = self.queued();
+            if queued >= self.inner.limits.max_queue {
+                return Err(SchedulerError::Busy(format!("the queue is full ({queued} requests waiting, `limits.max_queue`); try again later")));
+            }
+            let mine = per_client.entry(client.to_string()).or_insert(0);
+            if *mine >= self.inner.limits.max_per_client {
+                return Err(SchedulerError::Busy(format!(
+                    "this client already has {} requests in flight or waiting (`limits.max_per_client`)",
+                    *mine
+                )));
+            }
+            *mine += 1;
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let cancel = CancelToken::new();
+        let job = GenerateJob { id, client: client.to_string(), prompt_ids, options, cancel: cancel.clone(), events: tx };
+        slot.queue.lock().expect("queue").push(client, job);
+        slot.wake.notify_one();
+        self.inner.counters.total.fetch_add(1, Ordering::Relaxed);
+        Ok(Submitted { id, events: rx, cancel })
+    }
+
+    /// Cancels every request of a client that went away, queued or running.
+    pub fn cancel_client(&self, client: &str) {
+        for slot in self.inner.models.values() {
+            let removed = slot.queue.lock().expect("queue").remove_client(client);
+            for job in removed {
+                finish_unrun(&self.inner, job, FinishReason::Cancelled, None);
+            }
+        }
+    }
+
+    /// Loads a model (if it is not loaded) and waits for it.
+    pub async fn load(&self, model: &str) -> Result<(), SchedulerError> {
+        let slot = self.slot(model)?;
+        let (tx, rx) = oneshot::channel();
+        slot.queue.lock().expect("queue").push_control(Control::Load(tx));
+        slot.wake.notify_one();
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(SchedulerError::LoadFailed { model: model.into(), reason }),
+            Err(_) => Err(SchedulerError::ShuttingDown),
+        }
+    }
+
+    pub async fn unload(&self, model: &str) -> Result<(), SchedulerError> {
+        let slot = self.slot(model)?;
+        let (tx, rx) = oneshot::channel();
+        slot.queue.lock().expect("queue").push_control(Control::Unload(tx));
+        slot.wake.notify_one();
+        rx.await.map_err(|_| SchedulerError::ShuttingDown)
+    }
+
+    /// Loads every model with `preload = true`, in config order; failures are logged and shown
+    /// in `models()`, they do not stop the daemon.
+    pub async fn preload(&self) {
+        let names: Vec<String> = self.inner.order.iter().filter(|n| self.inner.models[*n].config.preload).cloned().collect();
+        for name in names {
+            if let Err(e) = self.load(&name).await {
+                tracing::error!(model = %name, error = %e, "preload failed");
+            }
+        }
+    }
+
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.inner.order.iter().map(|n| self.inner.models[n].status.lock().expect("status").clone()).collect()
+    }
+
+    pub fn queued(&self) -> usize {
+        self.inner.models.values().map(|s| s.queue.lock().expect("queue").len()).sum()
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.inner.counters.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn requests_total(&self) -> u64 {
+        self.inner.counters.total.load(Ordering::Relaxed)
+    }
+
+    pub fn generated_tokens_total(&self) -> u64 {
+        self.inner.counters.generated_tokens.load(Ordering::Relaxed)
+    }
+
+    /// Refuse new requests from now on (shutdown has begun).
+    pub fn stop_accepting(&self) {
+        self.inner.accepting.store(false, Ordering::SeqCst);
+    }
+
+    /// Cancels everything still queued or running and stops the engine threads.
+    pub fn shutdown(&self) {
+        self.stop_accepting();
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        for slot in self.inner.models.values() {
+            let jobs = slot.queue.lock().expect("queue").drain();
+            for job in jobs {
+                finish_unrun(&self.inner, job, FinishReason::Cancelled, None);
+            }
+            if let Some(running) = slot.queue.lock().expect("queue").running_cancel() {
+                running.cancel();
+            }
+            slot.wake.notify_all();
+        }
+        for t in self.threads.lock().expect("threads").drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn open_folder(slot: &ModelSlot) -> crate::Result<Arc<ModelFolder>> {
+    let mut folder = slot.folder.lock().expect("folder");
+    if let Some(f) = folder.as_ref() {
+        return Ok(f.clone());
+    }
+    let opened = Arc::new(ModelFolder::open(&slot.config.path)?);
+    *folder = Some(opened.clone());
+    Ok(opened)
+}
+
+fn set_state(inner: &Inner, slot: &ModelSlot, state: ModelState, provider: Option<String>, error: Option<String>) {
+    {
+        let mut status = slot.status.lock().expect("status");
+        status.state = state;
+        status.provider = provider;
+        status.error = error;
+    }
+    let _ = inner.states.send((slot.config.name.clone(), state));
+}
+
+fn release_client(inner: &Inner, client: &str) {
+    let mut per_client = inner.per_client.lock().expect("per_client");
+    if let Some(n) = per_client.get_mut(client) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            per_client.remove(client);
+        }
+    }
+}
+
+/// Ends a request that never reached the engine.
+fn finish_unrun(inner: &Inner, job: GenerateJob, reason: FinishReason, error: Option<String>) {
+    release_client(inner, &job.client);
+    let _ = job.events.try_send(Event::Finished(Finished { reason, error, text: String::new(), stats: GenerationStats::default() }));
+}
+
+fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
+    let mut engine: Option<Engine> = None;
+    loop {
+        let work = {
+            let mut queue = slot.queue.lock().expect("queue");
+            loop {
+                if inner.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Some(work) = queue.pop() {
+                    break work;
+                }
+                queue = slot.wake.wait(queue).expect("queue wait");
+            }
+        };
+        match work {
+            queue::Work::Control(Control::Load(reply)) => {
+                let _ = reply.send(ensure_loaded(&inner, &slot, &mut engine).map(|_| ()));
+            }
+            queue::Work::Control(Control::Unload(reply)) => {
+                if engine.take().is_some() {
+                    set_state(&inner, &slot, ModelState::Unloaded, None, None);
+                    tracing::info!(model = %slot.config.name, "model unloaded");
+                }
+                let _ = reply.send(());
+            }
+            queue::Work::Job(job) => run_job(&inner, &slot, &mut engine, job),
+        }
+    }
+}
+
+fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut Option<Engine>) -> Result<&'e mut Engine, String> {
+    if engine.is_none() {
+        set_state(inner, slot, ModelState::Loading, None, None);
+        let loaded = open_folder(slot)
+            .and_then(|folder| Engine::load_folder(&inner.runtime, &slot.config.name, folder, &slot.config.load));
+        match loaded {
+            Ok(e) => {
+                set_state(inner, slot, ModelState::Ready, Some(e.provider().provider.name().into()), None);
+                *engine = Some(e);
+            }
+            Err(e) => {
+                let message = e.to_string();
+                tracing::error!(model = %slot.config.name, error = %message, "model failed to load");
+                set_state(inner, slot, ModelState::Failed, None, Some(message.clone()));
+                return Err(message);
+            }
+        }
+    }
+    Ok(engine.as_mut().expect("loaded above"))
+}
+
+fn run_job(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: GenerateJob) {
+    if job.cancel.is_cancelled() || job.events.is_closed() {
+        return finish_unrun(inner, job, FinishReason::Cancelled, None);
+    }
+    if job.options.deadline.is_some_and(|d| Instant::now() >= d) {
+        return finish_unrun(inner, job, FinishReason::Timeout, None);
+    }
+    let engine = match ensure_loaded(inner, slot, engine) {
+        Ok(e) => e,
+        Err(message) => {
+            let error = format!("model `{}` failed to load: {message}", slot.config.name);
+            return finish_unrun(inner, job, FinishReason::Stop, Some(error));
+        }
+    };
+    slot.queue.lock().expect("queue").set_running(Some(job.cancel.clone()));
+    inner.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+    let events = job.events.clone();
+    let mut on_text = |text: &str| events.blocking_send(Event::Text(text.to_string())).is_ok();
+    let result = engine.generate(&Prompt::Tokens(job.prompt_ids.clone()), &job.options, &job.cancel, &mut on_text);
+    inner.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    slot.queue.lock().expect("queue").set_running(None);
+    release_client(inner, &job.client);
+    let finished = match result {
+        Ok(outcome) => {
+            inner.counters.generated_tokens.fetch_add(outcome.token_ids.len() as u64, Ordering::Relaxed);
+            let mut status = slot.status.lock().expect("status");
+            status.generated_tokens += outcome.token_ids.len() as u64;
+            status.requests += 1;
+            Finished { reason: outcome.reason, error: None, text: outcome.text, stats: outcome.stats }
+        }
+        Err(e) => {
+            // An ONNX Runtime failure ends this request only; the model keeps serving.
+            tracing::warn!(model = %slot.config.name, request = job.id, error = %e, "request failed");
+            Finished { reason: FinishReason::Stop, error: Some(e.to_string()), text: String::new(), stats: GenerationStats::default() }
+        }
+    };
+    let _ = job.events.blocking_send(Event::Finished(finished));
+}

@@ -1,0 +1,23 @@
+//! The client side of `org.edgellm.Daemon1`, for the `edgellm` CLI and the tests.
+
+use std::collections::HashMap;
+
+use zbus::zvariant::{OwnedValue, Value};
+
+#[zbus::proxy(interface = "org.edgellm.Daemon1", default_service = "org.edgellm.Daemon1", default_path = "/org/edgellm/Daemon1")]
+pub trait Daemon1 {
+    fn generate(&self, model: &str, prompt: &str, options: HashMap<&str, Value<'_>>) -> zbus::Result<u64>;
+    fn chat(&self, model: &str, messages: &[(&str, &str)], options: HashMap<&str, Value<'_>>) -> zbus::Result<u64>;
+    fn complete(&self, model: &str, prompt: &str, options: HashMap<&str, Value<'_>>) -> zbus::Result<(String, HashMap<String, OwnedValue>)>;
+    fn cancel(&self, request_id: u64) -> zbus::Result<()>;
+    fn list_models(&self) -> zbus::Result<Vec<(String, HashMap<String, OwnedValue>)>>;
+    fn load_model(&self, name: &str) -> zbus::Result<()>;
+    fn unload_model(&self, name: &str) -> zbus::Result<()>;
+    fn status(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
+    #[zbus(signal)]
+    fn token(&self, request_id: u64, text: String) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn finished(&self, request_id: u64, reason: String, stats: HashMap<String, OwnedValue>) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn model_state_changed(&self, name: String, state: String) -> zbus::Result<()>;
+}

@@ -1,0 +1,357 @@
+//! The D-Bus edge: `org.edgellm.Daemon1`. Validates calls, hands them to the scheduler, and
+//! sends each request's `Token`/`Finished` signals to its caller only (destination set).
+//! Core errors become `org.edgellm.Error.*` here and nowhere else.
+
+pub mod client;
+pub mod options;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use zbus::message::Header;
+use zbus::names::{BusName, UniqueName};
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{OwnedValue, Value};
+use zbus::Connection;
+
+use crate::engine::{CancelToken, FinishReason, GenerationStats, Prompt};
+use crate::error::Error;
+use crate::model::ChatMessage;
+use crate::scheduler::{Event, Finished, RequestId, Scheduler, SchedulerError};
+
+pub const BUS_NAME: &str = "org.edgellm.Daemon1";
+pub const OBJECT_PATH: &str = "/org/edgellm/Daemon1";
+pub const INTERFACE: &str = "org.edgellm.Daemon1";
+
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.edgellm.Error")]
+pub enum DaemonError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    ModelNotFound(String),
+    InvalidArgument(String),
+    PromptTooLong(String),
+    Busy(String),
+    Cancelled(String),
+    Timeout(String),
+    AccessDenied(String),
+    RequestNotFound(String),
+    ModelLoadFailed(String),
+    Internal(String),
+}
+
+impl From<Error> for DaemonError {
+    fn from(e: Error) -> Self {
+        let message = e.to_string();
+        match e {
+            Error::InvalidArgument { .. } | Error::NoChatTemplate(_) | Error::ChatTemplate(_) | Error::Tokenizer(_) => DaemonError::InvalidArgument(message),
+            Error::PromptTooLong { .. } => DaemonError::PromptTooLong(message),
+            Error::Cancelled => DaemonError::Cancelled(message),
+            Error::RuntimeLibrary { .. } | Error::ModelFile { .. } | Error::ModelConfig { .. } | Error::ProviderUnavailable { .. } => DaemonError::ModelLoadFailed(message),
+            Error::Inference(_) => DaemonError::Internal(message),
+        }
+    }
+}
+
+impl From<SchedulerError> for DaemonError {
+    fn from(e: SchedulerError) -> Self {
+        let message = e.to_string();
+        match e {
+            SchedulerError::ModelNotFound(_) => DaemonError::ModelNotFound(message),
+            SchedulerError::Busy(_) | SchedulerError::ShuttingDown => DaemonError::Busy(message),
+            SchedulerError::LoadFailed { .. } => DaemonError::ModelLoadFailed(message),
+            SchedulerError::Request(e) => e.into(),
+        }
+    }
+}
+
+struct RequestEntry {
+    owner: String,
+    cancel: CancelToken,
+}
+
+/// Who may call the admin methods (LoadModel, UnloadModel), from the caller's credentials as
+/// the bus reports them: root, the user the daemon runs as (the owner of a session daemon), and
+/// members of `admin_group`.
+#[derive(Debug, Clone)]
+pub struct AdminPolicy {
+    pub daemon_uid: u32,
+    pub admin_gid: Option<u32>,
+}
+
+pub struct Daemon {
+    scheduler: Scheduler,
+    requests: Arc<Mutex<HashMap<RequestId, RequestEntry>>>,
+    started: Instant,
+    admin: AdminPolicy,
+    log_text: bool,
+}
+
+fn stats_dict(stats: &GenerationStats) -> HashMap<String, OwnedValue> {
+    let mut d = HashMap::new();
+    let mut put = |k: &str, v: Value<'_>| {
+        d.insert(k.to_string(), OwnedValue::try_from(v).expect("plain values convert"));
+    };
+    put("prompt_tokens", Value::U32(stats.prompt_tokens as u32));
+    put("generated_tokens", Value::U32(stats.generated_tokens as u32));
+    put("time_to_first_token_ms", Value::F64(stats.time_to_first_token.as_secs_f64() * 1000.0));
+    put("total_time_ms", Value::F64(stats.total_time.as_secs_f64() * 1000.0));
+    put("decode_tokens_per_s", Value::F64(stats.decode_tokens_per_s));
+    put("provider", Value::from(stats.provider.clone()));
+    d
+}
+
+fn finished_reason(f: &Finished) -> &'static str {
+    if f.error.is_some() { "error" } else { f.reason.as_str() }
+}
+
+impl Daemon {
+    pub fn new(scheduler: Scheduler, admin: AdminPolicy, log_text: bool) -> Daemon {
+        Daemon { scheduler, requests: Arc::new(Mutex::new(HashMap::new())), started: Instant::now(), admin, log_text }
+    }
+
+    fn sender(header: &Header<'_>) -> Result<UniqueName<'static>, DaemonError> {
+        header.sender().map(|s| s.to_owned()).ok_or_else(|| DaemonError::AccessDenied("the call has no sender".into()))
+    }
+
+    /// Validates and queues; returns the request id and its event stream.
+    fn start(&self, sender: &str, model: &str, prompt: Prompt, options: &HashMap<String, OwnedValue>) -> Result<crate::scheduler::Submitted, DaemonError> {
+        let parsed = options::parse(options)?;
+        if parsed.speculative == Some(true) && self.scheduler.model_config(model).is_some_and(|m| m.draft.is_none()) {
+            return Err(Error::InvalidArgument { argument: "speculative".into(), reason: format!("model `{model}` has no draft model configured") }.into());
+        }
+        if let Prompt::Text(text) = &prompt {
+            let limit = self.scheduler.limits().max_prompt_bytes;
+            if text.len() > limit {
+                return Err(DaemonError::PromptTooLong(format!("the prompt has {} bytes, over the daemon's limit of {limit} (`limits.max_prompt_bytes`)", text.len())));
+            }
+        }
+        let submitted = self.scheduler.submit(sender, model, &prompt, parsed.generate)?;
+        if self.log_text {
+            tracing::debug!(request = submitted.id, ?prompt, "request text");
+        }
+        tracing::info!(request = submitted.id, model, client = sender, "request queued");
+        self.requests.lock().expect("requests").insert(submitted.id, RequestEntry { owner: sender.to_string(), cancel: submitted.cancel.clone() });
+        Ok(submitted)
+    }
+
+    /// Sends a request's events to its caller only, as `Token` then `Finished` signals.
+    fn forward(&self, conn: &Connection, dest: UniqueName<'static>, submitted: crate::scheduler::Submitted) {
+        let conn = conn.clone();
+        let requests = self.requests.clone();
+        let id = submitted.id;
+        let mut events = submitted.events;
+        let cancel = submitted.cancel;
+        tokio::spawn(async move {
+            // The method reply is queued on the connection as the method returns; yielding once
+            // lets it go first, and the first token needs a whole prefill anyway.
+            tokio::task::yield_now().await;
+            let emitter = match SignalEmitter::new(&conn, OBJECT_PATH) {
+                Ok(e) => e.set_destination(BusName::Unique(dest)),
+                Err(_) => return cancel.cancel(),
+            };
+            while let Some(event) = events.recv().await {
+                let sent = match &event {
+                    Event::Text(text) => Daemon::token(&emitter, id, text).await,
+                    Event::Finished(f) => {
+                        let mut stats = stats_dict(&f.stats);
+                        if let Some(error) = &f.error {
+                            stats.insert("error".into(), OwnedValue::try_from(Value::from(error.clone())).expect("string"));
+                        }
+                        let sent = Daemon::finished(&emitter, id, finished_reason(f), stats).await;
+                        tracing::info!(request = id, reason = finished_reason(f), tokens = f.stats.generated_tokens, "request finished");
+                        requests.lock().expect("requests").remove(&id);
+                        sent
+                    }
+                };
+                if sent.is_err() {
+                    cancel.cancel();
+                }
+            }
+            requests.lock().expect("requests").remove(&id);
+        });
+    }
+
+    /// Cancels everything a client that left the bus had started.
+    pub fn client_gone(&self, client: &str) {
+        let mut requests = self.requests.lock().expect("requests");
+        for entry in requests.values().filter(|e| e.owner == client) {
+            entry.cancel.cancel();
+        }
+        requests.retain(|_, e| e.owner != client);
+        drop(requests);
+        self.scheduler.cancel_client(client);
+    }
+
+    async fn check_admin(&self, conn: &Connection, sender: &UniqueName<'_>) -> Result<(), DaemonError> {
+        let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+        let creds = dbus.get_connection_credentials(BusName::Unique(sender.clone())).await.map_err(|e| DaemonError::Internal(e.to_string()))?;
+        let uid = creds.unix_user_id();
+        let in_group = match (self.admin.admin_gid, creds.unix_group_ids()) {
+            (Some(gid), Some(groups)) => groups.contains(&gid),
+            _ => false,
+        };
+        if uid == Some(0) || uid == Some(self.admin.daemon_uid) || in_group {
+            Ok(())
+        } else {
+            Err(DaemonError::AccessDenied(format!(
+                "loading and unloading models needs root, the daemon's user or the configured admin group (caller uid {})",
+                uid.map(|u| u.to_string()).unwrap_or_else(|| "unknown".into())
+            )))
+        }
+    }
+
+    async fn complete_inner(&self, sender: &str, model: &str, prompt: Prompt, options: &HashMap<String, OwnedValue>) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
+        let mut submitted = self.start(sender, model, prompt, options)?;
+        let id = submitted.id;
+        let mut finished = None;
+        while let Some(event) = submitted.events.recv().await {
+            if let Event::Finished(f) = event {
+                finished = Some(f);
+                break;
+            }
+        }
+        self.requests.lock().expect("requests").remove(&id);
+        let f = finished.ok_or_else(|| DaemonError::Internal("the request ended without a result".into()))?;
+        if let Some(error) = f.error {
+            return Err(DaemonError::Internal(error));
+        }
+        match f.reason {
+            FinishReason::Cancelled => Err(DaemonError::Cancelled(format!("request {id} was cancelled"))),
+            FinishReason::Timeout => Err(DaemonError::Timeout(format!("request {id} ran past `limits.request_timeout_s`"))),
+            FinishReason::Stop | FinishReason::Length => {
+                let mut stats = stats_dict(&f.stats);
+                stats.insert("finish_reason".into(), OwnedValue::try_from(Value::from(f.reason.as_str())).expect("string"));
+                Ok((f.text, stats))
+            }
+        }
+    }
+}
+
+#[zbus::interface(name = "org.edgellm.Daemon1")]
+impl Daemon {
+    /// Starts a generation; its text comes as `Token` signals to the caller, then `Finished`.
+    async fn generate(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        model: String,
+        prompt: String,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<u64, DaemonError> {
+        let sender = Self::sender(&header)?;
+        let submitted = self.start(&sender, &model, Prompt::Text(prompt), &options)?;
+        let id = submitted.id;
+        self.forward(conn, sender, submitted);
+        Ok(id)
+    }
+
+    /// Like `Generate`, with (role, content) messages through the model's chat template.
+    async fn chat(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        model: String,
+        messages: Vec<(String, String)>,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<u64, DaemonError> {
+        let sender = Self::sender(&header)?;
+        let limit = self.scheduler.limits().max_prompt_bytes;
+        let bytes: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
+        if bytes > limit {
+            return Err(DaemonError::PromptTooLong(format!("the messages have {bytes} bytes, over the daemon's limit of {limit} (`limits.max_prompt_bytes`)")));
+        }
+        let messages = messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect();
+        let submitted = self.start(&sender, &model, Prompt::Chat(messages), &options)?;
+        let id = submitted.id;
+        self.forward(conn, sender, submitted);
+        Ok(id)
+    }
+
+    /// Non-streaming generation for scripts: returns the whole text and the stats.
+    async fn complete(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        model: String,
+        prompt: String,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
+        let sender = Self::sender(&header)?;
+        self.complete_inner(&sender, &model, Prompt::Text(prompt), &options).await
+    }
+
+    /// Cancels a request the caller started. Someone else's id and an unknown id get the same
+    /// error, so ids reveal nothing.
+    async fn cancel(&self, #[zbus(header)] header: Header<'_>, request_id: u64) -> Result<(), DaemonError> {
+        let sender = Self::sender(&header)?;
+        let requests = self.requests.lock().expect("requests");
+        match requests.get(&request_id) {
+            Some(entry) if entry.owner == sender.as_str() => {
+                entry.cancel.cancel();
+                Ok(())
+            }
+            _ => Err(DaemonError::RequestNotFound(format!("no request {request_id} of this caller is running"))),
+        }
+    }
+
+    async fn list_models(&self) -> Vec<(String, HashMap<String, OwnedValue>)> {
+        self.scheduler
+            .models()
+            .into_iter()
+            .map(|m| {
+                let mut d = HashMap::new();
+                let mut put = |k: &str, v: Value<'_>| {
+                    d.insert(k.to_string(), OwnedValue::try_from(v).expect("plain values convert"));
+                };
+                put("state", Value::from(m.state.as_str()));
+                put("provider", Value::from(m.provider.clone().unwrap_or_default()));
+                if let Some(draft) = &m.draft {
+                    put("draft", Value::from(draft.clone()));
+                }
+                if let Some(error) = &m.error {
+                    put("error", Value::from(error.clone()));
+                }
+                put("requests", Value::U64(m.requests));
+                put("generated_tokens", Value::U64(m.generated_tokens));
+                (m.name, d)
+            })
+            .collect()
+    }
+
+    /// Loads a configured model and returns when it is ready.
+    async fn load_model(&self, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection, name: String) -> Result<(), DaemonError> {
+        let sender = Self::sender(&header)?;
+        self.check_admin(conn, &sender).await?;
+        Ok(self.scheduler.load(&name).await?)
+    }
+
+    async fn unload_model(&self, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection, name: String) -> Result<(), DaemonError> {
+        let sender = Self::sender(&header)?;
+        self.check_admin(conn, &sender).await?;
+        Ok(self.scheduler.unload(&name).await?)
+    }
+
+    async fn status(&self) -> HashMap<String, OwnedValue> {
+        let mut d = HashMap::new();
+        let mut put = |k: &str, v: Value<'_>| {
+            d.insert(k.to_string(), OwnedValue::try_from(v).expect("plain values convert"));
+        };
+        put("version", Value::from(env!("CARGO_PKG_VERSION")));
+        put("uptime_s", Value::U64(self.started.elapsed().as_secs()));
+        put("requests_in_flight", Value::U32(self.scheduler.in_flight() as u32));
+        put("requests_queued", Value::U32(self.scheduler.queued() as u32));
+        put("requests_total", Value::U64(self.scheduler.requests_total()));
+        put("generated_tokens_total", Value::U64(self.scheduler.generated_tokens_total()));
+        d
+    }
+
+    #[zbus(signal)]
+    async fn token(emitter: &SignalEmitter<'_>, request_id: u64, text: &str) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    async fn finished(emitter: &SignalEmitter<'_>, request_id: u64, reason: &str, stats: HashMap<String, OwnedValue>) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn model_state_changed(emitter: &SignalEmitter<'_>, name: &str, state: &str) -> zbus::Result<()>;
+}

@@ -1,0 +1,169 @@
+//! Request options (`a{sv}`) to typed engine options. Every option has one D-Bus type; an
+//! unknown option, a wrong type or an out-of-range value is an `InvalidArgument` that names it.
+
+use std::collections::HashMap;
+
+use zbus::zvariant::{OwnedValue, Value};
+
+use crate::engine::GenerateOptions;
+use crate::error::Error;
+
+/// Options a request may carry, with their D-Bus signatures (also listed in the README).
+pub const OPTIONS: &[(&str, &str)] = &[
+    ("max_new_tokens", "u"),
+    ("temperature", "d"),
+    ("top_k", "u"),
+    ("top_p", "d"),
+    ("repetition_penalty", "d"),
+    ("seed", "t"),
+    ("stop", "as"),
+    ("speculative", "b"),
+];
+
+/// Parsed options, plus the ones the engine does not take itself.
+#[derive(Debug, Default, Clone)]
+pub struct RequestOptions {
+    pub generate: GenerateOptions,
+    pub speculative: Option<bool>,
+}
+
+fn invalid(argument: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidArgument { argument: argument.into(), reason: reason.into() }
+}
+
+fn wrong_type(name: &str, want: &str, got: &Value<'_>) -> Error {
+    invalid(name, format!("expected D-Bus type `{want}`, got `{}`", got.value_signature()))
+}
+
+fn as_f64(name: &str, v: &Value<'_>) -> Result<f64, Error> {
+    match v {
+        Value::F64(x) if x.is_finite() => Ok(*x),
+        Value::F64(_) => Err(invalid(name, "must be a finite number")),
+        other => Err(wrong_type(name, "d", other)),
+    }
+}
+
+fn as_u32(name: &str, v: &Value<'_>) -> Result<u32, Error> {
+    match v {
+        Value::U32(x) => Ok(*x),
+        other => Err(wrong_type(name, "u", other)),
+    }
+}
+
+pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Error> {
+    let mut out = RequestOptions::default();
+    let g = &mut out.generate;
+    for (name, value) in options {
+        let v: &Value<'_> = value;
+        // A variant inside a variant (`v` of `v`) is unwrapped once, as gdbus sends some that way.
+        let v = match v {
+            Value::Value(inner) => inner.as_ref(),
+            other => other,
+        };
+        match name.as_str() {
+            "max_new_tokens" => {
+                let n = as_u32(name, v)?;
+                if n == 0 {
+                    return Err(invalid(name, "must be at least 1"));
+                }
+                g.max_new_tokens = Some(n as usize);
+            }
+            "temperature" => {
+                let t = as_f64(name, v)?;
+                if !(0.0..=100.0).contains(&t) {
+                    return Err(invalid(name, format!("{t} is out of range: use 0 (greedy) up to 100")));
+                }
+                g.temperature = Some(t as f32);
+            }
+            "top_k" => {
+                let k = as_u32(name, v)?;
+                if k == 0 {
+                    return Err(invalid(name, "must be at least 1 (leave it out for no top-k cut)"));
+                }
+                g.top_k = Some(k as usize);
+            }
+            "top_p" => {
+                let p = as_f64(name, v)?;
+                if !(p > 0.0 && p <= 1.0) {
+                    return Err(invalid(name, format!("{p} is out of range: use a number in (0, 1]")));
+                }
+                g.top_p = Some(p as f32);
+            }
+            "repetition_penalty" => {
+                let p = as_f64(name, v)?;
+                if !(p > 0.0 && p <= 10.0) {
+                    return Err(invalid(name, format!("{p} is out of range: use a number in (0, 10]")));
+                }
+                g.repetition_penalty = Some(p as f32);
+            }
+            "seed" => match v {
+                Value::U64(s) => g.seed = Some(*s),
+                other => return Err(wrong_type(name, "t", other)),
+            },
+            "stop" => {
+                let list = match v {
+                    Value::Array(a) if a.element_signature() == "s" => a
+                        .iter()
+                        .map(|s| match s {
+                            Value::Str(s) => s.to_string(),
+                            _ => String::new(),
+                        })
+                        .collect::<Vec<_>>(),
+                    other => return Err(wrong_type(name, "as", other)),
+                };
+                if list.len() > 16 || list.iter().any(|s| s.is_empty() || s.len() > 256) {
+                    return Err(invalid(name, "use at most 16 non-empty strings of at most 256 bytes"));
+                }
+                g.stop = list;
+            }
+            "speculative" => match v {
+                Value::Bool(b) => out.speculative = Some(*b),
+                other => return Err(wrong_type(name, "b", other)),
+            },
+            other => {
+                let known: Vec<&str> = OPTIONS.iter().map(|(n, _)| *n).collect();
+                return Err(invalid(other, format!("unknown option; known options are {}", known.join(", "))));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(pairs: Vec<(&str, Value<'static>)>) -> HashMap<String, OwnedValue> {
+        pairs.into_iter().map(|(k, v)| (k.to_string(), OwnedValue::try_from(v).unwrap())).collect()
+    }
+
+    #[test]
+    fn typed_options_parse() {
+        let o = parse(&opts(vec![
+            ("max_new_tokens", Value::U32(5)),
+            ("temperature", Value::F64(0.7)),
+            ("seed", Value::U64(9)),
+            ("stop", Value::from(vec!["\n\n".to_string()])),
+            ("speculative", Value::Bool(false)),
+        ]))
+        .unwrap();
+        assert_eq!(o.generate.max_new_tokens, Some(5));
+        assert_eq!(o.generate.seed, Some(9));
+        assert_eq!(o.generate.stop, vec!["\n\n".to_string()]);
+        assert_eq!(o.speculative, Some(false));
+    }
+
+    #[test]
+    fn wrong_type_unknown_and_out_of_range_are_named() {
+        let e = parse(&opts(vec![("max_new_tokens", Value::I32(5))])).unwrap_err().to_string();
+        assert!(e.contains("max_new_tokens") && e.contains("`u`") && e.contains("`i`"), "{e}");
+        let e = parse(&opts(vec![("temprature", Value::F64(1.0))])).unwrap_err().to_string();
+        assert!(e.contains("temprature") && e.contains("unknown option"), "{e}");
+        let e = parse(&opts(vec![("temperature", Value::F64(-1.0))])).unwrap_err().to_string();
+        assert!(e.contains("temperature") && e.contains("out of range"), "{e}");
+        let e = parse(&opts(vec![("top_p", Value::F64(1.5))])).unwrap_err().to_string();
+        assert!(e.contains("top_p"), "{e}");
+        let e = parse(&opts(vec![("top_k", Value::U32(0))])).unwrap_err().to_string();
+        assert!(e.contains("top_k"), "{e}");
+    }
+}
