@@ -296,6 +296,25 @@ def genai_greedy(model_dir: Path, prompts, new_tokens: int) -> list[dict]:
     return out
 
 
+CHAT_CASES = [
+    [("user", "Who made the heaven and the earth?")],
+    [("system", "Answer in the words of the King James Bible."), ("user", "What is love?")],
+    [("user", "Hello"), ("assistant", "Peace be unto you."), ("user", "And unto thee.")],
+]
+
+
+def genai_chat(model_dir: Path) -> list[dict]:
+    """The chat template as onnxruntime-genai applies it: the engine must render the same."""
+    import onnxruntime_genai as og
+    tokenizer = og.Tokenizer(og.Model(str(model_dir)))
+    out = []
+    for case in CHAT_CASES:
+        messages = json.dumps([{"role": r, "content": c} for r, c in case])
+        out.append({"messages": case,
+                    "rendered": tokenizer.apply_chat_template(messages, add_generation_prompt=True)})
+    return out
+
+
 # ---------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -375,6 +394,7 @@ def main() -> None:
                            ("tiny-qwen2", out_qwen)):
             refs["models"][name] = genai_greedy(path, prompts, 64)
             log(f"reference {name}: {refs['models'][name][0]['text']!r}")
+        refs["chat"] = genai_chat(out_target)
         TESTS.mkdir(exist_ok=True)
         (TESTS / "reference_outputs.json").write_text(json.dumps(refs, indent=1) + "\n")
     (MODELS / "build-report.json").write_text(json.dumps(report, indent=2) + "\n")

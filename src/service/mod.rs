@@ -232,6 +232,7 @@ impl Daemon {
 #[zbus::interface(name = "org.edgellm.Daemon1")]
 impl Daemon {
     /// Starts a generation; its text comes as `Token` signals to the caller, then `Finished`.
+    #[zbus(out_args("request_id"))]
     async fn generate(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -248,6 +249,7 @@ impl Daemon {
     }
 
     /// Like `Generate`, with (role, content) messages through the model's chat template.
+    #[zbus(out_args("request_id"))]
     async fn chat(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -270,6 +272,7 @@ impl Daemon {
     }
 
     /// Non-streaming generation for scripts: returns the whole text and the stats.
+    #[zbus(out_args("text", "stats"))]
     async fn complete(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -295,6 +298,8 @@ impl Daemon {
         }
     }
 
+    /// Every configured model with its state, provider, draft and error.
+    #[zbus(out_args("models"))]
     async fn list_models(&self) -> Vec<(String, HashMap<String, OwnedValue>)> {
         self.scheduler
             .models()
@@ -326,12 +331,15 @@ impl Daemon {
         Ok(self.scheduler.load(&name).await?)
     }
 
+    /// Unloads a model; its memory is returned once running requests are done.
     async fn unload_model(&self, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection, name: String) -> Result<(), DaemonError> {
         let sender = Self::sender(&header)?;
         self.check_admin(conn, &sender).await?;
         Ok(self.scheduler.unload(&name).await?)
     }
 
+    /// Version, uptime and request counters.
+    #[zbus(out_args("status"))]
     async fn status(&self) -> HashMap<String, OwnedValue> {
         let mut d = HashMap::new();
         let mut put = |k: &str, v: Value<'_>| {

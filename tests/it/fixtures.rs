@@ -1,0 +1,63 @@
+//! Shared fixtures: paths of the committed models, their reference outputs, the runtime.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use edgellm::runtime::Runtime;
+use serde::Deserialize;
+
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn model_dir(name: &str) -> PathBuf {
+    root().join("models").join(name)
+}
+
+/// The one ONNX Runtime of the test process (ort loads the library once per process).
+pub fn runtime() -> Arc<Runtime> {
+    static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| Runtime::load(None).expect("ONNX Runtime: run scripts/setup-runtime.sh first"))
+        .clone()
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReferenceCase {
+    pub prompt: String,
+    pub prompt_ids: Vec<u32>,
+    pub output_ids: Vec<u32>,
+    pub text: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatReference {
+    pub messages: Vec<(String, String)>,
+    pub rendered: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct References {
+    pub new_tokens: usize,
+    pub models: std::collections::BTreeMap<String, Vec<ReferenceCase>>,
+    pub chat: Vec<ChatReference>,
+}
+
+/// Greedy outputs of onnxruntime-genai for the committed models (written by models/build.py).
+pub fn references() -> &'static References {
+    static REFS: OnceLock<References> = OnceLock::new();
+    REFS.get_or_init(|| {
+        let path = root().join("tests/reference_outputs.json");
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("tests/reference_outputs.json")).expect("reference json")
+    })
+}
+
+/// A copy of a model folder in a temporary directory, to break on purpose.
+pub fn copy_model(name: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(model_dir(name)).expect("model dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).expect("copy");
+    }
+    tmp
+}

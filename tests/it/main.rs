@@ -1,0 +1,6 @@
+//! One integration-test binary: shared fixtures, the committed models, a private dbus-daemon.
+//! Needs the ONNX Runtime library (`scripts/setup-runtime.sh`, which `scripts/test.sh` runs).
+
+mod daemon;
+mod engine;
+mod fixtures;
