@@ -276,6 +276,7 @@ impl Config {
                         strict: m.strict.unwrap_or(false),
                         threads: m.threads.unwrap_or(0) as usize,
                         provider_options,
+                        weights: Default::default(),
                     },
                     kv_layout,
                 },

@@ -55,11 +55,24 @@ pub struct SessionOptions {
     pub threads: usize,
     /// Passed through to the provider that runs (e.g. OpenVINO `device_type`, CUDA `device_id`).
     pub provider_options: Vec<(String, String)>,
+    /// How the weights reach ONNX Runtime. Measured by `cargo bench --bench engine` (see the
+    /// README): ONNX Runtime reading the file itself peaks lower than a memory map handed over
+    /// in memory, because it copies in-memory external data; so `File` is the default.
+    pub weights: WeightLoading,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightLoading {
+    /// ONNX Runtime opens model.onnx and model.onnx.data by path.
+    #[default]
+    File,
+    /// edgellm memory-maps model.onnx.data (memmap2) and hands it to ONNX Runtime in memory.
+    Mmap,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { providers: vec![Provider::Cpu], strict: false, threads: 0, provider_options: Vec::new() }
+        SessionOptions { providers: vec![Provider::Cpu], strict: false, threads: 0, provider_options: Vec::new(), weights: WeightLoading::File }
     }
 }
 
@@ -175,6 +188,20 @@ impl Runtime {
         Err(Error::ProviderUnavailable { provider: provider.name().into(), reason })
     }
 
+    fn commit_mapped(builder: SessionBuilder, model_file: &Path) -> Result<ort::Result<Session>> {
+        let file_error = |path: &Path, e: std::io::Error| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() };
+        let graph = std::fs::read(model_file).map_err(|e| file_error(model_file, e))?;
+        let data_path = PathBuf::from(format!("{}.data", model_file.display()));
+        let data_file = std::fs::File::open(&data_path).map_err(|e| file_error(&data_path, e))?;
+        // SAFETY: the file is only read; edgellm's model folders are not written while served.
+        let mapped = unsafe { memmap2::Mmap::map(&data_file) }.map_err(|e| file_error(&data_path, e))?;
+        let name = data_path.file_name().map(PathBuf::from).unwrap_or_default();
+        // ort wants an owned buffer here, so the mapped pages are copied once.
+        let buffer: Arc<[u8]> = Arc::from(&mapped[..]);
+        let mut builder = builder.with_external_initializer_file_in_memory(name, buffer).map_err(ort::Error::from)?;
+        Ok(builder.commit_from_memory(&graph))
+    }
+
     fn builder(&self, options: &SessionOptions) -> Result<SessionBuilder> {
         let mut builder = Session::builder(&self.env)?;
         builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(ort::Error::from)?;
@@ -237,7 +264,11 @@ impl Runtime {
                     .map_err(|e| unavailable(e.to_string()))?;
             }
         }
-        let session = builder.commit_from_file(model_file).map_err(|e| {
+        let committed = match options.weights {
+            WeightLoading::File => builder.commit_from_file(model_file),
+            WeightLoading::Mmap => Self::commit_mapped(builder, model_file)?,
+        };
+        let session = committed.map_err(|e| {
             if provider == Provider::Cpu {
                 Error::ModelFile { path: model_file.to_path_buf(), reason: e.to_string() }
             } else {

@@ -1,0 +1,115 @@
+//! `cargo bench --bench engine`: edgellm's engine against onnxruntime-genai on the same model,
+//! prompts, greedy decoding and thread count, each in its own process; prints a table of load
+//! time, load RSS, time to first token and decode speed, with ratios (edgellm / genai).
+//!
+//! Options: --model DIR (default models/kjv-target), --new-tokens N (128), --providers cpu,openvino
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use edgellm::engine::{CancelToken, Engine, GenerateOptions, LoadOptions, Prompt};
+use edgellm::runtime::{Provider, Runtime, SessionOptions, WeightLoading};
+use serde_json::{json, Value};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Our side, in a child process so that its RSS is its own.
+fn child(args: &[String]) {
+    let model = PathBuf::from(arg(args, "--model").unwrap());
+    let new_tokens: usize = arg(args, "--new-tokens").unwrap().parse().unwrap();
+    let prompts: Vec<Vec<u32>> = serde_json::from_str(&std::fs::read_to_string(arg(args, "--prompts").unwrap()).unwrap()).unwrap();
+    let provider = Provider::parse(&arg(args, "--provider").unwrap()).unwrap();
+    let weights = if arg(args, "--weights").as_deref() == Some("mmap") { WeightLoading::Mmap } else { WeightLoading::File };
+    let runtime = Runtime::load(None).expect("runtime");
+    let rss_before = rss_kib("VmRSS");
+    let started = Instant::now();
+    let options = LoadOptions { session: SessionOptions { providers: vec![provider], strict: true, weights, ..Default::default() }, kv_layout: None };
+    let mut engine = Engine::load(&runtime, "bench", &model, &options).expect("load");
+    let load_s = started.elapsed().as_secs_f64();
+    let rss_load_mib = (rss_kib("VmHWM") - rss_before) as f64 / 1024.0;
+    let gen = GenerateOptions { max_new_tokens: Some(new_tokens), temperature: Some(0.0), ..Default::default() };
+    let mut run = |ids: &Vec<u32>| engine.generate(&Prompt::Tokens(ids.clone()), &gen, &CancelToken::new(), &mut |_| true).expect("generate");
+    run(&prompts[0]); // warm-up
+    let outcomes: Vec<_> = prompts.iter().map(&mut run).collect();
+    let tokens: usize = outcomes.iter().map(|o| o.token_ids.len() + o.eos_token.is_some() as usize).sum();
+    let decode_s: f64 = outcomes.iter().map(|o| (o.stats.total_time - o.stats.time_to_first_token).as_secs_f64()).sum();
+    let total_s: f64 = outcomes.iter().map(|o| o.stats.total_time.as_secs_f64()).sum();
+    let report = json!({
+        "engine": "edgellm",
+        "load_s": load_s,
+        "rss_load_mib": rss_load_mib,
+        "ttft_ms": 1000.0 * outcomes.iter().map(|o| o.stats.time_to_first_token.as_secs_f64()).sum::<f64>() / outcomes.len() as f64,
+        "decode_tps": outcomes.iter().map(|o| (o.token_ids.len() + o.eos_token.is_some() as usize).saturating_sub(1)).sum::<usize>() as f64 / decode_s,
+        "e2e_tps": tokens as f64 / total_s,
+        "tokens": tokens,
+        "outputs": outcomes.iter().map(|o| { let mut v = o.token_ids.clone(); v.extend(o.eos_token); v }).collect::<Vec<_>>(),
+    });
+    println!("{report}");
+}
+
+fn run_json(cmd: &mut Command) -> Value {
+    let out = cmd.output().expect("spawn");
+    if !out.status.success() {
+        panic!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--child") {
+        return child(&args);
+    }
+    let model = arg(&args, "--model").map(PathBuf::from).unwrap_or_else(|| root().join("models/kjv-target"));
+    let new_tokens = arg(&args, "--new-tokens").unwrap_or_else(|| "128".into());
+    let providers = arg(&args, "--providers").unwrap_or_else(|| "cpu,openvino".into());
+    let refs: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference_outputs.json")).unwrap()).unwrap();
+    let name = model.file_name().unwrap().to_string_lossy().to_string();
+    let prompts: Vec<Value> = refs["models"][&name].as_array().or(refs["models"]["kjv-target"].as_array()).unwrap().iter().map(|c| c["prompt_ids"].clone()).collect();
+    let prompts_file = std::env::temp_dir().join(format!("edgellm-bench-prompts-{}.json", std::process::id()));
+    std::fs::write(&prompts_file, serde_json::to_string(&prompts).unwrap()).unwrap();
+    let python = root().join(".edgellm/venv/bin/python");
+    let plugin = root().join(".edgellm/runtime/libonnxruntime_providers_openvino_plugin.so");
+    let me = std::env::current_exe().unwrap();
+    println!("model {} | {} prompts | {new_tokens} new tokens, greedy | default threads | {} cores", model.display(), prompts.len(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!("{:<10} {:<18} {:>8} {:>12} {:>9} {:>11} {:>9}", "provider", "engine", "load s", "load RSS MiB", "TTFT ms", "decode t/s", "e2e t/s");
+    for provider in providers.split(',') {
+        let ours = |weights: &str| {
+            run_json(Command::new(&me).args(["--child", "--model"]).arg(&model).args(["--new-tokens", &new_tokens, "--provider", provider, "--weights", weights, "--prompts"]).arg(&prompts_file))
+        };
+        let genai = run_json(Command::new(&python).arg(root().join("benches/genai_bench.py")).arg("--model").arg(&model).args(["--provider", provider, "--new-tokens", &new_tokens, "--plugin"]).arg(&plugin).arg("--prompts").arg(&prompts_file));
+        let edgellm = ours("file");
+        let mapped = if provider == "cpu" { Some(ours("mmap")) } else { None };
+        let row = |label: &str, r: &Value| {
+            println!("{:<10} {:<18} {:>8.3} {:>12.1} {:>9.2} {:>11.1} {:>9.1}", provider, label, r["load_s"].as_f64().unwrap(), r["rss_load_mib"].as_f64().unwrap(), r["ttft_ms"].as_f64().unwrap(), r["decode_tps"].as_f64().unwrap(), r["e2e_tps"].as_f64().unwrap());
+        };
+        row("onnxruntime-genai", &genai);
+        row("edgellm", &edgellm);
+        if let Some(m) = &mapped {
+            row("edgellm (mmap)", m);
+        }
+        let ratio = |k: &str| edgellm[k].as_f64().unwrap() / genai[k].as_f64().unwrap();
+        println!("{:<10} {:<18} {:>8.2} {:>12.2} {:>9.2} {:>11.2} {:>9.2}   (edgellm / genai; want decode >= 1, TTFT <= 1)", provider, "ratio", ratio("load_s"), ratio("rss_load_mib"), ratio("ttft_ms"), ratio("decode_tps"), ratio("e2e_tps"));
+        let same = edgellm["outputs"] == genai["outputs"];
+        println!("{:<10} greedy outputs identical to onnxruntime-genai: {same}", provider);
+    }
+    let _ = std::fs::remove_file(Path::new(&prompts_file));
+}

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""onnxruntime-genai's side of `cargo bench --bench engine`: the same prompts, greedy, the same
+number of new tokens, in its own process; prints one JSON object on stdout."""
+import argparse
+import json
+import os
+import time
+
+import onnxruntime_genai as og
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--provider", default="cpu", choices=["cpu", "openvino"])
+    ap.add_argument("--plugin", default="")
+    ap.add_argument("--prompts", required=True, help="JSON list of prompt token id lists")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--speculative", action="store_true")
+    args = ap.parse_args()
+    prompts = json.loads(open(args.prompts).read())
+    rss_before = rss_kib("VmRSS")
+    started = time.perf_counter()
+    config = og.Config(args.model)
+    if args.provider == "openvino":
+        og.register_execution_provider_library("OpenVINOExecutionProvider", os.path.realpath(args.plugin))
+        config.clear_providers()
+        config.append_provider("OpenVINO")
+        config.set_provider_option("OpenVINO", "device_type", "CPU")
+    model = og.Model(config)
+    load_s = time.perf_counter() - started
+
+    def run(ids):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + args.new_tokens)
+        t0 = time.perf_counter()
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        out, first = [], None
+        while not gen.is_done():
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        stats = gen.get_speculative_stats() if args.speculative else {}
+        return out, first - t0, end - first, stats
+
+    run(prompts[0])  # warm-up
+    results = [run(p) for p in prompts]
+    tokens = sum(len(r[0]) for r in results)
+    decode_s = sum(r[2] for r in results)
+    report = {
+        "engine": "onnxruntime-genai",
+        "load_s": load_s,
+        "rss_load_mib": (rss_kib("VmHWM") - rss_before) / 1024,
+        "ttft_ms": 1000 * sum(r[1] for r in results) / len(results),
+        "decode_tps": sum(len(r[0]) - 1 for r in results) / decode_s,
+        "e2e_tps": tokens / sum(r[1] + r[2] for r in results),
+        "tokens": tokens,
+        "outputs": [r[0] for r in results],
+    }
+    if args.speculative:
+        acc = sum(r[3].get("draft_tokens_accepted", 0) for r in results)
+        prop = sum(r[3].get("draft_tokens_evaluated", 0) for r in results)
+        fwd = sum(r[3].get("target_forward_passes", 0) for r in results)
+        report.update({"acceptance_rate": acc / prop if prop else 0.0, "tokens_per_target_forward": tokens / fwd if fwd else 0.0})
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
