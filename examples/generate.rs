@@ -17,6 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let load = LoadOptions { kv_layout, ..Default::default() };
     let mut engine = Engine::load(&runtime, "model", std::path::Path::new(dir), &load)?;
+    if let Ok(draft) = std::env::var("DRAFT") {
+        let folder = edgellm::model::ModelFolder::open(std::path::Path::new(&draft))?;
+        engine.attach_draft(&runtime, &folder, &load, Default::default())?;
+    }
     let options = GenerateOptions { max_new_tokens: Some(max_new), ..Default::default() };
     let outcome = engine.generate(&Prompt::Text(prompt.clone()), &options, &CancelToken::new(), &mut |piece| {
         print!("{piece}");

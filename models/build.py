@@ -319,8 +319,8 @@ def genai_chat(model_dir: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / ".edgellm" / "model-build")
-    ap.add_argument("--target-steps", type=int, default=2400)
-    ap.add_argument("--draft-steps", type=int, default=1500)
+    ap.add_argument("--target-steps", type=int, default=1100)
+    ap.add_argument("--draft-steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--stages", default="corpus,tokenizer,target,draft,qwen2,export,pair,reference")
     args = ap.parse_args()

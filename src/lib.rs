@@ -11,5 +11,6 @@ pub mod model;
 pub mod runtime;
 pub mod scheduler;
 pub mod service;
+pub mod speculative;
 
 pub use error::{Error, Result};

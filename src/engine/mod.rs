@@ -39,6 +39,8 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// Ends the request with `FinishReason::Timeout` when passed.
     pub deadline: Option<Instant>,
+    /// Speculative decoding for a model with a draft: on unless `Some(false)`.
+    pub speculative: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +72,26 @@ pub struct GenerationStats {
     pub total_time: Duration,
     pub decode_tokens_per_s: f64,
     pub provider: String,
+    /// Forward passes of the (target) model, prefill included.
+    pub target_forwards: usize,
+    pub speculative: Option<SpeculativeStats>,
+}
+
+/// Counters of speculative decoding for one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SpeculativeStats {
+    /// Draft tokens proposed (and checked by the target).
+    pub draft_tokens: usize,
+    /// Draft tokens the target accepted.
+    pub accepted_tokens: usize,
+    /// Rounds by how many drafts were accepted (index = accepted count, up to 16).
+    pub accepted_per_round: [usize; 17],
+}
+
+impl SpeculativeStats {
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.draft_tokens == 0 { 0.0 } else { self.accepted_tokens as f64 / self.draft_tokens as f64 }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -109,7 +131,7 @@ impl CancelToken {
     pub fn is_cancelled(&self) -> bool {
         self.inner.cancelled.load(Ordering::SeqCst)
     }
-    fn attach(&self, run: &decoder::SharedRunOptions) {
+    pub(crate) fn attach(&self, run: &decoder::SharedRunOptions) {
         *self.inner.running.lock().expect("cancel lock") = Some(run.clone());
         if self.is_cancelled() {
             let _ = run.terminate();
@@ -123,6 +145,7 @@ pub struct Engine {
     pub folder: Arc<ModelFolder>,
     decoder: Decoder,
     kv_layout: KvLayout,
+    draft: Option<crate::speculative::Draft>,
     pub load_time: Duration,
 }
 
@@ -148,7 +171,21 @@ impl Engine {
             KvLayout::Growing
         });
         tracing::info!(model = name, provider = decoder.provider.provider.name(), ?kv_layout, ms = started.elapsed().as_millis() as u64, "model loaded");
-        Ok(Engine { name: name.into(), folder, decoder, kv_layout, load_time: started.elapsed() })
+        Ok(Engine { name: name.into(), folder, decoder, kv_layout, draft: None, load_time: started.elapsed() })
+    }
+
+    /// Loads `folder` as this model's draft for speculative decoding.
+    pub fn attach_draft(&mut self, runtime: &Runtime, folder: &ModelFolder, options: &LoadOptions, settings: crate::speculative::Settings) -> Result<()> {
+        self.draft = Some(crate::speculative::Draft::load(runtime, &self.folder, folder, options, settings)?);
+        Ok(())
+    }
+
+    pub fn has_draft(&self) -> bool {
+        self.draft.is_some()
+    }
+
+    pub fn draft_provider(&self) -> Option<&ProviderReport> {
+        self.draft.as_ref().map(|d| d.provider())
     }
 
     pub fn provider(&self) -> &ProviderReport {
@@ -176,6 +213,7 @@ impl Engine {
 
     /// Generates for `prompt`, calling `on_text` with each piece of final text as it is decided.
     /// `on_text` returns false when nobody listens any more, which cancels the request.
+    /// With a draft attached (and `options.speculative` not false) it decodes speculatively.
     pub fn generate(
         &mut self,
         prompt: &Prompt,
@@ -185,66 +223,66 @@ impl Engine {
     ) -> Result<Outcome> {
         let prompt_ids = self.folder.prompt_ids(&self.name, prompt)?;
         let params = self.sampling_params(options);
-        let started = Instant::now();
         let max_total = self.folder.config.search.max_length.min(self.context());
         let max_new = options.max_new_tokens.unwrap_or(max_total.saturating_sub(prompt_ids.len())).max(1);
+        let mut run = Run::new(&self.folder, prompt_ids, params, options, max_new, self.context());
+        let speculative = options.speculative.unwrap_or(true);
+        let reason = match (&mut self.draft, speculative) {
+            (Some(draft), true) => crate::speculative::decode(&mut self.decoder, self.kv_layout, draft, &self.folder, &mut run, cancel, on_text)?,
+            _ => self.decode_plain(&mut run, cancel, on_text)?,
+        };
+        run.end(&self.folder, reason, on_text, &self.decoder.provider)
+    }
+
+    fn decode_plain(&mut self, run: &mut Run, cancel: &CancelToken, on_text: &mut dyn FnMut(&str) -> bool) -> Result<FinishReason> {
         let mut cache = self.decoder.new_cache(self.kv_layout)?;
         cancel.attach(cache.run_options());
-        let mut run = Run::new(&self.folder, prompt_ids.clone(), params, options.stop.clone());
-
-        let mut logits = match self.decoder.forward(&mut cache, &prompt_ids, 1) {
+        let prompt = run.sequence.clone();
+        let mut logits = match self.decoder.forward(&mut cache, &prompt, 1) {
             Ok(logits) => logits,
-            Err(Error::Cancelled) => return Ok(run.finish(FinishReason::Cancelled, started, &self.decoder.provider)),
+            Err(Error::Cancelled) => return Ok(FinishReason::Cancelled),
             Err(e) => return Err(e),
         };
-        let reason = loop {
+        run.target_forwards += 1;
+        loop {
             let token = run.sampler.next(&mut logits, &run.sequence);
-            if run.first_token_at.is_none() {
-                run.first_token_at = Some(started.elapsed());
-            }
             if let Some(reason) = run.accept(&self.folder, token, on_text)? {
-                break reason;
+                return Ok(reason);
             }
-            if run.generated.len() >= max_new || cache.len() + 1 >= self.context() {
-                break FinishReason::Length;
-            }
-            if cancel.is_cancelled() {
-                break FinishReason::Cancelled;
-            }
-            if options.deadline.is_some_and(|d| Instant::now() >= d) {
-                break FinishReason::Timeout;
+            if let Some(reason) = run.should_stop(cache.len() + 1, cancel) {
+                return Ok(reason);
             }
             logits = match self.decoder.forward(&mut cache, &[token], 1) {
                 Ok(logits) => logits,
-                Err(Error::Cancelled) => break FinishReason::Cancelled,
+                Err(Error::Cancelled) => return Ok(FinishReason::Cancelled),
                 Err(e) => return Err(e),
             };
-        };
-        if reason != FinishReason::Stop || run.eos_token.is_some() {
-            let rest = run.release_held(&self.folder)?;
-            if !rest.is_empty() && !on_text(&rest) && reason == FinishReason::Length {
-                return Ok(run.finish(FinishReason::Cancelled, started, &self.decoder.provider));
-            }
+            run.target_forwards += 1;
         }
-        Ok(run.finish(reason, started, &self.decoder.provider))
     }
 }
 
-/// The state of one request's output: tokens, streamed text, stop conditions.
-struct Run {
-    sequence: Vec<u32>,
+/// The state of one request's output: tokens, streamed text, stop conditions, counters.
+pub(crate) struct Run {
+    pub(crate) sequence: Vec<u32>,
     prompt_len: usize,
-    generated: Vec<u32>,
+    pub(crate) generated: Vec<u32>,
     eos_token: Option<u32>,
     eos_ids: Vec<u32>,
-    sampler: Sampler,
+    pub(crate) sampler: Sampler,
     detok: Detokenizer,
     stop: StopText,
+    started: Instant,
     first_token_at: Option<Duration>,
+    max_new: usize,
+    context: usize,
+    deadline: Option<Instant>,
+    pub(crate) target_forwards: usize,
+    pub(crate) speculative: Option<SpeculativeStats>,
 }
 
 impl Run {
-    fn new(folder: &ModelFolder, prompt_ids: Vec<u32>, params: SamplingParams, stops: Vec<String>) -> Run {
+    fn new(folder: &ModelFolder, prompt_ids: Vec<u32>, params: SamplingParams, options: &GenerateOptions, max_new: usize, context: usize) -> Run {
         Run {
             prompt_len: prompt_ids.len(),
             sequence: prompt_ids,
@@ -253,13 +291,22 @@ impl Run {
             eos_ids: folder.config.eos_token_ids.clone(),
             sampler: Sampler::new(params),
             detok: Detokenizer::new(),
-            stop: StopText::new(stops),
+            stop: StopText::new(options.stop.clone()),
+            started: Instant::now(),
             first_token_at: None,
+            max_new,
+            context,
+            deadline: options.deadline,
+            target_forwards: 0,
+            speculative: None,
         }
     }
 
     /// Takes one generated token; returns the reason to stop, if it ends the request.
-    fn accept(&mut self, folder: &ModelFolder, token: u32, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Option<FinishReason>> {
+    pub(crate) fn accept(&mut self, folder: &ModelFolder, token: u32, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Option<FinishReason>> {
+        if self.first_token_at.is_none() {
+            self.first_token_at = Some(self.started.elapsed());
+        }
         if self.eos_ids.contains(&token) {
             self.eos_token = Some(token);
             return Ok(Some(FinishReason::Stop));
@@ -272,33 +319,64 @@ impl Run {
                 if !text.is_empty() && !on_text(&text) {
                     return Ok(Some(FinishReason::Cancelled));
                 }
-                Ok(None)
             }
             Piece::Stopped(text) => {
                 if !text.is_empty() {
                     on_text(&text);
                 }
-                Ok(Some(FinishReason::Stop))
+                return Ok(Some(FinishReason::Stop));
             }
         }
+        Ok((self.generated.len() >= self.max_new).then_some(FinishReason::Length))
     }
 
-    /// Text held back for a possible stop string or an unfinished character, now final.
-    fn release_held(&mut self, folder: &ModelFolder) -> Result<String> {
-        let tail = self.detok.flush(&folder.tokenizer)?;
-        match self.stop.push(&tail) {
-            Piece::Text(text) => Ok(text + &self.stop.finish()),
-            Piece::Stopped(text) => Ok(text),
+    /// Positions of the context still free after `used`.
+    pub(crate) fn context_left(&self, used: usize) -> usize {
+        self.context.saturating_sub(used)
+    }
+
+    /// New tokens the request may still produce.
+    pub(crate) fn tokens_left(&self) -> usize {
+        self.max_new.saturating_sub(self.generated.len())
+    }
+
+    /// Checked between engine steps: context full, cancelled, past the deadline.
+    /// `next_len` is the number of positions the next step would fill.
+    pub(crate) fn should_stop(&self, next_len: usize, cancel: &CancelToken) -> Option<FinishReason> {
+        if next_len >= self.context {
+            Some(FinishReason::Length)
+        } else if cancel.is_cancelled() {
+            Some(FinishReason::Cancelled)
+        } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            Some(FinishReason::Timeout)
+        } else {
+            None
         }
     }
 
-    fn finish(self, reason: FinishReason, started: Instant, provider: &ProviderReport) -> Outcome {
-        let total = started.elapsed();
+    /// Releases text held back for a possible stop string or an unfinished character (unless a
+    /// stop string ended the text) and builds the outcome.
+    fn end(mut self, folder: &ModelFolder, mut reason: FinishReason, on_text: &mut dyn FnMut(&str) -> bool, provider: &ProviderReport) -> Result<Outcome> {
+        let stopped_by_string = reason == FinishReason::Stop && self.eos_token.is_none();
+        if !stopped_by_string {
+            let tail = self.detok.flush(&folder.tokenizer)?;
+            let rest = match self.stop.push(&tail) {
+                Piece::Text(text) => text + &self.stop.finish(),
+                Piece::Stopped(text) => {
+                    reason = FinishReason::Stop;
+                    text
+                }
+            };
+            if !rest.is_empty() && !on_text(&rest) && reason == FinishReason::Length {
+                reason = FinishReason::Cancelled;
+            }
+        }
+        let total = self.started.elapsed();
         let first = self.first_token_at.unwrap_or(total);
         let decode_time = total.saturating_sub(first).as_secs_f64();
-        let n = self.generated.len();
+        let n = self.generated.len() + self.eos_token.is_some() as usize;
         let decode_tokens_per_s = if n > 1 && decode_time > 0.0 { (n - 1) as f64 / decode_time } else { 0.0 };
-        Outcome {
+        Ok(Outcome {
             text: self.stop.text().to_string(),
             token_ids: self.generated,
             eos_token: self.eos_token,
@@ -310,7 +388,9 @@ impl Run {
                 total_time: total,
                 decode_tokens_per_s,
                 provider: provider.provider.name().to_string(),
+                target_forwards: self.target_forwards,
+                speculative: self.speculative,
             },
-        }
+        })
     }
 }

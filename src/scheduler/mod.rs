@@ -57,6 +57,9 @@ pub struct ModelInfo {
     pub error: Option<String>,
     pub generated_tokens: u64,
     pub requests: u64,
+    /// Running totals of speculative decoding.
+    pub draft_tokens: u64,
+    pub accepted_tokens: u64,
 }
 
 /// Why admission or a model operation failed; the service maps these to D-Bus errors.
@@ -162,6 +165,8 @@ impl Scheduler {
                         error: None,
                         generated_tokens: 0,
                         requests: 0,
+                        draft_tokens: 0,
+                        accepted_tokens: 0,
                     }),
                     queue: Mutex::new(FairQueue::default()),
                     wake: Condvar::new(),
@@ -434,7 +439,18 @@ fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut Option<Eng
     if engine.is_none() {
         set_state(inner, slot, ModelState::Loading, None, None);
         let loaded = open_folder(slot)
-            .and_then(|folder| Engine::load_folder(&inner.runtime, &slot.config.name, folder, &slot.config.load));
+            .and_then(|folder| Engine::load_folder(&inner.runtime, &slot.config.name, folder, &slot.config.load))
+            .and_then(|mut engine| {
+                // The draft runs in this thread beside the target, on its own [[model]]'s
+                // providers (which may differ from the target's).
+                if let Some(draft) = slot.config.draft.as_ref().and_then(|d| inner.models.get(d)) {
+                    let folder = open_folder(draft)?;
+                    let s = &slot.config.speculative;
+                    let settings = crate::speculative::Settings { min_tokens: s.min_tokens, max_tokens: s.max_tokens, min_confidence: s.min_confidence };
+                    engine.attach_draft(&inner.runtime, &folder, &draft.config.load, settings)?;
+                }
+                Ok(engine)
+            });
         match loaded {
             Ok(e) => {
                 set_state(inner, slot, ModelState::Ready, Some(e.provider().provider.name().into()), None);
@@ -479,6 +495,10 @@ fn run_job(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: Ge
             let mut status = slot.status.lock().expect("status");
             status.generated_tokens += outcome.token_ids.len() as u64;
             status.requests += 1;
+            if let Some(spec) = outcome.stats.speculative {
+                status.draft_tokens += spec.draft_tokens as u64;
+                status.accepted_tokens += spec.accepted_tokens as u64;
+            }
             Finished { reason: outcome.reason, error: None, text: outcome.text, stats: outcome.stats }
         }
         Err(e) => {

@@ -99,6 +99,12 @@ fn stats_dict(stats: &GenerationStats) -> HashMap<String, OwnedValue> {
     put("total_time_ms", Value::F64(stats.total_time.as_secs_f64() * 1000.0));
     put("decode_tokens_per_s", Value::F64(stats.decode_tokens_per_s));
     put("provider", Value::from(stats.provider.clone()));
+    put("target_forwards", Value::U32(stats.target_forwards as u32));
+    if let Some(spec) = &stats.speculative {
+        put("draft_tokens", Value::U32(spec.draft_tokens as u32));
+        put("accepted_tokens", Value::U32(spec.accepted_tokens as u32));
+        put("acceptance_rate", Value::F64(spec.acceptance_rate()));
+    }
     d
 }
 
@@ -127,7 +133,9 @@ impl Daemon {
                 return Err(DaemonError::PromptTooLong(format!("the prompt has {} bytes, over the daemon's limit of {limit} (`limits.max_prompt_bytes`)", text.len())));
             }
         }
-        let submitted = self.scheduler.submit(sender, model, &prompt, parsed.generate)?;
+        let mut generate = parsed.generate;
+        generate.speculative = parsed.speculative;
+        let submitted = self.scheduler.submit(sender, model, &prompt, generate)?;
         if self.log_text {
             tracing::debug!(request = submitted.id, ?prompt, "request text");
         }
@@ -318,6 +326,10 @@ impl Daemon {
                     put("error", Value::from(error.clone()));
                 }
                 put("requests", Value::U64(m.requests));
+                if m.draft.is_some() {
+                    put("draft_tokens", Value::U64(m.draft_tokens));
+                    put("accepted_tokens", Value::U64(m.accepted_tokens));
+                }
                 put("generated_tokens", Value::U64(m.generated_tokens));
                 (m.name, d)
             })

@@ -4,3 +4,5 @@
 mod daemon;
 mod engine;
 mod fixtures;
+mod fuzz;
+mod speculative;

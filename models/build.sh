@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Makes edgellm's test models from scratch on CPU (about 50 minutes on 2 cores):
+# installs Debian's bible-kjv (the corpus) and the pinned Python packages into .edgellm/train,
+# then runs models/build.py. Extra arguments go to build.py (e.g. --stages reference).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+if ! command -v bible >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq bible-kjv bible-kjv-text >/dev/null
+fi
+venv=$root/.edgellm/train
+if ! cmp -s models/requirements.txt "$venv/.requirements" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r models/requirements.txt
+  cp models/requirements.txt "$venv/.requirements"
+fi
+exec "$venv/bin/python" models/build.py "$@"

@@ -1,0 +1,303 @@
+//! Speculative decoding with a small draft model beside the target (Leviathan et al. 2023,
+//! Chen et al. 2023): the draft proposes up to k tokens, the target scores them all in one
+//! forward over k+1 positions, the accepted prefix plus one target token are emitted, and both
+//! KV caches roll back to what was accepted.
+//!
+//! Split as in mistral.rs: `Draft` proposes, `verify_greedy`/`verify_sampled` decide (pure
+//! functions, tested on their own), `decode` drives the rounds. Greedy output is identical to
+//! the target alone; sampled output follows the target's distribution.
+
+use crate::engine::sampler::{apply_repetition_penalty, argmax, distribution, Sampler, SamplingParams};
+use crate::engine::{CancelToken, Decoder, FinishReason, KvCache, KvLayout, LoadOptions, Run, SpeculativeStats};
+use crate::error::{Error, Result};
+use crate::model::ModelFolder;
+use crate::runtime::{ProviderReport, Runtime};
+
+/// Draft length bounds and the confidence cut-off (the target's `[[model]]` keys).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub min_tokens: usize,
+    pub max_tokens: usize,
+    /// Stop drafting when the draft's own probability of its token falls under this (0: off).
+    pub min_confidence: f32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { min_tokens: 1, max_tokens: 8, min_confidence: 0.0 }
+    }
+}
+
+/// The proposer: a small model with its own session, possibly on another execution provider.
+pub struct Draft {
+    decoder: Decoder,
+    layout: KvLayout,
+    settings: Settings,
+}
+
+impl Draft {
+    pub fn load(runtime: &Runtime, target: &ModelFolder, draft: &ModelFolder, options: &LoadOptions, settings: Settings) -> Result<Draft> {
+        let mismatch = |field: &str, reason: String| Error::ModelConfig { path: draft.config.path.clone(), field: field.into(), reason };
+        if draft.config.vocab_size != target.config.vocab_size {
+            return Err(mismatch("model.vocab_size", format!("{} differs from the target's {}: a draft must share the target's tokenizer", draft.config.vocab_size, target.config.vocab_size)));
+        }
+        if draft.config.context_length < target.config.context_length {
+            return Err(mismatch("model.context_length", format!("{} is shorter than the target's {}", draft.config.context_length, target.config.context_length)));
+        }
+        let decoder = Decoder::load(runtime, &draft.dir, &draft.config, &options.session)?;
+        let layout = options.kv_layout.unwrap_or(if draft.config.search.past_present_share_buffer { KvLayout::Shared } else { KvLayout::Growing });
+        Ok(Draft { decoder, layout, settings })
+    }
+
+    pub fn provider(&self) -> &ProviderReport {
+        &self.decoder.provider
+    }
+}
+
+/// The greedy rule: accept while the draft's token is the target's argmax. `target_rows` holds
+/// k+1 rows of logits (after the last accepted token, then after each draft token). Returns how
+/// many drafts were accepted and the target's own next token.
+pub fn verify_greedy(target_rows: &[Vec<f32>], drafts: &[u32]) -> (usize, u32) {
+    for (i, &d) in drafts.iter().enumerate() {
+        let best = argmax(&target_rows[i]) as u32;
+        if best != d {
+            return (i, best);
+        }
+    }
+    (drafts.len(), argmax(&target_rows[drafts.len()]) as u32)
+}
+
+/// The sampling rule: accept draft token d_i with probability min(1, p_i(d_i) / q_i(d_i)); on
+/// the first rejection draw from normalize(max(0, p_i - q_i)); when all are accepted draw the
+/// bonus token from p_k. `p` and `q` are the target's and the draft's distributions after the
+/// same temperature/top-k/top-p (k+1 rows of p, k rows of q).
+pub fn verify_sampled(p: &[Vec<f32>], q: &[Vec<f32>], drafts: &[u32], sampler: &mut Sampler) -> (usize, u32) {
+    for (i, &d) in drafts.iter().enumerate() {
+        let (pd, qd) = (p[i][d as usize], q[i][d as usize]);
+        let u = sampler.uniform();
+        if qd > 0.0 && u < (pd / qd).min(1.0) {
+            continue;
+        }
+        let mut residual: Vec<f32> = p[i].iter().zip(&q[i]).map(|(a, b)| (a - b).max(0.0)).collect();
+        let total: f32 = residual.iter().sum();
+        if total <= 0.0 {
+            // p == q up to rounding: the residual is empty, and p itself is the right law.
+            return (i, sampler.draw(&p[i]) as u32);
+        }
+        residual.iter_mut().for_each(|r| *r /= total);
+        return (i, sampler.draw(&residual) as u32);
+    }
+    (drafts.len(), sampler.draw(&p[drafts.len()]) as u32)
+}
+
+/// The sampling distribution of one row of logits, with the repetition penalty over `seen`.
+fn row_distribution(logits: &[f32], seen: &[u32], params: &SamplingParams) -> Vec<f32> {
+    let mut row = logits.to_vec();
+    apply_repetition_penalty(&mut row, seen, params.repetition_penalty);
+    distribution(&row, params)
+}
+
+fn penalised_argmax(logits: &[f32], seen: &[u32], penalty: f32) -> u32 {
+    if penalty == 1.0 {
+        return argmax(logits) as u32;
+    }
+    let mut row = logits.to_vec();
+    apply_repetition_penalty(&mut row, seen, penalty);
+    argmax(&row) as u32
+}
+
+/// Draft length control: grows after a fully accepted round, shrinks after a poor one.
+struct AdaptiveK {
+    k: usize,
+    min: usize,
+    max: usize,
+}
+
+impl AdaptiveK {
+    fn update(&mut self, proposed: usize, accepted: usize) {
+        if proposed > 0 && accepted == proposed {
+            self.k = (self.k + 1).min(self.max);
+        } else if accepted * 2 < proposed {
+            self.k = self.k.saturating_sub(1).max(self.min);
+        }
+    }
+}
+
+fn forward(decoder: &mut Decoder, cache: &mut KvCache, ids: &[u32], rows: usize) -> Result<Option<Vec<f32>>> {
+    match decoder.forward(cache, ids, rows) {
+        Ok(logits) => Ok(Some(logits)),
+        Err(Error::Cancelled) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Decodes `run` speculatively; returns why it ended.
+pub(crate) fn decode(
+    target: &mut Decoder,
+    target_layout: KvLayout,
+    draft: &mut Draft,
+    folder: &ModelFolder,
+    run: &mut Run,
+    cancel: &CancelToken,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<FinishReason> {
+    let params = run.sampler.params().clone();
+    let greedy = params.is_greedy();
+    let vocab = target.vocab();
+    let mut stats = SpeculativeStats::default();
+    let mut t_cache = target.new_cache(target_layout)?;
+    let mut d_cache = draft.decoder.new_cache(draft.layout)?;
+    cancel.attach(t_cache.run_options());
+
+    // Prefill: the first token comes from the target alone.
+    let prompt = run.sequence.clone();
+    let Some(mut logits) = forward(target, &mut t_cache, &prompt, 1)? else { return Ok(FinishReason::Cancelled) };
+    run.target_forwards += 1;
+    let first = run.sampler.next(&mut logits, &run.sequence);
+    if let Some(reason) = run.accept(folder, first, on_text)? {
+        run.speculative = Some(stats);
+        return Ok(reason);
+    }
+    let mut k = AdaptiveK { k: draft.settings.max_tokens.div_ceil(2).max(draft.settings.min_tokens), min: draft.settings.min_tokens, max: draft.settings.max_tokens };
+    let reason = 'rounds: loop {
+        // Invariant: the target's cache holds all of `sequence` but its last token.
+        let base = t_cache.len();
+        // Room for the last token and k drafts, leaving one position to generate into.
+        let room = run.context_left(base);
+        if let Some(reason) = run.should_stop(base + 1, cancel) {
+            break reason;
+        }
+        let k_now = k.k.min(room.saturating_sub(2)).min(run.tokens_left().saturating_sub(1));
+
+        // Propose: the draft first catches up with what it has not seen (1 or 2 tokens).
+        let mut drafts: Vec<u32> = Vec::with_capacity(k_now);
+        let mut q_rows: Vec<Vec<f32>> = Vec::new();
+        let mut feed: Vec<u32> = run.sequence[d_cache.len()..].to_vec();
+        while drafts.len() < k_now {
+            let Some(row) = forward(&mut draft.decoder, &mut d_cache, &feed, 1)? else { break 'rounds FinishReason::Cancelled };
+            let mut seen = run.sequence.clone();
+            seen.extend_from_slice(&drafts);
+            let (token, confidence) = if greedy {
+                let t = penalised_argmax(&row, &seen, params.repetition_penalty);
+                let confidence = if draft.settings.min_confidence > 0.0 { row_distribution(&row, &seen, &SamplingParams { temperature: 1.0, ..params.clone() })[t as usize] } else { 1.0 };
+                (t, confidence)
+            } else {
+                let q = row_distribution(&row, &seen, &params);
+                let t = run.sampler.draw(&q) as u32;
+                let confidence = q[t as usize];
+                q_rows.push(q);
+                (t, confidence)
+            };
+            drafts.push(token);
+            feed = vec![token];
+            if confidence < draft.settings.min_confidence && drafts.len() >= k.min {
+                break;
+            }
+        }
+
+        // Verify: one target forward over the last token and the drafts.
+        let last = *run.sequence.last().expect("a token was emitted");
+        let mut verify_ids = Vec::with_capacity(drafts.len() + 1);
+        verify_ids.push(last);
+        verify_ids.extend_from_slice(&drafts);
+        let Some(flat) = forward(target, &mut t_cache, &verify_ids, verify_ids.len())? else { break FinishReason::Cancelled };
+        run.target_forwards += 1;
+        let rows: Vec<Vec<f32>> = flat.chunks(vocab).map(<[f32]>::to_vec).collect();
+        let (accepted, next) = if greedy {
+            if params.repetition_penalty == 1.0 {
+                verify_greedy(&rows, &drafts)
+            } else {
+                let mut seen = run.sequence.clone();
+                let mut decided = None;
+                for (i, &d) in drafts.iter().enumerate() {
+                    let best = penalised_argmax(&rows[i], &seen, params.repetition_penalty);
+                    if best != d {
+                        decided = Some((i, best));
+                        break;
+                    }
+                    seen.push(d);
+                }
+                decided.unwrap_or_else(|| (drafts.len(), penalised_argmax(&rows[drafts.len()], &seen, params.repetition_penalty)))
+            }
+        } else {
+            let mut seen = run.sequence.clone();
+            let p_rows: Vec<Vec<f32>> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, row)| {
+                    if i > 0 {
+                        seen.push(drafts[i - 1]);
+                    }
+                    row_distribution(row, &seen, &params)
+                })
+                .collect();
+            verify_sampled(&p_rows, &q_rows, &drafts, &mut run.sampler)
+        };
+        stats.draft_tokens += drafts.len();
+        stats.accepted_tokens += accepted;
+        stats.accepted_per_round[accepted.min(16)] += 1;
+        k.update(drafts.len(), accepted);
+
+        // Roll back both caches to what was accepted: the target keeps `last` and the accepted
+        // drafts; the draft keeps no more than that (it may not have seen the last draft).
+        t_cache.truncate(base + 1 + accepted)?;
+        d_cache.truncate((base + 1 + accepted).min(d_cache.len()))?;
+        for &token in drafts[..accepted].iter().chain(std::iter::once(&next)) {
+            if let Some(reason) = run.accept(folder, token, on_text)? {
+                break 'rounds reason;
+            }
+        }
+    };
+    run.speculative = Some(stats);
+    Ok(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(seed: u64) -> Sampler {
+        Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed })
+    }
+
+    #[test]
+    fn greedy_accepts_the_matching_prefix() {
+        let rows = vec![vec![0.0, 5.0, 1.0], vec![3.0, 0.0, 1.0], vec![0.0, 0.0, 9.0]];
+        assert_eq!(verify_greedy(&rows, &[1, 0]), (2, 2), "all accepted, bonus from the last row");
+        assert_eq!(verify_greedy(&rows, &[1, 2]), (1, 0), "rejected at 1: the target's token");
+        assert_eq!(verify_greedy(&rows, &[0, 0]), (0, 1), "rejected at 0");
+    }
+
+    /// One draft position: the emitted token follows p whatever q is (the theorem of
+    /// Leviathan et al.), measured by total variation over many draws.
+    #[test]
+    fn sampled_rule_reproduces_the_target_distribution() {
+        let p = vec![0.5, 0.3, 0.15, 0.05];
+        let q = vec![0.1, 0.2, 0.3, 0.4];
+        let bonus = vec![0.25; 4];
+        let mut s = sampler(1);
+        let n = 200_000;
+        let mut counts = [0usize; 4];
+        for _ in 0..n {
+            let d = s.draw(&q) as u32;
+            let (acc, next) = verify_sampled(&[p.clone(), bonus.clone()], &[q.clone()], &[d], &mut s);
+            let first = if acc == 1 { d } else { next };
+            counts[first as usize] += 1;
+        }
+        let tv: f64 = counts.iter().zip(&p).map(|(&c, &pi)| (c as f64 / n as f64 - pi as f64).abs()).sum::<f64>() / 2.0;
+        assert!(tv < 0.01, "total variation {tv}, counts {counts:?}");
+    }
+
+    #[test]
+    fn adaptive_k_moves_within_bounds() {
+        let mut k = AdaptiveK { k: 4, min: 2, max: 6 };
+        k.update(4, 4);
+        k.update(5, 5);
+        k.update(6, 6);
+        assert_eq!(k.k, 6);
+        for _ in 0..10 {
+            k.update(6, 0);
+        }
+        assert_eq!(k.k, 2);
+    }
+}
