@@ -42,6 +42,12 @@ fn child(args: &[String]) {
     let started = Instant::now();
     let options = LoadOptions { session: SessionOptions { providers: vec![provider], strict: true, weights, ..Default::default() }, kv_layout: None };
     let mut engine = Engine::load(&runtime, "bench", &model, &options).expect("load");
+    if let Some(draft) = arg(args, "--draft") {
+        let folder = edgellm::model::ModelFolder::open(Path::new(&draft)).expect("draft folder");
+        let k: usize = arg(args, "--k").map(|k| k.parse().unwrap()).unwrap_or(8);
+        let settings = edgellm::speculative::Settings { min_tokens: 1, max_tokens: k, min_confidence: 0.0 };
+        engine.attach_draft(&runtime, &folder, &options, settings).expect("draft");
+    }
     let load_s = started.elapsed().as_secs_f64();
     let rss_load_mib = (rss_kib("VmHWM") - rss_before) as f64 / 1024.0;
     let gen = GenerateOptions { max_new_tokens: Some(new_tokens), temperature: Some(0.0), ..Default::default() };
@@ -51,6 +57,9 @@ fn child(args: &[String]) {
     let tokens: usize = outcomes.iter().map(|o| o.token_ids.len() + o.eos_token.is_some() as usize).sum();
     let decode_s: f64 = outcomes.iter().map(|o| (o.stats.total_time - o.stats.time_to_first_token).as_secs_f64()).sum();
     let total_s: f64 = outcomes.iter().map(|o| o.stats.total_time.as_secs_f64()).sum();
+    let (drafted, accepted) = outcomes.iter().filter_map(|o| o.stats.speculative).fold((0, 0), |(d, a), s| (d + s.draft_tokens, a + s.accepted_tokens));
+    let acceptance = if drafted == 0 { 0.0 } else { accepted as f64 / drafted as f64 };
+    let per_forward = tokens as f64 / outcomes.iter().map(|o| o.stats.target_forwards).sum::<usize>() as f64;
     let report = json!({
         "engine": "edgellm",
         "load_s": load_s,
@@ -60,6 +69,8 @@ fn child(args: &[String]) {
         "e2e_tps": tokens as f64 / total_s,
         "tokens": tokens,
         "outputs": outcomes.iter().map(|o| { let mut v = o.token_ids.clone(); v.extend(o.eos_token); v }).collect::<Vec<_>>(),
+        "acceptance_rate": acceptance,
+        "tokens_per_target_forward": per_forward,
     });
     println!("{report}");
 }
@@ -111,5 +122,56 @@ fn main() {
         let same = edgellm["outputs"] == genai["outputs"];
         println!("{:<10} greedy outputs identical to onnxruntime-genai: {same}", provider);
     }
+    if !args.iter().any(|a| a == "--no-speculative") {
+        speculative_table(&me, &python, &prompts_file, &new_tokens);
+    }
     let _ = std::fs::remove_file(Path::new(&prompts_file));
+}
+
+/// Plain and speculative decoding of the committed pair, ours and onnxruntime-genai's.
+fn speculative_table(me: &Path, python: &Path, prompts_file: &Path, new_tokens: &str) {
+    let target = root().join("models/kjv-target");
+    let draft = root().join("models/kjv-draft");
+    let pair = root().join("models/kjv-speculative");
+    let ours = |draft: Option<&Path>, k: &str| {
+        let mut cmd = Command::new(me);
+        cmd.args(["--child", "--model"]).arg(&target).args(["--new-tokens", new_tokens, "--provider", "cpu", "--weights", "file", "--k", k, "--prompts"]).arg(prompts_file);
+        if let Some(d) = draft {
+            cmd.arg("--draft").arg(d);
+        }
+        run_json(&mut cmd)
+    };
+    let genai = |model: &Path, spec: bool| {
+        let mut cmd = Command::new(python);
+        cmd.arg(root().join("benches/genai_bench.py")).arg("--model").arg(model).args(["--provider", "cpu", "--new-tokens", new_tokens, "--prompts"]).arg(prompts_file);
+        if spec {
+            cmd.arg("--speculative");
+        }
+        run_json(&mut cmd)
+    };
+    let plain = ours(None, "8");
+    let rows = [
+        ("edgellm plain", plain.clone()),
+        ("edgellm spec k<=8", ours(Some(&draft), "8")),
+        ("edgellm spec k<=4", ours(Some(&draft), "4")),
+        ("genai plain", genai(&target, false)),
+        ("genai spec k=4", genai(&pair, true)),
+    ];
+    println!();
+    println!("speculative decoding, kjv-target with kjv-draft, cpu, greedy");
+    println!("{:<20} {:>11} {:>10} {:>14} {:>12} {:>12} {:>10}", "engine", "decode t/s", "accept", "tok/target fwd", "x our plain", "x genai spec", "identical");
+    let genai_spec = rows[4].1["decode_tps"].as_f64().unwrap();
+    for (label, r) in &rows {
+        let tps = r["decode_tps"].as_f64().unwrap();
+        println!(
+            "{:<20} {:>11.1} {:>10.3} {:>14.2} {:>12.2} {:>12.2} {:>10}",
+            label,
+            tps,
+            r["acceptance_rate"].as_f64().unwrap_or(0.0),
+            r["tokens_per_target_forward"].as_f64().unwrap_or(0.0),
+            tps / plain["decode_tps"].as_f64().unwrap(),
+            tps / genai_spec,
+            r["outputs"] == plain["outputs"]
+        );
+    }
 }

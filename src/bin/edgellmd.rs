@@ -155,7 +155,14 @@ async fn run(config: Config) -> Result<(), String> {
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
-            _ = tick.tick() => if watchdog { notify(&[sd_notify::NotifyState::Watchdog]) },
+            _ = tick.tick() => if watchdog {
+                // From the engines' progress, not from this timer alone: a hung engine stops the pings.
+                if scheduler.engines_alive(Duration::from_micros(watchdog_usec)) {
+                    notify(&[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::error!("an engine thread made no progress for a watchdog period");
+                }
+            },
         }
     }
 

@@ -114,6 +114,10 @@ enum Control {
 }
 
 struct ModelSlot {
+    /// Milliseconds since the scheduler started, when the engine thread last showed progress;
+    /// `busy` while it runs a request. The watchdog pings only while every busy thread moves.
+    heartbeat: AtomicU64,
+    busy: AtomicBool,
     config: ModelConfig,
     folder: Mutex<Option<Arc<ModelFolder>>>,
     status: Mutex<ModelInfo>,
@@ -128,6 +132,7 @@ struct Counters {
 }
 
 struct Inner {
+    started: Instant,
     runtime: Arc<Runtime>,
     limits: Limits,
     models: HashMap<String, Arc<ModelSlot>>,
@@ -155,6 +160,8 @@ impl Scheduler {
             .iter()
             .map(|m| {
                 let slot = Arc::new(ModelSlot {
+                    heartbeat: AtomicU64::new(0),
+                    busy: AtomicBool::new(false),
                     config: m.clone(),
                     folder: Mutex::new(None),
                     status: Mutex::new(ModelInfo {
@@ -175,6 +182,7 @@ impl Scheduler {
             })
             .collect();
         let inner = Arc::new(Inner {
+            started: Instant::now(),
             runtime,
             limits: config.limits.clone(),
             models,
@@ -343,6 +351,13 @@ impl Scheduler {
         self.inner.counters.generated_tokens.load(Ordering::Relaxed)
     }
 
+    /// True while no engine thread is stuck: each is idle or showed progress within `stall`.
+    /// The daemon's watchdog pings systemd only then, so a hung engine gets the service restarted.
+    pub fn engines_alive(&self, stall: std::time::Duration) -> bool {
+        let now = self.inner.started.elapsed().as_millis() as u64;
+        self.inner.models.values().all(|s| !s.busy.load(Ordering::SeqCst) || now.saturating_sub(s.heartbeat.load(Ordering::SeqCst)) < stall.as_millis() as u64)
+    }
+
     /// Refuse new requests from now on (shutdown has begun).
     pub fn stop_accepting(&self) {
         self.inner.accepting.store(false, Ordering::SeqCst);
@@ -437,6 +452,9 @@ fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
 
 fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut Option<Engine>) -> Result<&'e mut Engine, String> {
     if engine.is_none() {
+        // Loading a large model may outlast a watchdog period: it does not count as a stall.
+        let was_busy = slot.busy.swap(false, Ordering::SeqCst);
+        let _restore = RestoreBusy(slot, was_busy, inner);
         set_state(inner, slot, ModelState::Loading, None, None);
         let loaded = open_folder(slot)
             .and_then(|folder| Engine::load_folder(&inner.runtime, &slot.config.name, folder, &slot.config.load))
@@ -467,7 +485,27 @@ fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut Option<Eng
     Ok(engine.as_mut().expect("loaded above"))
 }
 
+struct RestoreBusy<'a>(&'a ModelSlot, bool, &'a Inner);
+
+impl Drop for RestoreBusy<'_> {
+    fn drop(&mut self) {
+        beat(self.2, self.0);
+        self.0.busy.store(self.1, Ordering::SeqCst);
+    }
+}
+
+fn beat(inner: &Inner, slot: &ModelSlot) {
+    slot.heartbeat.store(inner.started.elapsed().as_millis() as u64, Ordering::SeqCst);
+}
+
 fn run_job(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: GenerateJob) {
+    beat(inner, slot);
+    slot.busy.store(true, Ordering::SeqCst);
+    run_job_inner(inner, slot, engine, job);
+    slot.busy.store(false, Ordering::SeqCst);
+}
+
+fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: GenerateJob) {
     if job.cancel.is_cancelled() || job.events.is_closed() {
         return finish_unrun(inner, job, FinishReason::Cancelled, None);
     }
@@ -484,7 +522,10 @@ fn run_job(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: Ge
     slot.queue.lock().expect("queue").set_running(Some(job.cancel.clone()));
     inner.counters.in_flight.fetch_add(1, Ordering::Relaxed);
     let events = job.events.clone();
-    let mut on_text = |text: &str| events.blocking_send(Event::Text(text.to_string())).is_ok();
+    let mut on_text = |text: &str| {
+        beat(inner, slot);
+        events.blocking_send(Event::Text(text.to_string())).is_ok()
+    };
     let result = engine.generate(&Prompt::Tokens(job.prompt_ids.clone()), &job.options, &job.cancel, &mut on_text);
     inner.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
     slot.queue.lock().expect("queue").set_running(None);
