@@ -113,7 +113,7 @@ async fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot connect to the D-Bus bus ({:?}): {e}", config.daemon.bus))?;
     match conn.request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into()).await {
         Ok(RequestNameReply::PrimaryOwner) | Ok(RequestNameReply::AlreadyOwner) => {}
-        Ok(_) => return Err(format!("another process already owns {BUS_NAME} on this bus: is edgellmd already running?")),
+        Ok(_) | Err(zbus::Error::NameTaken) => return Err(format!("another process already owns {BUS_NAME} on this bus: is edgellmd already running?")),
         Err(e) => return Err(format!("cannot own {BUS_NAME}: {e} (on the system bus the D-Bus policy must allow this user)")),
     }
     tracing::info!(bus = ?config.daemon.bus, name = BUS_NAME, "serving");

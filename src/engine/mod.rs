@@ -86,6 +86,8 @@ pub struct SpeculativeStats {
     pub accepted_tokens: usize,
     /// Rounds by how many drafts were accepted (index = accepted count, up to 16).
     pub accepted_per_round: [usize; 17],
+    /// Greedy positions re-decided by a single-token forward because of a near tie.
+    pub near_tie_recomputes: usize,
 }
 
 impl SpeculativeStats {
@@ -172,6 +174,13 @@ impl Engine {
         });
         tracing::info!(model = name, provider = decoder.provider.provider.name(), ?kv_layout, ms = started.elapsed().as_millis() as u64, "model loaded");
         Ok(Engine { name: name.into(), folder, decoder, kv_layout, draft: None, load_time: started.elapsed() })
+    }
+
+    /// The target's logits for the token after `ids` (one prefill, no sampling): for tests and
+    /// quality measurements.
+    pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut cache = self.decoder.new_cache(self.kv_layout)?;
+        self.decoder.forward(&mut cache, ids, 1)
     }
 
     /// Loads `folder` as this model's draft for speculative decoding.

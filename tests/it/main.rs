@@ -6,3 +6,4 @@ mod engine;
 mod fixtures;
 mod fuzz;
 mod speculative;
+mod system_bus;
