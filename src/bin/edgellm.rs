@@ -157,7 +157,10 @@ async fn stream(proxy: &Daemon1Proxy<'_>, model: &str, start: impl std::future::
     let mut cancelled = false;
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
     loop {
+        // Biased: the connection dispatches signals in order, so every Token before Finished is
+        // already queued when Finished is; take tokens first.
         tokio::select! {
+            biased;
             Some(t) = tokens.next() => {
                 if let Ok(args) = t.args() {
                     if args.request_id == id {

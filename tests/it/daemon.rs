@@ -33,7 +33,7 @@ impl PrivateBus {
             ),
         )
         .unwrap();
-        let child = Command::new("dbus-daemon").arg(format!("--config-file={}", conf.display())).arg("--nofork").stdout(Stdio::null()).spawn().expect("dbus-daemon is installed");
+        let child = Command::new("dbus-daemon").arg(format!("--config-file={}", conf.display())).arg("--nofork").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dbus-daemon is installed");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             assert!(Instant::now() < deadline, "dbus-daemon did not start");
@@ -80,6 +80,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_edgellmd"))
             .arg("--config")
             .arg(&config)
+            .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("edgellmd");
@@ -158,6 +159,7 @@ async fn stream(proxy: &Daemon1Proxy<'_>, prompt: &str, options: HashMap<&str, V
     let mut count = 0;
     loop {
         tokio::select! {
+            biased;
             Some(t) = tokens.next() => {
                 let a = t.args().unwrap();
                 assert_eq!(a.request_id, id, "a token of another request reached this client");

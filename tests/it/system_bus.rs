@@ -16,6 +16,16 @@ use crate::fixtures::{model_dir, root};
 const SERVICE_USER: &str = "edgellm";
 const OTHER_USER: &str = "edgellm-tester";
 
+/// Kills a child process when the test ends, pass or fail.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-KILL").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
 fn ensure_user(name: &str) {
     if Command::new("id").arg(name).output().unwrap().status.success() {
         return;
@@ -79,7 +89,7 @@ fn shipped_policy_on_a_system_like_bus() {
         ),
     )
     .unwrap();
-    let mut bus = Command::new("dbus-daemon").arg(format!("--config-file={}", conf.display())).arg("--nofork").stdout(Stdio::null()).spawn().unwrap();
+    let _bus = KillOnDrop(Command::new("dbus-daemon").arg(format!("--config-file={}", conf.display())).arg("--nofork").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         assert!(Instant::now() < deadline, "dbus-daemon did not start");
@@ -97,7 +107,7 @@ fn shipped_policy_on_a_system_like_bus() {
     .unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
     let log = dir.path().join("edgellmd.log");
-    let mut daemon = as_user(SERVICE_USER, env!("CARGO_BIN_EXE_edgellmd")).arg("--config").arg(&config).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let mut daemon = KillOnDrop(as_user(SERVICE_USER, env!("CARGO_BIN_EXE_edgellmd")).arg("--config").arg(&config).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap());
     let busctl = |user: &str, args: &[&str]| as_user(user, "busctl").arg(format!("--address={address}")).args(args).output().unwrap();
     let call = |user: &str, method: &str, sig: &str, args: &[&str]| {
         let mut all = vec!["call", "org.edgellm.Daemon1", "/org/edgellm/Daemon1", "org.edgellm.Daemon1", method, sig];
@@ -123,17 +133,18 @@ fn shipped_policy_on_a_system_like_bus() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Nobody but the service user owns the name.
     let out = busctl(OTHER_USER, &["call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "RequestName", "su", "org.edgellm.Daemon1", "4"]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not allowed to own"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Access denied"), "{}", String::from_utf8_lossy(&out.stderr));
 
     // No eavesdropping: a monitor run by the other user sees none of root's tokens.
     let monitor_out = dir.path().join("monitor.txt");
-    let mut monitor = as_user(OTHER_USER, "dbus-monitor")
+    let monitor = as_user(OTHER_USER, "dbus-monitor")
         .arg(format!("--address={address}"))
         .arg("type='signal',interface='org.edgellm.Daemon1'")
         .stdout(std::fs::File::create(&monitor_out).unwrap())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let monitor = KillOnDrop(monitor);
     std::thread::sleep(Duration::from_millis(500));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let tokens_seen_by_owner = rt.block_on(async {
@@ -153,15 +164,12 @@ fn shipped_policy_on_a_system_like_bus() {
         n
     });
     std::thread::sleep(Duration::from_millis(300));
-    let _ = monitor.kill();
-    let _ = monitor.wait();
+    drop(monitor);
     assert!(tokens_seen_by_owner > 0);
     let seen = std::fs::read_to_string(&monitor_out).unwrap_or_default();
     assert!(!seen.contains("member=Token") && !seen.contains("member=Finished"), "the other user saw: {seen}");
 
-    let _ = Command::new("kill").arg("-TERM").arg(daemon.id().to_string()).status();
-    let status = daemon.wait().unwrap();
+    let _ = Command::new("kill").arg("-TERM").arg(daemon.0.id().to_string()).status();
+    let status = daemon.0.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{}", std::fs::read_to_string(&log).unwrap_or_default());
-    let _ = bus.kill();
-    let _ = bus.wait();
 }
