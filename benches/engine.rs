@@ -38,9 +38,14 @@ fn child(args: &[String]) {
     let provider = Provider::parse(&arg(args, "--provider").unwrap()).unwrap();
     let weights = if arg(args, "--weights").as_deref() == Some("mmap") { WeightLoading::Mmap } else { WeightLoading::File };
     let runtime = Runtime::load(None).expect("runtime");
+    let kv_layout = match arg(args, "--kv").as_deref() {
+        Some("growing") => Some(edgellm::engine::KvLayout::Growing),
+        Some("shared") => Some(edgellm::engine::KvLayout::Shared),
+        _ => None,
+    };
     let rss_before = rss_kib("VmRSS");
     let started = Instant::now();
-    let options = LoadOptions { session: SessionOptions { providers: vec![provider], strict: true, weights, ..Default::default() }, kv_layout: None };
+    let options = LoadOptions { session: SessionOptions { providers: vec![provider], strict: true, weights, ..Default::default() }, kv_layout };
     let mut engine = Engine::load(&runtime, "bench", &model, &options).expect("load");
     if let Some(draft) = arg(args, "--draft") {
         let folder = edgellm::model::ModelFolder::open(Path::new(&draft)).expect("draft folder");
@@ -57,8 +62,10 @@ fn child(args: &[String]) {
     let tokens: usize = outcomes.iter().map(|o| o.token_ids.len() + o.eos_token.is_some() as usize).sum();
     let decode_s: f64 = outcomes.iter().map(|o| (o.stats.total_time - o.stats.time_to_first_token).as_secs_f64()).sum();
     let total_s: f64 = outcomes.iter().map(|o| o.stats.total_time.as_secs_f64()).sum();
-    let (drafted, accepted) = outcomes.iter().filter_map(|o| o.stats.speculative).fold((0, 0), |(d, a), s| (d + s.draft_tokens, a + s.accepted_tokens));
-    let acceptance = if drafted == 0 { 0.0 } else { accepted as f64 / drafted as f64 };
+    let (judged, accepted) = outcomes.iter().filter_map(|o| o.stats.speculative).fold((0, 0), |(d, a), s| (d + s.evaluated_tokens, a + s.accepted_tokens));
+    let acceptance = if judged == 0 { 0.0 } else { accepted as f64 / judged as f64 };
+    let draft_ms: f64 = outcomes.iter().filter_map(|o| o.stats.speculative).map(|s| s.draft_time.as_secs_f64() * 1000.0).sum();
+    let verify_ms: f64 = outcomes.iter().filter_map(|o| o.stats.speculative).map(|s| s.verify_time.as_secs_f64() * 1000.0).sum();
     let per_forward = tokens as f64 / outcomes.iter().map(|o| o.stats.target_forwards).sum::<usize>() as f64;
     let report = json!({
         "engine": "edgellm",
@@ -71,6 +78,9 @@ fn child(args: &[String]) {
         "outputs": outcomes.iter().map(|o| { let mut v = o.token_ids.clone(); v.extend(o.eos_token); v }).collect::<Vec<_>>(),
         "acceptance_rate": acceptance,
         "tokens_per_target_forward": per_forward,
+        "draft_ms": draft_ms,
+        "verify_ms": verify_ms,
+        "total_ms": total_s * 1000.0,
     });
     println!("{report}");
 }
@@ -172,6 +182,17 @@ fn speculative_table(me: &Path, python: &Path, prompts_file: &Path, new_tokens: 
             tps / plain["decode_tps"].as_f64().unwrap(),
             tps / genai_spec,
             r["outputs"] == plain["outputs"]
+        );
+    }
+    println!("where the time of our speculative runs goes (share of total generation time):");
+    for (label, r) in rows.iter().filter(|(l, _)| l.starts_with("edgellm spec")) {
+        let total = r["total_ms"].as_f64().unwrap();
+        let (draft, verify) = (r["draft_ms"].as_f64().unwrap(), r["verify_ms"].as_f64().unwrap());
+        println!(
+            "{label:<20} draft forwards {:.0}%, target verify {:.0}%, prefill, sampling and bookkeeping {:.0}%",
+            100.0 * draft / total,
+            100.0 * verify / total,
+            100.0 * (total - draft - verify) / total
         );
     }
 }

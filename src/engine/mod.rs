@@ -82,8 +82,14 @@ pub struct GenerationStats {
 pub struct SpeculativeStats {
     /// Draft tokens proposed (and checked by the target).
     pub draft_tokens: usize,
+    /// Draft tokens the target judged: those accepted and the first rejected of each round
+    /// (the ones after it were never looked at).
+    pub evaluated_tokens: usize,
     /// Draft tokens the target accepted.
     pub accepted_tokens: usize,
+    /// Wall time in draft forwards and in target verification forwards.
+    pub draft_time: Duration,
+    pub verify_time: Duration,
     /// Rounds by how many drafts were accepted (index = accepted count, up to 16).
     pub accepted_per_round: [usize; 17],
     /// Greedy positions re-decided by a single-token forward because of a near tie.
@@ -91,8 +97,9 @@ pub struct SpeculativeStats {
 }
 
 impl SpeculativeStats {
+    /// Accepted / judged draft tokens (as onnxruntime-genai's `get_speculative_stats` counts).
     pub fn acceptance_rate(&self) -> f64 {
-        if self.draft_tokens == 0 { 0.0 } else { self.accepted_tokens as f64 / self.draft_tokens as f64 }
+        if self.evaluated_tokens == 0 { 0.0 } else { self.accepted_tokens as f64 / self.evaluated_tokens as f64 }
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use zbus::message::Header;
 use zbus::names::{BusName, UniqueName};
-use zbus::object_server::SignalEmitter;
+use zbus::object_server::{ResponseDispatchNotifier, SignalEmitter};
 use zbus::zvariant::{OwnedValue, Value};
 use zbus::Connection;
 
@@ -145,16 +145,16 @@ impl Daemon {
     }
 
     /// Sends a request's events to its caller only, as `Token` then `Finished` signals.
-    fn forward(&self, conn: &Connection, dest: UniqueName<'static>, submitted: crate::scheduler::Submitted) {
+    fn forward(&self, conn: &Connection, dest: UniqueName<'static>, submitted: crate::scheduler::Submitted, reply_sent: event_listener::EventListener) {
         let conn = conn.clone();
         let requests = self.requests.clone();
         let id = submitted.id;
         let mut events = submitted.events;
         let cancel = submitted.cancel;
         tokio::spawn(async move {
-            // The method reply is queued on the connection as the method returns; yielding once
-            // lets it go first, and the first token needs a whole prefill anyway.
-            tokio::task::yield_now().await;
+            // No signal before the method's reply: zbus tells when the reply has been sent.
+            // (Bounded, in case the reply never goes out: the engine must not wait on us.)
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), reply_sent).await;
             let emitter = match SignalEmitter::new(&conn, OBJECT_PATH) {
                 Ok(e) => e.set_destination(BusName::Unique(dest)),
                 Err(_) => return cancel.cancel(),
@@ -248,12 +248,12 @@ impl Daemon {
         model: String,
         prompt: String,
         options: HashMap<String, OwnedValue>,
-    ) -> Result<u64, DaemonError> {
+    ) -> Result<ResponseDispatchNotifier<u64>, DaemonError> {
         let sender = Self::sender(&header)?;
         let submitted = self.start(&sender, &model, Prompt::Text(prompt), &options)?;
-        let id = submitted.id;
-        self.forward(conn, sender, submitted);
-        Ok(id)
+        let (reply, sent) = ResponseDispatchNotifier::new(submitted.id);
+        self.forward(conn, sender, submitted, sent);
+        Ok(reply)
     }
 
     /// Like `Generate`, with (role, content) messages through the model's chat template.
@@ -265,7 +265,7 @@ impl Daemon {
         model: String,
         messages: Vec<(String, String)>,
         options: HashMap<String, OwnedValue>,
-    ) -> Result<u64, DaemonError> {
+    ) -> Result<ResponseDispatchNotifier<u64>, DaemonError> {
         let sender = Self::sender(&header)?;
         let limit = self.scheduler.limits().max_prompt_bytes;
         let bytes: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
@@ -274,9 +274,9 @@ impl Daemon {
         }
         let messages = messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect();
         let submitted = self.start(&sender, &model, Prompt::Chat(messages), &options)?;
-        let id = submitted.id;
-        self.forward(conn, sender, submitted);
-        Ok(id)
+        let (reply, sent) = ResponseDispatchNotifier::new(submitted.id);
+        self.forward(conn, sender, submitted, sent);
+        Ok(reply)
     }
 
     /// Non-streaming generation for scripts: returns the whole text and the stats.

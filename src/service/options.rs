@@ -84,14 +84,15 @@ pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Er
             }
             "top_p" => {
                 let p = as_f64(name, v)?;
-                if !(p > 0.0 && p <= 1.0) {
+                // Checked as the f32 the sampler uses: 1e-308 is positive but rounds to 0.
+                if !(p as f32 > 0.0 && p <= 1.0) {
                     return Err(invalid(name, format!("{p} is out of range: use a number in (0, 1]")));
                 }
                 g.top_p = Some(p as f32);
             }
             "repetition_penalty" => {
                 let p = as_f64(name, v)?;
-                if !(p > 0.0 && p <= 10.0) {
+                if !(p as f32 > 0.0 && p <= 10.0) {
                     return Err(invalid(name, format!("{p} is out of range: use a number in (0, 10]")));
                 }
                 g.repetition_penalty = Some(p as f32);

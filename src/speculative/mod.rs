@@ -213,6 +213,7 @@ pub(crate) fn decode(
         let mut drafts: Vec<u32> = Vec::with_capacity(k_now);
         let mut q_rows: Vec<Vec<f32>> = Vec::new();
         let mut feed: Vec<u32> = run.sequence[d_cache.len()..].to_vec();
+        let drafting = std::time::Instant::now();
         while drafts.len() < k_now {
             let Some(row) = forward(&mut draft.decoder, &mut d_cache, &feed, 1)? else { break 'rounds FinishReason::Cancelled };
             let mut seen = run.sequence.clone();
@@ -235,6 +236,8 @@ pub(crate) fn decode(
             }
         }
 
+        stats.draft_time += drafting.elapsed();
+        let verifying = std::time::Instant::now();
         // Verify: one target forward over the last token and the drafts.
         let last = *run.sequence.last().expect("a token was emitted");
         let mut verify_ids = Vec::with_capacity(drafts.len() + 1);
@@ -289,8 +292,10 @@ pub(crate) fn decode(
                 .collect();
             verify_sampled(&p_rows, &q_rows, &drafts, &mut run.sampler)
         };
+        stats.verify_time += verifying.elapsed();
         stats.draft_tokens += drafts.len();
         stats.accepted_tokens += accepted;
+        stats.evaluated_tokens += (accepted + 1).min(drafts.len());
         stats.accepted_per_round[accepted.min(16)] += 1;
         k.update(drafts.len(), accepted);
 
