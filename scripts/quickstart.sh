@@ -16,7 +16,7 @@ rm -f "$run/bus"
 cat > "$run/bus.conf" <<CONF
 <!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig><type>session</type><listen>$address</listen>
-<policy context="default"><allow send_destination="*"/><allow own="*"/></policy></busconfig>
+<policy context="default"><allow user="*"/><allow send_destination="*"/><allow receive_sender="*"/><allow own="*"/></policy></busconfig>
 CONF
 dbus-daemon --config-file="$run/bus.conf" --fork --print-pid > "$run/bus.pid"
 sed "s|^bus = \"session\"|address = \"$address\"|; s|\"\.\./models/|\"$root/models/|" config/edgellm.toml > "$run/edgellm.toml"

@@ -197,7 +197,10 @@ async fn stream(proxy: &Daemon1Proxy<'_>, model: &str, start: impl std::future::
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
-    let conn = connect(&cli).await.map_err(|e| format!("cannot connect to D-Bus: {e}"))?;
+    let conn = tokio::time::timeout(Duration::from_secs(30), connect(&cli))
+        .await
+        .map_err(|_| "the D-Bus bus did not answer within 30 s".to_string())?
+        .map_err(|e| format!("cannot connect to D-Bus: {e}"))?;
     let proxy = Daemon1Proxy::new(&conn).await.map_err(|e| e.to_string())?;
     match &cli.command {
         Command::Generate { args, prompt } => stream(&proxy, &args.model, proxy.generate(&args.model, prompt, args.options())).await,

@@ -105,11 +105,11 @@ async fn run(config: Config) -> Result<(), String> {
     }
     .map_err(|e| format!("cannot connect to the D-Bus bus: {e}"))?;
     // Serve the object before taking the name, so no caller finds the name without the object.
-    let conn = builder
-        .serve_at(OBJECT_PATH, daemon)
-        .map_err(|e| e.to_string())?
-        .build()
+    let connecting = builder.serve_at(OBJECT_PATH, daemon).map_err(|e| e.to_string())?.build();
+    // A bus that accepts the socket but never answers would otherwise hang the start silently.
+    let conn = tokio::time::timeout(Duration::from_secs(30), connecting)
         .await
+        .map_err(|_| format!("the D-Bus bus ({:?}) did not answer within 30 s", config.daemon.bus))?
         .map_err(|e| format!("cannot connect to the D-Bus bus ({:?}): {e}", config.daemon.bus))?;
     match conn.request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into()).await {
         Ok(RequestNameReply::PrimaryOwner) | Ok(RequestNameReply::AlreadyOwner) => {}
