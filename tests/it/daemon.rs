@@ -389,3 +389,26 @@ fn shipped_introspection_matches_the_daemon() {
     let shipped = std::fs::read_to_string(root().join("dbus/org.edgellm.Daemon1.xml")).unwrap();
     assert_eq!(live.trim(), shipped.trim(), "regenerate dbus/org.edgellm.Daemon1.xml from the running daemon");
 }
+
+#[test]
+fn cli_ctrl_c_cancels_the_request() {
+    let daemon = Daemon::start("");
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_edgellm"))
+        .arg("--address")
+        .arg(&daemon.bus.address)
+        .args(["generate", "--max-new-tokens", "1000", "--temperature", "1", "--seed", "4", "And it came to pass"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first streamed text, then press Ctrl-C.
+    let mut stdout = cli.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    let _ = Command::new("kill").arg("-INT").arg(cli.id().to_string()).status();
+    let status = cli.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(cli.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("[cancelled]"), "{err}");
+}
