@@ -363,6 +363,15 @@ impl Daemon {
         put("requests_queued", Value::U32(self.scheduler.queued() as u32));
         put("requests_total", Value::U64(self.scheduler.requests_total()));
         put("generated_tokens_total", Value::U64(self.scheduler.generated_tokens_total()));
+        // Running totals of speculative decoding per model with a draft: name -> (drafted, accepted).
+        let speculative: HashMap<String, (u64, u64)> = self
+            .scheduler
+            .models()
+            .into_iter()
+            .filter(|m| m.draft.is_some())
+            .map(|m| (m.name, (m.draft_tokens, m.accepted_tokens)))
+            .collect();
+        put("speculative", Value::from(speculative));
         d
     }
 

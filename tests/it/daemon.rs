@@ -412,3 +412,21 @@ fn cli_ctrl_c_cancels_the_request() {
     assert_eq!(status.code(), Some(130), "{err}");
     assert!(err.contains("[cancelled]"), "{err}");
 }
+
+#[test]
+fn speculative_model_serves_with_stats_and_can_be_turned_off() {
+    let daemon = Daemon::start(&format!("\n[[model]]\nname = \"kjv-spec\"\npath = \"{}\"\ndraft = \"kjv-draft\"\nspeculative_max_tokens = 4\n", model_dir("kjv-target").display()));
+    let case = &references().models["kjv-target"][0];
+    let plain = daemon.call("Complete", "ssa{sv}", &["kjv", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
+    let spec = daemon.call("Complete", "ssa{sv}", &["kjv-spec", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
+    assert_eq!(spec["data"][0], plain["data"][0], "greedy speculative text equals the target alone");
+    let stats = &spec["data"][1];
+    assert!(stats["draft_tokens"]["data"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["acceptance_rate"]["data"].as_f64().unwrap() > 0.0, "{stats}");
+    let off = daemon.call("Complete", "ssa{sv}", &["kjv-spec", &case.prompt, "3", "max_new_tokens", "u", "64", "temperature", "d", "0", "speculative", "b", "false"]).unwrap();
+    assert!(off["data"][1].get("draft_tokens").is_none(), "speculative=false decodes plainly: {}", off["data"][1]);
+    assert_eq!(off["data"][0], plain["data"][0]);
+    let status = daemon.call("Status", "", &[]).unwrap();
+    let totals = &status["data"][0]["speculative"]["data"]["kjv-spec"];
+    assert!(totals[0].as_u64().unwrap() > 0, "Status keeps per-model totals: {status}");
+}
