@@ -8,6 +8,7 @@ Stages (each writes into --work, the last ones into models/ and tests/):
   draft      LlamaForCausalLM, ~1.4M parameters, distilled from the target (KL to its logits)
   qwen2      a tiny Qwen2 with random weights: a second architecture for the engine's tests
   export     onnxruntime-genai's model builder, int4 (MatMulNBits, block 32), CPU
+  fp16io     tiny-qwen2 with float16 KV and logits (models/fp16_io.py), for the float16 path
   pair       kjv-speculative/: onnxruntime-genai's own speculative config over the two
   reference  greedy token ids from onnxruntime-genai for tests/reference_outputs.json
 
@@ -322,7 +323,7 @@ def main() -> None:
     ap.add_argument("--target-steps", type=int, default=1100)
     ap.add_argument("--draft-steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--stages", default="corpus,tokenizer,target,draft,qwen2,export,pair,reference")
+    ap.add_argument("--stages", default="corpus,tokenizer,target,draft,qwen2,export,fp16io,pair,reference")
     args = ap.parse_args()
     stages = set(args.stages.split(","))
     work: Path = args.work
@@ -384,6 +385,10 @@ def main() -> None:
         export(hf_target, out_target, work, python)
         export(hf_draft, out_draft, work, python)
         export(hf_qwen, out_qwen, work, python)
+    out_fp16 = MODELS / "tiny-qwen2-fp16io"
+    if "fp16io" in stages:
+        # float16 KV and logits, as GPU exports have them, runnable on the CPU provider.
+        subprocess.run([python, str(MODELS / "fp16_io.py"), str(out_qwen), str(out_fp16)], check=True)
     if "pair" in stages:
         write_speculative_pair(out_target, out_draft, out_pair)
     if "reference" in stages:
@@ -391,7 +396,7 @@ def main() -> None:
         refs = {"new_tokens": 64, "generator": "onnxruntime-genai greedy (do_sample=false)",
                 "models": {}}
         for name, path in (("kjv-target", out_target), ("kjv-draft", out_draft),
-                           ("tiny-qwen2", out_qwen)):
+                           ("tiny-qwen2", out_qwen), ("tiny-qwen2-fp16io", out_fp16)):
             refs["models"][name] = genai_greedy(path, prompts, 64)
             log(f"reference {name}: {refs['models'][name][0]['text']!r}")
         refs["chat"] = genai_chat(out_target)

@@ -253,3 +253,11 @@ fn committed_configs_match_the_graphs() {
         assert_eq!(engine.folder.config.model_type.is_empty(), false);
     }
 }
+
+#[test]
+fn float16_io_matches_onnxruntime_genai_in_both_kv_layouts() {
+    // tiny-qwen2-fp16io has float16 KV inputs/outputs and logits, as GPU exports do.
+    for layout in [KvLayout::Shared, KvLayout::Growing] {
+        check_against_reference("tiny-qwen2-fp16io", LoadOptions { kv_layout: Some(layout), ..Default::default() });
+    }
+}
