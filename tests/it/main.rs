@@ -5,5 +5,6 @@ mod daemon;
 mod engine;
 mod fixtures;
 mod fuzz;
+mod load;
 mod speculative;
 mod system_bus;

@@ -1,0 +1,155 @@
+//! Load on one daemon: 8 clients stream at once, with random cancels and random disconnects
+//! mid-stream. Every request that is not cancelled ends with `Finished`; no client gets a
+//! signal of a request it did not make; afterwards nothing is in flight or queued and the
+//! daemon's RSS is within 10% of its value after warm-up.
+//! EDGELLM_LOAD_SECONDS sets the length (CI: 15 s; `EDGELLM_LOAD_SECONDS=120` for the full run).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use edgellm::service::client::Daemon1Proxy;
+use futures_util::StreamExt;
+use rand::{Rng, SeedableRng};
+use zbus::zvariant::Value;
+
+use crate::daemon::Daemon;
+
+const CLIENTS: usize = 8;
+
+#[derive(Default)]
+struct ClientReport {
+    finished: usize,
+    cancelled: usize,
+    disconnected: usize,
+    tokens: usize,
+    ttft: Vec<Duration>,
+}
+
+async fn client(address: String, until: Instant, seed: u64) -> ClientReport {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut report = ClientReport::default();
+    'connections: while Instant::now() < until {
+        let conn = zbus::connection::Builder::address(address.as_str()).unwrap().build().await.unwrap();
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+        let mut tokens = proxy.receive_token().await.unwrap();
+        let mut finished = proxy.receive_finished().await.unwrap();
+        let mut mine = HashSet::new();
+        while Instant::now() < until {
+            let options = HashMap::from([
+                ("max_new_tokens", Value::U32(rng.random_range(8..96))),
+                ("temperature", Value::F64(rng.random_range(0.0..1.2))),
+                ("seed", Value::U64(rng.random())),
+            ]);
+            let started = Instant::now();
+            let id = match proxy.generate("kjv", "And it came to pass", options).await {
+                Ok(id) => id,
+                Err(e) => panic!("generate failed under load: {e}"),
+            };
+            mine.insert(id);
+            let action = rng.random_range(0..100);
+            let mut first = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(t) = tokens.next() => {
+                        let a = t.args().unwrap();
+                        assert!(mine.contains(&a.request_id), "a client received a token of a request it did not make");
+                        report.tokens += 1;
+                        if first {
+                            report.ttft.push(started.elapsed());
+                            first = false;
+                            if action < 10 {
+                                proxy.cancel(id).await.unwrap();
+                            } else if action < 15 {
+                                // Leave mid-stream: the daemon must cancel and clean up.
+                                report.disconnected += 1;
+                                drop(tokens);
+                                drop(finished);
+                                conn.close().await.unwrap();
+                                continue 'connections;
+                            }
+                        }
+                    }
+                    Some(f) = finished.next() => {
+                        let a = f.args().unwrap();
+                        assert!(mine.contains(&a.request_id), "a client received a Finished of a request it did not make");
+                        if a.request_id == id {
+                            match a.reason.as_str() {
+                                "cancelled" => report.cancelled += 1,
+                                "stop" | "length" => report.finished += 1,
+                                other => panic!("request ended with {other}: {:?}", a.stats),
+                            }
+                            break;
+                        }
+                    }
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => panic!("request {id} got no Finished within 30 s"),
+                }
+            }
+        }
+    }
+    report
+}
+
+fn run_clients(rt: &tokio::runtime::Runtime, address: &str, until: Instant, seed: u64) -> Vec<ClientReport> {
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..CLIENTS as u64).map(|i| tokio::spawn(client(address.to_string(), until, seed + i))).collect();
+        let mut reports = Vec::new();
+        for t in tasks {
+            reports.push(t.await.expect("client task"));
+        }
+        reports
+    })
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn eight_clients_with_cancels_and_disconnects() {
+    let seconds: u64 = std::env::var("EDGELLM_LOAD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
+    let daemon = Daemon::start("\n[limits]\nmax_per_client = 4\n");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let address = daemon.bus.address.clone();
+    // Warm-up with the same shape of load, so that ONNX Runtime's arenas have grown.
+    let warm_until = Instant::now() + Duration::from_secs(3);
+    run_clients(&rt, &address, warm_until, 1000);
+    let rss_warm = rss_kib(daemon.pid());
+    let started = Instant::now();
+    let until = started + Duration::from_secs(seconds);
+    let reports = run_clients(&rt, &address, until, 0);
+    let elapsed = started.elapsed().as_secs_f64();
+    // Nothing left behind.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = daemon.call("Status", "", &[]).unwrap();
+        let busy = status["data"][0]["requests_in_flight"]["data"].as_u64().unwrap() + status["data"][0]["requests_queued"]["data"].as_u64().unwrap();
+        if busy == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "requests left in flight or queued: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rss_after = rss_kib(daemon.pid());
+    let mut ttft: Vec<Duration> = reports.iter().flat_map(|r| r.ttft.iter().copied()).collect();
+    ttft.sort();
+    let pct = |p: f64| ttft[((ttft.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
+    let (finished, cancelled, disconnected, tokens) = reports.iter().fold((0, 0, 0, 0), |a, r| (a.0 + r.finished, a.1 + r.cancelled, a.2 + r.disconnected, a.3 + r.tokens));
+    eprintln!(
+        "load: {CLIENTS} clients, {elapsed:.0} s: {} requests ({finished} finished, {cancelled} cancelled, {disconnected} disconnected), {:.0} tokens/s overall, TTFT p50 {:.1} ms p99 {:.1} ms, RSS {} -> {} KiB",
+        finished + cancelled + disconnected,
+        tokens as f64 / elapsed,
+        pct(0.5),
+        pct(0.99),
+        rss_warm,
+        rss_after
+    );
+    assert!(finished > 0 && cancelled > 0, "the mix must include finished and cancelled requests");
+    assert!((rss_after as f64) < rss_warm as f64 * 1.10, "RSS grew from {rss_warm} to {rss_after} KiB");
+}
