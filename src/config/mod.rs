@@ -59,6 +59,7 @@ struct RawLimits {
     max_prompt_bytes: Option<Spanned<u32>>,
     max_new_tokens: Option<Spanned<u32>>,
     request_timeout_s: Option<Spanned<u64>>,
+    memory_reserve_mib: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,6 +105,8 @@ pub struct Limits {
     pub max_prompt_bytes: usize,
     pub max_new_tokens: usize,
     pub request_timeout: std::time::Duration,
+    /// Memory (MiB) a model load must leave available to the rest of the system.
+    pub memory_reserve_mib: u64,
 }
 
 impl Default for Limits {
@@ -114,6 +117,7 @@ impl Default for Limits {
             max_prompt_bytes: 64 * 1024,
             max_new_tokens: 1024,
             request_timeout: std::time::Duration::from_secs(300),
+            memory_reserve_mib: 256,
         }
     }
 }
@@ -208,6 +212,7 @@ impl Config {
                 Some(s) if *s.get_ref() == 0 => return Err(err(s.span(), "field `limits.request_timeout_s`: must be at least 1".into())),
                 Some(s) => std::time::Duration::from_secs(*s.get_ref()),
             },
+            memory_reserve_mib: raw.limits.memory_reserve_mib.as_ref().map(|s| *s.get_ref()).unwrap_or(defaults.memory_reserve_mib),
         };
 
         let mut models: Vec<ModelConfig> = Vec::new();

@@ -89,7 +89,8 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let out = daemon.busctl(&["call", "org.edgellm.Daemon1", "/org/edgellm/Daemon1", "org.edgellm.Daemon1", "ListModels"]);
-            if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ready") {
+            let text = String::from_utf8_lossy(&out.stdout);
+            if out.status.success() && (text.contains("ready") || text.contains("failed")) {
                 break;
             }
             assert!(Instant::now() < deadline, "edgellmd did not get ready: {}", daemon.log_text());
@@ -116,7 +117,8 @@ impl Daemon {
         all.extend_from_slice(args);
         let out = self.busctl(&all);
         if out.status.success() {
-            Ok(serde_json::from_slice(&out.stdout).expect("busctl json"))
+            // Methods without out arguments print nothing.
+            Ok(if out.stdout.iter().all(u8::is_ascii_whitespace) { serde_json::Value::Null } else { serde_json::from_slice(&out.stdout).expect("busctl json") })
         } else {
             Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
         }
@@ -433,4 +435,35 @@ fn speculative_model_serves_with_stats_and_can_be_turned_off() {
     let status = daemon.call("Status", "", &[]).unwrap();
     let totals = &status["data"][0]["speculative"]["data"]["kjv-spec"];
     assert!(totals[0].as_u64().unwrap() > 0, "Status keeps per-model totals: {status}");
+}
+
+#[test]
+fn load_that_would_not_fit_is_refused_with_the_need() {
+    let daemon = Daemon::start("\n[limits]\nmemory_reserve_mib = 100000000\n");
+    let models = daemon.call("ListModels", "", &[]).unwrap().to_string();
+    assert!(models.contains("failed") && models.contains("not enough memory"), "{models}");
+    let e = daemon.call("LoadModel", "s", &["kjv-draft"]).unwrap_err();
+    assert!(e.contains("loading needs about") && e.contains("memory_reserve_mib"), "{e}");
+}
+
+#[test]
+fn unload_returns_the_memory() {
+    let daemon = Daemon::start("");
+    let rss = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+        status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+    };
+    let before = rss();
+    daemon.call("LoadModel", "s", &["kjv-draft"]).unwrap();
+    daemon.call("Complete", "ssa{sv}", &["kjv-draft", "And God said", "1", "max_new_tokens", "u", "32"]).unwrap();
+    let loaded = rss();
+    daemon.call("UnloadModel", "s", &["kjv-draft"]).unwrap();
+    let after = rss();
+    eprintln!("RSS: {before} KiB before LoadModel, {loaded} KiB loaded, {after} KiB after UnloadModel");
+    assert!(loaded > before, "loading costs memory");
+    // The session and its arena go back to the system; the tokenizer stays (requests are
+    // validated with it), and so do pages of the runtime's code.
+    assert!(loaded - after >= (loaded - before) / 4, "unloading returned too little: {before} -> {loaded} -> {after} KiB");
+    let models = daemon.call("ListModels", "", &[]).unwrap().to_string();
+    assert!(models.contains("unloaded"), "{models}");
 }
