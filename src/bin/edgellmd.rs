@@ -151,9 +151,12 @@ async fn run(config: Config) -> Result<(), String> {
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
     let mut tick = tokio::time::interval(Duration::from_micros(if watchdog { watchdog_usec / 2 } else { 3_600_000_000 }));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut current = config.clone();
     loop {
         tokio::select! {
             _ = term.recv() => break,
+            _ = hup.recv() => reload(&mut current, &scheduler),
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => if watchdog {
                 // From the engines' progress, not from this timer alone: a hung engine stops the pings.
@@ -181,6 +184,28 @@ async fn run(config: Config) -> Result<(), String> {
     let _ = conn.release_name(BUS_NAME).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: read the config again; apply it if it validates, keep the running one otherwise.
+fn reload(current: &mut Config, scheduler: &Scheduler) {
+    notify(&[sd_notify::NotifyState::Reloading]);
+    match Config::load(&current.file) {
+        Err(e) => tracing::error!("config rejected, keeping the running one: {e}"),
+        Ok(new) => {
+            if new.runtime_library != current.runtime_library {
+                tracing::warn!("[runtime] library changed: that takes a restart of edgellmd");
+            }
+            if new.daemon.bus != current.daemon.bus || new.daemon.admin_group != current.daemon.admin_group || new.daemon.log_text != current.daemon.log_text {
+                tracing::warn!("[daemon] settings changed: they take a restart of edgellmd");
+            }
+            let changes = scheduler.reload(&new);
+            tracing::info!(?changes, "config reloaded");
+            let preloader = scheduler.clone();
+            tokio::spawn(async move { preloader.preload().await });
+            *current = new;
+        }
+    }
+    notify(&[sd_notify::NotifyState::Ready]);
 }
 
 /// The user id the daemon runs as (read from /proc to avoid an unsafe libc call).

@@ -122,14 +122,14 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SpeculativeConfig {
     pub min_tokens: usize,
     pub max_tokens: usize,
     pub min_confidence: f32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub name: String,
     /// Absolute (relative paths in the file are relative to the file).

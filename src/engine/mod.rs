@@ -20,7 +20,7 @@ use crate::runtime::{ProviderReport, Runtime, SessionOptions};
 use text::{Piece, StopText};
 
 /// How to load a model.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LoadOptions {
     pub session: SessionOptions,
     /// `None` follows `search.past_present_share_buffer` of genai_config.json.

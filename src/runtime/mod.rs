@@ -46,7 +46,7 @@ impl Provider {
 }
 
 /// How a session should be built: providers in order of preference and their options.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SessionOptions {
     pub providers: Vec<Provider>,
     /// A provider that fails to register is an error instead of a step down the list.

@@ -114,6 +114,8 @@ enum Control {
 }
 
 struct ModelSlot {
+    /// Removed from the config: take no new work, exit when the queue is empty.
+    retired: AtomicBool,
     /// Milliseconds since the scheduler started, when the engine thread last showed progress;
     /// `busy` while it runs a request. The watchdog pings only while every busy thread moves.
     heartbeat: AtomicU64,
@@ -134,15 +136,28 @@ struct Counters {
 struct Inner {
     started: Instant,
     runtime: Arc<Runtime>,
-    limits: Limits,
-    models: HashMap<String, Arc<ModelSlot>>,
-    order: Vec<String>,
+    limits: std::sync::RwLock<Limits>,
+    /// The configured models, in config order. A model removed by a reload leaves this list at
+    /// once; its thread finishes what it was given and then exits.
+    models: std::sync::RwLock<Vec<Arc<ModelSlot>>>,
+    /// Every slot with a thread, removed ones included (for counts and shutdown).
+    all: Mutex<Vec<Arc<ModelSlot>>>,
     next_id: AtomicU64,
     accepting: AtomicBool,
     stopping: AtomicBool,
     counters: Counters,
     per_client: Mutex<HashMap<ClientId, usize>>,
     states: broadcast::Sender<(String, ModelState)>,
+}
+
+impl Inner {
+    fn active(&self, name: &str) -> Option<Arc<ModelSlot>> {
+        self.models.read().expect("models").iter().find(|s| s.config.name == name).cloned()
+    }
+
+    fn every(&self) -> Vec<Arc<ModelSlot>> {
+        self.all.lock().expect("all").clone()
+    }
 }
 
 #[derive(Clone)]
@@ -155,38 +170,12 @@ impl Scheduler {
     /// Starts one engine thread per configured model. Models are not loaded yet: see `preload`.
     pub fn start(runtime: Arc<Runtime>, config: &Config) -> Scheduler {
         let (states, _) = broadcast::channel(64);
-        let models: HashMap<String, Arc<ModelSlot>> = config
-            .models
-            .iter()
-            .map(|m| {
-                let slot = Arc::new(ModelSlot {
-                    heartbeat: AtomicU64::new(0),
-                    busy: AtomicBool::new(false),
-                    config: m.clone(),
-                    folder: Mutex::new(None),
-                    status: Mutex::new(ModelInfo {
-                        name: m.name.clone(),
-                        state: ModelState::Unloaded,
-                        provider: None,
-                        draft: m.draft.clone(),
-                        error: None,
-                        generated_tokens: 0,
-                        requests: 0,
-                        draft_tokens: 0,
-                        accepted_tokens: 0,
-                    }),
-                    queue: Mutex::new(FairQueue::default()),
-                    wake: Condvar::new(),
-                });
-                (m.name.clone(), slot)
-            })
-            .collect();
         let inner = Arc::new(Inner {
             started: Instant::now(),
             runtime,
-            limits: config.limits.clone(),
-            models,
-            order: config.models.iter().map(|m| m.name.clone()).collect(),
+            limits: std::sync::RwLock::new(config.limits.clone()),
+            models: std::sync::RwLock::new(Vec::new()),
+            all: Mutex::new(Vec::new()),
             // Ids unique for the daemon's lifetime, from a random offset so that they are not
             // guessable from one run to the next.
             next_id: AtomicU64::new((rand::random::<u32>() as u64) << 16),
@@ -196,39 +185,99 @@ impl Scheduler {
             per_client: Mutex::new(HashMap::new()),
             states,
         });
-        let threads = inner
-            .order
-            .iter()
-            .map(|name| {
-                let inner = inner.clone();
-                let slot = inner.models[name].clone();
-                std::thread::Builder::new()
-                    .name(format!("engine-{name}"))
-                    .spawn(move || engine_thread(inner, slot))
-                    .expect("spawn engine thread")
-            })
-            .collect();
-        Scheduler { inner, threads: Arc::new(Mutex::new(threads)) }
+        let scheduler = Scheduler { inner, threads: Arc::new(Mutex::new(Vec::new())) };
+        let slots: Vec<Arc<ModelSlot>> = config.models.iter().map(|m| scheduler.spawn_slot(m)).collect();
+        *scheduler.inner.models.write().expect("models") = slots;
+        scheduler
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.inner.limits
+    /// A slot for `config` with its engine thread.
+    fn spawn_slot(&self, config: &ModelConfig) -> Arc<ModelSlot> {
+        let slot = Arc::new(ModelSlot {
+            retired: AtomicBool::new(false),
+            heartbeat: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
+            config: config.clone(),
+            folder: Mutex::new(None),
+            status: Mutex::new(ModelInfo {
+                name: config.name.clone(),
+                state: ModelState::Unloaded,
+                provider: None,
+                draft: config.draft.clone(),
+                error: None,
+                generated_tokens: 0,
+                requests: 0,
+                draft_tokens: 0,
+                accepted_tokens: 0,
+            }),
+            queue: Mutex::new(FairQueue::default()),
+            wake: Condvar::new(),
+        });
+        self.inner.all.lock().expect("all").push(slot.clone());
+        let (inner, thread_slot) = (self.inner.clone(), slot.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("engine-{}", config.name))
+            .spawn(move || engine_thread(inner, thread_slot))
+            .expect("spawn engine thread");
+        self.threads.lock().expect("threads").push(handle);
+        slot
+    }
+
+    /// Applies a new, already validated config: limits change at once; added models appear;
+    /// removed ones leave the list and unload once their requests are done; changed ones are
+    /// replaced (the old engine finishes its requests, the new one loads). Returns what changed.
+    pub fn reload(&self, config: &Config) -> Vec<String> {
+        let mut changes = Vec::new();
+        *self.inner.limits.write().expect("limits") = config.limits.clone();
+        let old: Vec<Arc<ModelSlot>> = self.inner.models.read().expect("models").clone();
+        let mut next = Vec::new();
+        for m in &config.models {
+            match old.iter().find(|s| s.config.name == m.name) {
+                Some(slot) if slot.config == *m => next.push(slot.clone()),
+                Some(_) => {
+                    changes.push(format!("{} changed", m.name));
+                    next.push(self.spawn_slot(m));
+                }
+                None => {
+                    changes.push(format!("{} added", m.name));
+                    next.push(self.spawn_slot(m));
+                }
+            }
+        }
+        for slot in &old {
+            let kept = next.iter().any(|n| Arc::ptr_eq(n, slot));
+            if !kept {
+                if !config.models.iter().any(|m| m.name == slot.config.name) {
+                    changes.push(format!("{} removed", slot.config.name));
+                    let _ = self.inner.states.send((slot.config.name.clone(), ModelState::Unloaded));
+                }
+                slot.retired.store(true, Ordering::SeqCst);
+                slot.wake.notify_all();
+            }
+        }
+        *self.inner.models.write().expect("models") = next;
+        changes
+    }
+
+
+    pub fn limits(&self) -> Limits {
+        self.inner.limits.read().expect("limits").clone()
     }
 
     pub fn subscribe_states(&self) -> broadcast::Receiver<(String, ModelState)> {
         self.inner.states.subscribe()
     }
 
-    fn slot(&self, model: &str) -> Result<&Arc<ModelSlot>, SchedulerError> {
-        self.inner.models.get(model).ok_or_else(|| SchedulerError::ModelNotFound(model.to_string()))
+    fn slot(&self, model: &str) -> Result<Arc<ModelSlot>, SchedulerError> {
+        self.inner.active(model).ok_or_else(|| SchedulerError::ModelNotFound(model.to_string()))
     }
 
     pub fn has_model(&self, model: &str) -> bool {
-        self.inner.models.contains_key(model)
+        self.inner.active(model).is_some()
     }
 
-    pub fn model_config(&self, model: &str) -> Option<&ModelConfig> {
-        self.inner.models.get(model).map(|s| &s.config)
+    pub fn model_config(&self, model: &str) -> Option<ModelConfig> {
+        self.inner.active(model).map(|s| s.config.clone())
     }
 
     /// The folder (tokenizer, config, template) of a model, opened on first use.
@@ -243,9 +292,10 @@ impl Scheduler {
             return Err(SchedulerError::ShuttingDown);
         }
         let slot = self.slot(model)?;
-        let folder = self.folder(slot)?;
+        let folder = self.folder(&slot)?;
         let prompt_ids = folder.prompt_ids(model, prompt)?;
-        let limit = self.inner.limits.max_new_tokens;
+        let limits = self.limits();
+        let limit = limits.max_new_tokens;
         match options.max_new_tokens {
             Some(n) if n > limit => {
                 return Err(Error::InvalidArgument {
@@ -261,17 +311,17 @@ impl Scheduler {
             Some(_) => {}
         }
         if options.deadline.is_none() {
-            options.deadline = Some(Instant::now() + self.inner.limits.request_timeout);
+            options.deadline = Some(Instant::now() + limits.request_timeout);
         }
         // Admission: per-client and global bounds, checked and counted under one lock.
         {
             let mut per_client = self.inner.per_client.lock().expect("per_client");
             let queued: usize = self.queued();
-            if queued >= self.inner.limits.max_queue {
+            if queued >= limits.max_queue {
                 return Err(SchedulerError::Busy(format!("the queue is full ({queued} requests waiting, `limits.max_queue`); try again later")));
             }
             let mine = per_client.entry(client.to_string()).or_insert(0);
-            if *mine >= self.inner.limits.max_per_client {
+            if *mine >= limits.max_per_client {
                 return Err(SchedulerError::Busy(format!(
                     "this client already has {} requests in flight or waiting (`limits.max_per_client`)",
                     *mine
@@ -291,7 +341,7 @@ impl Scheduler {
 
     /// Cancels every request of a client that went away, queued or running.
     pub fn cancel_client(&self, client: &str) {
-        for slot in self.inner.models.values() {
+        for slot in self.inner.every() {
             let removed = slot.queue.lock().expect("queue").remove_client(client);
             for job in removed {
                 finish_unrun(&self.inner, job, FinishReason::Cancelled, None);
@@ -323,7 +373,15 @@ impl Scheduler {
     /// Loads every model with `preload = true`, in config order; failures are logged and shown
     /// in `models()`, they do not stop the daemon.
     pub async fn preload(&self) {
-        let names: Vec<String> = self.inner.order.iter().filter(|n| self.inner.models[*n].config.preload).cloned().collect();
+        let names: Vec<String> = self
+            .inner
+            .models
+            .read()
+            .expect("models")
+            .iter()
+            .filter(|s| s.config.preload && s.status.lock().expect("status").state == ModelState::Unloaded)
+            .map(|s| s.config.name.clone())
+            .collect();
         for name in names {
             if let Err(e) = self.load(&name).await {
                 tracing::error!(model = %name, error = %e, "preload failed");
@@ -332,11 +390,11 @@ impl Scheduler {
     }
 
     pub fn models(&self) -> Vec<ModelInfo> {
-        self.inner.order.iter().map(|n| self.inner.models[n].status.lock().expect("status").clone()).collect()
+        self.inner.models.read().expect("models").iter().map(|s| s.status.lock().expect("status").clone()).collect()
     }
 
     pub fn queued(&self) -> usize {
-        self.inner.models.values().map(|s| s.queue.lock().expect("queue").len()).sum()
+        self.inner.every().iter().map(|s| s.queue.lock().expect("queue").len()).sum()
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -355,7 +413,7 @@ impl Scheduler {
     /// The daemon's watchdog pings systemd only then, so a hung engine gets the service restarted.
     pub fn engines_alive(&self, stall: std::time::Duration) -> bool {
         let now = self.inner.started.elapsed().as_millis() as u64;
-        self.inner.models.values().all(|s| !s.busy.load(Ordering::SeqCst) || now.saturating_sub(s.heartbeat.load(Ordering::SeqCst)) < stall.as_millis() as u64)
+        self.inner.every().iter().all(|s| !s.busy.load(Ordering::SeqCst) || now.saturating_sub(s.heartbeat.load(Ordering::SeqCst)) < stall.as_millis() as u64)
     }
 
     /// Refuse new requests from now on (shutdown has begun).
@@ -367,7 +425,7 @@ impl Scheduler {
     pub fn shutdown(&self) {
         self.stop_accepting();
         self.inner.stopping.store(true, Ordering::SeqCst);
-        for slot in self.inner.models.values() {
+        for slot in self.inner.every() {
             let jobs = slot.queue.lock().expect("queue").drain();
             for job in jobs {
                 finish_unrun(&self.inner, job, FinishReason::Cancelled, None);
@@ -431,6 +489,14 @@ fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                 if let Some(work) = queue.pop() {
                     break work;
                 }
+                if slot.retired.load(Ordering::SeqCst) {
+                    // Removed or replaced by a reload, and nothing left to do: unload and end.
+                    drop(queue);
+                    if engine.take().is_some() {
+                        tracing::info!(model = %slot.config.name, "model unloaded (removed from the config)");
+                    }
+                    return;
+                }
                 queue = slot.wake.wait(queue).expect("queue wait");
             }
         };
@@ -472,7 +538,7 @@ fn mem_available_mib() -> Option<u64> {
 fn check_memory(inner: &Inner, slot: &ModelSlot) -> Result<(), String> {
     let mut weights = 0u64;
     let mut dirs = vec![slot.config.path.clone()];
-    if let Some(draft) = slot.config.draft.as_ref().and_then(|d| inner.models.get(d)) {
+    if let Some(draft) = slot.config.draft.as_ref().and_then(|d| inner.active(d)) {
         dirs.push(draft.config.path.clone());
     }
     for dir in dirs {
@@ -484,7 +550,7 @@ fn check_memory(inner: &Inner, slot: &ModelSlot) -> Result<(), String> {
     }
     let need_mib = (weights as f64 * LOAD_OVERHEAD / (1024.0 * 1024.0)).ceil() as u64;
     if let Some(available) = mem_available_mib() {
-        let reserve = inner.limits.memory_reserve_mib;
+        let reserve = inner.limits.read().expect("limits").memory_reserve_mib;
         if need_mib + reserve > available {
             return Err(format!(
                 "not enough memory: loading needs about {need_mib} MiB and {reserve} MiB must stay free (`limits.memory_reserve_mib`), but only {available} MiB are available"
@@ -510,8 +576,8 @@ fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut Option<Eng
             .and_then(|mut engine| {
                 // The draft runs in this thread beside the target, on its own [[model]]'s
                 // providers (which may differ from the target's).
-                if let Some(draft) = slot.config.draft.as_ref().and_then(|d| inner.models.get(d)) {
-                    let folder = open_folder(draft)?;
+                if let Some(draft) = slot.config.draft.as_ref().and_then(|d| inner.active(d)) {
+                    let folder = open_folder(&draft)?;
                     let s = &slot.config.speculative;
                     let settings = crate::speculative::Settings { min_tokens: s.min_tokens, max_tokens: s.max_tokens, min_confidence: s.min_confidence };
                     engine.attach_draft(&inner.runtime, &folder, &draft.config.load, settings)?;

@@ -369,7 +369,10 @@ fn systemd_unit_verifies_in_a_scratch_install() {
         .unwrap();
     assert!(out.status.success(), "install: {}", String::from_utf8_lossy(&out.stderr));
     let unit = dest.path().join("usr/lib/systemd/system/edgellm.service");
-    // The scratch root needs the system's own units (sysinit.target, ...) for the dependencies.
+    // The scratch root needs what any system has: the system's own units (sysinit.target, ...)
+    // for the dependencies, and /bin/kill for ExecReload.
+    std::fs::create_dir_all(dest.path().join("bin")).unwrap();
+    std::fs::copy(std::fs::canonicalize("/bin/kill").unwrap(), dest.path().join("bin/kill")).unwrap();
     let units = dest.path().join("usr/lib/systemd/system");
     for entry in std::fs::read_dir("/usr/lib/systemd/system").unwrap().flatten() {
         let to = units.join(entry.file_name());
@@ -466,4 +469,44 @@ fn unload_returns_the_memory() {
     assert!(loaded - after >= (loaded - before) / 4, "unloading returned too little: {before} -> {loaded} -> {after} KiB");
     let models = daemon.call("ListModels", "", &[]).unwrap().to_string();
     assert!(models.contains("unloaded"), "{models}");
+}
+
+#[test]
+fn sighup_reloads_the_config_and_rejects_a_bad_one() {
+    let daemon = Daemon::start("");
+    let config = daemon.bus.dir.path().join("edgellm.toml");
+    // Remove kjv-draft, add kjv-extra.
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\naddress = \"{}\"\nshutdown_grace_s = 2\n\n[limits]\nmax_new_tokens = 16\n\n[[model]]\nname = \"kjv\"\npath = \"{}\"\n\n[[model]]\nname = \"kjv-extra\"\npath = \"{}\"\n",
+            daemon.bus.address,
+            model_dir("kjv-target").display(),
+            model_dir("kjv-draft").display()
+        ),
+    )
+    .unwrap();
+    Command::new("kill").arg("-HUP").arg(daemon.pid().to_string()).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let models = daemon.call("ListModels", "", &[]).unwrap().to_string();
+        if models.contains("kjv-extra") && models.contains("ready") && !models.contains("\"kjv-draft\"") {
+            let extra = daemon.call("ListModels", "", &[]).unwrap();
+            let states: Vec<String> = extra["data"][0].as_array().unwrap().iter().map(|m| format!("{}={}", m[0], m[1]["state"]["data"])).collect();
+            if states.iter().any(|s| s.starts_with("\"kjv-extra\"=\"ready\"")) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "reload not applied: {models}\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The new limit applies at once.
+    let e = daemon.call("Complete", "ssa{sv}", &["kjv", "x", "1", "max_new_tokens", "u", "64"]).unwrap_err();
+    assert!(e.contains("limit of 16"), "{e}");
+    // A bad file is rejected; the running config stays.
+    std::fs::write(&config, "[daemon]\nbus = \"nope\"\n").unwrap();
+    Command::new("kill").arg("-HUP").arg(daemon.pid().to_string()).status().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(daemon.log_text().contains("config rejected, keeping the running one"), "{}", daemon.log_text());
+    assert!(daemon.call("Complete", "ssa{sv}", &["kjv-extra", "And", "1", "max_new_tokens", "u", "4"]).is_ok());
 }
