@@ -510,3 +510,36 @@ fn sighup_reloads_the_config_and_rejects_a_bad_one() {
     assert!(daemon.log_text().contains("config rejected, keeping the running one"), "{}", daemon.log_text());
     assert!(daemon.call("Complete", "ssa{sv}", &["kjv-extra", "And", "1", "max_new_tokens", "u", "4"]).is_ok());
 }
+
+#[test]
+fn an_onnx_runtime_error_ends_only_that_request() {
+    // A model whose config claims a longer context than its rotary cache holds: ONNX Runtime
+    // fails inside GroupQueryAttention on a long prompt.
+    let broken = crate::fixtures::copy_model("kjv-draft");
+    let config_path = broken.path().join("genai_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["model"]["context_length"] = 2048.into();
+    config["search"]["max_length"] = 2048.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let daemon = Daemon::start(&format!("\n[[model]]\nname = \"long\"\npath = \"{}\"\n", broken.path().display()));
+    let long = "And God said ".repeat(400);
+    let (reason, error) = rt().block_on(async {
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+        let mut finished = proxy.receive_finished().await.unwrap();
+        let id = proxy.generate("long", &long, HashMap::new()).await.unwrap();
+        loop {
+            let f = finished.next().await.unwrap();
+            let a = f.args().unwrap();
+            if a.request_id == id {
+                let error = a.stats.get("error").map(|v| String::try_from(v.try_clone().unwrap()).unwrap()).unwrap_or_default();
+                break (a.reason.clone(), error);
+            }
+        }
+    });
+    assert_eq!(reason, "error");
+    assert!(error.contains("GroupQueryAttention"), "{error}");
+    // The same model and the daemon keep serving.
+    assert!(daemon.call("Complete", "ssa{sv}", &["long", "And God said", "1", "max_new_tokens", "u", "4"]).is_ok());
+    assert!(daemon.call("Complete", "ssa{sv}", &["kjv", "And God said", "1", "max_new_tokens", "u", "4"]).is_ok());
+}
