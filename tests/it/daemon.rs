@@ -543,3 +543,49 @@ fn an_onnx_runtime_error_ends_only_that_request() {
     assert!(daemon.call("Complete", "ssa{sv}", &["long", "And God said", "1", "max_new_tokens", "u", "4"]).is_ok());
     assert!(daemon.call("Complete", "ssa{sv}", &["kjv", "And God said", "1", "max_new_tokens", "u", "4"]).is_ok());
 }
+
+#[test]
+fn catalogue_of_bad_input_and_a_flood() {
+    let missing = crate::fixtures::copy_model("kjv-draft");
+    std::fs::remove_file(missing.path().join("model.onnx.data")).unwrap();
+    let daemon = Daemon::start(&format!(
+        "\n[[model]]\nname = \"missing\"\npath = \"{}\"\npreload = false\n\n[limits]\nmax_per_client = 3\nmax_prompt_bytes = 200\n",
+        missing.path().display()
+    ));
+    let err = |r: Result<serde_json::Value, String>| r.expect_err("must be refused");
+    // Wrong signature: the bus library refuses the message before the daemon sees it.
+    let e = err(daemon.call("Generate", "s", &["kjv"]));
+    assert!(e.to_lowercase().contains("signature") || e.contains("Invalid"), "{e}");
+    let e = err(daemon.call("Complete", "ssa{sv}", &["kjv", "x", "1", "top_k", "u", "0"]));
+    assert!(e.contains("top_k"), "{e}");
+    let e = err(daemon.call("Complete", "ssa{sv}", &["kjv", &"x".repeat(201), "0"]));
+    assert!(e.contains("max_prompt_bytes"), "{e}");
+    // A model whose weights are missing: a typed error naming the file; the others untouched.
+    let e = err(daemon.call("LoadModel", "s", &["missing"]));
+    assert!(e.contains("model.onnx.data"), "{e}");
+    let models = daemon.call("ListModels", "", &[]).unwrap().to_string();
+    assert!(models.contains("\"kjv\"") && models.contains("ready"), "{models}");
+
+    // A flood from one client gets Busy past its share; another client is still served.
+    rt().block_on(async {
+        let flooder = daemon.connect().await;
+        let proxy = Daemon1Proxy::new(&flooder).await.unwrap();
+        let options = || HashMap::from([("max_new_tokens", Value::U32(200)), ("temperature", Value::F64(1.0))]);
+        let e = proxy.generate("kjv", "x", HashMap::from([("temperature", Value::F64(-0.5))])).await.unwrap_err().to_string();
+        assert!(e.contains("InvalidArgument") && e.contains("temperature") && e.contains("out of range"), "{e}");
+        let mut busy = 0;
+        for _ in 0..12 {
+            if let Err(e) = proxy.generate("kjv", "And it came to pass", options()).await {
+                assert!(e.to_string().contains("org.edgellm.Error.Busy"), "{e}");
+                busy += 1;
+            }
+        }
+        assert!(busy >= 9, "past max_per_client = 3 the flood is refused ({busy} refused)");
+        let other = daemon.connect().await;
+        let other = Daemon1Proxy::new(&other).await.unwrap();
+        let (text, _) = other.complete("kjv", "And God said", HashMap::from([("max_new_tokens", Value::U32(8))])).await.unwrap();
+        assert!(!text.is_empty());
+    });
+    // Prompts and generated text stay out of the logs unless log_text is set.
+    assert!(!daemon.log_text().contains("And it came to pass"), "{}", daemon.log_text());
+}
