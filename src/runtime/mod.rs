@@ -249,6 +249,7 @@ impl Runtime {
                     .devices()
                     .filter(|d| d.ep().map(|n| n == OPENVINO_EP).unwrap_or(false))
                     .filter(|d| format!("{:?}", d.hardware_device().ty()).eq_ignore_ascii_case(device_type.split('.').next().unwrap_or("CPU")))
+                    .take(1) // one device, as onnxruntime-genai passes it
                     .collect();
                 if devices.is_empty() {
                     return Err(unavailable(format!("OpenVINO offers no {device_type} device on this machine")));
