@@ -45,7 +45,8 @@ fn child(args: &[String]) {
     };
     let rss_before = rss_kib("VmRSS");
     let started = Instant::now();
-    let options = LoadOptions { session: SessionOptions { providers: vec![provider], strict: true, weights, ..Default::default() }, kv_layout };
+    let options =
+        LoadOptions { session: SessionOptions { providers: vec![provider], strict: true, weights, ..Default::default() }, kv_layout };
     let mut engine = Engine::load(&runtime, "bench", &model, &options).expect("load");
     if let Some(draft) = arg(args, "--draft") {
         let folder = edgellm::model::ModelFolder::open(Path::new(&draft)).expect("draft folder");
@@ -56,13 +57,15 @@ fn child(args: &[String]) {
     let load_s = started.elapsed().as_secs_f64();
     let rss_load_mib = (rss_kib("VmHWM") - rss_before) as f64 / 1024.0;
     let gen = GenerateOptions { max_new_tokens: Some(new_tokens), temperature: Some(0.0), ..Default::default() };
-    let mut run = |ids: &Vec<u32>| engine.generate(&Prompt::Tokens(ids.clone()), &gen, &CancelToken::new(), &mut |_| true).expect("generate");
+    let mut run =
+        |ids: &Vec<u32>| engine.generate(&Prompt::Tokens(ids.clone()), &gen, &CancelToken::new(), &mut |_| true).expect("generate");
     run(&prompts[0]); // warm-up
     let outcomes: Vec<_> = prompts.iter().map(&mut run).collect();
     let tokens: usize = outcomes.iter().map(|o| o.token_ids.len() + o.eos_token.is_some() as usize).sum();
     let decode_s: f64 = outcomes.iter().map(|o| (o.stats.total_time - o.stats.time_to_first_token).as_secs_f64()).sum();
     let total_s: f64 = outcomes.iter().map(|o| o.stats.total_time.as_secs_f64()).sum();
-    let (judged, accepted) = outcomes.iter().filter_map(|o| o.stats.speculative).fold((0, 0), |(d, a), s| (d + s.evaluated_tokens, a + s.accepted_tokens));
+    let (judged, accepted) =
+        outcomes.iter().filter_map(|o| o.stats.speculative).fold((0, 0), |(d, a), s| (d + s.evaluated_tokens, a + s.accepted_tokens));
     let acceptance = if judged == 0 { 0.0 } else { accepted as f64 / judged as f64 };
     let draft_ms: f64 = outcomes.iter().filter_map(|o| o.stats.speculative).map(|s| s.draft_time.as_secs_f64() * 1000.0).sum();
     let verify_ms: f64 = outcomes.iter().filter_map(|o| o.stats.speculative).map(|s| s.verify_time.as_secs_f64() * 1000.0).sum();
@@ -104,23 +107,61 @@ fn main() {
     let providers = arg(&args, "--providers").unwrap_or_else(|| "cpu,openvino".into());
     let refs: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference_outputs.json")).unwrap()).unwrap();
     let name = model.file_name().unwrap().to_string_lossy().to_string();
-    let prompts: Vec<Value> = refs["models"][&name].as_array().or(refs["models"]["kjv-target"].as_array()).unwrap().iter().map(|c| c["prompt_ids"].clone()).collect();
+    let prompts: Vec<Value> = refs["models"][&name]
+        .as_array()
+        .or(refs["models"]["kjv-target"].as_array())
+        .unwrap()
+        .iter()
+        .map(|c| c["prompt_ids"].clone())
+        .collect();
     let prompts_file = std::env::temp_dir().join(format!("edgellm-bench-prompts-{}.json", std::process::id()));
     std::fs::write(&prompts_file, serde_json::to_string(&prompts).unwrap()).unwrap();
     let python = root().join(".edgellm/venv/bin/python");
     let plugin = root().join(".edgellm/runtime/libonnxruntime_providers_openvino_plugin.so");
     let me = std::env::current_exe().unwrap();
-    println!("model {} | {} prompts | {new_tokens} new tokens, greedy | default threads | {} cores", model.display(), prompts.len(), std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    println!("{:<10} {:<18} {:>8} {:>12} {:>9} {:>11} {:>9}", "provider", "engine", "load s", "load RSS MiB", "TTFT ms", "decode t/s", "e2e t/s");
+    println!(
+        "model {} | {} prompts | {new_tokens} new tokens, greedy | default threads | {} cores",
+        model.display(),
+        prompts.len(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!(
+        "{:<10} {:<18} {:>8} {:>12} {:>9} {:>11} {:>9}",
+        "provider", "engine", "load s", "load RSS MiB", "TTFT ms", "decode t/s", "e2e t/s"
+    );
     for provider in providers.split(',') {
         let ours = |weights: &str| {
-            run_json(Command::new(&me).args(["--child", "--model"]).arg(&model).args(["--new-tokens", &new_tokens, "--provider", provider, "--weights", weights, "--prompts"]).arg(&prompts_file))
+            run_json(
+                Command::new(&me)
+                    .args(["--child", "--model"])
+                    .arg(&model)
+                    .args(["--new-tokens", &new_tokens, "--provider", provider, "--weights", weights, "--prompts"])
+                    .arg(&prompts_file),
+            )
         };
-        let genai = run_json(Command::new(&python).arg(root().join("benches/genai_bench.py")).arg("--model").arg(&model).args(["--provider", provider, "--new-tokens", &new_tokens, "--plugin"]).arg(&plugin).arg("--prompts").arg(&prompts_file));
+        let genai = run_json(
+            Command::new(&python)
+                .arg(root().join("benches/genai_bench.py"))
+                .arg("--model")
+                .arg(&model)
+                .args(["--provider", provider, "--new-tokens", &new_tokens, "--plugin"])
+                .arg(&plugin)
+                .arg("--prompts")
+                .arg(&prompts_file),
+        );
         let edgellm = ours("file");
         let mapped = if provider == "cpu" { Some(ours("mmap")) } else { None };
         let row = |label: &str, r: &Value| {
-            println!("{:<10} {:<18} {:>8.3} {:>12.1} {:>9.2} {:>11.1} {:>9.1}", provider, label, r["load_s"].as_f64().unwrap(), r["rss_load_mib"].as_f64().unwrap(), r["ttft_ms"].as_f64().unwrap(), r["decode_tps"].as_f64().unwrap(), r["e2e_tps"].as_f64().unwrap());
+            println!(
+                "{:<10} {:<18} {:>8.3} {:>12.1} {:>9.2} {:>11.1} {:>9.1}",
+                provider,
+                label,
+                r["load_s"].as_f64().unwrap(),
+                r["rss_load_mib"].as_f64().unwrap(),
+                r["ttft_ms"].as_f64().unwrap(),
+                r["decode_tps"].as_f64().unwrap(),
+                r["e2e_tps"].as_f64().unwrap()
+            );
         };
         row("onnxruntime-genai", &genai);
         row("edgellm", &edgellm);
@@ -128,7 +169,16 @@ fn main() {
             row("edgellm (mmap)", m);
         }
         let ratio = |k: &str| edgellm[k].as_f64().unwrap() / genai[k].as_f64().unwrap();
-        println!("{:<10} {:<18} {:>8.2} {:>12.2} {:>9.2} {:>11.2} {:>9.2}   (edgellm / genai; want decode >= 1, TTFT <= 1)", provider, "ratio", ratio("load_s"), ratio("rss_load_mib"), ratio("ttft_ms"), ratio("decode_tps"), ratio("e2e_tps"));
+        println!(
+            "{:<10} {:<18} {:>8.2} {:>12.2} {:>9.2} {:>11.2} {:>9.2}   (edgellm / genai; want decode >= 1, TTFT <= 1)",
+            provider,
+            "ratio",
+            ratio("load_s"),
+            ratio("rss_load_mib"),
+            ratio("ttft_ms"),
+            ratio("decode_tps"),
+            ratio("e2e_tps")
+        );
         let same = edgellm["outputs"] == genai["outputs"];
         println!("{:<10} greedy outputs identical to onnxruntime-genai: {same}", provider);
     }
@@ -145,7 +195,10 @@ fn speculative_table(me: &Path, python: &Path, prompts_file: &Path, new_tokens: 
     let pair = root().join("models/kjv-speculative");
     let ours = |draft: Option<&Path>, k: &str| {
         let mut cmd = Command::new(me);
-        cmd.args(["--child", "--model"]).arg(&target).args(["--new-tokens", new_tokens, "--provider", "cpu", "--weights", "file", "--k", k, "--prompts"]).arg(prompts_file);
+        cmd.args(["--child", "--model"])
+            .arg(&target)
+            .args(["--new-tokens", new_tokens, "--provider", "cpu", "--weights", "file", "--k", k, "--prompts"])
+            .arg(prompts_file);
         if let Some(d) = draft {
             cmd.arg("--draft").arg(d);
         }
@@ -153,7 +206,11 @@ fn speculative_table(me: &Path, python: &Path, prompts_file: &Path, new_tokens: 
     };
     let genai = |model: &Path, spec: bool| {
         let mut cmd = Command::new(python);
-        cmd.arg(root().join("benches/genai_bench.py")).arg("--model").arg(model).args(["--provider", "cpu", "--new-tokens", new_tokens, "--prompts"]).arg(prompts_file);
+        cmd.arg(root().join("benches/genai_bench.py"))
+            .arg("--model")
+            .arg(model)
+            .args(["--provider", "cpu", "--new-tokens", new_tokens, "--prompts"])
+            .arg(prompts_file);
         if spec {
             cmd.arg("--speculative");
         }
@@ -169,7 +226,10 @@ fn speculative_table(me: &Path, python: &Path, prompts_file: &Path, new_tokens: 
     ];
     println!();
     println!("speculative decoding, kjv-target with kjv-draft, cpu, greedy");
-    println!("{:<20} {:>11} {:>10} {:>14} {:>12} {:>12} {:>10}", "engine", "decode t/s", "accept", "tok/target fwd", "x our plain", "x genai spec", "identical");
+    println!(
+        "{:<20} {:>11} {:>10} {:>14} {:>12} {:>12} {:>10}",
+        "engine", "decode t/s", "accept", "tok/target fwd", "x our plain", "x genai spec", "identical"
+    );
     let genai_spec = rows[4].1["decode_tps"].as_f64().unwrap();
     for (label, r) in &rows {
         let tps = r["decode_tps"].as_f64().unwrap();

@@ -88,14 +88,30 @@ enum Command {
 impl GenArgs {
     fn options(&self) -> HashMap<&'static str, Value<'static>> {
         let mut o = HashMap::new();
-        if let Some(v) = self.max_new_tokens { o.insert("max_new_tokens", Value::U32(v)); }
-        if let Some(v) = self.temperature { o.insert("temperature", Value::F64(v)); }
-        if let Some(v) = self.top_k { o.insert("top_k", Value::U32(v)); }
-        if let Some(v) = self.top_p { o.insert("top_p", Value::F64(v)); }
-        if let Some(v) = self.repetition_penalty { o.insert("repetition_penalty", Value::F64(v)); }
-        if let Some(v) = self.seed { o.insert("seed", Value::U64(v)); }
-        if !self.stop.is_empty() { o.insert("stop", Value::from(self.stop.clone())); }
-        if let Some(v) = self.speculative { o.insert("speculative", Value::Bool(v)); }
+        if let Some(v) = self.max_new_tokens {
+            o.insert("max_new_tokens", Value::U32(v));
+        }
+        if let Some(v) = self.temperature {
+            o.insert("temperature", Value::F64(v));
+        }
+        if let Some(v) = self.top_k {
+            o.insert("top_k", Value::U32(v));
+        }
+        if let Some(v) = self.top_p {
+            o.insert("top_p", Value::F64(v));
+        }
+        if let Some(v) = self.repetition_penalty {
+            o.insert("repetition_penalty", Value::F64(v));
+        }
+        if let Some(v) = self.seed {
+            o.insert("seed", Value::U64(v));
+        }
+        if !self.stop.is_empty() {
+            o.insert("stop", Value::from(self.stop.clone()));
+        }
+        if let Some(v) = self.speculative {
+            o.insert("speculative", Value::Bool(v));
+        }
         o
     }
 }
@@ -142,11 +158,22 @@ async fn connect(cli: &Cli) -> zbus::Result<zbus::Connection> {
 }
 
 async fn model_ready(proxy: &Daemon1Proxy<'_>, model: &str) -> bool {
-    proxy.list_models().await.ok().and_then(|ms| ms.into_iter().find(|(n, _)| n == model)).and_then(|(_, d)| d.get("state").map(show)).as_deref() == Some("ready")
+    proxy
+        .list_models()
+        .await
+        .ok()
+        .and_then(|ms| ms.into_iter().find(|(n, _)| n == model))
+        .and_then(|(_, d)| d.get("state").map(show))
+        .as_deref()
+        == Some("ready")
 }
 
 /// Starts a request and streams its tokens to stdout; Ctrl-C cancels it.
-async fn stream(proxy: &Daemon1Proxy<'_>, model: &str, start: impl std::future::Future<Output = zbus::Result<u64>>) -> Result<ExitCode, String> {
+async fn stream(
+    proxy: &Daemon1Proxy<'_>,
+    model: &str,
+    start: impl std::future::Future<Output = zbus::Result<u64>>,
+) -> Result<ExitCode, String> {
     // Subscribe before calling: the first token may follow the reply at once.
     let mut tokens = proxy.receive_token().await.map_err(|e| e.to_string())?;
     let mut finished = proxy.receive_finished().await.map_err(|e| e.to_string())?;
@@ -206,7 +233,9 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Generate { args, prompt } => stream(&proxy, &args.model, proxy.generate(&args.model, prompt, args.options())).await,
         Command::Chat { args, system_prompt, message } => {
             let mut messages: Vec<(&str, &str)> = Vec::new();
-            if let Some(s) = system_prompt { messages.push(("system", s)); }
+            if let Some(s) = system_prompt {
+                messages.push(("system", s));
+            }
             messages.push(("user", message));
             stream(&proxy, &args.model, proxy.chat(&args.model, &messages, args.options())).await
         }

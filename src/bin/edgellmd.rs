@@ -13,7 +13,7 @@ use zbus::object_server::SignalEmitter;
 use edgellm::config::{Bus, Config, DEFAULT_PATH};
 use edgellm::runtime::Runtime;
 use edgellm::scheduler::Scheduler;
-use edgellm::service::{AdminPolicy, BUS_NAME, Daemon, OBJECT_PATH};
+use edgellm::service::{AdminPolicy, Daemon, BUS_NAME, OBJECT_PATH};
 
 #[derive(Parser, Debug)]
 #[command(name = "edgellmd", version, about = "On-device LLM service over D-Bus")]
@@ -38,7 +38,8 @@ fn init_logging() {
             }
         }
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGELLM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("EDGELLM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -90,10 +91,7 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> Result<(), String> {
     let runtime = Runtime::load(config.runtime_library.as_deref()).map_err(|e| e.to_string())?;
     let scheduler = Scheduler::start(runtime, &config);
-    let admin = AdminPolicy {
-        daemon_uid: effective_uid(),
-        admin_gid: config.daemon.admin_group.as_deref().and_then(group_id),
-    };
+    let admin = AdminPolicy { daemon_uid: effective_uid(), admin_gid: config.daemon.admin_group.as_deref().and_then(group_id) };
     if let (Some(name), None) = (&config.daemon.admin_group, admin.admin_gid) {
         tracing::warn!(group = %name, "daemon.admin_group names no group in /etc/group");
     }
@@ -113,7 +111,9 @@ async fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot connect to the D-Bus bus ({:?}): {e}", config.daemon.bus))?;
     match conn.request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into()).await {
         Ok(RequestNameReply::PrimaryOwner) | Ok(RequestNameReply::AlreadyOwner) => {}
-        Ok(_) | Err(zbus::Error::NameTaken) => return Err(format!("another process already owns {BUS_NAME} on this bus: is edgellmd already running?")),
+        Ok(_) | Err(zbus::Error::NameTaken) => {
+            return Err(format!("another process already owns {BUS_NAME} on this bus: is edgellmd already running?"))
+        }
         Err(e) => return Err(format!("cannot own {BUS_NAME}: {e} (on the system bus the D-Bus policy must allow this user)")),
     }
     tracing::info!(bus = ?config.daemon.bus, name = BUS_NAME, "serving");
@@ -195,7 +195,10 @@ fn reload(current: &mut Config, scheduler: &Scheduler) {
             if new.runtime_library != current.runtime_library {
                 tracing::warn!("[runtime] library changed: that takes a restart of edgellmd");
             }
-            if new.daemon.bus != current.daemon.bus || new.daemon.admin_group != current.daemon.admin_group || new.daemon.log_text != current.daemon.log_text {
+            if new.daemon.bus != current.daemon.bus
+                || new.daemon.admin_group != current.daemon.admin_group
+                || new.daemon.log_text != current.daemon.log_text
+            {
                 tracing::warn!("[daemon] settings changed: they take a restart of edgellmd");
             }
             let changes = scheduler.reload(&new);

@@ -170,7 +170,11 @@ impl Config {
             line: e.span().map(|s| line_of(s.start)),
             message: e.message().trim().to_string(),
         })?;
-        let err = |span: std::ops::Range<usize>, message: String| ConfigError { file: file.to_path_buf(), line: Some(line_of(span.start)), message };
+        let err = |span: std::ops::Range<usize>, message: String| ConfigError {
+            file: file.to_path_buf(),
+            line: Some(line_of(span.start)),
+            message,
+        };
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
 
         let bus = match (&raw.daemon.address, &raw.daemon.bus) {
@@ -179,7 +183,12 @@ impl Config {
             (None, Some(bus)) => match bus.get_ref().as_str() {
                 "session" => Bus::Session,
                 "system" => Bus::System,
-                other => return Err(err(bus.span(), format!("field `daemon.bus`: `{other}` is not a bus; use \"session\" or \"system\", or set `daemon.address`"))),
+                other => {
+                    return Err(err(
+                        bus.span(),
+                        format!("field `daemon.bus`: `{other}` is not a bus; use \"session\" or \"system\", or set `daemon.address`"),
+                    ))
+                }
             },
         };
         let grace = match &raw.daemon.shutdown_grace_s {
@@ -229,11 +238,19 @@ impl Config {
                 None => vec![Provider::Cpu],
                 Some(list) => {
                     if list.get_ref().is_empty() {
-                        return Err(err(list.span(), "field `model.providers`: empty; list at least one of \"cuda\", \"openvino\", \"cpu\"".into()));
+                        return Err(err(
+                            list.span(),
+                            "field `model.providers`: empty; list at least one of \"cuda\", \"openvino\", \"cpu\"".into(),
+                        ));
                     }
                     let mut out = Vec::new();
                     for p in list.get_ref() {
-                        out.push(Provider::parse(p).ok_or_else(|| err(list.span(), format!("field `model.providers`: unknown provider `{p}`; use \"cuda\", \"openvino\" or \"cpu\"")))?);
+                        out.push(Provider::parse(p).ok_or_else(|| {
+                            err(
+                                list.span(),
+                                format!("field `model.providers`: unknown provider `{p}`; use \"cuda\", \"openvino\" or \"cpu\""),
+                            )
+                        })?);
                     }
                     out
                 }
@@ -257,7 +274,9 @@ impl Config {
                     "shared" => Some(KvLayout::Shared),
                     "growing" => Some(KvLayout::Growing),
                     "auto" => None,
-                    other => return Err(err(s.span(), format!("field `model.kv_layout`: `{other}`; use \"auto\", \"shared\" or \"growing\""))),
+                    other => {
+                        return Err(err(s.span(), format!("field `model.kv_layout`: `{other}`; use \"auto\", \"shared\" or \"growing\"")))
+                    }
                 },
             };
             let min_tokens = m.speculative_min_tokens.as_ref().map(|s| (*s.get_ref() as usize, s.span()));
@@ -268,7 +287,9 @@ impl Config {
                 return Err(err(span, format!("fields `model.speculative_min_tokens` ({min_k}) and `speculative_max_tokens` ({max_k}): need 1 <= min <= max <= 16")));
             }
             let min_confidence = match &m.speculative_min_confidence {
-                Some(c) if !(0.0..=1.0).contains(c.get_ref()) => return Err(err(c.span(), "field `model.speculative_min_confidence`: between 0 and 1".into())),
+                Some(c) if !(0.0..=1.0).contains(c.get_ref()) => {
+                    return Err(err(c.span(), "field `model.speculative_min_confidence`: between 0 and 1".into()))
+                }
                 Some(c) => *c.get_ref() as f32,
                 None => 0.0,
             };
@@ -322,7 +343,8 @@ mod tests {
 
     #[test]
     fn unknown_field_names_line_and_field() {
-        let e = parse("[daemon]\nbus = \"session\"\n\n[[model]]\nname = \"a\"\npath = \"x\"\nprovider = [\"cpu\"]\n").unwrap_err().to_string();
+        let e =
+            parse("[daemon]\nbus = \"session\"\n\n[[model]]\nname = \"a\"\npath = \"x\"\nprovider = [\"cpu\"]\n").unwrap_err().to_string();
         assert!(e.starts_with("/etc/edgellm/test.toml:7:"), "{e}");
         assert!(e.contains("provider"), "{e}");
     }

@@ -12,8 +12,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use half::f16;
-use ort::session::{OutputSelector, RunOptions, Session, HasSelectedOutputs};
 use ort::memory::MemoryInfo;
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
 use ort::value::{DynValue, DynValueTypeMarker, Shape, Tensor, TensorElementType, TensorRefMut, ValueRefMut, ValueType};
 
 use crate::error::{Error, Result};
@@ -125,7 +125,10 @@ impl KvCache {
 }
 
 fn slice_positions(value: &DynValue, len: usize) -> Result<DynValue> {
-    fn slice<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(value: &DynValue, len: usize) -> Result<DynValue> {
+    fn slice<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+        value: &DynValue,
+        len: usize,
+    ) -> Result<DynValue> {
         let (shape, data) = value.try_extract_tensor::<T>()?;
         let (b, h, t, d) = (shape[0] as usize, shape[1] as usize, shape[2] as usize, shape[3] as usize);
         let mut out = Vec::with_capacity(b * h * len * d);
@@ -174,7 +177,9 @@ impl Decoder {
             field: field.into(),
             reason: format!("the graph {} has no {kind} named `{name}`", config.decoder_file),
         };
-        for (field, name) in [("model.decoder.inputs.input_ids", &names.input_ids), ("model.decoder.inputs.attention_mask", &names.attention_mask)] {
+        for (field, name) in
+            [("model.decoder.inputs.input_ids", &names.input_ids), ("model.decoder.inputs.attention_mask", &names.attention_mask)]
+        {
             input(name).ok_or_else(|| mismatch(field, name, "input"))?;
         }
         let logits = output(&names.logits).ok_or_else(|| mismatch("model.decoder.outputs.logits", &names.logits, "output"))?;

@@ -99,7 +99,11 @@ pub struct SpeculativeStats {
 impl SpeculativeStats {
     /// Accepted / judged draft tokens (as onnxruntime-genai's `get_speculative_stats` counts).
     pub fn acceptance_rate(&self) -> f64 {
-        if self.evaluated_tokens == 0 { 0.0 } else { self.accepted_tokens as f64 / self.evaluated_tokens as f64 }
+        if self.evaluated_tokens == 0 {
+            0.0
+        } else {
+            self.accepted_tokens as f64 / self.evaluated_tokens as f64
+        }
     }
 }
 
@@ -174,12 +178,15 @@ impl Engine {
         // memory-mapped copy (it copies in-memory external data, and prepacking MatMulNBits
         // makes a private copy either way), so the session is built from the file path.
         let decoder = Decoder::load(runtime, dir, &folder.config, &options.session)?;
-        let kv_layout = options.kv_layout.unwrap_or(if folder.config.search.past_present_share_buffer {
-            KvLayout::Shared
-        } else {
-            KvLayout::Growing
-        });
-        tracing::info!(model = name, provider = decoder.provider.provider.name(), ?kv_layout, ms = started.elapsed().as_millis() as u64, "model loaded");
+        let kv_layout =
+            options.kv_layout.unwrap_or(if folder.config.search.past_present_share_buffer { KvLayout::Shared } else { KvLayout::Growing });
+        tracing::info!(
+            model = name,
+            provider = decoder.provider.provider.name(),
+            ?kv_layout,
+            ms = started.elapsed().as_millis() as u64,
+            "model loaded"
+        );
         Ok(Engine { name: name.into(), folder, decoder, kv_layout, draft: None, load_time: started.elapsed() })
     }
 
@@ -191,7 +198,13 @@ impl Engine {
     }
 
     /// Loads `folder` as this model's draft for speculative decoding.
-    pub fn attach_draft(&mut self, runtime: &Runtime, folder: &ModelFolder, options: &LoadOptions, settings: crate::speculative::Settings) -> Result<()> {
+    pub fn attach_draft(
+        &mut self,
+        runtime: &Runtime,
+        folder: &ModelFolder,
+        options: &LoadOptions,
+        settings: crate::speculative::Settings,
+    ) -> Result<()> {
         self.draft = Some(crate::speculative::Draft::load(runtime, &self.folder, folder, options, settings)?);
         Ok(())
     }
@@ -244,7 +257,9 @@ impl Engine {
         let mut run = Run::new(&self.folder, prompt_ids, params, options, max_new, self.context());
         let speculative = options.speculative.unwrap_or(true);
         let reason = match (&mut self.draft, speculative) {
-            (Some(draft), true) => crate::speculative::decode(&mut self.decoder, self.kv_layout, draft, &self.folder, &mut run, cancel, on_text)?,
+            (Some(draft), true) => {
+                crate::speculative::decode(&mut self.decoder, self.kv_layout, draft, &self.folder, &mut run, cancel, on_text)?
+            }
             _ => self.decode_plain(&mut run, cancel, on_text)?,
         };
         run.end(&self.folder, reason, on_text, &self.decoder.provider)
@@ -298,7 +313,14 @@ pub(crate) struct Run {
 }
 
 impl Run {
-    fn new(folder: &ModelFolder, prompt_ids: Vec<u32>, params: SamplingParams, options: &GenerateOptions, max_new: usize, context: usize) -> Run {
+    fn new(
+        folder: &ModelFolder,
+        prompt_ids: Vec<u32>,
+        params: SamplingParams,
+        options: &GenerateOptions,
+        max_new: usize,
+        context: usize,
+    ) -> Run {
         Run {
             prompt_len: prompt_ids.len(),
             sequence: prompt_ids,
@@ -319,7 +341,12 @@ impl Run {
     }
 
     /// Takes one generated token; returns the reason to stop, if it ends the request.
-    pub(crate) fn accept(&mut self, folder: &ModelFolder, token: u32, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Option<FinishReason>> {
+    pub(crate) fn accept(
+        &mut self,
+        folder: &ModelFolder,
+        token: u32,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Option<FinishReason>> {
         if self.first_token_at.is_none() {
             self.first_token_at = Some(self.started.elapsed());
         }
@@ -372,7 +399,13 @@ impl Run {
 
     /// Releases text held back for a possible stop string or an unfinished character (unless a
     /// stop string ended the text) and builds the outcome.
-    fn end(mut self, folder: &ModelFolder, mut reason: FinishReason, on_text: &mut dyn FnMut(&str) -> bool, provider: &ProviderReport) -> Result<Outcome> {
+    fn end(
+        mut self,
+        folder: &ModelFolder,
+        mut reason: FinishReason,
+        on_text: &mut dyn FnMut(&str) -> bool,
+        provider: &ProviderReport,
+    ) -> Result<Outcome> {
         let stopped_by_string = reason == FinishReason::Stop && self.eos_token.is_none();
         if !stopped_by_string {
             let tail = self.detok.flush(&folder.tokenizer)?;

@@ -1,8 +1,8 @@
 //! Choosing the next token from logits: greedy, or sampling with temperature, top-k, top-p and a
 //! repetition penalty, from a seeded generator so that a seed reproduces the text.
 
-use rand::{Rng, SeedableRng};
 use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Per-request sampling parameters, already validated.
 #[derive(Debug, Clone, PartialEq)]

@@ -26,11 +26,7 @@ impl StopText {
         let search_from = self.emitted;
         self.text.push_str(piece);
         // A stop string may straddle what was held back, never what was already emitted.
-        let hit = self
-            .stops
-            .iter()
-            .filter_map(|s| self.text[search_from..].find(s.as_str()).map(|p| search_from + p))
-            .min();
+        let hit = self.stops.iter().filter_map(|s| self.text[search_from..].find(s.as_str()).map(|p| search_from + p)).min();
         if let Some(at) = hit {
             let out = self.text[self.emitted..at].to_string();
             self.text.truncate(at);

@@ -115,8 +115,10 @@ impl<'a> Reader<'a> {
 impl GenaiConfig {
     pub fn load(dir: &Path) -> Result<GenaiConfig> {
         let path = dir.join("genai_config.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::ModelFile { path: path.clone(), reason: format!("cannot read: {e} (is this an onnxruntime-genai model folder?)") })?;
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::ModelFile {
+            path: path.clone(),
+            reason: format!("cannot read: {e} (is this an onnxruntime-genai model folder?)"),
+        })?;
         Self::parse(&path, &text)
     }
 

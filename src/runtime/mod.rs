@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use ort::environment::Environment;
 use ort::ep::{self, ArbitrarilyConfigurableExecutionProvider};
-use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::Session;
 
 use crate::error::{Error, Result};
 
@@ -72,7 +72,13 @@ pub enum WeightLoading {
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { providers: vec![Provider::Cpu], strict: false, threads: 0, provider_options: Vec::new(), weights: WeightLoading::File }
+        SessionOptions {
+            providers: vec![Provider::Cpu],
+            strict: false,
+            threads: 0,
+            provider_options: Vec::new(),
+            weights: WeightLoading::File,
+        }
     }
 }
 
@@ -132,12 +138,9 @@ impl Runtime {
                 });
             }
         };
-        let builder = ort::init_from(&library)
-            .map_err(|e| Error::RuntimeLibrary { path: library.clone(), reason: e.to_string() })?;
-        let env = builder
-            .with_name("edgellm")
-            .build()
-            .map_err(|e| Error::RuntimeLibrary { path: library.clone(), reason: e.to_string() })?;
+        let builder = ort::init_from(&library).map_err(|e| Error::RuntimeLibrary { path: library.clone(), reason: e.to_string() })?;
+        let env =
+            builder.with_name("edgellm").build().map_err(|e| Error::RuntimeLibrary { path: library.clone(), reason: e.to_string() })?;
         // The OpenVINO plugin lives beside the runtime library when the setup script installed it.
         // A symlink is resolved so that the plugin finds its OpenVINO libraries beside itself.
         let plugin = library.parent().map(|d| d.join(OPENVINO_PLUGIN)).and_then(|p| std::fs::canonicalize(p).ok());
@@ -248,7 +251,9 @@ impl Runtime {
                     .env
                     .devices()
                     .filter(|d| d.ep().map(|n| n == OPENVINO_EP).unwrap_or(false))
-                    .filter(|d| format!("{:?}", d.hardware_device().ty()).eq_ignore_ascii_case(device_type.split('.').next().unwrap_or("CPU")))
+                    .filter(|d| {
+                        format!("{:?}", d.hardware_device().ty()).eq_ignore_ascii_case(device_type.split('.').next().unwrap_or("CPU"))
+                    })
                     .take(1) // one device, as onnxruntime-genai passes it
                     .collect();
                 if devices.is_empty() {
@@ -260,9 +265,7 @@ impl Runtime {
                     .filter(|(k, _)| k != "device_type")
                     .map(|(k, v)| (format!("{OPENVINO_EP}.{k}"), v.clone()))
                     .collect();
-                builder = builder
-                    .with_devices(devices, Some(&prefixed))
-                    .map_err(|e| unavailable(e.to_string()))?;
+                builder = builder.with_devices(devices, Some(&prefixed)).map_err(|e| unavailable(e.to_string()))?;
             }
         }
         let committed = match options.weights {

@@ -259,7 +259,6 @@ impl Scheduler {
         changes
     }
 
-
     pub fn limits(&self) -> Limits {
         self.inner.limits.read().expect("limits").clone()
     }
@@ -270,10 +269,6 @@ impl Scheduler {
 
     fn slot(&self, model: &str) -> Result<Arc<ModelSlot>, SchedulerError> {
         self.inner.active(model).ok_or_else(|| SchedulerError::ModelNotFound(model.to_string()))
-    }
-
-    pub fn has_model(&self, model: &str) -> bool {
-        self.inner.active(model).is_some()
     }
 
     pub fn model_config(&self, model: &str) -> Option<ModelConfig> {
@@ -318,7 +313,9 @@ impl Scheduler {
             let mut per_client = self.inner.per_client.lock().expect("per_client");
             let queued: usize = self.queued();
             if queued >= limits.max_queue {
-                return Err(SchedulerError::Busy(format!("the queue is full ({queued} requests waiting, `limits.max_queue`); try again later")));
+                return Err(SchedulerError::Busy(format!(
+                    "the queue is full ({queued} requests waiting, `limits.max_queue`); try again later"
+                )));
             }
             let mine = per_client.entry(client.to_string()).or_insert(0);
             if *mine >= limits.max_per_client {
@@ -413,7 +410,10 @@ impl Scheduler {
     /// The daemon's watchdog pings systemd only then, so a hung engine gets the service restarted.
     pub fn engines_alive(&self, stall: std::time::Duration) -> bool {
         let now = self.inner.started.elapsed().as_millis() as u64;
-        self.inner.every().iter().all(|s| !s.busy.load(Ordering::SeqCst) || now.saturating_sub(s.heartbeat.load(Ordering::SeqCst)) < stall.as_millis() as u64)
+        self.inner
+            .every()
+            .iter()
+            .all(|s| !s.busy.load(Ordering::SeqCst) || now.saturating_sub(s.heartbeat.load(Ordering::SeqCst)) < stall.as_millis() as u64)
     }
 
     /// Refuse new requests from now on (shutdown has begun).
@@ -579,7 +579,11 @@ fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut Option<Eng
                 if let Some(draft) = slot.config.draft.as_ref().and_then(|d| inner.active(d)) {
                     let folder = open_folder(&draft)?;
                     let s = &slot.config.speculative;
-                    let settings = crate::speculative::Settings { min_tokens: s.min_tokens, max_tokens: s.max_tokens, min_confidence: s.min_confidence };
+                    let settings = crate::speculative::Settings {
+                        min_tokens: s.min_tokens,
+                        max_tokens: s.max_tokens,
+                        min_confidence: s.min_confidence,
+                    };
                     engine.attach_draft(&inner.runtime, &folder, &draft.config.load, settings)?;
                 }
                 Ok(engine)

@@ -8,7 +8,8 @@ use zbus::zvariant::{OwnedValue, Value};
 pub trait Daemon1 {
     fn generate(&self, model: &str, prompt: &str, options: HashMap<&str, Value<'_>>) -> zbus::Result<u64>;
     fn chat(&self, model: &str, messages: &[(&str, &str)], options: HashMap<&str, Value<'_>>) -> zbus::Result<u64>;
-    fn complete(&self, model: &str, prompt: &str, options: HashMap<&str, Value<'_>>) -> zbus::Result<(String, HashMap<String, OwnedValue>)>;
+    fn complete(&self, model: &str, prompt: &str, options: HashMap<&str, Value<'_>>)
+        -> zbus::Result<(String, HashMap<String, OwnedValue>)>;
     fn cancel(&self, request_id: u64) -> zbus::Result<()>;
     fn list_models(&self) -> zbus::Result<Vec<(String, HashMap<String, OwnedValue>)>>;
     fn load_model(&self, name: &str) -> zbus::Result<()>;

@@ -45,10 +45,14 @@ impl From<Error> for DaemonError {
     fn from(e: Error) -> Self {
         let message = e.to_string();
         match e {
-            Error::InvalidArgument { .. } | Error::NoChatTemplate(_) | Error::ChatTemplate(_) | Error::Tokenizer(_) => DaemonError::InvalidArgument(message),
+            Error::InvalidArgument { .. } | Error::NoChatTemplate(_) | Error::ChatTemplate(_) | Error::Tokenizer(_) => {
+                DaemonError::InvalidArgument(message)
+            }
             Error::PromptTooLong { .. } => DaemonError::PromptTooLong(message),
             Error::Cancelled => DaemonError::Cancelled(message),
-            Error::RuntimeLibrary { .. } | Error::ModelFile { .. } | Error::ModelConfig { .. } | Error::ProviderUnavailable { .. } => DaemonError::ModelLoadFailed(message),
+            Error::RuntimeLibrary { .. } | Error::ModelFile { .. } | Error::ModelConfig { .. } | Error::ProviderUnavailable { .. } => {
+                DaemonError::ModelLoadFailed(message)
+            }
             Error::Inference(_) => DaemonError::Internal(message),
         }
     }
@@ -109,7 +113,11 @@ fn stats_dict(stats: &GenerationStats) -> HashMap<String, OwnedValue> {
 }
 
 fn finished_reason(f: &Finished) -> &'static str {
-    if f.error.is_some() { "error" } else { f.reason.as_str() }
+    if f.error.is_some() {
+        "error"
+    } else {
+        f.reason.as_str()
+    }
 }
 
 impl Daemon {
@@ -122,15 +130,28 @@ impl Daemon {
     }
 
     /// Validates and queues; returns the request id and its event stream.
-    fn start(&self, sender: &str, model: &str, prompt: Prompt, options: &HashMap<String, OwnedValue>) -> Result<crate::scheduler::Submitted, DaemonError> {
+    fn start(
+        &self,
+        sender: &str,
+        model: &str,
+        prompt: Prompt,
+        options: &HashMap<String, OwnedValue>,
+    ) -> Result<crate::scheduler::Submitted, DaemonError> {
         let parsed = options::parse(options)?;
         if parsed.speculative == Some(true) && self.scheduler.model_config(model).is_some_and(|m| m.draft.is_none()) {
-            return Err(Error::InvalidArgument { argument: "speculative".into(), reason: format!("model `{model}` has no draft model configured") }.into());
+            return Err(Error::InvalidArgument {
+                argument: "speculative".into(),
+                reason: format!("model `{model}` has no draft model configured"),
+            }
+            .into());
         }
         if let Prompt::Text(text) = &prompt {
             let limit = self.scheduler.limits().max_prompt_bytes;
             if text.len() > limit {
-                return Err(DaemonError::PromptTooLong(format!("the prompt has {} bytes, over the daemon's limit of {limit} (`limits.max_prompt_bytes`)", text.len())));
+                return Err(DaemonError::PromptTooLong(format!(
+                    "the prompt has {} bytes, over the daemon's limit of {limit} (`limits.max_prompt_bytes`)",
+                    text.len()
+                )));
             }
         }
         let mut generate = parsed.generate;
@@ -140,12 +161,21 @@ impl Daemon {
             tracing::debug!(request = submitted.id, ?prompt, "request text");
         }
         tracing::info!(request = submitted.id, model, client = sender, "request queued");
-        self.requests.lock().expect("requests").insert(submitted.id, RequestEntry { owner: sender.to_string(), cancel: submitted.cancel.clone() });
+        self.requests
+            .lock()
+            .expect("requests")
+            .insert(submitted.id, RequestEntry { owner: sender.to_string(), cancel: submitted.cancel.clone() });
         Ok(submitted)
     }
 
     /// Sends a request's events to its caller only, as `Token` then `Finished` signals.
-    fn forward(&self, conn: &Connection, dest: UniqueName<'static>, submitted: crate::scheduler::Submitted, reply_sent: event_listener::EventListener) {
+    fn forward(
+        &self,
+        conn: &Connection,
+        dest: UniqueName<'static>,
+        submitted: crate::scheduler::Submitted,
+        reply_sent: event_listener::EventListener,
+    ) {
         let conn = conn.clone();
         let requests = self.requests.clone();
         let id = submitted.id;
@@ -194,7 +224,8 @@ impl Daemon {
 
     async fn check_admin(&self, conn: &Connection, sender: &UniqueName<'_>) -> Result<(), DaemonError> {
         let dbus = zbus::fdo::DBusProxy::new(conn).await?;
-        let creds = dbus.get_connection_credentials(BusName::Unique(sender.clone())).await.map_err(|e| DaemonError::Internal(e.to_string()))?;
+        let creds =
+            dbus.get_connection_credentials(BusName::Unique(sender.clone())).await.map_err(|e| DaemonError::Internal(e.to_string()))?;
         let uid = creds.unix_user_id();
         let in_group = match (self.admin.admin_gid, creds.unix_group_ids()) {
             (Some(gid), Some(groups)) => groups.contains(&gid),
@@ -210,7 +241,13 @@ impl Daemon {
         }
     }
 
-    async fn complete_inner(&self, sender: &str, model: &str, prompt: Prompt, options: &HashMap<String, OwnedValue>) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
+    async fn complete_inner(
+        &self,
+        sender: &str,
+        model: &str,
+        prompt: Prompt,
+        options: &HashMap<String, OwnedValue>,
+    ) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
         let mut submitted = self.start(sender, model, prompt, options)?;
         let id = submitted.id;
         let mut finished = None;
@@ -270,7 +307,9 @@ impl Daemon {
         let limit = self.scheduler.limits().max_prompt_bytes;
         let bytes: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
         if bytes > limit {
-            return Err(DaemonError::PromptTooLong(format!("the messages have {bytes} bytes, over the daemon's limit of {limit} (`limits.max_prompt_bytes`)")));
+            return Err(DaemonError::PromptTooLong(format!(
+                "the messages have {bytes} bytes, over the daemon's limit of {limit} (`limits.max_prompt_bytes`)"
+            )));
         }
         let messages = messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect();
         let submitted = self.start(&sender, &model, Prompt::Chat(messages), &options)?;
@@ -337,14 +376,24 @@ impl Daemon {
     }
 
     /// Loads a configured model and returns when it is ready.
-    async fn load_model(&self, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection, name: String) -> Result<(), DaemonError> {
+    async fn load_model(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+    ) -> Result<(), DaemonError> {
         let sender = Self::sender(&header)?;
         self.check_admin(conn, &sender).await?;
         Ok(self.scheduler.load(&name).await?)
     }
 
     /// Unloads a model; its memory is returned once running requests are done.
-    async fn unload_model(&self, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection, name: String) -> Result<(), DaemonError> {
+    async fn unload_model(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+    ) -> Result<(), DaemonError> {
         let sender = Self::sender(&header)?;
         self.check_admin(conn, &sender).await?;
         Ok(self.scheduler.unload(&name).await?)

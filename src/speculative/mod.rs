@@ -39,32 +39,29 @@ impl Draft {
     pub fn load(runtime: &Runtime, target: &ModelFolder, draft: &ModelFolder, options: &LoadOptions, settings: Settings) -> Result<Draft> {
         let mismatch = |field: &str, reason: String| Error::ModelConfig { path: draft.config.path.clone(), field: field.into(), reason };
         if draft.config.vocab_size != target.config.vocab_size {
-            return Err(mismatch("model.vocab_size", format!("{} differs from the target's {}: a draft must share the target's tokenizer", draft.config.vocab_size, target.config.vocab_size)));
+            return Err(mismatch(
+                "model.vocab_size",
+                format!(
+                    "{} differs from the target's {}: a draft must share the target's tokenizer",
+                    draft.config.vocab_size, target.config.vocab_size
+                ),
+            ));
         }
         if draft.config.context_length < target.config.context_length {
-            return Err(mismatch("model.context_length", format!("{} is shorter than the target's {}", draft.config.context_length, target.config.context_length)));
+            return Err(mismatch(
+                "model.context_length",
+                format!("{} is shorter than the target's {}", draft.config.context_length, target.config.context_length),
+            ));
         }
         let decoder = Decoder::load(runtime, &draft.dir, &draft.config, &options.session)?;
-        let layout = options.kv_layout.unwrap_or(if draft.config.search.past_present_share_buffer { KvLayout::Shared } else { KvLayout::Growing });
+        let layout =
+            options.kv_layout.unwrap_or(if draft.config.search.past_present_share_buffer { KvLayout::Shared } else { KvLayout::Growing });
         Ok(Draft { decoder, layout, settings })
     }
 
     pub fn provider(&self) -> &ProviderReport {
         &self.decoder.provider
     }
-}
-
-/// The greedy rule: accept while the draft's token is the target's argmax. `target_rows` holds
-/// k+1 rows of logits (after the last accepted token, then after each draft token). Returns how
-/// many drafts were accepted and the target's own next token.
-pub fn verify_greedy(target_rows: &[Vec<f32>], drafts: &[u32]) -> (usize, u32) {
-    for (i, &d) in drafts.iter().enumerate() {
-        let best = argmax(&target_rows[i]) as u32;
-        if best != d {
-            return (i, best);
-        }
-    }
-    (drafts.len(), argmax(&target_rows[drafts.len()]) as u32)
 }
 
 /// Logit gap under which a greedy decision from a batched verify row is re-checked with a
@@ -93,7 +90,9 @@ fn top_two_gap(row: &[f32]) -> f32 {
     a - b
 }
 
-/// `verify_greedy` that stops at the first row whose decision is within `margin` of a tie.
+/// The greedy rule: accept while the draft's token is the target's argmax. `target_rows` holds
+/// k+1 rows of logits (after the last accepted token, then after each draft token). Stops at the
+/// first row whose decision is within `margin` of a tie.
 pub fn verify_greedy_guarded(target_rows: &[Vec<f32>], drafts: &[u32], margin: f32) -> GreedyVerdict {
     for (i, row) in target_rows.iter().enumerate().take(drafts.len() + 1) {
         if top_two_gap(row) < margin {
@@ -198,7 +197,11 @@ pub(crate) fn decode(
         run.speculative = Some(stats);
         return Ok(reason);
     }
-    let mut k = AdaptiveK { k: draft.settings.max_tokens.div_ceil(2).max(draft.settings.min_tokens), min: draft.settings.min_tokens, max: draft.settings.max_tokens };
+    let mut k = AdaptiveK {
+        k: draft.settings.max_tokens.div_ceil(2).max(draft.settings.min_tokens),
+        min: draft.settings.min_tokens,
+        max: draft.settings.max_tokens,
+    };
     let reason = 'rounds: loop {
         // Invariant: the target's cache holds all of `sequence` but its last token.
         let base = t_cache.len();
@@ -216,11 +219,16 @@ pub(crate) fn decode(
         let drafting = std::time::Instant::now();
         while drafts.len() < k_now {
             let Some(row) = forward(&mut draft.decoder, &mut d_cache, &feed, 1)? else { break 'rounds FinishReason::Cancelled };
-            let mut seen = run.sequence.clone();
-            seen.extend_from_slice(&drafts);
+            // What the repetition penalty looks at; only built when there is a penalty.
+            let seen: Vec<u32> =
+                if params.repetition_penalty == 1.0 { Vec::new() } else { run.sequence.iter().chain(&drafts).copied().collect() };
             let (token, confidence) = if greedy {
                 let t = penalised_argmax(&row, &seen, params.repetition_penalty);
-                let confidence = if draft.settings.min_confidence > 0.0 { row_distribution(&row, &seen, &SamplingParams { temperature: 1.0, ..params.clone() })[t as usize] } else { 1.0 };
+                let confidence = if draft.settings.min_confidence > 0.0 {
+                    row_distribution(&row, &seen, &SamplingParams { temperature: 1.0, ..params.clone() })[t as usize]
+                } else {
+                    1.0
+                };
                 (t, confidence)
             } else {
                 let q = row_distribution(&row, &seen, &params);
@@ -266,9 +274,10 @@ pub(crate) fn decode(
             match verify_greedy_guarded(&rows, &drafts, TIE_MARGIN) {
                 GreedyVerdict::Decided(accepted, next) => (accepted, next),
                 GreedyVerdict::NearTie(at) => {
-                    // A batched forward can differ from a single-token one in the last float
-                    // bits (other kernels); where the target's top two logits are that close,
-                    // decide the position with a single-token forward, as plain decoding does.
+                    // A batched forward can differ from a single-token one by up to ~0.1 logit
+                    // (ONNX Runtime picks other kernels); where the target's top two logits are
+                    // that close, decide the position with a single-token forward, as plain
+                    // decoding does.
                     t_cache.truncate(base + at)?;
                     let Some(mut row) = forward(target, &mut t_cache, &verify_ids[at..=at], 1)? else { break FinishReason::Cancelled };
                     run.target_forwards += 1;
@@ -279,7 +288,8 @@ pub(crate) fn decode(
                     (at, argmax(&row) as u32)
                 }
             }
-        } else {            let mut seen = run.sequence.clone();
+        } else {
+            let mut seen = run.sequence.clone();
             let p_rows: Vec<Vec<f32>> = rows
                 .iter()
                 .enumerate()
@@ -324,10 +334,9 @@ mod tests {
     #[test]
     fn greedy_accepts_the_matching_prefix() {
         let rows = vec![vec![0.0, 5.0, 1.0], vec![3.0, 0.0, 1.0], vec![0.0, 0.0, 9.0]];
-        assert_eq!(verify_greedy(&rows, &[1, 0]), (2, 2), "all accepted, bonus from the last row");
-        assert_eq!(verify_greedy(&rows, &[1, 2]), (1, 0), "rejected at 1: the target's token");
-        assert_eq!(verify_greedy(&rows, &[0, 0]), (0, 1), "rejected at 0");
-        assert_eq!(verify_greedy_guarded(&rows, &[1, 0], 0.1), GreedyVerdict::Decided(2, 2));
+        assert_eq!(verify_greedy_guarded(&rows, &[1, 0], 0.1), GreedyVerdict::Decided(2, 2), "all accepted, bonus from the last row");
+        assert_eq!(verify_greedy_guarded(&rows, &[1, 2], 0.1), GreedyVerdict::Decided(1, 0), "rejected at 1: the target's token");
+        assert_eq!(verify_greedy_guarded(&rows, &[0, 0], 0.1), GreedyVerdict::Decided(0, 1), "rejected at 0");
         let close = vec![vec![0.0, 5.0, 4.95], vec![3.0, 0.0, 1.0], vec![0.0, 0.0, 9.0]];
         assert_eq!(verify_greedy_guarded(&close, &[1, 0], 0.1), GreedyVerdict::NearTie(0));
     }

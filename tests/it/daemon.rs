@@ -33,7 +33,13 @@ impl PrivateBus {
             ),
         )
         .unwrap();
-        let child = Command::new("dbus-daemon").arg(format!("--config-file={}", conf.display())).arg("--nofork").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dbus-daemon is installed");
+        let child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .arg("--nofork")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon is installed");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             assert!(Instant::now() < deadline, "dbus-daemon did not start");
@@ -118,7 +124,11 @@ impl Daemon {
         let out = self.busctl(&all);
         if out.status.success() {
             // Methods without out arguments print nothing.
-            Ok(if out.stdout.iter().all(u8::is_ascii_whitespace) { serde_json::Value::Null } else { serde_json::from_slice(&out.stdout).expect("busctl json") })
+            Ok(if out.stdout.iter().all(u8::is_ascii_whitespace) {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_slice(&out.stdout).expect("busctl json")
+            })
         } else {
             Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
         }
@@ -195,7 +205,8 @@ fn streamed_text_equals_complete_and_cli_and_reference() {
     let daemon = Daemon::start("");
     let case = &references().models["kjv-target"][0];
     // busctl, non-streaming.
-    let reply = daemon.call("Complete", "ssa{sv}", &["kjv", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
+    let reply =
+        daemon.call("Complete", "ssa{sv}", &["kjv", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
     let complete_text = reply["data"][0].as_str().unwrap().to_string();
     assert_eq!(complete_text, case.text, "Complete equals onnxruntime-genai's greedy text");
     // zbus client, streaming.
@@ -228,12 +239,23 @@ fn other_clients_see_no_tokens_and_cannot_cancel() {
         let owner_proxy = Daemon1Proxy::new(&owner).await.unwrap();
         let other_proxy = Daemon1Proxy::new(&other).await.unwrap();
         let mut tokens = owner_proxy.receive_token().await.unwrap();
-        let id = owner_proxy.generate("kjv", "And God said", HashMap::from([("max_new_tokens", Value::U32(200)), ("temperature", Value::F64(1.0)), ("seed", Value::U64(3))])).await.unwrap();
+        let id = owner_proxy
+            .generate(
+                "kjv",
+                "And God said",
+                HashMap::from([("max_new_tokens", Value::U32(200)), ("temperature", Value::F64(1.0)), ("seed", Value::U64(3))]),
+            )
+            .await
+            .unwrap();
         tokens.next().await.expect("owner gets tokens");
         let err = other_proxy.cancel(id).await.unwrap_err().to_string();
         assert!(err.contains("org.edgellm.Error.RequestNotFound"), "{err}");
         let unknown = other_proxy.cancel(id ^ 0xffff).await.unwrap_err().to_string();
-        assert_eq!(err.replace(&id.to_string(), "N"), unknown.replace(&(id ^ 0xffff).to_string(), "N"), "someone else's id and an unknown id look the same");
+        assert_eq!(
+            err.replace(&id.to_string(), "N"),
+            unknown.replace(&(id ^ 0xffff).to_string(), "N"),
+            "someone else's id and an unknown id look the same"
+        );
         owner_proxy.cancel(id).await.unwrap();
         // Whatever the spy got in the meantime: no Token or Finished of the owner's request.
         let deadline = tokio::time::sleep(Duration::from_millis(500));
@@ -424,15 +446,26 @@ fn cli_ctrl_c_cancels_the_request() {
 
 #[test]
 fn speculative_model_serves_with_stats_and_can_be_turned_off() {
-    let daemon = Daemon::start(&format!("\n[[model]]\nname = \"kjv-spec\"\npath = \"{}\"\ndraft = \"kjv-draft\"\nspeculative_max_tokens = 4\n", model_dir("kjv-target").display()));
+    let daemon = Daemon::start(&format!(
+        "\n[[model]]\nname = \"kjv-spec\"\npath = \"{}\"\ndraft = \"kjv-draft\"\nspeculative_max_tokens = 4\n",
+        model_dir("kjv-target").display()
+    ));
     let case = &references().models["kjv-target"][0];
-    let plain = daemon.call("Complete", "ssa{sv}", &["kjv", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
-    let spec = daemon.call("Complete", "ssa{sv}", &["kjv-spec", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
+    let plain =
+        daemon.call("Complete", "ssa{sv}", &["kjv", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
+    let spec =
+        daemon.call("Complete", "ssa{sv}", &["kjv-spec", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
     assert_eq!(spec["data"][0], plain["data"][0], "greedy speculative text equals the target alone");
     let stats = &spec["data"][1];
     assert!(stats["draft_tokens"]["data"].as_u64().unwrap() > 0, "{stats}");
     assert!(stats["acceptance_rate"]["data"].as_f64().unwrap() > 0.0, "{stats}");
-    let off = daemon.call("Complete", "ssa{sv}", &["kjv-spec", &case.prompt, "3", "max_new_tokens", "u", "64", "temperature", "d", "0", "speculative", "b", "false"]).unwrap();
+    let off = daemon
+        .call(
+            "Complete",
+            "ssa{sv}",
+            &["kjv-spec", &case.prompt, "3", "max_new_tokens", "u", "64", "temperature", "d", "0", "speculative", "b", "false"],
+        )
+        .unwrap();
     assert!(off["data"][1].get("draft_tokens").is_none(), "speculative=false decodes plainly: {}", off["data"][1]);
     assert_eq!(off["data"][0], plain["data"][0]);
     let status = daemon.call("Status", "", &[]).unwrap();
@@ -492,7 +525,8 @@ fn sighup_reloads_the_config_and_rejects_a_bad_one() {
         let models = daemon.call("ListModels", "", &[]).unwrap().to_string();
         if models.contains("kjv-extra") && models.contains("ready") && !models.contains("\"kjv-draft\"") {
             let extra = daemon.call("ListModels", "", &[]).unwrap();
-            let states: Vec<String> = extra["data"][0].as_array().unwrap().iter().map(|m| format!("{}={}", m[0], m[1]["state"]["data"])).collect();
+            let states: Vec<String> =
+                extra["data"][0].as_array().unwrap().iter().map(|m| format!("{}={}", m[0], m[1]["state"]["data"])).collect();
             if states.iter().any(|s| s.starts_with("\"kjv-extra\"=\"ready\"")) {
                 break;
             }

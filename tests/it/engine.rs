@@ -83,7 +83,8 @@ fn genai_openvino_outputs(prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec<u3
         .output()
         .expect("onnxruntime-genai (scripts/setup-runtime.sh installs it)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).last().unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).last().unwrap()).unwrap();
     serde_json::from_value(report["outputs"].clone()).unwrap()
 }
 
@@ -120,7 +121,8 @@ fn sampling_with_a_seed_repeats_and_differs_across_seeds() {
     let mut engine = load("kjv-target", LoadOptions::default());
     let prompt = Prompt::Text("And the LORD said".into());
     let mut run = |seed| {
-        let options = GenerateOptions { max_new_tokens: Some(40), temperature: Some(1.0), top_p: Some(0.95), seed: Some(seed), ..Default::default() };
+        let options =
+            GenerateOptions { max_new_tokens: Some(40), temperature: Some(1.0), top_p: Some(0.95), seed: Some(seed), ..Default::default() };
         engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap().text
     };
     let (a, b, c) = (run(11), run(11), run(12));
@@ -229,14 +231,20 @@ fn missing_weights_and_corrupt_config_are_named() {
 #[test]
 fn unavailable_provider_falls_back_or_fails_when_strict() {
     // No CUDA here (and the CPU wheel has no CUDA provider): strict is an error naming it...
-    let strict = LoadOptions { session: SessionOptions { providers: vec![Provider::Cuda], strict: true, ..Default::default() }, ..Default::default() };
+    let strict = LoadOptions {
+        session: SessionOptions { providers: vec![Provider::Cuda], strict: true, ..Default::default() },
+        ..Default::default()
+    };
     match Engine::load(&runtime(), "d", &model_dir("kjv-draft"), &strict) {
         Err(Error::ProviderUnavailable { provider, .. }) => assert_eq!(provider, "cuda"),
         Err(other) => panic!("expected ProviderUnavailable, got {other:?}"),
         Ok(_) => eprintln!("CUDA is available on this machine: nothing to fall back from"),
     }
     // ...and without strict the model runs on the next provider, with the failure reported.
-    let fallback = LoadOptions { session: SessionOptions { providers: vec![Provider::Cuda, Provider::Cpu], strict: false, ..Default::default() }, ..Default::default() };
+    let fallback = LoadOptions {
+        session: SessionOptions { providers: vec![Provider::Cuda, Provider::Cpu], strict: false, ..Default::default() },
+        ..Default::default()
+    };
     let engine = Engine::load(&runtime(), "d", &model_dir("kjv-draft"), &fallback).unwrap();
     if engine.provider().provider == Provider::Cpu {
         assert_eq!(engine.provider().failed.first().map(|f| f.0), Some(Provider::Cuda));

@@ -17,9 +17,7 @@ pub fn model_dir(name: &str) -> PathBuf {
 /// The one ONNX Runtime of the test process (ort loads the library once per process).
 pub fn runtime() -> Arc<Runtime> {
     static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
-    RUNTIME
-        .get_or_init(|| Runtime::load(None).expect("ONNX Runtime: run scripts/setup-runtime.sh first"))
-        .clone()
+    RUNTIME.get_or_init(|| Runtime::load(None).expect("ONNX Runtime: run scripts/setup-runtime.sh first")).clone()
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,18 +12,51 @@ use zbus::zvariant::{OwnedValue, Value};
 
 fn toml_fragment() -> impl Strategy<Value = String> {
     let key = prop::sample::select(vec![
-        "bus", "address", "library", "max_queue", "max_per_client", "max_prompt_bytes", "max_new_tokens", "request_timeout_s",
-        "name", "path", "providers", "strict", "threads", "draft", "preload", "kv_layout", "speculative_min_tokens",
-        "speculative_max_tokens", "speculative_min_confidence", "provider_options", "shutdown_grace_s", "bogus",
+        "bus",
+        "address",
+        "library",
+        "max_queue",
+        "max_per_client",
+        "max_prompt_bytes",
+        "max_new_tokens",
+        "request_timeout_s",
+        "name",
+        "path",
+        "providers",
+        "strict",
+        "threads",
+        "draft",
+        "preload",
+        "kv_layout",
+        "speculative_min_tokens",
+        "speculative_max_tokens",
+        "speculative_min_confidence",
+        "provider_options",
+        "shutdown_grace_s",
+        "bogus",
     ]);
     let value = prop::sample::select(vec![
-        "\"session\"", "\"system\"", "\"cpu\"", "[\"cpu\", \"openvino\"]", "[\"gpu\"]", "[]", "0", "1", "-1", "99999999999",
-        "true", "1.5", "\"\"", "\"kjv\"", "{ device_type = \"CPU\" }", "{ a = [1] }", "\"../x\"",
+        "\"session\"",
+        "\"system\"",
+        "\"cpu\"",
+        "[\"cpu\", \"openvino\"]",
+        "[\"gpu\"]",
+        "[]",
+        "0",
+        "1",
+        "-1",
+        "99999999999",
+        "true",
+        "1.5",
+        "\"\"",
+        "\"kjv\"",
+        "{ device_type = \"CPU\" }",
+        "{ a = [1] }",
+        "\"../x\"",
     ]);
     let section = prop::sample::select(vec!["[daemon]", "[runtime]", "[limits]", "[[model]]", "[other]", ""]);
-    prop::collection::vec((section, key, value), 0..12).prop_map(|lines| {
-        lines.into_iter().map(|(s, k, v)| format!("{s}\n{k} = {v}\n")).collect::<String>()
-    })
+    prop::collection::vec((section, key, value), 0..12)
+        .prop_map(|lines| lines.into_iter().map(|(s, k, v)| format!("{s}\n{k} = {v}\n")).collect::<String>())
 }
 
 fn variant() -> impl Strategy<Value = Value<'static>> {

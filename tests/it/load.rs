@@ -129,7 +129,8 @@ fn eight_clients_with_cancels_and_disconnects() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let status = daemon.call("Status", "", &[]).unwrap();
-        let busy = status["data"][0]["requests_in_flight"]["data"].as_u64().unwrap() + status["data"][0]["requests_queued"]["data"].as_u64().unwrap();
+        let busy = status["data"][0]["requests_in_flight"]["data"].as_u64().unwrap()
+            + status["data"][0]["requests_queued"]["data"].as_u64().unwrap();
         if busy == 0 {
             break;
         }
@@ -140,7 +141,8 @@ fn eight_clients_with_cancels_and_disconnects() {
     let mut ttft: Vec<Duration> = reports.iter().flat_map(|r| r.ttft.iter().copied()).collect();
     ttft.sort();
     let pct = |p: f64| ttft[((ttft.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
-    let (finished, cancelled, disconnected, tokens) = reports.iter().fold((0, 0, 0, 0), |a, r| (a.0 + r.finished, a.1 + r.cancelled, a.2 + r.disconnected, a.3 + r.tokens));
+    let (finished, cancelled, disconnected, tokens) =
+        reports.iter().fold((0, 0, 0, 0), |a, r| (a.0 + r.finished, a.1 + r.cancelled, a.2 + r.disconnected, a.3 + r.tokens));
     eprintln!(
         "load: {CLIENTS} clients, {elapsed:.0} s: {} requests ({finished} finished, {cancelled} cancelled, {disconnected} disconnected), {:.0} tokens/s overall, TTFT p50 {:.1} ms p99 {:.1} ms, RSS {} -> {} KiB",
         finished + cancelled + disconnected,

@@ -23,7 +23,12 @@ fn greedy_lossless(layout: KvLayout) {
     for case in &refs.models["kjv-target"] {
         let options = GenerateOptions { max_new_tokens: Some(refs.new_tokens), temperature: Some(0.0), ..Default::default() };
         let mut streamed = String::new();
-        let out = engine.generate(&Prompt::Tokens(case.prompt_ids.clone()), &options, &CancelToken::new(), &mut |p| { streamed.push_str(p); true }).unwrap();
+        let out = engine
+            .generate(&Prompt::Tokens(case.prompt_ids.clone()), &options, &CancelToken::new(), &mut |p| {
+                streamed.push_str(p);
+                true
+            })
+            .unwrap();
         let mut ids = out.token_ids.clone();
         ids.extend(out.eos_token);
         assert_eq!(streamed, out.text);
@@ -40,7 +45,11 @@ fn greedy_lossless(layout: KvLayout) {
             let (ours, theirs) = (ids[at] as usize, case.output_ids[at] as usize);
             let gap = (logits[ours] - logits[theirs]).abs();
             eprintln!("{:?}: first difference at token {at}, target logit gap {gap:.4}", case.prompt);
-            assert!(gap < 0.25, "speculative greedy differs from the target alone at token {at} of {:?}, not at a near tie (gap {gap})", case.prompt);
+            assert!(
+                gap < 0.25,
+                "speculative greedy differs from the target alone at token {at} of {:?}, not at a near tie (gap {gap})",
+                case.prompt
+            );
             near_ties += 1;
         }
         let spec = out.stats.speculative.expect("speculative stats");
@@ -80,7 +89,14 @@ fn sampled_speculative_follows_the_target_distribution() {
     let sample = |engine: &mut Engine, speculative: bool| {
         let mut counts = [std::collections::HashMap::<u32, usize>::new(), std::collections::HashMap::new()];
         for seed in 0..seeds {
-            let options = GenerateOptions { max_new_tokens: Some(3), temperature: Some(1.0), top_k: Some(8), seed: Some(seed * 7919 + if speculative { 1 } else { 0 }), speculative: Some(speculative), ..Default::default() };
+            let options = GenerateOptions {
+                max_new_tokens: Some(3),
+                temperature: Some(1.0),
+                top_k: Some(8),
+                seed: Some(seed * 7919 + if speculative { 1 } else { 0 }),
+                speculative: Some(speculative),
+                ..Default::default()
+            };
             let out = engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap();
             for pos in 1..3 {
                 if let Some(&t) = out.token_ids.get(pos) {

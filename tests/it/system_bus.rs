@@ -30,7 +30,8 @@ fn ensure_user(name: &str) {
     if Command::new("id").arg(name).output().unwrap().status.success() {
         return;
     }
-    let status = Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name]).status().expect("useradd");
+    let status =
+        Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name]).status().expect("useradd");
     assert!(status.success(), "useradd {name}");
 }
 
@@ -89,7 +90,15 @@ fn shipped_policy_on_a_system_like_bus() {
         ),
     )
     .unwrap();
-    let _bus = KillOnDrop(Command::new("dbus-daemon").arg(format!("--config-file={}", conf.display())).arg("--nofork").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let _bus = KillOnDrop(
+        Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .arg("--nofork")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         assert!(Instant::now() < deadline, "dbus-daemon did not start");
@@ -107,7 +116,15 @@ fn shipped_policy_on_a_system_like_bus() {
     .unwrap();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
     let log = dir.path().join("edgellmd.log");
-    let mut daemon = KillOnDrop(as_user(SERVICE_USER, env!("CARGO_BIN_EXE_edgellmd")).arg("--config").arg(&config).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap());
+    let mut daemon = KillOnDrop(
+        as_user(SERVICE_USER, env!("CARGO_BIN_EXE_edgellmd"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let busctl = |user: &str, args: &[&str]| as_user(user, "busctl").arg(format!("--address={address}")).args(args).output().unwrap();
     let call = |user: &str, method: &str, sig: &str, args: &[&str]| {
         let mut all = vec!["call", "org.edgellm.Daemon1", "/org/edgellm/Daemon1", "org.edgellm.Daemon1", method, sig];
@@ -115,8 +132,14 @@ fn shipped_policy_on_a_system_like_bus() {
         busctl(user, &all)
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !call(OTHER_USER, "ListModels", "", &[]).status.success() || !String::from_utf8_lossy(&call(OTHER_USER, "ListModels", "", &[]).stdout).contains("ready") {
-        assert!(Instant::now() < deadline, "edgellmd did not start as {SERVICE_USER}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    while !call(OTHER_USER, "ListModels", "", &[]).status.success()
+        || !String::from_utf8_lossy(&call(OTHER_USER, "ListModels", "", &[]).stdout).contains("ready")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "edgellmd did not start as {SERVICE_USER}: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -132,8 +155,15 @@ fn shipped_policy_on_a_system_like_bus() {
     let out = call("root", "LoadModel", "s", &["kjv-draft"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Nobody but the service user owns the name.
-    let out = busctl(OTHER_USER, &["call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "RequestName", "su", "org.edgellm.Daemon1", "4"]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Access denied"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = busctl(
+        OTHER_USER,
+        &["call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "RequestName", "su", "org.edgellm.Daemon1", "4"],
+    );
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Access denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // No eavesdropping: a monitor run by the other user sees none of root's tokens.
     let monitor_out = dir.path().join("monitor.txt");
