@@ -118,7 +118,7 @@ fn eight_clients_with_cancels_and_disconnects() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let address = daemon.bus.address.clone();
     // Warm-up with the same shape of load, so that ONNX Runtime's arenas have grown.
-    let warm_until = Instant::now() + Duration::from_secs(3);
+    let warm_until = Instant::now() + Duration::from_secs(5);
     run_clients(&rt, &address, warm_until, 1000);
     let rss_warm = rss_kib(daemon.pid());
     let started = Instant::now();
