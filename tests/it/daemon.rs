@@ -623,3 +623,51 @@ fn catalogue_of_bad_input_and_a_flood() {
     // Prompts and generated text stay out of the logs unless log_text is set.
     assert!(!daemon.log_text().contains("And it came to pass"), "{}", daemon.log_text());
 }
+
+/// A hand-made message whose prompt is not valid UTF-8 (no D-Bus library would send one): the
+/// bus refuses it before the daemon sees it, and the daemon keeps serving.
+#[test]
+fn invalid_utf8_never_reaches_the_daemon() {
+    use std::io::{BufRead, Read, Write};
+    let daemon = Daemon::start("");
+    let path = daemon.bus.address.trim_start_matches("unix:path=").to_string();
+    let mut socket = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let uid: String = std::fs::read_to_string("/proc/self/status").unwrap().lines().find(|l| l.starts_with("Uid:")).unwrap().split_whitespace().nth(1).unwrap().to_string();
+    let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
+    socket.write_all(format!("\0AUTH EXTERNAL {hex}\r\n").as_bytes()).unwrap();
+    let mut reader = std::io::BufReader::new(socket.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK"), "{line}");
+    socket.write_all(b"BEGIN\r\n").unwrap();
+    let hello = zbus::message::Message::method_call("/org/freedesktop/DBus", "Hello")
+        .unwrap()
+        .destination("org.freedesktop.DBus")
+        .unwrap()
+        .interface("org.freedesktop.DBus")
+        .unwrap()
+        .build(&())
+        .unwrap();
+    socket.write_all(hello.data()).unwrap();
+    let marker = "PROMPT-MARKER";
+    let options: HashMap<&str, Value<'_>> = HashMap::new();
+    let generate = zbus::message::Message::method_call("/org/edgellm/Daemon1", "Generate")
+        .unwrap()
+        .destination("org.edgellm.Daemon1")
+        .unwrap()
+        .interface("org.edgellm.Daemon1")
+        .unwrap()
+        .build(&("kjv", marker, options))
+        .unwrap();
+    let mut bytes = generate.data().to_vec();
+    let at = bytes.windows(marker.len()).position(|w| w == marker.as_bytes()).expect("prompt bytes");
+    bytes[at] = 0xff; // not UTF-8
+    socket.write_all(&bytes).unwrap();
+    // The bus answers Hello, then drops or refuses the invalid message; read what comes.
+    let mut received = Vec::new();
+    let _ = reader.read_to_end(&mut received);
+    assert!(!daemon.log_text().contains("request queued"), "the invalid message reached the daemon: {}", daemon.log_text());
+    // Everyone else is still served.
+    assert!(daemon.call("Complete", "ssa{sv}", &["kjv", "And God said", "1", "max_new_tokens", "u", "4"]).is_ok());
+}
