@@ -671,3 +671,47 @@ fn invalid_utf8_never_reaches_the_daemon() {
     // Everyone else is still served.
     assert!(daemon.call("Complete", "ssa{sv}", &["kjv", "And God said", "1", "max_new_tokens", "u", "4"]).is_ok());
 }
+
+/// systemd's notify protocol: READY=1 once the preloaded model is loaded, then WATCHDOG=1 pings
+/// at half the watchdog period, STOPPING=1 on SIGTERM.
+#[test]
+fn notifies_ready_watchdog_and_stopping() {
+    let bus = PrivateBus::start();
+    let config = test_config(&bus, "");
+    let socket_path = bus.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let log = bus.dir.path().join("edgellmd.log");
+    // As systemd does: WATCHDOG_PID names the daemon's own pid (exec keeps the shell's).
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_edgellmd"))
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 512];
+    let started = Instant::now();
+    while messages.iter().filter(|m: &&String| m.contains("WATCHDOG=1")).count() < 3 {
+        let n = socket.recv(&mut buf).unwrap_or_else(|e| panic!("no notification within 30 s ({e}): {messages:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        messages.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        assert!(started.elapsed() < Duration::from_secs(30), "{messages:?}");
+    }
+    assert!(messages[0].contains("READY=1"), "READY=1 comes first: {messages:?}");
+    // Ready means the preloaded model answers at once.
+    let out = Command::new("busctl")
+        .arg(format!("--address={}", bus.address))
+        .args(["call", "org.edgellm.Daemon1", "/org/edgellm/Daemon1", "org.edgellm.Daemon1", "ListModels"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ready"));
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let n = socket.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") || messages.iter().any(|m| m.contains("STOPPING=1")));
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
