@@ -53,6 +53,8 @@ pub struct ModelInfo {
     pub name: String,
     pub state: ModelState,
     pub provider: Option<String>,
+    /// The execution provider the draft runs on (it may differ from the target's).
+    pub draft_provider: Option<String>,
     pub draft: Option<String>,
     pub error: Option<String>,
     pub generated_tokens: u64,
@@ -203,6 +205,7 @@ impl Scheduler {
                 name: config.name.clone(),
                 state: ModelState::Unloaded,
                 provider: None,
+                draft_provider: None,
                 draft: config.draft.clone(),
                 error: None,
                 generated_tokens: 0,
@@ -455,6 +458,9 @@ fn set_state(inner: &Inner, slot: &ModelSlot, state: ModelState, provider: Optio
     {
         let mut status = slot.status.lock().expect("status");
         status.state = state;
+        if provider.is_none() {
+            status.draft_provider = None;
+        }
         status.provider = provider;
         status.error = error;
     }
@@ -591,6 +597,7 @@ fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut Option<Eng
         match loaded {
             Ok(e) => {
                 set_state(inner, slot, ModelState::Ready, Some(e.provider().provider.name().into()), None);
+                slot.status.lock().expect("status").draft_provider = e.draft_provider().map(|p| p.provider.name().to_string());
                 *engine = Some(e);
             }
             Err(e) => {

@@ -361,6 +361,9 @@ impl Daemon {
                 if let Some(draft) = &m.draft {
                     put("draft", Value::from(draft.clone()));
                 }
+                if let Some(p) = &m.draft_provider {
+                    put("draft_provider", Value::from(p.clone()));
+                }
                 if let Some(error) = &m.error {
                     put("error", Value::from(error.clone()));
                 }

@@ -715,3 +715,20 @@ fn notifies_ready_watchdog_and_stopping() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") || messages.iter().any(|m| m.contains("STOPPING=1")));
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn draft_and_target_on_different_execution_providers() {
+    let daemon = Daemon::start(&format!(
+        "\n[[model]]\nname = \"draft-ov\"\npath = \"{}\"\nproviders = [\"openvino\"]\nstrict = true\npreload = false\n\n[[model]]\nname = \"kjv-spec\"\npath = \"{}\"\ndraft = \"draft-ov\"\n",
+        model_dir("kjv-draft").display(),
+        model_dir("kjv-target").display()
+    ));
+    let case = &references().models["kjv-target"][0];
+    let spec = daemon.call("Complete", "ssa{sv}", &["kjv-spec", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
+    assert_eq!(spec["data"][0].as_str().unwrap(), case.text, "target on CPU with its draft on OpenVINO: still the target's greedy text");
+    assert!(spec["data"][1]["accepted_tokens"]["data"].as_u64().unwrap() > 0);
+    let models = daemon.call("ListModels", "", &[]).unwrap();
+    let entry = models["data"][0].as_array().unwrap().iter().find(|m| m[0] == "kjv-spec").unwrap().clone();
+    assert_eq!(entry[1]["provider"]["data"], "cpu");
+    assert_eq!(entry[1]["draft_provider"]["data"], "openvino", "{entry}");
+}
