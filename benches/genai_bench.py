@@ -25,11 +25,20 @@ def main() -> None:
     ap.add_argument("--prompts", required=True, help="JSON list of prompt token id lists")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--speculative", action="store_true")
+    ap.add_argument("--threads", type=int, default=-1,
+                    help="intra-op threads: 0 is ONNX Runtime's default pool; unset is onnxruntime-genai's default (half the cores)")
     args = ap.parse_args()
     prompts = json.loads(open(args.prompts).read())
     rss_before = rss_kib("VmRSS")
     started = time.perf_counter()
     config = og.Config(args.model)
+    if args.threads >= 0:
+        # onnxruntime-genai defaults to half the cores; the benchmark sets the same count for both.
+        options = {"session_options": {"intra_op_num_threads": args.threads}}
+        model_block = {"decoder": options}
+        if args.speculative:
+            model_block["draft"] = options
+        config.overlay(json.dumps({"model": model_block}))
     if args.provider == "openvino":
         og.register_execution_provider_library("OpenVINOExecutionProvider", os.path.realpath(args.plugin))
         config.clear_providers()

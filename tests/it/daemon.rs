@@ -633,7 +633,15 @@ fn invalid_utf8_never_reaches_the_daemon() {
     let path = daemon.bus.address.trim_start_matches("unix:path=").to_string();
     let mut socket = std::os::unix::net::UnixStream::connect(&path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let uid: String = std::fs::read_to_string("/proc/self/status").unwrap().lines().find(|l| l.starts_with("Uid:")).unwrap().split_whitespace().nth(1).unwrap().to_string();
+    let uid: String = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
     let hex: String = uid.bytes().map(|b| format!("{b:02x}")).collect();
     socket.write_all(format!("\0AUTH EXTERNAL {hex}\r\n").as_bytes()).unwrap();
     let mut reader = std::io::BufReader::new(socket.try_clone().unwrap());
@@ -698,7 +706,9 @@ fn notifies_ready_watchdog_and_stopping() {
     let mut buf = [0u8; 512];
     let started = Instant::now();
     while messages.iter().filter(|m: &&String| m.contains("WATCHDOG=1")).count() < 3 {
-        let n = socket.recv(&mut buf).unwrap_or_else(|e| panic!("no notification within 30 s ({e}): {messages:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+            panic!("no notification within 30 s ({e}): {messages:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+        });
         messages.push(String::from_utf8_lossy(&buf[..n]).to_string());
         assert!(started.elapsed() < Duration::from_secs(30), "{messages:?}");
     }
@@ -724,7 +734,8 @@ fn draft_and_target_on_different_execution_providers() {
         model_dir("kjv-target").display()
     ));
     let case = &references().models["kjv-target"][0];
-    let spec = daemon.call("Complete", "ssa{sv}", &["kjv-spec", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
+    let spec =
+        daemon.call("Complete", "ssa{sv}", &["kjv-spec", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
     assert_eq!(spec["data"][0].as_str().unwrap(), case.text, "target on CPU with its draft on OpenVINO: still the target's greedy text");
     assert!(spec["data"][1]["accepted_tokens"]["data"].as_u64().unwrap() > 0);
     let models = daemon.call("ListModels", "", &[]).unwrap();
