@@ -229,13 +229,17 @@ impl Decoder {
     }
 
     /// A fresh, empty cache for one sequence.
-    pub fn new_cache(&self, layout: KvLayout) -> Result<KvCache> {
+    /// `positions` is how many the sequence may reach (prompt + new tokens); the shared buffers
+    /// are sized to it, not to the whole context, as onnxruntime-genai sizes them to max_length:
+    /// allocating and zeroing a full-context buffer per request showed in time to first token.
+    pub fn new_cache(&self, layout: KvLayout, positions: usize) -> Result<KvCache> {
+        let capacity = positions.clamp(1, self.context);
         let mut selector = OutputSelector::default();
         let mut slots = Vec::with_capacity(self.past_names.len());
         for present in &self.present_names {
             match layout {
                 KvLayout::Shared => {
-                    let shape = [1, self.num_kv_heads, self.context, self.head_size];
+                    let shape = [1, self.num_kv_heads, capacity, self.head_size];
                     let (owned, view) = match self.kv_precision {
                         Precision::F32 => shared_kv::<f32>(shape, 0.0)?,
                         Precision::F16 => shared_kv::<f16>(shape, f16::ZERO)?,
@@ -250,7 +254,7 @@ impl Decoder {
             }
         }
         let run_options = SharedRunOptions(Arc::new(RunOptions::new()?.with_outputs(selector)));
-        Ok(KvCache { layout, slots, run_options, len: 0, capacity: self.context })
+        Ok(KvCache { layout, slots, run_options, len: 0, capacity })
     }
 
     /// Runs `ids` after what the cache holds. Returns the logits of the last `rows` positions,

@@ -193,7 +193,7 @@ impl Engine {
     /// The target's logits for the token after `ids` (one prefill, no sampling): for tests and
     /// quality measurements.
     pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut cache = self.decoder.new_cache(self.kv_layout)?;
+        let mut cache = self.decoder.new_cache(self.kv_layout, ids.len())?;
         self.decoder.forward(&mut cache, ids, 1)
     }
 
@@ -266,7 +266,7 @@ impl Engine {
     }
 
     fn decode_plain(&mut self, run: &mut Run, cancel: &CancelToken, on_text: &mut dyn FnMut(&str) -> bool) -> Result<FinishReason> {
-        let mut cache = self.decoder.new_cache(self.kv_layout)?;
+        let mut cache = self.decoder.new_cache(self.kv_layout, run.prompt_len + run.max_new)?;
         cancel.attach(cache.run_options());
         let prompt = run.sequence.clone();
         let mut logits = match self.decoder.forward(&mut cache, &prompt, 1) {
@@ -296,7 +296,7 @@ impl Engine {
 /// The state of one request's output: tokens, streamed text, stop conditions, counters.
 pub(crate) struct Run {
     pub(crate) sequence: Vec<u32>,
-    prompt_len: usize,
+    pub(crate) prompt_len: usize,
     pub(crate) generated: Vec<u32>,
     eos_token: Option<u32>,
     eos_ids: Vec<u32>,
@@ -305,7 +305,7 @@ pub(crate) struct Run {
     stop: StopText,
     started: Instant,
     first_token_at: Option<Duration>,
-    max_new: usize,
+    pub(crate) max_new: usize,
     context: usize,
     deadline: Option<Instant>,
     pub(crate) target_forwards: usize,

@@ -184,8 +184,10 @@ pub(crate) fn decode(
     let greedy = params.is_greedy();
     let vocab = target.vocab();
     let mut stats = SpeculativeStats::default();
-    let mut t_cache = target.new_cache(target_layout)?;
-    let mut d_cache = draft.decoder.new_cache(draft.layout)?;
+    // Room for the request's tokens plus one round of drafts past them.
+    let positions = run.prompt_len + run.max_new + draft.settings.max_tokens + 1;
+    let mut t_cache = target.new_cache(target_layout, positions)?;
+    let mut d_cache = draft.decoder.new_cache(draft.layout, positions)?;
     cancel.attach(t_cache.run_options());
 
     // Prefill: the first token comes from the target alone.
