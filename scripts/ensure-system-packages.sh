@@ -6,6 +6,8 @@ command -v dbus-daemon >/dev/null || need+=(dbus-daemon)
 command -v busctl >/dev/null || need+=(systemd)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v gdbus >/dev/null || need+=(libglib2.0-bin)
+command -v dbus-monitor >/dev/null || need+=(dbus-bin)
+command -v setpriv >/dev/null || need+=(util-linux)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
