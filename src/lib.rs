@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod multitoken;
 pub mod runtime;
 pub mod scheduler;
 pub mod service;

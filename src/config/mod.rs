@@ -77,6 +77,9 @@ struct RawModel {
     speculative_min_tokens: Option<Spanned<u32>>,
     speculative_max_tokens: Option<Spanned<u32>>,
     speculative_min_confidence: Option<Spanned<f64>>,
+    multitoken_mode: Option<Spanned<String>>,
+    multitoken_threshold: Option<Spanned<f64>>,
+    multitoken_max_tokens: Option<Spanned<u32>>,
 }
 
 // ---------------------------------------------------------------- validated
@@ -129,6 +132,21 @@ pub struct SpeculativeConfig {
     pub min_confidence: f32,
 }
 
+/// Overrides of a multi-token model's defaults (its multitoken_config.json); checked against
+/// the folder's contract when the model loads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MultiTokenConfig {
+    pub mode: Option<crate::multitoken::Mode>,
+    pub threshold: Option<f32>,
+    pub max_tokens: Option<usize>,
+}
+
+impl MultiTokenConfig {
+    pub fn is_set(&self) -> bool {
+        self.mode.is_some() || self.threshold.is_some() || self.max_tokens.is_some()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub name: String,
@@ -138,6 +156,7 @@ pub struct ModelConfig {
     pub draft: Option<String>,
     pub preload: bool,
     pub speculative: SpeculativeConfig,
+    pub multitoken: MultiTokenConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -293,6 +312,22 @@ impl Config {
                 Some(c) => *c.get_ref() as f32,
                 None => 0.0,
             };
+            let mode = match &m.multitoken_mode {
+                None => None,
+                Some(s) => Some(crate::multitoken::Mode::parse(s.get_ref()).ok_or_else(|| {
+                    err(s.span(), format!("field `model.multitoken_mode`: `{}`; use \"trust\" or \"verify\"", s.get_ref()))
+                })?),
+            };
+            let threshold = match &m.multitoken_threshold {
+                Some(c) if !(0.0..=1.0).contains(c.get_ref()) => {
+                    return Err(err(c.span(), "field `model.multitoken_threshold`: between 0 and 1 (1 stops every step after one token)".into()))
+                }
+                c => c.as_ref().map(|c| *c.get_ref() as f32),
+            };
+            let max_step = match &m.multitoken_max_tokens {
+                Some(n) if *n.get_ref() == 0 => return Err(err(n.span(), "field `model.multitoken_max_tokens`: at least 1".into())),
+                n => n.as_ref().map(|n| *n.get_ref() as usize),
+            };
             models.push(ModelConfig {
                 name,
                 path,
@@ -309,6 +344,7 @@ impl Config {
                 draft: m.draft.as_ref().map(|d| d.get_ref().clone()),
                 preload: m.preload.unwrap_or(true),
                 speculative: SpeculativeConfig { min_tokens: min_k, max_tokens: max_k, min_confidence },
+                multitoken: MultiTokenConfig { mode, threshold, max_tokens: max_step },
             });
         }
         // Drafts must name another configured model.

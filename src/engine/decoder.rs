@@ -31,6 +31,13 @@ unsafe impl Send for SharedRunOptions {}
 unsafe impl Sync for SharedRunOptions {}
 
 impl SharedRunOptions {
+    /// Run options without preallocated outputs.
+    pub fn new() -> Result<Self> {
+        Ok(SharedRunOptions(Arc::new(RunOptions::new()?.with_outputs(OutputSelector::default()))))
+    }
+    pub(crate) fn get(&self) -> &RunOptions<HasSelectedOutputs> {
+        &self.0
+    }
     pub fn terminate(&self) -> Result<()> {
         Ok(self.0.terminate()?)
     }
@@ -62,6 +69,7 @@ impl Precision {
 pub struct Decoder {
     session: Session,
     names: DecoderNames,
+    input_ids: String,
     /// Input and output names per layer, built once (the decode loop is hot).
     past_names: Vec<String>,
     present_names: Vec<String>,
@@ -124,7 +132,7 @@ impl KvCache {
     }
 }
 
-fn slice_positions(value: &DynValue, len: usize) -> Result<DynValue> {
+pub(crate) fn slice_positions(value: &DynValue, len: usize) -> Result<DynValue> {
     fn slice<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
         value: &DynValue,
         len: usize,
@@ -177,8 +185,13 @@ impl Decoder {
             field: field.into(),
             reason: format!("the graph {} has no {kind} named `{name}`", config.decoder_file),
         };
+        let input_ids = names.input_ids.clone().ok_or_else(|| Error::ModelConfig {
+            path: config.path.clone(),
+            field: "model.decoder.inputs.input_ids".into(),
+            reason: "missing: this decoder takes inputs_embeds, which only a multi-token model (multitoken_config.json) feeds".into(),
+        })?;
         for (field, name) in
-            [("model.decoder.inputs.input_ids", &names.input_ids), ("model.decoder.inputs.attention_mask", &names.attention_mask)]
+            [("model.decoder.inputs.input_ids", &input_ids), ("model.decoder.inputs.attention_mask", &names.attention_mask)]
         {
             input(name).ok_or_else(|| mismatch(field, name, "input"))?;
         }
@@ -204,6 +217,7 @@ impl Decoder {
         Ok(Decoder {
             session,
             names,
+            input_ids,
             past_names,
             present_names,
             num_layers: config.num_layers,
@@ -267,7 +281,7 @@ impl Decoder {
         }
         let mut inputs: Vec<(&str, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(3 + cache.slots.len());
         let input_ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-        inputs.push((&self.names.input_ids, Tensor::from_array(([1, n], input_ids))?.into()));
+        inputs.push((&self.input_ids, Tensor::from_array(([1, n], input_ids))?.into()));
         inputs.push((&self.names.attention_mask, Tensor::from_array(([1, total], vec![1i64; total]))?.into()));
         if self.has_position_ids {
             let positions: Vec<i64> = (cache.len..total).map(|p| p as i64).collect();

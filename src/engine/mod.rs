@@ -16,6 +16,7 @@ pub use sampler::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
 pub use crate::model::Prompt;
 use crate::model::{Detokenizer, ModelFolder};
+use crate::multitoken::{MultiTokenModel, Settings as MultiTokenSettings};
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
 use text::{Piece, StopText};
 
@@ -41,6 +42,10 @@ pub struct GenerateOptions {
     pub deadline: Option<Instant>,
     /// Speculative decoding for a model with a draft: on unless `Some(false)`.
     pub speculative: Option<bool>,
+    /// Multi-token models: mode, threshold and step maximum for this request.
+    pub multitoken_mode: Option<crate::multitoken::Mode>,
+    pub multitoken_threshold: Option<f32>,
+    pub multitoken_max_tokens: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +80,7 @@ pub struct GenerationStats {
     /// Forward passes of the (target) model, prefill included.
     pub target_forwards: usize,
     pub speculative: Option<SpeculativeStats>,
+    pub multitoken: Option<crate::multitoken::MultiTokenStats>,
 }
 
 /// Counters of speculative decoding for one request.
@@ -152,11 +158,17 @@ impl CancelToken {
     }
 }
 
+/// What runs a model's forwards: one decoder graph, or the three graphs of a multi-token model.
+enum Core {
+    Decoder(Decoder),
+    MultiToken(Box<MultiTokenModel>, MultiTokenSettings),
+}
+
 /// A model ready to generate. Owned by the one thread that runs it.
 pub struct Engine {
     pub name: String,
     pub folder: Arc<ModelFolder>,
-    decoder: Decoder,
+    core: Core,
     kv_layout: KvLayout,
     draft: Option<crate::speculative::Draft>,
     pub load_time: Duration,
@@ -177,24 +189,71 @@ impl Engine {
         // reading model.onnx.data from its own path peaked lower in RSS than handing it a
         // memory-mapped copy (it copies in-memory external data, and prepacking MatMulNBits
         // makes a private copy either way), so the session is built from the file path.
-        let decoder = Decoder::load(runtime, dir, &folder.config, &options.session)?;
-        let kv_layout =
-            options.kv_layout.unwrap_or(if folder.config.search.past_present_share_buffer { KvLayout::Shared } else { KvLayout::Growing });
+        let (core, kv_layout) = match &folder.multitoken {
+            Some(contract) => {
+                let model = MultiTokenModel::load(runtime, dir, &folder.config, contract, &options.session)?;
+                let settings = model.default_settings();
+                // The multi-token loop keeps its own growing KV (merged steps and rollbacks).
+                (Core::MultiToken(Box::new(model), settings), KvLayout::Growing)
+            }
+            None => {
+                let decoder = Decoder::load(runtime, dir, &folder.config, &options.session)?;
+                let kv_layout = options.kv_layout.unwrap_or(if folder.config.search.past_present_share_buffer {
+                    KvLayout::Shared
+                } else {
+                    KvLayout::Growing
+                });
+                (Core::Decoder(decoder), kv_layout)
+            }
+        };
+        let engine = Engine { name: name.into(), folder, core, kv_layout, draft: None, load_time: started.elapsed() };
         tracing::info!(
             model = name,
-            provider = decoder.provider.provider.name(),
+            provider = engine.provider().provider.name(),
             ?kv_layout,
+            multitoken = engine.is_multitoken(),
             ms = started.elapsed().as_millis() as u64,
             "model loaded"
         );
-        Ok(Engine { name: name.into(), folder, decoder, kv_layout, draft: None, load_time: started.elapsed() })
+        Ok(engine)
+    }
+
+    pub fn is_multitoken(&self) -> bool {
+        matches!(self.core, Core::MultiToken(..))
+    }
+
+    /// The model's own multi-token settings (from its `[[model]]` entry), checked against the
+    /// folder's contract.
+    pub fn set_multitoken_settings(&mut self, settings: MultiTokenSettings) -> Result<()> {
+        match &mut self.core {
+            Core::MultiToken(model, current) => {
+                *current = checked_multitoken(model, settings)?;
+                Ok(())
+            }
+            Core::Decoder(_) => Err(Error::InvalidArgument {
+                argument: "multitoken".into(),
+                reason: format!("model `{}` has no multitoken_config.json", self.name),
+            }),
+        }
+    }
+
+    pub fn multitoken_settings(&self) -> Option<MultiTokenSettings> {
+        match &self.core {
+            Core::MultiToken(_, settings) => Some(*settings),
+            Core::Decoder(_) => None,
+        }
     }
 
     /// The target's logits for the token after `ids` (one prefill, no sampling): for tests and
     /// quality measurements.
     pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut cache = self.decoder.new_cache(self.kv_layout, ids.len())?;
-        self.decoder.forward(&mut cache, ids, 1)
+        match &mut self.core {
+            Core::Decoder(decoder) => {
+                let mut cache = decoder.new_cache(self.kv_layout, ids.len())?;
+                decoder.forward(&mut cache, ids, 1)
+            }
+            Core::MultiToken(model, _) => model.next_logits(ids),
+        }
     }
 
     /// Loads `folder` as this model's draft for speculative decoding.
@@ -205,6 +264,13 @@ impl Engine {
         options: &LoadOptions,
         settings: crate::speculative::Settings,
     ) -> Result<()> {
+        if self.is_multitoken() {
+            return Err(Error::ModelConfig {
+                path: folder.config.path.clone(),
+                field: "draft".into(),
+                reason: format!("model `{}` is a multi-token model: its micro decoder drafts, a draft model is not used", self.name),
+            });
+        }
         self.draft = Some(crate::speculative::Draft::load(runtime, &self.folder, folder, options, settings)?);
         Ok(())
     }
@@ -218,7 +284,10 @@ impl Engine {
     }
 
     pub fn provider(&self) -> &ProviderReport {
-        &self.decoder.provider
+        match &self.core {
+            Core::Decoder(decoder) => &decoder.provider,
+            Core::MultiToken(model, _) => &model.provider,
+        }
     }
     pub fn context(&self) -> usize {
         self.folder.config.context_length
@@ -256,20 +325,58 @@ impl Engine {
         let max_new = options.max_new_tokens.unwrap_or(max_total.saturating_sub(prompt_ids.len())).max(1);
         let mut run = Run::new(&self.folder, prompt_ids, params, options, max_new, self.context());
         let speculative = options.speculative.unwrap_or(true);
-        let reason = match (&mut self.draft, speculative) {
-            (Some(draft), true) => {
-                crate::speculative::decode(&mut self.decoder, self.kv_layout, draft, &self.folder, &mut run, cancel, on_text)?
+        let reason = match (&mut self.core, &mut self.draft, speculative) {
+            (Core::MultiToken(model, defaults), _, _) => {
+                let settings = checked_multitoken(
+                    model,
+                    MultiTokenSettings {
+                        mode: options.multitoken_mode.unwrap_or(defaults.mode),
+                        threshold: options.multitoken_threshold.unwrap_or(defaults.threshold),
+                        max_tokens: options.multitoken_max_tokens.unwrap_or(defaults.max_tokens),
+                    },
+                )?;
+                model.decode(settings, &self.folder, &mut run, cancel, on_text)?
             }
-            _ => self.decode_plain(&mut run, cancel, on_text)?,
+            (Core::Decoder(decoder), Some(draft), true) => {
+                crate::speculative::decode(decoder, self.kv_layout, draft, &self.folder, &mut run, cancel, on_text)?
+            }
+            (Core::Decoder(decoder), _, _) => decode_plain(decoder, self.kv_layout, &self.folder, &mut run, cancel, on_text)?,
         };
-        run.end(&self.folder, reason, on_text, &self.decoder.provider)
+        run.end(&self.folder, reason, on_text, self.provider())
     }
+}
 
-    fn decode_plain(&mut self, run: &mut Run, cancel: &CancelToken, on_text: &mut dyn FnMut(&str) -> bool) -> Result<FinishReason> {
-        let mut cache = self.decoder.new_cache(self.kv_layout, run.prompt_len + run.max_new)?;
+/// The request's multi-token settings against what the model's contract allows.
+fn checked_multitoken(model: &MultiTokenModel, settings: MultiTokenSettings) -> Result<MultiTokenSettings> {
+    let max = model.contract.max_tokens_per_step;
+    if settings.max_tokens == 0 || settings.max_tokens > max {
+        return Err(Error::InvalidArgument {
+            argument: "multitoken_max_tokens".into(),
+            reason: format!("{} is outside 1..={max} (the model's max_tokens_per_step)", settings.max_tokens),
+        });
+    }
+    if !(0.0..=1.0).contains(&settings.threshold) {
+        return Err(Error::InvalidArgument {
+            argument: "multitoken_threshold".into(),
+            reason: format!("{} is outside 0..1", settings.threshold),
+        });
+    }
+    Ok(settings)
+}
+
+fn decode_plain(
+    decoder: &mut Decoder,
+    kv_layout: KvLayout,
+    folder: &ModelFolder,
+    run: &mut Run,
+    cancel: &CancelToken,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<FinishReason> {
+    {
+        let mut cache = decoder.new_cache(kv_layout, run.prompt_len + run.max_new)?;
         cancel.attach(cache.run_options());
         let prompt = run.sequence.clone();
-        let mut logits = match self.decoder.forward(&mut cache, &prompt, 1) {
+        let mut logits = match decoder.forward(&mut cache, &prompt, 1) {
             Ok(logits) => logits,
             Err(Error::Cancelled) => return Ok(FinishReason::Cancelled),
             Err(e) => return Err(e),
@@ -277,13 +384,13 @@ impl Engine {
         run.target_forwards += 1;
         loop {
             let token = run.sampler.next(&mut logits, &run.sequence);
-            if let Some(reason) = run.accept(&self.folder, token, on_text)? {
+            if let Some(reason) = run.accept(folder, token, on_text)? {
                 return Ok(reason);
             }
             if let Some(reason) = run.should_stop(cache.len() + 1, cancel) {
                 return Ok(reason);
             }
-            logits = match self.decoder.forward(&mut cache, &[token], 1) {
+            logits = match decoder.forward(&mut cache, &[token], 1) {
                 Ok(logits) => logits,
                 Err(Error::Cancelled) => return Ok(FinishReason::Cancelled),
                 Err(e) => return Err(e),
@@ -310,6 +417,7 @@ pub(crate) struct Run {
     deadline: Option<Instant>,
     pub(crate) target_forwards: usize,
     pub(crate) speculative: Option<SpeculativeStats>,
+    pub(crate) multitoken: Option<crate::multitoken::MultiTokenStats>,
 }
 
 impl Run {
@@ -337,6 +445,7 @@ impl Run {
             deadline: options.deadline,
             target_forwards: 0,
             speculative: None,
+            multitoken: None,
         }
     }
 
@@ -439,6 +548,7 @@ impl Run {
                 provider: provider.provider.name().to_string(),
                 target_forwards: self.target_forwards,
                 speculative: self.speculative,
+                multitoken: self.multitoken,
             },
         })
     }

@@ -10,7 +10,9 @@ use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct DecoderNames {
-    pub input_ids: String,
+    /// Token ids in; absent where the graph takes `inputs_embeds` (a multi-token base).
+    pub input_ids: Option<String>,
+    pub inputs_embeds: Option<String>,
     pub attention_mask: String,
     pub position_ids: Option<String>,
     /// Patterns with `%d` for the layer index.
@@ -131,7 +133,8 @@ impl GenaiConfig {
         let r = Reader { path, root: &root };
         let d = "model.decoder";
         let names = DecoderNames {
-            input_ids: r.string(&format!("{d}.inputs.input_ids"))?,
+            input_ids: r.opt_string(&format!("{d}.inputs.input_ids"))?,
+            inputs_embeds: r.opt_string(&format!("{d}.inputs.inputs_embeds"))?,
             attention_mask: r.string(&format!("{d}.inputs.attention_mask"))?,
             position_ids: r.opt_string(&format!("{d}.inputs.position_ids"))?,
             past_key: r.string(&format!("{d}.inputs.past_key_names"))?,
@@ -140,6 +143,9 @@ impl GenaiConfig {
             present_key: r.string(&format!("{d}.outputs.present_key_names"))?,
             present_value: r.string(&format!("{d}.outputs.present_value_names"))?,
         };
+        if names.input_ids.is_none() && names.inputs_embeds.is_none() {
+            return Err(r.err(&format!("{d}.inputs.input_ids"), "missing (and no inputs_embeds either)"));
+        }
         let context_length = r.usize("model.context_length")?;
         let search = SearchDefaults {
             do_sample: r.bool_or("search.do_sample", false)?,

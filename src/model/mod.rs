@@ -29,6 +29,8 @@ pub struct ModelFolder {
     pub config: GenaiConfig,
     pub tokenizer: TextTokenizer,
     pub chat_template: Option<ChatTemplate>,
+    /// A HAMburger-style multi-token model's contract (`multitoken_config.json`), if present.
+    pub multitoken: Option<crate::multitoken::Contract>,
 }
 
 impl ModelFolder {
@@ -39,17 +41,11 @@ impl ModelFolder {
             return Err(Error::ModelFile { path: dir.to_path_buf(), reason: "not a directory".into() });
         }
         let config = GenaiConfig::load(dir)?;
-        let decoder = dir.join(&config.decoder_file);
-        require_file(&decoder)?;
-        // The builder stores weights in `<model>.onnx.data`; ONNX Runtime's own message for a
-        // missing one is cryptic, so check it here.
-        let data = PathBuf::from(format!("{}.data", decoder.display()));
-        if external_data_expected(&decoder)? {
-            require_file(&data)?;
-        }
+        require_model_file(&dir.join(&config.decoder_file))?;
+        let multitoken = crate::multitoken::Contract::find(dir)?;
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"))?;
         let chat_template = ChatTemplate::find(dir, &tokenizer)?;
-        Ok(ModelFolder { dir: dir.to_path_buf(), config, tokenizer, chat_template })
+        Ok(ModelFolder { dir: dir.to_path_buf(), config, tokenizer, chat_template, multitoken })
     }
 
     /// Prompt token ids (through the chat template for messages), checked to leave room for at
@@ -78,6 +74,18 @@ impl ModelFolder {
     pub fn decoder_path(&self) -> PathBuf {
         self.dir.join(&self.config.decoder_file)
     }
+}
+
+/// A graph file and, where the graph refers to one, its external data file.
+pub(crate) fn require_model_file(graph: &Path) -> Result<()> {
+    require_file(graph)?;
+    // The builder stores weights in `<model>.onnx.data`; ONNX Runtime's own message for a
+    // missing one is cryptic, so check it here.
+    let data = PathBuf::from(format!("{}.data", graph.display()));
+    if external_data_expected(graph)? {
+        require_file(&data)?;
+    }
+    Ok(())
 }
 
 fn require_file(path: &Path) -> Result<()> {

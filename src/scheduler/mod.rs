@@ -308,6 +308,26 @@ impl Scheduler {
             None => options.max_new_tokens = Some(limit),
             Some(_) => {}
         }
+        let multitoken_asked = options.multitoken_mode.is_some() || options.multitoken_threshold.is_some() || options.multitoken_max_tokens.is_some();
+        match &folder.multitoken {
+            None if multitoken_asked => {
+                return Err(Error::InvalidArgument {
+                    argument: "multitoken_*".into(),
+                    reason: format!("model `{model}` is not a multi-token model (no multitoken_config.json)"),
+                }
+                .into())
+            }
+            Some(contract) => {
+                if let Some(n) = options.multitoken_max_tokens.filter(|&n| n > contract.max_tokens_per_step) {
+                    return Err(Error::InvalidArgument {
+                        argument: "multitoken_max_tokens".into(),
+                        reason: format!("{n} is over the model's max_tokens_per_step of {}", contract.max_tokens_per_step),
+                    }
+                    .into());
+                }
+            }
+            None => {}
+        }
         if options.deadline.is_none() {
             options.deadline = Some(Instant::now() + limits.request_timeout);
         }
@@ -591,6 +611,25 @@ fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut Option<Eng
                         min_confidence: s.min_confidence,
                     };
                     engine.attach_draft(&inner.runtime, &folder, &draft.config.load, settings)?;
+                }
+                let overrides = &slot.config.multitoken;
+                match engine.multitoken_settings() {
+                    Some(defaults) => engine.set_multitoken_settings(crate::multitoken::Settings {
+                        mode: overrides.mode.unwrap_or(defaults.mode),
+                        threshold: overrides.threshold.unwrap_or(defaults.threshold),
+                        max_tokens: overrides.max_tokens.unwrap_or(defaults.max_tokens),
+                    })?,
+                    None if overrides.is_set() => {
+                        return Err(crate::error::Error::ModelConfig {
+                            path: slot.config.path.join("genai_config.json"),
+                            field: "multitoken_*".into(),
+                            reason: format!(
+                                "[[model]] `{}` sets multitoken keys, but its folder has no multitoken_config.json",
+                                slot.config.name
+                            ),
+                        })
+                    }
+                    None => {}
                 }
                 Ok(engine)
             });

@@ -109,6 +109,11 @@ fn stats_dict(stats: &GenerationStats) -> HashMap<String, OwnedValue> {
         put("accepted_tokens", Value::U32(spec.accepted_tokens as u32));
         put("acceptance_rate", Value::F64(spec.acceptance_rate()));
     }
+    if let Some(m) = &stats.multitoken {
+        put("multitoken_mode", Value::from(m.mode.as_str()));
+        put("tokens_per_step", Value::F64(m.tokens_per_step(stats.generated_tokens)));
+        put("kv_entries", Value::U32(m.kv_entries as u32));
+    }
     d
 }
 

@@ -18,6 +18,9 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("seed", "t"),
     ("stop", "as"),
     ("speculative", "b"),
+    ("multitoken_mode", "s"),
+    ("multitoken_threshold", "d"),
+    ("multitoken_max_tokens", "u"),
 ];
 
 /// Parsed options, plus the ones the engine does not take itself.
@@ -121,6 +124,29 @@ pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Er
                 Value::Bool(b) => out.speculative = Some(*b),
                 other => return Err(wrong_type(name, "b", other)),
             },
+            "multitoken_mode" => match v {
+                Value::Str(s) => {
+                    g.multitoken_mode = Some(
+                        crate::multitoken::Mode::parse(s.as_str())
+                            .ok_or_else(|| invalid(name, format!("`{s}`; use \"trust\" or \"verify\"")))?,
+                    )
+                }
+                other => return Err(wrong_type(name, "s", other)),
+            },
+            "multitoken_threshold" => {
+                let t = as_f64(name, v)?;
+                if !(0.0..=1.0).contains(&t) {
+                    return Err(invalid(name, format!("{t} is out of range: use 0..1 (1 stops every step after one token)")));
+                }
+                g.multitoken_threshold = Some(t as f32);
+            }
+            "multitoken_max_tokens" => {
+                let n = as_u32(name, v)?;
+                if n == 0 {
+                    return Err(invalid(name, "must be at least 1"));
+                }
+                g.multitoken_max_tokens = Some(n as usize);
+            }
             other => {
                 let known: Vec<&str> = OPTIONS.iter().map(|(n, _)| *n).collect();
                 return Err(invalid(other, format!("unknown option; known options are {}", known.join(", "))));

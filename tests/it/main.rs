@@ -6,5 +6,6 @@ mod engine;
 mod fixtures;
 mod fuzz;
 mod load;
+mod multitoken;
 mod speculative;
 mod system_bus;

@@ -1,0 +1,193 @@
+//! HAMburger-style multi-token steps on the committed kjv-hamburger: the engine's trust loop
+//! against an independent Python loop over the same graphs (tests/multitoken_reference.json,
+//! written by models/multitoken_reference.py), the KV accounting, and the lossless verify mode.
+
+use std::sync::{Mutex, OnceLock};
+
+use edgellm::engine::{CancelToken, Engine, FinishReason, GenerateOptions, LoadOptions, Outcome, Prompt};
+use edgellm::error::Error;
+use edgellm::multitoken::Mode;
+use serde::Deserialize;
+
+use crate::fixtures::{model_dir, root, runtime};
+
+#[derive(Debug, Deserialize)]
+struct Case {
+    prompt: String,
+    prompt_ids: Vec<u32>,
+    threshold: f32,
+    output_ids: Vec<u32>,
+    base_forwards: usize,
+    kv_entries: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct MultiTokenReference {
+    new_tokens: usize,
+    max_tokens_per_step: usize,
+    cases: Vec<Case>,
+}
+
+fn reference() -> &'static MultiTokenReference {
+    static REF: OnceLock<MultiTokenReference> = OnceLock::new();
+    REF.get_or_init(|| {
+        let text = std::fs::read_to_string(root().join("tests/multitoken_reference.json")).expect("tests/multitoken_reference.json");
+        serde_json::from_str(&text).expect("multitoken reference json")
+    })
+}
+
+/// One engine for the whole file: loading three sessions per test would dominate the run.
+fn engine() -> std::sync::MutexGuard<'static, Engine> {
+    static ENGINE: OnceLock<Mutex<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| Mutex::new(Engine::load(&runtime(), "kjv-hamburger", &model_dir("kjv-hamburger"), &LoadOptions::default()).unwrap()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+fn options(mode: Mode, threshold: f32, new_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: Some(new_tokens),
+        temperature: Some(0.0),
+        multitoken_mode: Some(mode),
+        multitoken_threshold: Some(threshold),
+        ..Default::default()
+    }
+}
+
+fn generate(engine: &mut Engine, ids: &[u32], options: &GenerateOptions) -> Outcome {
+    let mut streamed = String::new();
+    let out = engine
+        .generate(&Prompt::Tokens(ids.to_vec()), options, &CancelToken::new(), &mut |p| {
+            streamed.push_str(p);
+            true
+        })
+        .unwrap();
+    assert_eq!(streamed, out.text, "streamed pieces add up to the text");
+    out
+}
+
+fn with_eos(out: &Outcome) -> Vec<u32> {
+    let mut ids = out.token_ids.clone();
+    ids.extend(out.eos_token);
+    ids
+}
+
+#[test]
+fn trust_loop_matches_the_python_reference_and_counts_kv_entries() {
+    let refs = reference();
+    let mut engine = engine();
+    let mut by_threshold: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    for case in &refs.cases {
+        let out = generate(&mut engine, &case.prompt_ids, &options(Mode::Trust, case.threshold, refs.new_tokens));
+        assert_eq!(with_eos(&out), case.output_ids, "{:?} at threshold {}", case.prompt, case.threshold);
+        let m = out.stats.multitoken.expect("multi-token stats");
+        assert_eq!(m.base_forwards, case.base_forwards, "{:?}", case.prompt);
+        // One KV entry per prompt token and one per macro step after the prefill, whatever
+        // the number of tokens in the steps.
+        assert_eq!(m.kv_entries, case.kv_entries, "{:?}", case.prompt);
+        assert_eq!(m.kv_entries, case.prompt_ids.len() + m.base_forwards - 1, "{:?}", case.prompt);
+        let entry = by_threshold.entry(format!("{}", case.threshold)).or_default();
+        entry.0 += out.stats.generated_tokens;
+        entry.1 += m.base_forwards;
+    }
+    for (threshold, (tokens, forwards)) in &by_threshold {
+        eprintln!("threshold {threshold}: {:.2} tokens per base forward", *tokens as f64 / *forwards as f64);
+    }
+    // The committed model really merges at its default threshold.
+    let (tokens, forwards) = by_threshold["0.9"];
+    assert!(tokens as f64 / forwards as f64 > 1.2, "{tokens} tokens in {forwards} base forwards at threshold 0.9");
+}
+
+#[test]
+fn a_threshold_that_stops_at_once_emits_one_token_per_step() {
+    let refs = reference();
+    let mut engine = engine();
+    for case in refs.cases.iter().filter(|c| c.threshold == 0.9) {
+        let out = generate(&mut engine, &case.prompt_ids, &options(Mode::Trust, 1.0, refs.new_tokens));
+        let m = out.stats.multitoken.unwrap();
+        assert_eq!(m.base_forwards, out.stats.generated_tokens, "{:?}", case.prompt);
+        assert_eq!(m.micro_forwards, 0);
+        assert_eq!(m.kv_entries, case.prompt_ids.len() + out.stats.generated_tokens - 1);
+        // ... and so does a step maximum of one token.
+        let mut one = options(Mode::Trust, 0.0, refs.new_tokens);
+        one.multitoken_max_tokens = Some(1);
+        assert_eq!(with_eos(&generate(&mut engine, &case.prompt_ids, &one)), with_eos(&out));
+    }
+}
+
+#[test]
+fn verify_mode_greedy_equals_the_base_alone() {
+    let refs = reference();
+    let mut engine = engine();
+    let (mut drafted, mut accepted, mut forwards, mut tokens) = (0, 0, 0, 0);
+    // The base alone: the Python loop with one token per step.
+    for case in refs.cases.iter().filter(|c| c.threshold == 1.0) {
+        let out = generate(&mut engine, &case.prompt_ids, &options(Mode::Verify, 0.5, refs.new_tokens));
+        assert_eq!(with_eos(&out), case.output_ids, "verify mode differs from the base alone for {:?}", case.prompt);
+        let m = out.stats.multitoken.unwrap();
+        assert_eq!(m.mode, Mode::Verify);
+        // Every token has its KV entry in this mode (the last emitted one is not fed yet).
+        assert_eq!(m.kv_entries, case.prompt_ids.len() + out.stats.generated_tokens - 1, "{:?}", case.prompt);
+        drafted += m.drafted;
+        accepted += m.accepted;
+        forwards += m.base_forwards;
+        tokens += out.stats.generated_tokens;
+    }
+    eprintln!("verify: {accepted}/{drafted} micro drafts accepted, {:.2} tokens per base forward", tokens as f64 / forwards as f64);
+    assert!(accepted > 0 && forwards < tokens, "the micro decoder's drafts were never accepted");
+}
+
+#[test]
+fn sampled_steps_are_seeded_and_cancellable() {
+    let mut engine = engine();
+    let ids = reference().cases[0].prompt_ids.clone();
+    for mode in [Mode::Trust, Mode::Verify] {
+        let sampled =
+            |seed: u64| GenerateOptions { temperature: Some(0.8), seed: Some(seed), ..options(mode, 0.7, 48) };
+        let a = generate(&mut engine, &ids, &sampled(7));
+        let b = generate(&mut engine, &ids, &sampled(7));
+        let c = generate(&mut engine, &ids, &sampled(8));
+        assert_eq!(a.token_ids, b.token_ids, "{mode:?}: same seed, same text");
+        assert_ne!(a.token_ids, c.token_ids, "{mode:?}: another seed, another text");
+        // Cancelled from the token stream: the request ends within the step.
+        let cancel = CancelToken::new();
+        let mut pieces = 0;
+        let out = engine
+            .generate(&Prompt::Tokens(ids.clone()), &options(mode, 0.0, 200), &cancel, &mut |_| {
+                pieces += 1;
+                if pieces == 5 {
+                    cancel.cancel();
+                }
+                true
+            })
+            .unwrap();
+        assert_eq!(out.reason, FinishReason::Cancelled, "{mode:?}");
+        assert!(out.token_ids.len() < 5 + reference().max_tokens_per_step + 2, "{mode:?}: {} tokens after cancel", out.token_ids.len());
+    }
+}
+
+#[test]
+fn step_options_are_checked_against_the_contract() {
+    let mut engine = engine();
+    let ids = reference().cases[0].prompt_ids.clone();
+    let mut too_many = options(Mode::Trust, 0.9, 8);
+    too_many.multitoken_max_tokens = Some(reference().max_tokens_per_step + 1);
+    let e = engine.generate(&Prompt::Tokens(ids.clone()), &too_many, &CancelToken::new(), &mut |_| true).unwrap_err();
+    assert!(matches!(&e, Error::InvalidArgument { argument, .. } if argument == "multitoken_max_tokens"), "{e}");
+    let e = engine.generate(&Prompt::Tokens(ids), &options(Mode::Trust, 1.5, 8), &CancelToken::new(), &mut |_| true).unwrap_err();
+    assert!(matches!(&e, Error::InvalidArgument { argument, .. } if argument == "multitoken_threshold"), "{e}");
+}
+
+#[test]
+fn a_corrupt_contract_names_the_file_and_field() {
+    let tmp = crate::fixtures::copy_model("kjv-hamburger");
+    let path = tmp.path().join("multitoken_config.json");
+    let text = std::fs::read_to_string(&path).unwrap().replace("\"micro.onnx\"", "\"missing.onnx\"");
+    std::fs::write(&path, text).unwrap();
+    let e = Engine::load(&runtime(), "broken", tmp.path(), &LoadOptions::default()).err().expect("a missing graph is an error").to_string();
+    assert!(e.contains("missing.onnx"), "{e}");
+    std::fs::write(&path, "{\"type\": \"medusa\"}").unwrap();
+    let e = Engine::load(&runtime(), "broken", tmp.path(), &LoadOptions::default()).err().unwrap().to_string();
+    assert!(e.contains("multitoken_config.json") && e.contains("type"), "{e}");
+}
