@@ -2,7 +2,8 @@
 //! prompts, greedy decoding and thread count, each in its own process; prints a table of load
 //! time, load RSS, time to first token and decode speed, with ratios (edgellm / genai).
 //!
-//! Options: --model DIR (default models/kjv-target), --new-tokens N (128), --providers cpu,openvino
+//! Options: --model DIR (default models/kjv-target), --new-tokens N (128), --providers cpu,openvino,
+//! --threads N, --no-speculative, --no-multitoken
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -59,7 +60,13 @@ fn child(args: &[String]) {
     }
     let load_s = started.elapsed().as_secs_f64();
     let rss_load_mib = (rss_kib("VmHWM") - rss_before) as f64 / 1024.0;
-    let gen = GenerateOptions { max_new_tokens: Some(new_tokens), temperature: Some(0.0), ..Default::default() };
+    let mut gen = GenerateOptions { max_new_tokens: Some(new_tokens), temperature: Some(0.0), ..Default::default() };
+    if let Some(spec) = arg(args, "--multitoken") {
+        // MODE:THRESHOLD
+        let (mode, threshold) = spec.split_once(':').expect("--multitoken MODE:THRESHOLD");
+        gen.multitoken_mode = Some(edgellm::multitoken::Mode::parse(mode).expect("trust or verify"));
+        gen.multitoken_threshold = Some(threshold.parse().expect("threshold"));
+    }
     let mut run =
         |ids: &Vec<u32>| engine.generate(&Prompt::Tokens(ids.clone()), &gen, &CancelToken::new(), &mut |_| true).expect("generate");
     run(&prompts[0]); // warm-up
@@ -73,6 +80,23 @@ fn child(args: &[String]) {
     let draft_ms: f64 = outcomes.iter().filter_map(|o| o.stats.speculative).map(|s| s.draft_time.as_secs_f64() * 1000.0).sum();
     let verify_ms: f64 = outcomes.iter().filter_map(|o| o.stats.speculative).map(|s| s.verify_time.as_secs_f64() * 1000.0).sum();
     let per_forward = tokens as f64 / outcomes.iter().map(|o| o.stats.target_forwards).sum::<usize>() as f64;
+    // Multi-token models: KV entries stored per generated token, and the base's own loss on the
+    // generated text (nats per token).
+    let kv_generated: usize =
+        outcomes.iter().zip(&prompts).filter_map(|(o, p)| o.stats.multitoken.map(|m| m.kv_entries.saturating_sub(p.len()))).sum();
+    let micro_ms: f64 = outcomes.iter().filter_map(|o| o.stats.multitoken).map(|m| m.micro_time.as_secs_f64() * 1000.0).sum();
+    let base_ms: f64 = outcomes.iter().filter_map(|o| o.stats.multitoken).map(|m| m.base_time.as_secs_f64() * 1000.0).sum();
+    let nll = if arg(args, "--nll").is_some() {
+        let mut sum = 0.0;
+        for (o, p) in outcomes.iter().zip(&prompts) {
+            let mut ids = o.token_ids.clone();
+            ids.extend(o.eos_token);
+            sum += engine.continuation_nll(p, &ids).expect("nll") * ids.len() as f64;
+        }
+        sum / tokens as f64
+    } else {
+        0.0
+    };
     let report = json!({
         "engine": "edgellm",
         "load_s": load_s,
@@ -87,6 +111,10 @@ fn child(args: &[String]) {
         "draft_ms": draft_ms,
         "verify_ms": verify_ms,
         "total_ms": total_s * 1000.0,
+        "kv_per_token": kv_generated as f64 / tokens as f64,
+        "micro_ms": micro_ms,
+        "base_ms": base_ms,
+        "nll": nll,
     });
     println!("{report}");
 }
@@ -201,7 +229,61 @@ fn main() {
     if !args.iter().any(|a| a == "--no-speculative") {
         speculative_table(&me, &python, &prompts_file, &new_tokens, &threads);
     }
+    if !args.iter().any(|a| a == "--no-multitoken") {
+        multitoken_table(&me, &prompts_file, &new_tokens, &threads);
+    }
     let _ = std::fs::remove_file(Path::new(&prompts_file));
+}
+
+/// The HAMburger-style model in both modes at two thresholds, against plain decoding of its own
+/// base (one token per step) and of the committed target.
+fn multitoken_table(me: &Path, prompts_file: &Path, new_tokens: &str, threads: &str) {
+    let hamburger = root().join("models/kjv-hamburger");
+    let target = root().join("models/kjv-target");
+    let ours = |model: &Path, multitoken: Option<&str>| {
+        let mut cmd = Command::new(me);
+        cmd.args(["--child", "--model"])
+            .arg(model)
+            .args(["--new-tokens", new_tokens, "--provider", "cpu", "--weights", "file", "--threads", threads, "--nll", "1", "--prompts"])
+            .arg(prompts_file);
+        if let Some(m) = multitoken {
+            cmd.args(["--multitoken", m]);
+        }
+        run_json(&mut cmd)
+    };
+    let target_plain = ours(&target, None);
+    let base_plain = ours(&hamburger, Some("trust:1"));
+    let mut rows = vec![("kjv-target plain".to_string(), target_plain.clone()), ("base alone (1 token/step)".to_string(), base_plain.clone())];
+    for threshold in ["0.9", "0.7"] {
+        for mode in ["trust", "verify"] {
+            rows.push((format!("{mode} @ {threshold}"), ours(&hamburger, Some(&format!("{mode}:{threshold}")))));
+        }
+    }
+    println!();
+    println!("multi-token steps, kjv-hamburger (base = its own base, one token per step), cpu, greedy");
+    println!(
+        "{:<26} {:>11} {:>13} {:>12} {:>10} {:>11} {:>13} {:>10} {:>7}",
+        "decoding", "decode t/s", "tok/base fwd", "KV/token", "x base", "x target", "base nll", "same text", "micro%"
+    );
+    let base_tps = base_plain["decode_tps"].as_f64().unwrap();
+    let target_tps = target_plain["decode_tps"].as_f64().unwrap();
+    for (label, r) in &rows {
+        let tps = r["decode_tps"].as_f64().unwrap();
+        let total = r["total_ms"].as_f64().unwrap();
+        println!(
+            "{:<26} {:>11.1} {:>13.2} {:>12.2} {:>10.2} {:>11.2} {:>13.3} {:>10} {:>6.0}%",
+            label,
+            tps,
+            r["tokens_per_target_forward"].as_f64().unwrap_or(0.0),
+            r["kv_per_token"].as_f64().unwrap_or(0.0),
+            tps / base_tps,
+            tps / target_tps,
+            r["nll"].as_f64().unwrap_or(0.0),
+            r["outputs"] == base_plain["outputs"],
+            100.0 * r["micro_ms"].as_f64().unwrap_or(0.0) / total
+        );
+    }
+    println!("base nll: the model's own loss (nats/token) on the text it generated; kjv-target's row is under kjv-target");
 }
 
 /// Plain and speculative decoding of the committed pair, ours and onnxruntime-genai's.

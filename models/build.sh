@@ -2,6 +2,8 @@
 # Makes edgellm's test models from scratch on CPU (about 50 minutes on 2 cores):
 # installs Debian's bible-kjv (the corpus) and the pinned Python packages into .edgellm/train,
 # then runs models/build.py. Extra arguments go to build.py (e.g. --stages reference).
+# `models/build.sh --hamburger [ARGS]` instead makes models/kjv-hamburger from the committed
+# kjv-target (models/hamburger.py, about 50 minutes), then its reference outputs.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -14,5 +16,10 @@ if ! cmp -s models/requirements.txt "$venv/.requirements" 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r models/requirements.txt
   cp models/requirements.txt "$venv/.requirements"
+fi
+if [ "${1:-}" = "--hamburger" ]; then
+  shift
+  "$venv/bin/python" models/hamburger.py "$@"
+  exec "$venv/bin/python" models/multitoken_reference.py
 fi
 exec "$venv/bin/python" models/build.py "$@"

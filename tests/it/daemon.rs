@@ -474,6 +474,43 @@ fn speculative_model_serves_with_stats_and_can_be_turned_off() {
 }
 
 #[test]
+fn multitoken_model_serves_with_step_stats() {
+    let daemon = Daemon::start(&format!(
+        "\n[[model]]\nname = \"kjv-hamburger\"\npath = \"{}\"\nmultitoken_mode = \"trust\"\n",
+        model_dir("kjv-hamburger").display()
+    ));
+    let case = &references().models["kjv-target"][1];
+    let complete = |extra: &[&str]| {
+        let count = (2 + extra.len() / 3).to_string();
+        let mut args = vec!["kjv-hamburger", case.prompt.as_str(), count.as_str(), "max_new_tokens", "u", "48", "temperature", "d", "0"];
+        args.extend_from_slice(extra);
+        daemon.call("Complete", "ssa{sv}", &args)
+    };
+    let trust = complete(&[]).unwrap();
+    let stats = &trust["data"][1];
+    let generated = stats["generated_tokens"]["data"].as_u64().unwrap();
+    let kv = stats["kv_entries"]["data"].as_u64().unwrap();
+    let per_step = stats["tokens_per_step"]["data"].as_f64().unwrap();
+    let prompt_tokens = stats["prompt_tokens"]["data"].as_u64().unwrap();
+    assert!(per_step >= 1.0 && kv < prompt_tokens + generated, "trust mode stores fewer KV entries than tokens: {stats}");
+    // One token per step: the base alone; verify mode gives exactly its text.
+    let alone = complete(&["multitoken_threshold", "d", "1"]).unwrap();
+    assert_eq!(alone["data"][1]["tokens_per_step"]["data"].as_f64().unwrap(), 1.0, "{}", alone["data"][1]);
+    let verify = complete(&["multitoken_mode", "s", "verify"]).unwrap();
+    assert_eq!(verify["data"][0], alone["data"][0], "verify mode = the base's own greedy text");
+    assert_eq!(verify["data"][1]["multitoken_mode"]["data"], "verify");
+    // Step options are checked at the edge, by name.
+    let e = complete(&["multitoken_max_tokens", "u", "9"]).unwrap_err();
+    assert!(e.contains("multitoken_max_tokens"), "{e}");
+    let e = daemon
+        .call("Complete", "ssa{sv}", &["kjv", &case.prompt, "1", "multitoken_threshold", "d", "0.5"])
+        .unwrap_err();
+    assert!(e.contains("not a multi-token model"), "{e}");
+    // ... and the daemon keeps serving.
+    assert!(complete(&[]).is_ok());
+}
+
+#[test]
 fn load_that_would_not_fit_is_refused_with_the_need() {
     let daemon = Daemon::start("\n[limits]\nmemory_reserve_mib = 100000000\n");
     let models = daemon.call("ListModels", "", &[]).unwrap().to_string();
