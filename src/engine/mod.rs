@@ -256,6 +256,33 @@ impl Engine {
         }
     }
 
+    /// Mean negative log-likelihood (nats per token) of `continuation` after `prompt` under this
+    /// model (a multi-token model's base, one token per step): the quality measure of the
+    /// benchmarks.
+    pub fn continuation_nll(&mut self, prompt: &[u32], continuation: &[u32]) -> Result<f64> {
+        if continuation.is_empty() {
+            return Ok(0.0);
+        }
+        let mut ids = prompt.to_vec();
+        ids.extend_from_slice(&continuation[..continuation.len() - 1]);
+        let rows = continuation.len();
+        let logits: Vec<Vec<f32>> = match &mut self.core {
+            Core::Decoder(decoder) => {
+                let mut cache = decoder.new_cache(self.kv_layout, ids.len())?;
+                let flat = decoder.forward(&mut cache, &ids, rows)?;
+                flat.chunks(decoder.vocab()).map(<[f32]>::to_vec).collect()
+            }
+            Core::MultiToken(model, _) => model.sequence_logits(&ids, rows)?,
+        };
+        let mut total = 0.0f64;
+        for (row, &token) in logits.iter().zip(continuation) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let log_sum = row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() + max as f64;
+            total += log_sum - row[token as usize] as f64;
+        }
+        Ok(total / continuation.len() as f64)
+    }
+
     /// Loads `folder` as this model's draft for speculative decoding.
     pub fn attach_draft(
         &mut self,

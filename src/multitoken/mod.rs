@@ -403,15 +403,18 @@ impl MultiTokenModel {
         Ok((logits, stop[0]))
     }
 
-    /// Logits after `ids` from the base alone (one token per step): for tests and quality
-    /// measurements.
-    pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+    /// Logits of the last `rows` positions of `ids` from the base alone (one token per step):
+    /// for tests and quality measurements.
+    pub fn sequence_logits(&mut self, ids: &[u32], rows: usize) -> Result<Vec<Vec<f32>>> {
         let run = SharedRunOptions::new()?;
         let mut kv = BaseKv { values: Self::empty_kv(self.base_past.len(), self.base_kv_heads, self.head_size)?, len: 0 };
         let steps: Vec<&[u32]> = ids.chunks(1).collect();
         let positions: Vec<usize> = (0..ids.len()).collect();
-        let mut out = self.base_forward(&mut kv, &steps, &positions, 1, run.get())?;
-        Ok(out.logits.pop().expect("one row"))
+        Ok(self.base_forward(&mut kv, &steps, &positions, rows, run.get())?.logits)
+    }
+
+    pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.sequence_logits(ids, 1)?.pop().expect("one row"))
     }
 
     /// Decodes `run` with multi-token steps; returns why it ended.
