@@ -763,6 +763,56 @@ fn notifies_ready_watchdog_and_stopping() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 
+/// The watchdog pings come from the engines' progress: an engine that makes no progress for a
+/// watchdog period (here a ~900-token prefill against a 20 ms period) stops them, and they resume
+/// when it moves again. Under systemd a real hang would then end in a restart.
+#[test]
+fn a_stalled_engine_stops_the_watchdog_pings() {
+    let bus = PrivateBus::start();
+    let config = test_config(&bus, "");
+    let socket_path = bus.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let log = bus.dir.path().join("edgellmd.log");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_edgellmd"))
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "20000")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let mut pings = 0;
+    while pings < 3 {
+        let n = socket.recv(&mut buf).expect("notifications");
+        pings += String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") as usize;
+    }
+    // A long prefill: one engine step of a few hundred milliseconds, no token in between.
+    let long = "And God said ".repeat(300);
+    let busctl = Command::new("busctl")
+        .arg(format!("--address={}", bus.address))
+        .args(["call", "org.edgellm.Daemon1", "/org/edgellm/Daemon1", "org.edgellm.Daemon1", "Complete", "ssa{sv}", "kjv"])
+        .arg(&long)
+        .args(["1", "max_new_tokens", "u", "1"])
+        .output()
+        .unwrap();
+    assert!(busctl.status.success(), "{}", String::from_utf8_lossy(&busctl.stderr));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("made no progress for a watchdog period"), "the stall was not noticed:\n{text}");
+    // Pings resume once the engine moves again.
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(20)));
+    while socket.recv(&mut buf).is_ok() {} // drain what came before
+    socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let n = socket.recv(&mut buf).expect("watchdog pings resume");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1"));
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
 #[test]
 fn draft_and_target_on_different_execution_providers() {
     let daemon = Daemon::start(&format!(
