@@ -3,7 +3,8 @@
 //! time, load RSS, time to first token and decode speed, with ratios (edgellm / genai).
 //!
 //! Options: --model DIR (default models/kjv-target), --new-tokens N (128), --providers cpu,openvino,
-//! --threads N, --no-speculative, --no-multitoken
+//! --threads N, --no-speculative, --no-multitoken, --thresholds 0.7,0.5 (multi-token table);
+//! --providers none skips the first table
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -173,7 +174,7 @@ fn main() {
         "{:<10} {:<18} {:>8} {:>12} {:>9} {:>11} {:>9}",
         "provider", "engine", "load s", "load RSS MiB", "TTFT ms", "decode t/s", "e2e t/s"
     );
-    for provider in providers.split(',') {
+    for provider in providers.split(',').filter(|p| !p.is_empty() && *p != "none") {
         let ours = |weights: &str| {
             run_json(
                 Command::new(&me)
@@ -230,14 +231,15 @@ fn main() {
         speculative_table(&me, &python, &prompts_file, &new_tokens, &threads);
     }
     if !args.iter().any(|a| a == "--no-multitoken") {
-        multitoken_table(&me, &prompts_file, &new_tokens, &threads);
+        let thresholds = arg(&args, "--thresholds").unwrap_or_else(|| "0.7,0.5".into());
+        multitoken_table(&me, &prompts_file, &new_tokens, &threads, &thresholds);
     }
     let _ = std::fs::remove_file(Path::new(&prompts_file));
 }
 
 /// The HAMburger-style model in both modes at two thresholds, against plain decoding of its own
 /// base (one token per step) and of the committed target.
-fn multitoken_table(me: &Path, prompts_file: &Path, new_tokens: &str, threads: &str) {
+fn multitoken_table(me: &Path, prompts_file: &Path, new_tokens: &str, threads: &str, thresholds: &str) {
     let hamburger = root().join("models/kjv-hamburger");
     let target = root().join("models/kjv-target");
     let ours = |model: &Path, multitoken: Option<&str>| {
@@ -254,7 +256,7 @@ fn multitoken_table(me: &Path, prompts_file: &Path, new_tokens: &str, threads: &
     let target_plain = ours(&target, None);
     let base_plain = ours(&hamburger, Some("trust:1"));
     let mut rows = vec![("kjv-target plain".to_string(), target_plain.clone()), ("base alone (1 token/step)".to_string(), base_plain.clone())];
-    for threshold in ["0.9", "0.7"] {
+    for threshold in thresholds.split(',') {
         for mode in ["trust", "verify"] {
             rows.push((format!("{mode} @ {threshold}"), ours(&hamburger, Some(&format!("{mode}:{threshold}")))));
         }

@@ -104,13 +104,17 @@ class Layer(nn.Module):
             v = torch.cat([past[1], v], dim=2)
         present = (k, v)
         rep = HEADS // KV_HEADS
-        kk = k.repeat_interleave(rep, dim=1)
-        vv = v.repeat_interleave(rep, dim=1)
-        if explicit:  # plain ops for the ONNX export
-            scores = (q @ kk.transpose(-1, -2)) * (1.0 / math.sqrt(HEAD))
-            scores = scores.masked_fill(~mask, float("-inf"))
-            att = torch.softmax(scores, dim=-1) @ vv
+        if explicit:
+            # Plain ops for the ONNX export. The query heads of a KV head are grouped and the KV
+            # broadcast over them, so no step copies the whole cache (as repeat_interleave's
+            # Tile would).
+            qg = q.reshape(B, KV_HEADS, rep, S, HEAD)
+            scores = (qg @ k.unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(HEAD))
+            scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+            att = (torch.softmax(scores, dim=-1) @ v.unsqueeze(2)).reshape(B, HEADS, S, HEAD)
         else:
+            kk = k.repeat_interleave(rep, dim=1)
+            vv = v.repeat_interleave(rep, dim=1)
             att = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
         x = x + self.o(att.transpose(1, 2).reshape(B, S, D))
         h = self.post_norm(x)
@@ -587,7 +591,8 @@ def main():
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--windows", type=int, default=3072, help="self-generated training windows")
-    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--threshold", type=float, default=0.5,
+                    help="default continue threshold written to multitoken_config.json")
     ap.add_argument("--stages", default="train,export")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)

@@ -21,7 +21,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "kjv-hamburger"
 NEW_TOKENS = 64
-THRESHOLDS = [0.9, 0.7, 1.0]
+THRESHOLDS = [0.7, 0.5, 1.0]
 
 
 class Hamburger:

@@ -95,15 +95,15 @@ fn trust_loop_matches_the_python_reference_and_counts_kv_entries() {
         eprintln!("threshold {threshold}: {:.2} tokens per base forward", *tokens as f64 / *forwards as f64);
     }
     // The committed model really merges at its default threshold.
-    let (tokens, forwards) = by_threshold["0.9"];
-    assert!(tokens as f64 / forwards as f64 > 1.2, "{tokens} tokens in {forwards} base forwards at threshold 0.9");
+    let (tokens, forwards) = by_threshold["0.5"];
+    assert!(tokens as f64 / forwards as f64 > 1.4, "{tokens} tokens in {forwards} base forwards at threshold 0.5");
 }
 
 #[test]
 fn a_threshold_that_stops_at_once_emits_one_token_per_step() {
     let refs = reference();
     let mut engine = engine();
-    for case in refs.cases.iter().filter(|c| c.threshold == 0.9) {
+    for case in refs.cases.iter().filter(|c| c.threshold == 0.5) {
         let out = generate(&mut engine, &case.prompt_ids, &options(Mode::Trust, 1.0, refs.new_tokens));
         let m = out.stats.multitoken.unwrap();
         assert_eq!(m.base_forwards, out.stats.generated_tokens, "{:?}", case.prompt);
