@@ -519,6 +519,8 @@ def quantize_int4(src: Path, dst: Path):
         cands = [p for p in dst.parent.iterdir() if p.name.startswith(dst.stem) and p.suffix == ".data"]
         if cands:
             cands[0].rename(produced)
+    for path in (dst, produced):
+        path.chmod(0o644)  # the quantizer writes its data file private; models are read by a service user
     build.check_int4(dst)
 
 

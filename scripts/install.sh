@@ -44,7 +44,7 @@ if [ ! -e "$DESTDIR/etc/edgellm/edgellm.toml" ]; then
 fi
 if [ "${EDGELLM_SKIP_MODELS:-0}" != 1 ]; then
   install -d "$DESTDIR/var/lib/edgellm/models"
-  for m in kjv-target kjv-draft; do
+  for m in kjv-target kjv-draft kjv-hamburger; do
     cp -rL "$root/models/$m" "$DESTDIR/var/lib/edgellm/models/"
   done
 fi
