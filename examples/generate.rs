@@ -1,4 +1,5 @@
 //! Generates from a model folder with the engine alone: `cargo run --example generate -- DIR PROMPT [N]`.
+//! Env: DRAFT=DIR (speculative), MULTITOKEN=MODE:THRESHOLD (multi-token models).
 use std::io::Write;
 
 use edgellm::engine::{CancelToken, Engine, GenerateOptions, LoadOptions, Prompt};
@@ -21,7 +22,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let folder = edgellm::model::ModelFolder::open(std::path::Path::new(&draft))?;
         engine.attach_draft(&runtime, &folder, &load, Default::default())?;
     }
-    let options = GenerateOptions { max_new_tokens: Some(max_new), ..Default::default() };
+    let mut options = GenerateOptions { max_new_tokens: Some(max_new), ..Default::default() };
+    if let Ok(spec) = std::env::var("MULTITOKEN") {
+        // MODE:THRESHOLD, for a multi-token model
+        let (mode, threshold) = spec.split_once(':').ok_or("MULTITOKEN=MODE:THRESHOLD")?;
+        options.multitoken_mode = Some(edgellm::multitoken::Mode::parse(mode).ok_or("trust or verify")?);
+        options.multitoken_threshold = Some(threshold.parse()?);
+    }
     let outcome = engine.generate(&Prompt::Text(prompt.clone()), &options, &CancelToken::new(), &mut |piece| {
         print!("{piece}");
         std::io::stdout().flush().is_ok()

@@ -333,12 +333,16 @@ def make_batch(corpus, rows: torch.Tensor):
     return ids, lengths, pos, valid, segmented
 
 
-def losses(model: HamburgerModel, batch):
+def losses(model: HamburgerModel, batch, region_only: bool = False):
+    """Training losses; with `region_only`, t0 is scored only where the next step lies after
+    the prompt (for comparisons with the base on the same tokens)."""
     ids, lengths, pos, valid, segmented = batch
     B, M, _ = ids.shape
     embeds = model.embedder(ids.view(-1, MAX_STEP), lengths.view(-1)).view(B, M, D)
     final, taps, _ = model.base(embeds, pos, causal(M))
     has_next = valid[:, 1:]                                 # step m has a successor
+    if region_only:
+        has_next = has_next & segmented[:, 1:]
     nxt_ids, nxt_len = ids[:, 1:], lengths[:, 1:]
     cur_final = final[:, :-1]
     # t0 of the next step from the base's lm_head, for every step
@@ -399,6 +403,23 @@ def step_validation(model, corpus, batches=4) -> dict:
         for k in acc:
             acc[k] += stats[k] / batches
     return {k: round(v, 3) for k, v in acc.items()}
+
+
+@torch.no_grad()
+def compare_with_base(model, teacher, corpus) -> dict:
+    """Per-token loss on held-out windows (validation openings continued by the original base),
+    over the tokens after the prompt: the multi-token model with its steps merged as in training
+    (t0 from the base on merged inputs, the rest from the micro decoder) against the original
+    base reading the same text one token at a time."""
+    windows, probs, prompt = corpus
+    batch = make_batch(corpus, torch.arange(len(windows)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ce, _, stats = losses(model, batch, region_only=True)
+        logits = plain_logits(teacher, windows).float()
+    target = windows[:, prompt:]
+    base_ce = F.cross_entropy(logits[:, prompt - 1:-1].reshape(-1, VOCAB), target.reshape(-1)).item()
+    return {"multitoken_loss_after_prompt": round(ce.item(), 3), "original_base_loss_after_prompt": round(base_ce, 3),
+            "tokens_per_step_in_training_segmentation": round(stats["tokens_per_step"], 3)}
 
 
 # ------------------------------------------------------------------ training
@@ -595,7 +616,7 @@ def main():
     ap.add_argument("--windows", type=int, default=3072, help="self-generated training windows")
     ap.add_argument("--threshold", type=float, default=0.5,
                     help="default continue threshold written to multitoken_config.json")
-    ap.add_argument("--stages", default="train,export")
+    ap.add_argument("--stages", default="train,eval,export")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     stages = set(args.stages.split(","))
@@ -646,6 +667,10 @@ def main():
         log(f"validation: {report}")
     else:
         model.load_state_dict(torch.load(ckpt))
+    if "eval" in stages:
+        held_out = self_generated(teacher, valid_data, 64, torch.Generator().manual_seed(7))
+        report["held_out_comparison"] = compare_with_base(model.eval(), teacher, held_out)
+        log(f"held-out comparison: {report['held_out_comparison']}")
     report.update({"micro_layers": MICRO_LAYERS, "tapped_layers": list(TAPPED_LAYERS),
                    "max_tokens_per_step": MAX_STEP,
                    "parameters_added": sum(p.numel() for n, p in model.named_parameters()
