@@ -7,4 +7,15 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash scripts/ensure-system-packages.sh
 bash scripts/setup-runtime.sh
+# The OpenVINO plugin offers devices only on Intel hardware: say up front whether its tests run
+# here or skip (they print SKIPPED in their own output).
+.edgellm/venv/bin/python - <<'PY' || true
+import onnxruntime as ort, os
+plugin = os.path.realpath(".edgellm/runtime/libonnxruntime_providers_openvino_plugin.so")
+ort.register_execution_provider_library("OpenVINOExecutionProvider", plugin)
+devices = [str(d.device.type).split(".")[-1] for d in ort.get_ep_devices() if d.ep_name == "OpenVINOExecutionProvider"]
+cpu = next((d.device.vendor for d in ort.get_ep_devices() if d.ep_name == "CPUExecutionProvider"), "?")
+print(f"test.sh: OpenVINO plugin devices here: {devices or 'none'} (CPU vendor {cpu}); "
+      + ("its tests run" if "CPU" in devices else "its tests skip"))
+PY
 cargo test --locked "$@"

@@ -158,6 +158,24 @@ impl Runtime {
         Ok(Arc::new(Runtime { env, library, openvino_plugin }))
     }
 
+    /// Device types (CPU, GPU, NPU) the OpenVINO plugin offers here; empty without the plugin
+    /// or where it offers none.
+    pub fn openvino_device_types(&self) -> Vec<String> {
+        self.env
+            .devices()
+            .filter(|d| d.ep().map(|n| n == OPENVINO_EP).unwrap_or(false))
+            .map(|d| format!("{:?}", d.hardware_device().ty()).to_uppercase())
+            .collect()
+    }
+
+    /// The CPU's vendor as ONNX Runtime reports it.
+    pub fn cpu_vendor(&self) -> Option<String> {
+        self.env
+            .devices()
+            .find(|d| d.ep().map(|n| n == CPU_EP).unwrap_or(false))
+            .and_then(|d| d.hardware_device().vendor().ok().map(str::to_string))
+    }
+
     pub fn library(&self) -> &Path {
         &self.library
     }
@@ -257,7 +275,14 @@ impl Runtime {
                     .take(1) // one device, as onnxruntime-genai passes it
                     .collect();
                 if devices.is_empty() {
-                    return Err(unavailable(format!("OpenVINO offers no {device_type} device on this machine")));
+                    let why = match self.cpu_vendor() {
+                        // Seen here: on an AMD EPYC the plugin (1.8.1) offers no device at all.
+                        Some(vendor) if !vendor.to_ascii_lowercase().contains("intel") => format!(
+                            " (the onnxruntime-ep-openvino plugin offers devices on Intel hardware; this machine's CPU is from {vendor})"
+                        ),
+                        _ => String::new(),
+                    };
+                    return Err(unavailable(format!("OpenVINO offers no {device_type} device on this machine{why}")));
                 }
                 let prefixed: Vec<(String, String)> = options
                     .provider_options

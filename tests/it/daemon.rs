@@ -815,6 +815,9 @@ fn a_stalled_engine_stops_the_watchdog_pings() {
 
 #[test]
 fn draft_and_target_on_different_execution_providers() {
+    if !crate::fixtures::openvino_cpu_or_skip("draft_and_target_on_different_execution_providers") {
+        return;
+    }
     let daemon = Daemon::start(&format!(
         "\n[[model]]\nname = \"draft-ov\"\npath = \"{}\"\nproviders = [\"openvino\"]\nstrict = true\npreload = false\n\n[[model]]\nname = \"kjv-spec\"\npath = \"{}\"\ndraft = \"draft-ov\"\n",
         model_dir("kjv-draft").display(),

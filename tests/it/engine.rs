@@ -90,6 +90,9 @@ fn genai_openvino_outputs(prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec<u3
 
 #[test]
 fn openvino_provider_matches_onnxruntime_genai_on_openvino() {
+    if !crate::fixtures::openvino_cpu_or_skip("openvino_provider_matches_onnxruntime_genai_on_openvino") {
+        return;
+    }
     let options = LoadOptions {
         session: SessionOptions { providers: vec![Provider::OpenVino], strict: true, ..Default::default() },
         ..Default::default()

@@ -59,3 +59,20 @@ pub fn copy_model(name: &str) -> tempfile::TempDir {
     }
     tmp
 }
+
+/// Whether the OpenVINO plugin offers a CPU device here. Where it does not (the plugin offers
+/// devices only on Intel hardware: none on an AMD CPU), the OpenVINO tests say so and skip; the
+/// fallback from OpenVINO to CPU is still tested. A missing plugin file is a failure, not a skip.
+pub fn openvino_cpu_or_skip(test: &str) -> bool {
+    let runtime = runtime();
+    let plugin = root().join(".edgellm/runtime/libonnxruntime_providers_openvino_plugin.so");
+    assert!(plugin.exists(), "{} is missing: run scripts/setup-runtime.sh", plugin.display());
+    if runtime.openvino_device_types().iter().any(|t| t == "CPU") {
+        return true;
+    }
+    eprintln!(
+        "SKIPPED {test}: the OpenVINO plugin offers no CPU device on this machine (CPU vendor {:?}); it does on Intel CPUs",
+        runtime.cpu_vendor()
+    );
+    false
+}
