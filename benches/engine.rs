@@ -175,6 +175,13 @@ fn main() {
         "provider", "engine", "load s", "load RSS MiB", "TTFT ms", "decode t/s", "e2e t/s"
     );
     for provider in providers.split(',').filter(|p| !p.is_empty() && *p != "none") {
+        if provider == "openvino" {
+            let runtime = Runtime::load(None).expect("runtime");
+            if !runtime.openvino_device_types().iter().any(|t| t == "CPU") {
+                println!("{provider:<10} skipped: the OpenVINO plugin offers no CPU device here (CPU vendor {:?})", runtime.cpu_vendor());
+                continue;
+            }
+        }
         let ours = |weights: &str| {
             run_json(
                 Command::new(&me)
