@@ -53,7 +53,15 @@ impl Draft {
                 format!("{} is shorter than the target's {}", draft.config.context_length, target.config.context_length),
             ));
         }
-        let decoder = Decoder::load(runtime, &draft.dir, &draft.config, &options.session)?;
+        // A draft's forwards are small: on the calling thread alone they are faster than through
+        // a pool of its own whose threads spin against the target's (unless its [[model]] sets
+        // `threads`).
+        let session = if options.session.threads == 0 {
+            crate::runtime::SessionOptions { threads: 1, ..options.session.clone() }
+        } else {
+            options.session.clone()
+        };
+        let decoder = Decoder::load(runtime, &draft.dir, &draft.config, &session)?;
         let layout =
             options.kv_layout.unwrap_or(if draft.config.search.past_present_share_buffer { KvLayout::Shared } else { KvLayout::Growing });
         Ok(Draft { decoder, layout, settings })
