@@ -120,14 +120,24 @@ fn child(args: &[String]) {
     println!("{report}");
 }
 
-/// Runs a measuring child `REPEATS` times and keeps the run with the median decode speed: single
-/// runs on a shared 2-core machine vary by 10-20%.
+/// Runs every measuring child of a table `REPEATS` times, in rounds (each round runs all of them
+/// once, so a change of load on this shared machine hits every row alike), and keeps each one's
+/// run with the median decode speed: single runs vary by 10-30%.
 const REPEATS: usize = 3;
 
-fn run_json(cmd: &mut Command) -> Value {
-    let mut runs: Vec<Value> = (0..REPEATS).map(|_| run_once(cmd)).collect();
-    runs.sort_by(|a, b| a["decode_tps"].as_f64().unwrap().total_cmp(&b["decode_tps"].as_f64().unwrap()));
-    runs.swap_remove(REPEATS / 2)
+fn run_interleaved(mut cmds: Vec<Command>) -> Vec<Value> {
+    let mut runs: Vec<Vec<Value>> = vec![Vec::new(); cmds.len()];
+    for _ in 0..REPEATS {
+        for (cmd, runs) in cmds.iter_mut().zip(runs.iter_mut()) {
+            runs.push(run_once(cmd));
+        }
+    }
+    runs.into_iter()
+        .map(|mut r| {
+            r.sort_by(|a, b| a["decode_tps"].as_f64().unwrap().total_cmp(&b["decode_tps"].as_f64().unwrap()));
+            r.swap_remove(REPEATS / 2)
+        })
+        .collect()
 }
 
 fn run_once(cmd: &mut Command) -> Value {
@@ -183,26 +193,28 @@ fn main() {
             }
         }
         let ours = |weights: &str| {
-            run_json(
-                Command::new(&me)
-                    .args(["--child", "--model"])
-                    .arg(&model)
-                    .args(["--new-tokens", &new_tokens, "--provider", provider, "--weights", weights, "--threads", &threads, "--prompts"])
-                    .arg(&prompts_file),
-            )
-        };
-        let genai = run_json(
-            Command::new(&python)
-                .arg(root().join("benches/genai_bench.py"))
-                .arg("--model")
+            let mut cmd = Command::new(&me);
+            cmd.args(["--child", "--model"])
                 .arg(&model)
-                .args(["--provider", provider, "--new-tokens", &new_tokens, "--threads", &threads, "--plugin"])
-                .arg(&plugin)
-                .arg("--prompts")
-                .arg(&prompts_file),
-        );
-        let edgellm = ours("file");
-        let mapped = if provider == "cpu" { Some(ours("mmap")) } else { None };
+                .args(["--new-tokens", &new_tokens, "--provider", provider, "--weights", weights, "--threads", &threads, "--prompts"])
+                .arg(&prompts_file);
+            cmd
+        };
+        let mut genai_cmd = Command::new(&python);
+        genai_cmd
+            .arg(root().join("benches/genai_bench.py"))
+            .arg("--model")
+            .arg(&model)
+            .args(["--provider", provider, "--new-tokens", &new_tokens, "--threads", &threads, "--plugin"])
+            .arg(&plugin)
+            .arg("--prompts")
+            .arg(&prompts_file);
+        let mut cmds = vec![genai_cmd, ours("file")];
+        if provider == "cpu" {
+            cmds.push(ours("mmap"));
+        }
+        let mut results = run_interleaved(cmds).into_iter();
+        let (genai, edgellm, mapped) = (results.next().unwrap(), results.next().unwrap(), results.next());
         let row = |label: &str, r: &Value| {
             println!(
                 "{:<10} {:<18} {:>8.3} {:>12.1} {:>9.2} {:>11.1} {:>9.1}",
@@ -258,16 +270,18 @@ fn multitoken_table(me: &Path, prompts_file: &Path, new_tokens: &str, threads: &
         if let Some(m) = multitoken {
             cmd.args(["--multitoken", m]);
         }
-        run_json(&mut cmd)
+        cmd
     };
-    let target_plain = ours(&target, None);
-    let base_plain = ours(&hamburger, Some("trust:1"));
-    let mut rows = vec![("kjv-target plain".to_string(), target_plain.clone()), ("base alone (1 token/step)".to_string(), base_plain.clone())];
+    let mut labels = vec!["kjv-target plain".to_string(), "base alone (1 token/step)".to_string()];
+    let mut cmds = vec![ours(&target, None), ours(&hamburger, Some("trust:1"))];
     for threshold in thresholds.split(',') {
         for mode in ["trust", "verify"] {
-            rows.push((format!("{mode} @ {threshold}"), ours(&hamburger, Some(&format!("{mode}:{threshold}")))));
+            labels.push(format!("{mode} @ {threshold}"));
+            cmds.push(ours(&hamburger, Some(&format!("{mode}:{threshold}"))));
         }
     }
+    let rows: Vec<(String, Value)> = labels.into_iter().zip(run_interleaved(cmds)).collect();
+    let (target_plain, base_plain) = (rows[0].1.clone(), rows[1].1.clone());
     println!();
     println!("multi-token steps, kjv-hamburger (base = its own base, one token per step), cpu, greedy");
     println!(
@@ -309,7 +323,7 @@ fn speculative_table(me: &Path, python: &Path, prompts_file: &Path, new_tokens: 
         if let Some(d) = draft {
             cmd.arg("--draft").arg(d);
         }
-        run_json(&mut cmd)
+        cmd
     };
     let genai = |model: &Path, spec: bool| {
         let mut cmd = Command::new(python);
@@ -321,16 +335,12 @@ fn speculative_table(me: &Path, python: &Path, prompts_file: &Path, new_tokens: 
         if spec {
             cmd.arg("--speculative");
         }
-        run_json(&mut cmd)
+        cmd
     };
-    let plain = ours(None, "8");
-    let rows = [
-        ("edgellm plain", plain.clone()),
-        ("edgellm spec k<=8", ours(Some(&draft), "8")),
-        ("edgellm spec k<=4", ours(Some(&draft), "4")),
-        ("genai plain", genai(&target, false)),
-        ("genai spec k=4", genai(&pair, true)),
-    ];
+    let labels = ["edgellm plain", "edgellm spec k<=8", "edgellm spec k<=4", "genai plain", "genai spec k=4"];
+    let cmds = vec![ours(None, "8"), ours(Some(&draft), "8"), ours(Some(&draft), "4"), genai(&target, false), genai(&pair, true)];
+    let rows: Vec<(&str, Value)> = labels.into_iter().zip(run_interleaved(cmds)).collect();
+    let plain = rows[0].1.clone();
     println!();
     println!("speculative decoding, kjv-target with kjv-draft, cpu, greedy");
     println!(
