@@ -6,6 +6,7 @@
 //!   (The builder's default, `past_present_share_buffer: true`.)
 //! - `Growing`: the present outputs of one step are the past inputs of the next, as they are;
 //!   each step ONNX Runtime allocates the grown tensors.
+//!
 //! Rolling back (speculative decoding) is a length change for `Shared` and a slice for `Growing`.
 
 use std::path::Path;

@@ -161,7 +161,7 @@ impl CancelToken {
 /// What runs a model's forwards: one decoder graph, or the three graphs of a multi-token model.
 enum Core {
     Decoder(Decoder),
-    MultiToken(Box<MultiTokenModel>, MultiTokenSettings),
+    MultiToken(MultiTokenModel, MultiTokenSettings),
 }
 
 /// A model ready to generate. Owned by the one thread that runs it.
@@ -194,7 +194,7 @@ impl Engine {
                 let model = MultiTokenModel::load(runtime, dir, &folder.config, contract, &options.session)?;
                 let settings = model.default_settings();
                 // The multi-token loop keeps its own growing KV (merged steps and rollbacks).
-                (Core::MultiToken(Box::new(model), settings), KvLayout::Growing)
+                (Core::MultiToken(model, settings), KvLayout::Growing)
             }
             None => {
                 let decoder = Decoder::load(runtime, dir, &folder.config, &options.session)?;

@@ -381,7 +381,7 @@ impl MultiTokenModel {
     /// the micro decoder's KV; returns the logits of the next token and its stop logit.
     fn micro_forward(
         &mut self,
-        kv: &mut Vec<DynValue>,
+        kv: &mut [DynValue],
         features: &[f32],
         token: u32,
         run: &RunOptions<HasSelectedOutputs>,
@@ -389,8 +389,8 @@ impl MultiTokenModel {
         let rows = if features.is_empty() { 0 } else { self.contract.features };
         // Every step's first micro call carries the features, so the width is known by the
         // calls that carry none.
-        if rows > 0 {
-            self.hidden = features.len() / rows;
+        if let Some(width) = features.len().checked_div(rows) {
+            self.hidden = width;
         }
         let width = self.hidden;
         let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(2 + kv.len());
