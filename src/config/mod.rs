@@ -320,7 +320,10 @@ impl Config {
             };
             let threshold = match &m.multitoken_threshold {
                 Some(c) if !(0.0..=1.0).contains(c.get_ref()) => {
-                    return Err(err(c.span(), "field `model.multitoken_threshold`: between 0 and 1 (1 stops every step after one token)".into()))
+                    return Err(err(
+                        c.span(),
+                        "field `model.multitoken_threshold`: between 0 and 1 (1 stops every step after one token)".into(),
+                    ))
                 }
                 c => c.as_ref().map(|c| *c.get_ref() as f32),
             };

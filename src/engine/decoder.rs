@@ -198,12 +198,7 @@ impl Decoder {
         }
         let logits = output(&names.logits).ok_or_else(|| mismatch("model.decoder.outputs.logits", &names.logits, "output"))?;
         let logits_precision = Precision::of(logits.dtype(), "logits")?;
-        let past_names: Vec<String> = (0..config.num_layers)
-            .flat_map(|l| [DecoderNames::layer(&names.past_key, l), DecoderNames::layer(&names.past_value, l)])
-            .collect();
-        let present_names: Vec<String> = (0..config.num_layers)
-            .flat_map(|l| [DecoderNames::layer(&names.present_key, l), DecoderNames::layer(&names.present_value, l)])
-            .collect();
+        let (past_names, present_names) = names.kv_names(config.num_layers);
         for name in &past_names {
             input(name).ok_or_else(|| mismatch("model.decoder.inputs.past_key_names", name, "input"))?;
         }

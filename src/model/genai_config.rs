@@ -27,6 +27,12 @@ impl DecoderNames {
     pub fn layer(pattern: &str, layer: usize) -> String {
         pattern.replace("%d", &layer.to_string())
     }
+
+    /// Past input names and present output names, key then value for each layer.
+    pub fn kv_names(&self, layers: usize) -> (Vec<String>, Vec<String>) {
+        let per_layer = |key: &str, value: &str| (0..layers).flat_map(|l| [Self::layer(key, l), Self::layer(value, l)]).collect();
+        (per_layer(&self.past_key, &self.past_value), per_layer(&self.present_key, &self.present_value))
+    }
 }
 
 /// The `search` block: defaults for a request that does not say otherwise.

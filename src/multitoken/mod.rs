@@ -24,12 +24,13 @@ use ort::value::{DynValue, Tensor};
 use serde_json::Value;
 
 use crate::engine::decoder::{slice_positions, SharedRunOptions};
-use crate::engine::sampler::{apply_repetition_penalty, argmax, distribution};
 use crate::engine::{CancelToken, FinishReason, Run};
 use crate::error::{Error, Result};
 use crate::model::ModelFolder;
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
-use crate::speculative::{verify_greedy_guarded, verify_sampled, GreedyVerdict, TIE_MARGIN};
+use crate::speculative::{
+    penalised_argmax, penalised_rows, row_distribution, row_distributions, verify_greedy_guarded, verify_sampled, GreedyVerdict, TIE_MARGIN,
+};
 
 pub const CONTRACT_FILE: &str = "multitoken_config.json";
 
@@ -252,14 +253,7 @@ impl MultiTokenModel {
         let (embedder, _) = runtime.session(&dir.join(&contract.embedder_file), &single)?;
         let (micro, _) = runtime.session(&dir.join(&contract.micro_file), &single)?;
         let names = &config.names;
-        let base_past: Vec<String> = (0..config.num_layers)
-            .flat_map(|l| [crate::model::DecoderNames::layer(&names.past_key, l), crate::model::DecoderNames::layer(&names.past_value, l)])
-            .collect();
-        let base_present: Vec<String> = (0..config.num_layers)
-            .flat_map(|l| {
-                [crate::model::DecoderNames::layer(&names.present_key, l), crate::model::DecoderNames::layer(&names.present_value, l)]
-            })
-            .collect();
+        let (base_past, base_present) = names.kv_names(config.num_layers);
         let micro_past = layer_names(contract.micro_layers, "past_key_values.%d.%s");
         let micro_present = layer_names(contract.micro_layers, "present.%d.%s");
         let check = |session: &Session, file: &str, inputs: &[&str], outputs: &[&str]| -> Result<()> {
@@ -555,13 +549,9 @@ impl MultiTokenModel {
                     let mut seen = run.sequence.clone();
                     seen.extend(&drafts);
                     let d = if greedy {
-                        let mut row = micro_logits.clone();
-                        apply_repetition_penalty(&mut row, &seen, params.repetition_penalty);
-                        argmax(&row) as u32
+                        penalised_argmax(&micro_logits, &seen, params.repetition_penalty)
                     } else {
-                        let mut row = micro_logits.clone();
-                        apply_repetition_penalty(&mut row, &seen, params.repetition_penalty);
-                        let dist = distribution(&row, &params);
+                        let dist = row_distribution(&micro_logits, &seen, &params);
                         let d = run.sampler.draw(&dist) as u32;
                         draft_dists.push(dist);
                         d
@@ -589,89 +579,49 @@ impl MultiTokenModel {
             stats.base_forwards += 1;
             stats.base_time += started.elapsed();
             stats.drafted += drafts.len();
+            // What follows the accepted drafts: the verified row there, a token the sampling
+            // rule drew, or (a near tie) a one-token forward, as plain decoding computes it.
+            enum Next {
+                Row,
+                Token(u32),
+                Recompute,
+            }
             let (accepted, next) = if greedy {
-                let rows: Vec<Vec<f32>> = if params.repetition_penalty == 1.0 {
-                    verified.logits.clone()
-                } else {
-                    let mut seen = run.sequence.clone();
-                    verified
-                        .logits
-                        .iter()
-                        .enumerate()
-                        .map(|(i, row)| {
-                            if i > 0 {
-                                seen.push(drafts[i - 1]);
-                            }
-                            let mut row = row.clone();
-                            apply_repetition_penalty(&mut row, &seen, params.repetition_penalty);
-                            row
-                        })
-                        .collect()
-                };
+                let rows = penalised_rows(verified.logits.clone(), &run.sequence, &drafts, params.repetition_penalty);
                 match verify_greedy_guarded(&rows, &drafts, TIE_MARGIN) {
-                    GreedyVerdict::Decided(a, _) => (a, None),
-                    // A near tie: decided below by a one-token forward, as plain decoding would.
-                    GreedyVerdict::NearTie(a) => (a, Some(())),
+                    GreedyVerdict::Decided(a, _) => (a, Next::Row),
+                    GreedyVerdict::NearTie(a) => (a, Next::Recompute),
                 }
             } else {
-                let mut seen = run.sequence.clone();
-                let p: Vec<Vec<f32>> = verified
-                    .logits
-                    .iter()
-                    .enumerate()
-                    .map(|(i, row)| {
-                        if i > 0 {
-                            seen.push(drafts[i - 1]);
-                        }
-                        let mut row = row.clone();
-                        apply_repetition_penalty(&mut row, &seen, params.repetition_penalty);
-                        distribution(&row, &params)
-                    })
-                    .collect();
-                let (a, bonus) = verify_sampled(&p, &draft_dists, &drafts, &mut run.sampler);
-                // The bonus token is decided here: hand it to the loop through its logits row as
-                // a one-hot, so the sampler (greedy on it) returns exactly it.
-                stats.accepted += a;
-                for (i, &d) in drafts[..a].iter().enumerate() {
-                    if let Some(reason) = run.accept(folder, d, on_text)? {
-                        // The inputs before the last emitted token keep their entries.
-                        kv_truncate(&mut kv, first + 1 + i)?;
-                        stats.kv_entries = kv.len;
-                        return Ok(reason);
-                    }
-                }
-                kv_truncate(&mut kv, first + 1 + a)?;
-                stats.kv_entries = kv.len;
-                logits = one_hot(self.vocab, bonus);
-                features = verified.features[a].clone();
-                stop_logit = verified.stop_logits[a];
-                continue;
+                let p = row_distributions(&verified.logits, &run.sequence, &drafts, &params);
+                let (a, token) = verify_sampled(&p, &draft_dists, &drafts, &mut run.sampler);
+                (a, Next::Token(token))
             };
             stats.accepted += accepted;
             for (i, &d) in drafts[..accepted].iter().enumerate() {
                 if let Some(reason) = run.accept(folder, d, on_text)? {
+                    // The inputs before the last emitted token keep their entries.
                     kv_truncate(&mut kv, first + 1 + i)?;
                     stats.kv_entries = kv.len;
                     return Ok(reason);
                 }
             }
-            match next {
-                None => {
-                    kv_truncate(&mut kv, first + 1 + accepted)?;
-                    logits = verified.logits[accepted].clone();
-                    features = verified.features[accepted].clone();
-                    stop_logit = verified.stop_logits[accepted];
-                }
-                Some(()) => {
-                    // Re-run the last accepted input alone, as plain decoding computes it.
-                    kv_truncate(&mut kv, first + accepted)?;
-                    let last = inputs[accepted];
-                    let again = self.base_forward(&mut kv, &[&[last]], &[first + accepted], 1, options.get())?;
-                    stats.base_forwards += 1;
-                    logits = again.logits[0].clone();
-                    features = again.features[0].clone();
-                    stop_logit = again.stop_logits[0];
-                }
+            if let Next::Recompute = next {
+                kv_truncate(&mut kv, first + accepted)?;
+                let again = self.base_forward(&mut kv, &[&inputs[accepted..=accepted]], &[first + accepted], 1, options.get())?;
+                stats.base_forwards += 1;
+                logits = again.logits[0].clone();
+                features = again.features[0].clone();
+                stop_logit = again.stop_logits[0];
+            } else {
+                kv_truncate(&mut kv, first + 1 + accepted)?;
+                // A drawn token reaches the loop's sampler as a one-hot row: it returns exactly it.
+                logits = match next {
+                    Next::Token(token) => one_hot(self.vocab, token),
+                    _ => verified.logits[accepted].clone(),
+                };
+                features = verified.features[accepted].clone();
+                stop_logit = verified.stop_logits[accepted];
             }
             stats.kv_entries = kv.len;
         }

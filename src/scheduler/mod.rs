@@ -308,7 +308,8 @@ impl Scheduler {
             None => options.max_new_tokens = Some(limit),
             Some(_) => {}
         }
-        let multitoken_asked = options.multitoken_mode.is_some() || options.multitoken_threshold.is_some() || options.multitoken_max_tokens.is_some();
+        let multitoken_asked =
+            options.multitoken_mode.is_some() || options.multitoken_threshold.is_some() || options.multitoken_max_tokens.is_some();
         match &folder.multitoken {
             None if multitoken_asked => {
                 return Err(Error::InvalidArgument {

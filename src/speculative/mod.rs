@@ -137,14 +137,46 @@ pub fn verify_sampled(p: &[Vec<f32>], q: &[Vec<f32>], drafts: &[u32], sampler: &
     (drafts.len(), sampler.draw(&p[drafts.len()]) as u32)
 }
 
+/// Each verified row, transformed with the tokens before it: row i follows `sequence` and
+/// `drafts[..i]` (the repetition penalty must see them as plain decoding would).
+fn rows_in_context(rows: &[Vec<f32>], sequence: &[u32], drafts: &[u32], f: impl Fn(&[f32], &[u32]) -> Vec<f32>) -> Vec<Vec<f32>> {
+    let mut seen = sequence.to_vec();
+    rows.iter()
+        .enumerate()
+        .map(|(i, row)| {
+            if i > 0 {
+                seen.push(drafts[i - 1]);
+            }
+            f(row, &seen)
+        })
+        .collect()
+}
+
+/// Verified rows for the greedy rule: the repetition penalty applied as plain decoding would.
+pub(crate) fn penalised_rows(rows: Vec<Vec<f32>>, sequence: &[u32], drafts: &[u32], penalty: f32) -> Vec<Vec<f32>> {
+    if penalty == 1.0 {
+        return rows;
+    }
+    rows_in_context(&rows, sequence, drafts, |row, seen| {
+        let mut row = row.to_vec();
+        apply_repetition_penalty(&mut row, seen, penalty);
+        row
+    })
+}
+
+/// Verified rows for the sampling rule: each one's sampling distribution.
+pub(crate) fn row_distributions(rows: &[Vec<f32>], sequence: &[u32], drafts: &[u32], params: &SamplingParams) -> Vec<Vec<f32>> {
+    rows_in_context(rows, sequence, drafts, |row, seen| row_distribution(row, seen, params))
+}
+
 /// The sampling distribution of one row of logits, with the repetition penalty over `seen`.
-fn row_distribution(logits: &[f32], seen: &[u32], params: &SamplingParams) -> Vec<f32> {
+pub(crate) fn row_distribution(logits: &[f32], seen: &[u32], params: &SamplingParams) -> Vec<f32> {
     let mut row = logits.to_vec();
     apply_repetition_penalty(&mut row, seen, params.repetition_penalty);
     distribution(&row, params)
 }
 
-fn penalised_argmax(logits: &[f32], seen: &[u32], penalty: f32) -> u32 {
+pub(crate) fn penalised_argmax(logits: &[f32], seen: &[u32], penalty: f32) -> u32 {
     if penalty == 1.0 {
         return argmax(logits) as u32;
     }
@@ -265,22 +297,7 @@ pub(crate) fn decode(
         run.target_forwards += 1;
         let rows: Vec<Vec<f32>> = flat.chunks(vocab).map(<[f32]>::to_vec).collect();
         let (accepted, next) = if greedy {
-            // Rows with the repetition penalty applied as plain decoding would apply it.
-            let rows: Vec<Vec<f32>> = if params.repetition_penalty == 1.0 {
-                rows
-            } else {
-                let mut seen = run.sequence.clone();
-                rows.into_iter()
-                    .enumerate()
-                    .map(|(i, mut row)| {
-                        if i > 0 {
-                            seen.push(drafts[i - 1]);
-                        }
-                        apply_repetition_penalty(&mut row, &seen, params.repetition_penalty);
-                        row
-                    })
-                    .collect()
-            };
+            let rows = penalised_rows(rows, &run.sequence, &drafts, params.repetition_penalty);
             match verify_greedy_guarded(&rows, &drafts, TIE_MARGIN) {
                 GreedyVerdict::Decided(accepted, next) => (accepted, next),
                 GreedyVerdict::NearTie(at) => {
@@ -299,17 +316,7 @@ pub(crate) fn decode(
                 }
             }
         } else {
-            let mut seen = run.sequence.clone();
-            let p_rows: Vec<Vec<f32>> = rows
-                .iter()
-                .enumerate()
-                .map(|(i, row)| {
-                    if i > 0 {
-                        seen.push(drafts[i - 1]);
-                    }
-                    row_distribution(row, &seen, &params)
-                })
-                .collect();
+            let p_rows = row_distributions(&rows, &run.sequence, &drafts, &params);
             verify_sampled(&p_rows, &q_rows, &drafts, &mut run.sampler)
         };
         stats.verify_time += verifying.elapsed();

@@ -502,9 +502,7 @@ fn multitoken_model_serves_with_step_stats() {
     // Step options are checked at the edge, by name.
     let e = complete(&["multitoken_max_tokens", "u", "9"]).unwrap_err();
     assert!(e.contains("multitoken_max_tokens"), "{e}");
-    let e = daemon
-        .call("Complete", "ssa{sv}", &["kjv", &case.prompt, "1", "multitoken_threshold", "d", "0.5"])
-        .unwrap_err();
+    let e = daemon.call("Complete", "ssa{sv}", &["kjv", &case.prompt, "1", "multitoken_threshold", "d", "0.5"]).unwrap_err();
     assert!(e.contains("not a multi-token model"), "{e}");
     // ... and the daemon keeps serving.
     assert!(complete(&[]).is_ok());

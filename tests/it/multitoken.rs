@@ -40,7 +40,9 @@ fn reference() -> &'static MultiTokenReference {
 fn engine() -> std::sync::MutexGuard<'static, Engine> {
     static ENGINE: OnceLock<Mutex<Engine>> = OnceLock::new();
     ENGINE
-        .get_or_init(|| Mutex::new(Engine::load(&runtime(), "kjv-hamburger", &model_dir("kjv-hamburger"), &LoadOptions::default()).unwrap()))
+        .get_or_init(|| {
+            Mutex::new(Engine::load(&runtime(), "kjv-hamburger", &model_dir("kjv-hamburger"), &LoadOptions::default()).unwrap())
+        })
         .lock()
         .unwrap_or_else(|e| e.into_inner())
 }
@@ -138,7 +140,11 @@ fn verify_mode_greedy_equals_the_base_alone() {
             let logits = engine.next_logits(&prefix).unwrap();
             let gap = (logits[ids[at] as usize] - logits[case.output_ids[at] as usize]).abs();
             eprintln!("{:?}: first difference at token {at}, base logit gap {gap:.4}", case.prompt);
-            assert!(gap < 0.25, "verify mode differs from the base alone at token {at} of {:?}, not at a near tie (gap {gap})", case.prompt);
+            assert!(
+                gap < 0.25,
+                "verify mode differs from the base alone at token {at} of {:?}, not at a near tie (gap {gap})",
+                case.prompt
+            );
             near_ties += 1;
         }
         let m = out.stats.multitoken.unwrap();
@@ -160,8 +166,7 @@ fn sampled_steps_are_seeded_and_cancellable() {
     let mut engine = engine();
     let ids = reference().cases[0].prompt_ids.clone();
     for mode in [Mode::Trust, Mode::Verify] {
-        let sampled =
-            |seed: u64| GenerateOptions { temperature: Some(0.8), seed: Some(seed), ..options(mode, 0.7, 48) };
+        let sampled = |seed: u64| GenerateOptions { temperature: Some(0.8), seed: Some(seed), ..options(mode, 0.7, 48) };
         let a = generate(&mut engine, &ids, &sampled(7));
         let b = generate(&mut engine, &ids, &sampled(7));
         let c = generate(&mut engine, &ids, &sampled(8));
