@@ -51,6 +51,16 @@ struct GenArgs {
     /// Turn speculative decoding on or off for this request.
     #[arg(long)]
     speculative: Option<bool>,
+    /// Multi-token models: "trust" (merged steps) or "verify" (the base's own output).
+    #[arg(long)]
+    multitoken_mode: Option<String>,
+    /// Multi-token models: go on with a step while the stop head's continue probability is at
+    /// least this (1: one token per step).
+    #[arg(long)]
+    multitoken_threshold: Option<f64>,
+    /// Multi-token models: at most this many tokens per step.
+    #[arg(long)]
+    multitoken_max_tokens: Option<u32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -111,6 +121,15 @@ impl GenArgs {
         }
         if let Some(v) = self.speculative {
             o.insert("speculative", Value::Bool(v));
+        }
+        if let Some(v) = &self.multitoken_mode {
+            o.insert("multitoken_mode", Value::from(v.clone()));
+        }
+        if let Some(v) = self.multitoken_threshold {
+            o.insert("multitoken_threshold", Value::F64(v));
+        }
+        if let Some(v) = self.multitoken_max_tokens {
+            o.insert("multitoken_max_tokens", Value::U32(v));
         }
         o
     }

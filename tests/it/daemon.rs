@@ -499,6 +499,21 @@ fn multitoken_model_serves_with_step_stats() {
     let verify = complete(&["multitoken_mode", "s", "verify"]).unwrap();
     assert_eq!(verify["data"][0], alone["data"][0], "verify mode = the base's own greedy text");
     assert_eq!(verify["data"][1]["multitoken_mode"]["data"], "verify");
+    // The CLI passes the step options and streams the same text.
+    let out = daemon.cli(&[
+        "generate",
+        "--model",
+        "kjv-hamburger",
+        "--max-new-tokens",
+        "48",
+        "--temperature",
+        "0",
+        "--multitoken-mode",
+        "verify",
+        &case.prompt,
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), verify["data"][0].as_str().unwrap());
     // Step options are checked at the edge, by name.
     let e = complete(&["multitoken_max_tokens", "u", "9"]).unwrap_err();
     assert!(e.contains("multitoken_max_tokens"), "{e}");
