@@ -406,7 +406,7 @@ impl MultiTokenModel {
     /// for tests and quality measurements.
     pub fn sequence_logits(&mut self, ids: &[u32], rows: usize) -> Result<Vec<Vec<f32>>> {
         let run = SharedRunOptions::new()?;
-        let mut kv = BaseKv { values: Self::empty_kv(self.base_past.len(), self.base_kv_heads, self.head_size)?, len: 0 };
+        let mut kv = self.new_base_kv()?;
         let steps: Vec<&[u32]> = ids.chunks(1).collect();
         let positions: Vec<usize> = (0..ids.len()).collect();
         Ok(self.base_forward(&mut kv, &steps, &positions, rows, run.get())?.logits)
@@ -440,15 +440,22 @@ impl MultiTokenModel {
         }
     }
 
-    fn prefill(&mut self, run: &Run, kv: &mut BaseKv, options: &SharedRunOptions, stats: &mut MultiTokenStats) -> Result<BaseOut> {
+    fn new_base_kv(&self) -> Result<BaseKv> {
+        Ok(BaseKv { values: Self::empty_kv(self.base_past.len(), self.base_kv_heads, self.head_size)?, len: 0 })
+    }
+
+    /// The prompt, one token per step (the reference keeps prompts unmerged), into a new KV.
+    fn prefill(&mut self, run: &Run, options: &SharedRunOptions, stats: &mut MultiTokenStats) -> Result<(BaseKv, BaseOut)> {
         let started = Instant::now();
+        let mut kv = self.new_base_kv()?;
         let prompt = run.sequence.clone();
         let steps: Vec<&[u32]> = prompt.chunks(1).collect();
         let positions: Vec<usize> = (0..prompt.len()).collect();
-        let out = self.base_forward(kv, &steps, &positions, 1, options.get())?;
+        let out = self.base_forward(&mut kv, &steps, &positions, 1, options.get())?;
         stats.base_forwards += 1;
         stats.base_time += started.elapsed();
-        Ok(out)
+        stats.kv_entries = kv.len;
+        Ok((kv, out))
     }
 
     fn decode_trust(
@@ -461,9 +468,7 @@ impl MultiTokenModel {
         options: &SharedRunOptions,
         stats: &mut MultiTokenStats,
     ) -> Result<FinishReason> {
-        let mut kv = BaseKv { values: Self::empty_kv(self.base_past.len(), self.base_kv_heads, self.head_size)?, len: 0 };
-        let mut out = self.prefill(run, &mut kv, options, stats)?;
-        stats.kv_entries = kv.len;
+        let (mut kv, mut out) = self.prefill(run, options, stats)?;
         loop {
             // Micro step 0: the base's own token.
             let mut logits = out.logits.pop().expect("one row");
@@ -519,9 +524,7 @@ impl MultiTokenModel {
     ) -> Result<FinishReason> {
         let params = run.sampler.params().clone();
         let greedy = params.is_greedy();
-        let mut kv = BaseKv { values: Self::empty_kv(self.base_past.len(), self.base_kv_heads, self.head_size)?, len: 0 };
-        let mut out = self.prefill(run, &mut kv, options, stats)?;
-        stats.kv_entries = kv.len;
+        let (mut kv, mut out) = self.prefill(run, options, stats)?;
         let mut logits = out.logits.pop().expect("one row");
         let mut features = out.features.pop().expect("one row");
         let mut stop_logit = out.stop_logits[0];

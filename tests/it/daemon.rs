@@ -730,28 +730,43 @@ fn invalid_utf8_never_reaches_the_daemon() {
     assert!(daemon.call("Complete", "ssa{sv}", &["kjv", "And God said", "1", "max_new_tokens", "u", "4"]).is_ok());
 }
 
+/// edgellmd as systemd starts a `Type=notify` service with a watchdog: a notify socket, and
+/// WATCHDOG_PID naming the daemon's own pid (exec keeps the shell's).
+struct NotifiedDaemon {
+    bus: PrivateBus,
+    child: Child,
+    socket: std::os::unix::net::UnixDatagram,
+    log: PathBuf,
+}
+
+impl NotifiedDaemon {
+    fn start(watchdog_usec: &str) -> NotifiedDaemon {
+        let bus = PrivateBus::start();
+        let config = test_config(&bus, "");
+        let socket_path = bus.dir.path().join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let log = bus.dir.path().join("edgellmd.log");
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg("WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"")
+            .arg(env!("CARGO_BIN_EXE_edgellmd"))
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", watchdog_usec)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        NotifiedDaemon { bus, child, socket, log }
+    }
+}
+
 /// systemd's notify protocol: READY=1 once the preloaded model is loaded, then WATCHDOG=1 pings
 /// at half the watchdog period, STOPPING=1 on SIGTERM.
 #[test]
 fn notifies_ready_watchdog_and_stopping() {
-    let bus = PrivateBus::start();
-    let config = test_config(&bus, "");
-    let socket_path = bus.dir.path().join("notify.sock");
-    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let log = bus.dir.path().join("edgellmd.log");
-    // As systemd does: WATCHDOG_PID names the daemon's own pid (exec keeps the shell's).
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg("WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"")
-        .arg(env!("CARGO_BIN_EXE_edgellmd"))
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env("WATCHDOG_USEC", "400000")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let NotifiedDaemon { bus, mut child, socket, log } = NotifiedDaemon::start("400000");
     let mut messages = Vec::new();
     let mut buf = [0u8; 512];
     let started = Instant::now();
@@ -781,23 +796,7 @@ fn notifies_ready_watchdog_and_stopping() {
 /// when it moves again. Under systemd a real hang would then end in a restart.
 #[test]
 fn a_stalled_engine_stops_the_watchdog_pings() {
-    let bus = PrivateBus::start();
-    let config = test_config(&bus, "");
-    let socket_path = bus.dir.path().join("notify.sock");
-    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let log = bus.dir.path().join("edgellmd.log");
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg("WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"")
-        .arg(env!("CARGO_BIN_EXE_edgellmd"))
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env("WATCHDOG_USEC", "20000")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let NotifiedDaemon { bus, mut child, socket, log } = NotifiedDaemon::start("20000");
     let mut buf = [0u8; 512];
     let mut pings = 0;
     while pings < 3 {
@@ -817,8 +816,10 @@ fn a_stalled_engine_stops_the_watchdog_pings() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("made no progress for a watchdog period"), "the stall was not noticed:\n{text}");
     // Pings resume once the engine moves again.
-    let _ = socket.set_read_timeout(Some(Duration::from_millis(20)));
-    while socket.recv(&mut buf).is_ok() {} // drain what came before
+    // Drop what was queued before (non-blocking: pings keep coming every 10 ms).
+    socket.set_nonblocking(true).unwrap();
+    while socket.recv(&mut buf).is_ok() {}
+    socket.set_nonblocking(false).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let n = socket.recv(&mut buf).expect("watchdog pings resume");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1"));

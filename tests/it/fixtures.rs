@@ -76,3 +76,15 @@ pub fn openvino_cpu_or_skip(test: &str) -> bool {
     );
     false
 }
+
+/// Where `ours` first departs from `reference` (both continuing `prompt`), and the gap there
+/// between the two tokens' logits under `engine`, computed from the reference's prefix: a
+/// difference is acceptable only at a near tie (ONNX Runtime's CPU kernels are not
+/// batch-invariant: a forward over several positions differs slightly from one-token forwards).
+pub fn first_difference_gap(engine: &mut edgellm::engine::Engine, prompt: &[u32], ours: &[u32], reference: &[u32]) -> (usize, f32) {
+    let at = ours.iter().zip(reference).position(|(a, b)| a != b).unwrap_or(ours.len().min(reference.len()));
+    let mut prefix = prompt.to_vec();
+    prefix.extend_from_slice(&reference[..at]);
+    let logits = engine.next_logits(&prefix).unwrap();
+    (at, (logits[ours[at] as usize] - logits[reference[at] as usize]).abs())
+}

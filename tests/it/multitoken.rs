@@ -134,11 +134,7 @@ fn verify_mode_greedy_equals_the_base_alone() {
             // As in speculative decoding: a forward over several positions gives ONNX Runtime's
             // CPU kernels slightly different numbers than one-token forwards, so a near tie of
             // the base can go either way. Any other difference is a bug.
-            let at = ids.iter().zip(&case.output_ids).position(|(a, b)| a != b).unwrap_or(ids.len().min(case.output_ids.len()));
-            let mut prefix = case.prompt_ids.clone();
-            prefix.extend_from_slice(&case.output_ids[..at]);
-            let logits = engine.next_logits(&prefix).unwrap();
-            let gap = (logits[ids[at] as usize] - logits[case.output_ids[at] as usize]).abs();
+            let (at, gap) = crate::fixtures::first_difference_gap(&mut engine, &case.prompt_ids, &ids, &case.output_ids);
             eprintln!("{:?}: first difference at token {at}, base logit gap {gap:.4}", case.prompt);
             assert!(
                 gap < 0.25,

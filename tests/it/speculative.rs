@@ -38,12 +38,7 @@ fn greedy_lossless(layout: KvLayout) {
             // ONNX Runtime's CPU kernels are not batch-invariant: a forward over k+1 positions
             // differs from k+1 single-token forwards by up to ~0.1 in a logit (measured), so a
             // near tie of the target can go either way. Any other difference is a bug.
-            let at = ids.iter().zip(&case.output_ids).position(|(a, b)| a != b).unwrap_or(ids.len().min(case.output_ids.len()));
-            let mut prefix = case.prompt_ids.clone();
-            prefix.extend_from_slice(&case.output_ids[..at]);
-            let logits = engine.next_logits(&prefix).unwrap();
-            let (ours, theirs) = (ids[at] as usize, case.output_ids[at] as usize);
-            let gap = (logits[ours] - logits[theirs]).abs();
+            let (at, gap) = crate::fixtures::first_difference_gap(&mut engine, &case.prompt_ids, &ids, &case.output_ids);
             eprintln!("{:?}: first difference at token {at}, target logit gap {gap:.4}", case.prompt);
             assert!(
                 gap < 0.25,
