@@ -480,7 +480,11 @@ impl MultiTokenModel {
             }
             // Micro steps 1..: while the stop head says go on.
             let mut go_on = settings.max_tokens > 1 && continues(out.stop_logits[0], settings.threshold);
-            let mut micro_kv = Self::empty_kv(self.micro_past.len(), self.contract.micro_kv_heads, self.contract.micro_head_size)?;
+            // The micro decoder's KV starts empty each step; made only for a step that goes on.
+            let mut micro_kv = Vec::new();
+            if go_on {
+                micro_kv = Self::empty_kv(self.micro_past.len(), self.contract.micro_kv_heads, self.contract.micro_head_size)?;
+            }
             let mut feats: &[f32] = &features;
             while go_on && step.len() < settings.max_tokens {
                 if let Some(reason) = run.should_stop(run.sequence.len() + 1, cancel) {

@@ -492,7 +492,11 @@ fn multitoken_model_serves_with_step_stats() {
     let kv = stats["kv_entries"]["data"].as_u64().unwrap();
     let per_step = stats["tokens_per_step"]["data"].as_f64().unwrap();
     let prompt_tokens = stats["prompt_tokens"]["data"].as_u64().unwrap();
-    assert!(per_step >= 1.0 && kv < prompt_tokens + generated, "trust mode stores fewer KV entries than tokens: {stats}");
+    let forwards = stats["target_forwards"]["data"].as_u64().unwrap();
+    // One KV entry per prompt token and per macro step after the prefill, and the bundled model
+    // really merges at its default threshold (1.79 tokens per step on the reference prompts).
+    assert_eq!(kv, prompt_tokens + forwards - 1, "{stats}");
+    assert!(per_step > 1.3 && kv < prompt_tokens + generated - 10, "trust mode stores fewer KV entries than tokens: {stats}");
     // One token per step: the base alone; verify mode gives exactly its text.
     let alone = complete(&["multitoken_threshold", "d", "1"]).unwrap();
     assert_eq!(alone["data"][1]["tokens_per_step"]["data"].as_f64().unwrap(), 1.0, "{}", alone["data"][1]);
