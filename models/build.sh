@@ -2,8 +2,8 @@
 # Makes edgellm's test models from scratch on CPU (about 50 minutes on 2 cores):
 # installs Debian's bible-kjv (the corpus) and the pinned Python packages into .edgellm/train,
 # then runs models/build.py. Extra arguments go to build.py (e.g. --stages reference).
-# `models/build.sh --hamburger [ARGS]` instead makes models/kjv-hamburger from the committed
-# kjv-target (models/hamburger.py, about 50 minutes), then its reference outputs.
+# `models/build.sh --hamburger [ARGS]` instead makes models/kjv-hamburger from kjv-target as of
+# commit 4f5e589 (models/hamburger.py, about 50 minutes), then its reference outputs.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

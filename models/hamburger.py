@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A small HAMburger-style multi-token model, trained here from the committed kjv-target.
+"""A small HAMburger-style multi-token model, trained here from a committed kjv-target.
 
 HAMburger (Accelerating LLM Inference via Token Smashing, 2025; reference code Jingyu6/hamburger)
 wraps a base LLM with a compositional embedder (the tokens of one step -> one input embedding)
@@ -7,8 +7,9 @@ and a micro-step decoder (base features -> the further tokens of a step, plus a 
 base forward ("macro step") then stores one KV entry and can emit up to 4 tokens.
 
 What this script does (one command: models/build.sh --hamburger, or run it with the training venv):
-  1. Recovers the base in float32 from the committed int4 export (models/kjv-target): the
-     MatMulNBits weights are dequantized, nothing is retrained from scratch.
+  1. Recovers the base in float32 from a committed int4 export (models/kjv-target as of commit
+     BASE_REVISION, read from git; --base to choose another): the MatMulNBits weights are
+     dequantized, nothing is retrained from scratch.
   2. Segments training text into steps by the original base's per-token entropy, with the
      reference's "decreasing" rule (a step opens with any token; a following token joins while
      its entropy is under 0.05 nats or under 0.3x the step's largest, up to 4 tokens). The prompt
@@ -774,6 +775,26 @@ def export_all(model: HamburgerModel, out: Path, target: Path, threshold: float,
 
 
 # ------------------------------------------------------------------ main
+# The commit whose models/kjv-target the committed kjv-hamburger was made from. kjv-target was
+# retrained afterwards (with dropout, for a clearer gap to its draft); the multi-token model keeps
+# its base, so that this script still reproduces it. `--base models/kjv-target` builds one on the
+# current target instead.
+BASE_REVISION = "4f5e589"
+
+
+def base_from_git(revision: str, dest: Path) -> Path:
+    """models/kjv-target as it was at `revision`, written out of the git history into `dest`."""
+    import subprocess
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{revision}:models/kjv-target"], cwd=ROOT,
+                           check=True, capture_output=True, text=True).stdout.split()
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        blob = subprocess.run(["git", "show", f"{revision}:models/kjv-target/{name}"], cwd=ROOT,
+                              check=True, capture_output=True).stdout
+        (dest / name).write_bytes(blob)
+    return dest
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / ".edgellm" / "model-build")
@@ -783,12 +804,16 @@ def main():
     ap.add_argument("--threshold", type=float, default=0.5,
                     help="default continue threshold written to multitoken_config.json")
     ap.add_argument("--stages", default="train,eval,export")
+    ap.add_argument("--base", type=Path, default=None,
+                    help="the int4 base folder; default: models/kjv-target as of commit "
+                         f"{BASE_REVISION}, read from git (the one the committed kjv-hamburger was made from)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     stages = set(args.stages.split(","))
-    target = build.MODELS / "kjv-target"
     out = build.MODELS / "kjv-hamburger"
     args.work.mkdir(parents=True, exist_ok=True)
+    target = args.base or base_from_git(BASE_REVISION, args.work / f"kjv-target-{BASE_REVISION}")
+    log(f"base: {target}")
     ckpt = args.work / "hamburger.pt"
 
     from tokenizers import Tokenizer
@@ -812,6 +837,7 @@ def main():
     report_path = build.MODELS / "build-report.json"
     full_report = json.loads(report_path.read_text())
     report = full_report.get("hamburger", {})
+    report["base"] = str(args.base) if args.base else f"models/kjv-target at commit {BASE_REVISION}"
 
     model = HamburgerModel()
     model.base.load_state_dict(teacher.state_dict())
