@@ -127,9 +127,12 @@ const REPEATS: usize = 3;
 
 fn run_interleaved(mut cmds: Vec<Command>) -> Vec<Value> {
     let mut runs: Vec<Vec<Value>> = vec![Vec::new(); cmds.len()];
-    for _ in 0..REPEATS {
-        for (cmd, runs) in cmds.iter_mut().zip(runs.iter_mut()) {
-            runs.push(run_once(cmd));
+    // Each round starts at another row, so that no row always runs first (or right after the
+    // same neighbour) on this shared machine.
+    let n = cmds.len();
+    for round in 0..REPEATS {
+        for i in (0..n).map(|i| (i + round) % n) {
+            runs[i].push(run_once(&mut cmds[i]));
         }
     }
     runs.into_iter()
