@@ -128,19 +128,9 @@ fn verify_mode_greedy_equals_the_base_alone() {
     for case in refs.cases.iter().filter(|c| c.threshold == 1.0) {
         let out = generate(&mut engine, &case.prompt_ids, &options(Mode::Verify, 0.5, refs.new_tokens));
         let ids = with_eos(&out);
-        if ids == case.output_ids {
+        if crate::fixtures::same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &ids, &case.output_ids, "verify mode") {
             identical += 1;
         } else {
-            // As in speculative decoding: a forward over several positions gives ONNX Runtime's
-            // CPU kernels slightly different numbers than one-token forwards, so a near tie of
-            // the base can go either way. Any other difference is a bug.
-            let (at, gap) = crate::fixtures::first_difference_gap(&mut engine, &case.prompt_ids, &ids, &case.output_ids);
-            eprintln!("{:?}: first difference at token {at}, base logit gap {gap:.4}", case.prompt);
-            assert!(
-                gap < 0.25,
-                "verify mode differs from the base alone at token {at} of {:?}, not at a near tie (gap {gap})",
-                case.prompt
-            );
             near_ties += 1;
         }
         let m = out.stats.multitoken.unwrap();

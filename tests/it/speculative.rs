@@ -32,19 +32,9 @@ fn greedy_lossless(layout: KvLayout) {
         let mut ids = out.token_ids.clone();
         ids.extend(out.eos_token);
         assert_eq!(streamed, out.text);
-        if ids == case.output_ids {
+        if crate::fixtures::same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &ids, &case.output_ids, "speculative greedy") {
             identical += 1;
         } else {
-            // ONNX Runtime's CPU kernels are not batch-invariant: a forward over k+1 positions
-            // differs from k+1 single-token forwards by up to ~0.1 in a logit (measured), so a
-            // near tie of the target can go either way. Any other difference is a bug.
-            let (at, gap) = crate::fixtures::first_difference_gap(&mut engine, &case.prompt_ids, &ids, &case.output_ids);
-            eprintln!("{:?}: first difference at token {at}, target logit gap {gap:.4}", case.prompt);
-            assert!(
-                gap < 0.25,
-                "speculative greedy differs from the target alone at token {at} of {:?}, not at a near tie (gap {gap})",
-                case.prompt
-            );
             near_ties += 1;
         }
         let spec = out.stats.speculative.expect("speculative stats");
