@@ -385,8 +385,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / ".edgellm" / "model-build")
     # Sized for the 60-minute plan on 2 cores (see models/README.md for the measured times).
-    ap.add_argument("--target-steps", type=int, default=800)
-    ap.add_argument("--draft-steps", type=int, default=500)
+    ap.add_argument("--target-steps", type=int, default=700)
+    ap.add_argument("--draft-steps", type=int, default=400)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--stages", default="corpus,tokenizer,target,draft,qwen2,export,fp16io,pair,reference")
     args = ap.parse_args()
