@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes edgellm's test models from scratch on CPU (about 50 minutes on 2 cores):
+# Makes edgellm's test models from scratch on CPU (48 minutes on a 2-core AMD EPYC):
 # installs Debian's bible-kjv (the corpus) and the pinned Python packages into .edgellm/train,
 # then runs models/build.py. Extra arguments go to build.py (e.g. --stages reference).
 # `models/build.sh --hamburger [ARGS]` instead makes models/kjv-hamburger from kjv-target as of
