@@ -4,7 +4,8 @@
 //!
 //! Options: --model DIR (default models/kjv-target), --new-tokens N (128), --providers cpu,openvino,
 //! --threads N, --no-speculative, --no-multitoken, --thresholds 0.7,0.5 (multi-token table);
-//! --providers none skips the first table
+//! --providers none skips the first table; --forward-cost DIR,DIR adds a table of how a forward's
+//! cost grows with its positions (what a speculative verify pays), --acceptance A (0.79) for it
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -252,6 +253,11 @@ fn main() {
     if !args.iter().any(|a| a == "--no-speculative") {
         speculative_table(&me, &python, &prompts_file, &new_tokens, &threads);
     }
+    if let Some(models) = arg(&args, "--forward-cost") {
+        let acceptance: f64 = arg(&args, "--acceptance").map(|a| a.parse().expect("--acceptance A")).unwrap_or(0.79);
+        let models: Vec<PathBuf> = models.split(',').map(PathBuf::from).collect();
+        forward_cost_table(&models, threads.parse().expect("--threads N"), acceptance);
+    }
     if !args.iter().any(|a| a == "--no-multitoken") {
         let thresholds = arg(&args, "--thresholds").unwrap_or_else(|| "0.7,0.5".into());
         multitoken_table(&me, &prompts_file, &new_tokens, &threads, &thresholds);
@@ -375,4 +381,75 @@ fn speculative_table(me: &Path, python: &Path, prompts_file: &Path, new_tokens: 
             100.0 * (total - draft - verify) / total
         );
     }
+}
+
+/// How the time of one forward grows with the positions it runs after a 64-token past: a
+/// speculative verify runs k+1 of them where plain decoding runs one. From it, the speed-up that
+/// speculative decoding with a fixed k can reach over plain decoding, if each draft token is
+/// accepted with probability `acceptance` (tokens per verify (1 - a^(k+1)) / (1 - a)). The draft
+/// costs kjv-draft's measured one-token forward beside kjv-target, and an eighth of the model's
+/// own one-token forward beside any other model (as in real pairs).
+fn forward_cost_table(models: &[PathBuf], threads: usize, acceptance: f64) {
+    let runtime = Runtime::load(None).expect("runtime");
+    let session = SessionOptions { providers: vec![Provider::Cpu], strict: true, threads, ..Default::default() };
+    let positions = [1usize, 2, 3, 5, 9];
+    let draft_dir = root().join("models/kjv-draft");
+    let draft_one = forward_costs(&runtime, &draft_dir, &session, &[1])[0];
+    println!();
+    println!("forward cost by positions (cpu, after a 64-token past; median of 40 rounds); speculative ceiling at acceptance {acceptance}");
+    println!(
+        "{:<28} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>11}",
+        "model", "1 pos ms", "x2 pos", "x3 pos", "x5 pos", "x9 pos", "k=4 ceil", "k=8 ceil"
+    );
+    let tokens_per_verify = |k: i32| (1.0 - acceptance.powi(k + 1)) / (1.0 - acceptance);
+    for model in models {
+        let costs = forward_costs(&runtime, model, &session, &positions);
+        let one = costs[0];
+        let draft = if model.ends_with("kjv-target") { draft_one } else { one / 8.0 };
+        let ceiling = |k: i32, verify: f64| tokens_per_verify(k) * one / (verify + k as f64 * draft);
+        println!(
+            "{:<28} {:>9.3} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>11.2} {:>11.2}",
+            model.file_name().unwrap().to_string_lossy(),
+            one,
+            costs[1] / one,
+            costs[2] / one,
+            costs[3] / one,
+            costs[4] / one,
+            ceiling(4, costs[3]),
+            ceiling(8, costs[4])
+        );
+    }
+    println!("kjv-draft one-token forward: {draft_one:.3} ms; ceiling = tokens per verify x one-token ms / (verify ms + k x draft ms)");
+}
+
+/// Median milliseconds of a forward over each number of `positions`, in rounds over all of them.
+fn forward_costs(runtime: &Runtime, dir: &Path, session: &SessionOptions, positions: &[usize]) -> Vec<f64> {
+    use edgellm::engine::{Decoder, KvLayout};
+    const PAST: usize = 64;
+    const ROUNDS: usize = 40;
+    let folder = edgellm::model::ModelFolder::open(dir).expect("model folder");
+    let mut decoder = Decoder::load(runtime, dir, &folder.config, session).expect("load");
+    let layout = if folder.config.search.past_present_share_buffer { KvLayout::Shared } else { KvLayout::Growing };
+    let mut cache = decoder.new_cache(layout, PAST + 16).expect("cache");
+    // Any ids will do: only the time is measured.
+    let ids: Vec<u32> = (0..PAST).map(|i| (i * 37 % decoder.vocab()) as u32).collect();
+    decoder.forward(&mut cache, &ids, 1).expect("prefill");
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); positions.len()];
+    for round in 0..ROUNDS + 3 {
+        for (i, &n) in positions.iter().enumerate() {
+            let started = Instant::now();
+            decoder.forward(&mut cache, &ids[..n], n).expect("forward");
+            if round >= 3 {
+                times[i].push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            cache.truncate(PAST).expect("roll back");
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
 }
