@@ -8,6 +8,8 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v gdbus >/dev/null || need+=(libglib2.0-bin)
 command -v dbus-monitor >/dev/null || need+=(dbus-bin)
 command -v setpriv >/dev/null || need+=(util-linux)
+# The OpenVINO tests run under qemu-x86_64 reporting an Intel CPU where the CPU is not Intel's.
+[ "$(uname -m)" != x86_64 ] || command -v qemu-x86_64 >/dev/null || need+=(qemu-user)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

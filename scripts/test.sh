@@ -7,8 +7,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 bash scripts/ensure-system-packages.sh
 bash scripts/setup-runtime.sh
-# The OpenVINO plugin offers devices only on Intel hardware: say up front whether its tests run
-# here or skip (they print SKIPPED in their own output).
+# The OpenVINO plugin offers devices only where CPUID says Intel: say up front whether its tests
+# run natively here or under qemu-x86_64 reporting an Intel CPU (tests/it/fixtures.rs).
 .edgellm/venv/bin/python - <<'PY' || true
 import onnxruntime as ort, os
 plugin = os.path.realpath(".edgellm/runtime/libonnxruntime_providers_openvino_plugin.so")
@@ -16,6 +16,6 @@ ort.register_execution_provider_library("OpenVINOExecutionProvider", plugin)
 devices = [str(d.device.type).split(".")[-1] for d in ort.get_ep_devices() if d.ep_name == "OpenVINOExecutionProvider"]
 cpu = next((d.device.vendor for d in ort.get_ep_devices() if d.ep_name == "CPUExecutionProvider"), "?")
 print(f"test.sh: OpenVINO plugin devices here: {devices or 'none'} (CPU vendor {cpu}); "
-      + ("its tests run" if "CPU" in devices else "its tests skip"))
+      + ("its tests run natively" if "CPU" in devices else "its tests run under qemu-x86_64 as an Intel CPU (a few minutes)"))
 PY
 cargo test --locked "$@"

@@ -1,6 +1,7 @@
 //! Shared fixtures: paths of the committed models, their reference outputs, the runtime.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
 use edgellm::runtime::Runtime;
@@ -60,20 +61,69 @@ pub fn copy_model(name: &str) -> tempfile::TempDir {
     tmp
 }
 
-/// Whether the OpenVINO plugin offers a CPU device here. Where it does not (the plugin offers
-/// devices only on Intel hardware: none on an AMD CPU), the OpenVINO tests say so and skip; the
-/// fallback from OpenVINO to CPU is still tested. A missing plugin file is a failure, not a skip.
-pub fn openvino_cpu_or_skip(test: &str) -> bool {
+/// Set in the environment of a test that re-runs itself under `EMULATE_INTEL`.
+const EMULATOR_ENV: &str = "EDGELLM_TEST_EMULATOR";
+
+/// qemu-x86_64 (Debian's qemu-user) running an x86-64 program under a Haswell model, whose CPUID
+/// says GenuineIntel; the features TCG cannot give are turned off so that it does not warn.
+const EMULATE_INTEL: [&str; 3] = ["qemu-x86_64", "-cpu", "Haswell-noTSX,-pcid,-x2apic,-tsc-deadline,-invpcid"];
+
+/// Whether this test process runs under `EMULATE_INTEL`.
+pub fn emulated() -> bool {
+    std::env::var_os(EMULATOR_ENV).is_some()
+}
+
+/// A command for `program`, under the emulator when this process runs under it: qemu-user does
+/// not follow exec, so a child would otherwise run natively and see the real CPU.
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    if emulated() {
+        let mut cmd = Command::new(EMULATE_INTEL[0]);
+        cmd.args(&EMULATE_INTEL[1..]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Whether an OpenVINO test should run its body in this process. The onnxruntime-ep-openvino
+/// plugin offers devices only where ONNX Runtime reads an Intel vendor id from CPUID (none on an
+/// AMD CPU). There the test re-runs itself, with its children, under `EMULATE_INTEL`, checks that
+/// run and returns false; it skips (saying so) only when qemu-x86_64 is not installed
+/// (scripts/ensure-system-packages.sh installs it). `test` is the test's path, as
+/// `cargo test -- --exact` takes it. A missing plugin file is a failure, not a skip.
+pub fn openvino_cpu_here(test: &str) -> bool {
     let runtime = runtime();
     let plugin = root().join(".edgellm/runtime/libonnxruntime_providers_openvino_plugin.so");
     assert!(plugin.exists(), "{} is missing: run scripts/setup-runtime.sh", plugin.display());
     if runtime.openvino_device_types().iter().any(|t| t == "CPU") {
         return true;
     }
+    assert!(!emulated(), "under {}, the OpenVINO plugin still offers no CPU device", EMULATE_INTEL.join(" "));
+    let vendor = runtime.cpu_vendor();
+    if Command::new(EMULATE_INTEL[0]).arg("--version").output().is_err() {
+        eprintln!("SKIPPED {test}: the OpenVINO plugin offers no CPU device on this CPU (vendor {vendor:?}) and qemu-x86_64 (Debian's qemu-user), which would report an Intel CPU, is not installed");
+        return false;
+    }
     eprintln!(
-        "SKIPPED {test}: the OpenVINO plugin offers no CPU device on this machine (CPU vendor {:?}); it does on Intel CPUs",
-        runtime.cpu_vendor()
+        "{test}: the OpenVINO plugin offers no CPU device on this CPU (vendor {vendor:?}); running it under `{}` (an Intel CPU to CPUID; minutes, and timings mean nothing)",
+        EMULATE_INTEL.join(" ")
     );
+    let started = std::time::Instant::now();
+    let out = Command::new(EMULATE_INTEL[0])
+        .args(&EMULATE_INTEL[1..])
+        .arg(std::env::current_exe().expect("the test binary"))
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(EMULATOR_ENV, "1")
+        .output()
+        .expect("qemu-x86_64");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "--- {test} under the emulator ({:.0} s):\n{stdout}{}",
+        started.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{test} failed under the emulator");
+    assert!(stdout.contains("1 passed"), "the emulated run did not run {test}");
     false
 }
 
@@ -93,8 +143,16 @@ fn first_difference_gap(engine: &mut edgellm::engine::Engine, prompt: &[u32], ou
 /// alone (false); any other difference fails the test. A forward over several positions gives
 /// ONNX Runtime's CPU kernels slightly different numbers than one-token forwards (up to ~0.1 in a
 /// logit, measured), so speculative and multi-token verification may resolve a near tie the other
-/// way. `what` names the decoding under test in the messages.
-pub fn same_or_near_tie(engine: &mut edgellm::engine::Engine, label: &str, prompt: &[u32], ours: &[u32], reference: &[u32], what: &str) -> bool {
+/// way; OpenVINO's kernels may too. `what` names the decoding or provider under test in the
+/// messages.
+pub fn same_or_near_tie(
+    engine: &mut edgellm::engine::Engine,
+    label: &str,
+    prompt: &[u32],
+    ours: &[u32],
+    reference: &[u32],
+    what: &str,
+) -> bool {
     if ours == reference {
         return true;
     }
