@@ -5,7 +5,8 @@
 //! Options: --model DIR (default models/kjv-target), --new-tokens N (128), --providers cpu,openvino,
 //! --threads N, --no-speculative, --no-multitoken, --thresholds 0.7,0.5 (multi-token table);
 //! --providers none skips the first table; --forward-cost DIR,DIR adds a table of how a forward's
-//! cost grows with its positions (what a speculative verify pays), --acceptance A (0.79) for it
+//! cost grows with its positions (what a speculative verify pays), --acceptance A (0.79) for it;
+//! --work-per-token cpu,openvino adds a table of instructions per decoded token under callgrind
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -258,11 +259,84 @@ fn main() {
         let models: Vec<PathBuf> = models.split(',').map(PathBuf::from).collect();
         forward_cost_table(&models, threads.parse().expect("--threads N"), acceptance);
     }
+    if let Some(providers) = arg(&args, "--work-per-token") {
+        let first_prompt = std::env::temp_dir().join(format!("edgellm-bench-prompt-{}.json", std::process::id()));
+        std::fs::write(&first_prompt, serde_json::to_string(&prompts[..1]).unwrap()).unwrap();
+        work_per_token_table(&me, &python, &plugin, &model, &providers, &first_prompt);
+        let _ = std::fs::remove_file(&first_prompt);
+    }
     if !args.iter().any(|a| a == "--no-multitoken") {
         let thresholds = arg(&args, "--thresholds").unwrap_or_else(|| "0.7,0.5".into());
         multitoken_table(&me, &prompts_file, &new_tokens, &threads, &thresholds);
     }
     let _ = std::fs::remove_file(Path::new(&prompts_file));
+}
+
+/// Instructions per decoded token of each engine, counted by callgrind: repeatable where wall time
+/// on these shared machines is not, and valgrind's CPUID says GenuineIntel, so the OpenVINO plugin
+/// offers its CPU device under it even on an AMD CPU. Each engine generates for one prompt (after
+/// a warm-up run of it) at two lengths; the difference in instructions over the difference in
+/// tokens is the cost of one decode step, with loading and prefill cancelled out. One intra-op
+/// thread in both (valgrind runs threads one at a time, and idle pools spin).
+fn work_per_token_table(me: &Path, python: &Path, plugin: &Path, model: &Path, providers: &str, prompt_file: &Path) {
+    const LENGTHS: [usize; 2] = [16, 64];
+    let callgrind = |program: &Path| {
+        let mut cmd = Command::new("valgrind");
+        cmd.args(["--tool=callgrind", "--callgrind-out-file=/dev/null"]).arg(program);
+        cmd
+    };
+    // The instructions callgrind collected, and the tokens the measured (second) run generated.
+    let count = |mut cmd: Command| -> std::thread::JoinHandle<(u64, u64)> {
+        std::thread::spawn(move || {
+            let out = cmd.output().expect("valgrind (Debian's valgrind package)");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{cmd:?}: {stderr}");
+            let collected = stderr
+                .lines()
+                .find_map(|l| l.split_once("Collected :").map(|(_, n)| n.trim().parse::<u64>().unwrap()))
+                .unwrap_or_else(|| panic!("no callgrind total in: {stderr}"));
+            let report: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+            (collected, report["tokens"].as_u64().unwrap())
+        })
+    };
+    println!();
+    println!("work per decoded token (callgrind instructions, 1 thread, first prompt, {} vs {} new tokens)", LENGTHS[0], LENGTHS[1]);
+    println!("{:<10} {:<18} {:>16} {:>10}", "provider", "engine", "instr/token", "x genai");
+    for provider in providers.split(',') {
+        let per_token: Vec<f64> = ["genai", "edgellm"]
+            .iter()
+            .map(|engine| {
+                let runs: Vec<_> = LENGTHS
+                    .iter()
+                    .map(|n| {
+                        let n = n.to_string();
+                        let cmd = if *engine == "genai" {
+                            let mut cmd = callgrind(python);
+                            // numpy's BLAS pool would spin under valgrind.
+                            cmd.env("OPENBLAS_NUM_THREADS", "1").arg(root().join("benches/genai_bench.py")).arg("--model").arg(model);
+                            cmd.args(["--provider", provider, "--new-tokens", &n, "--threads", "1", "--plugin"]).arg(plugin);
+                            cmd
+                        } else {
+                            let mut cmd = callgrind(me);
+                            cmd.args(["--child", "--model"]).arg(model);
+                            cmd.args(["--provider", provider, "--new-tokens", &n, "--threads", "1", "--weights", "file"]);
+                            cmd
+                        };
+                        let mut cmd = cmd;
+                        cmd.arg("--prompts").arg(prompt_file);
+                        count(cmd) // both lengths at once: valgrind keeps to one core
+                    })
+                    .collect();
+                let [(short_instr, short_tokens), (long_instr, long_tokens)]: [(u64, u64); 2] =
+                    runs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>().try_into().unwrap();
+                assert!(long_tokens > short_tokens, "{engine}: the prompt ended before {} tokens", LENGTHS[0]);
+                // Each run generates the prompt twice (the warm-up and the measured run).
+                (long_instr as f64 - short_instr as f64) / (2 * (long_tokens - short_tokens)) as f64
+            })
+            .collect();
+        println!("{:<10} {:<18} {:>16.0} {:>10}", provider, "onnxruntime-genai", per_token[0], "1.00");
+        println!("{:<10} {:<18} {:>16.0} {:>10.3}", provider, "edgellm", per_token[1], per_token[1] / per_token[0]);
+    }
 }
 
 /// The HAMburger-style model in both modes at two thresholds, against plain decoding of its own

@@ -39,6 +39,8 @@ def main() -> None:
         if args.speculative:
             model_block["draft"] = options
         config.overlay(json.dumps({"model": model_block}))
+    if os.environ.get("GENAI_PROFILE"):
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"enable_profiling": os.environ["GENAI_PROFILE"]}}}}))
     if args.provider == "openvino":
         og.register_execution_provider_library("OpenVINOExecutionProvider", os.path.realpath(args.plugin))
         config.clear_providers()

@@ -233,6 +233,10 @@ impl Runtime {
         if options.threads > 0 {
             builder = builder.with_intra_threads(options.threads).map_err(ort::Error::from)?;
         }
+        // ONNX Runtime's per-node profile, to compare where time goes with onnxruntime-genai's.
+        if let Some(prefix) = std::env::var_os("EDGELLM_ORT_PROFILE") {
+            builder = builder.with_profiling(prefix).map_err(ort::Error::from)?;
+        }
         Ok(builder)
     }
 
@@ -315,8 +319,8 @@ impl Runtime {
 /// The ONNX Runtime log level that `tracing` at `filter` would show: its TRACE is ONNX Runtime's
 /// VERBOSE, DEBUG its INFO.
 fn ort_log_level(filter: tracing::level_filters::LevelFilter) -> ort::logging::LogLevel {
-    use tracing::level_filters::LevelFilter;
     use ort::logging::LogLevel;
+    use tracing::level_filters::LevelFilter;
     if filter >= LevelFilter::TRACE {
         LogLevel::Verbose
     } else if filter >= LevelFilter::DEBUG {
