@@ -280,6 +280,7 @@ fn main() {
 /// thread in both (valgrind runs threads one at a time, and idle pools spin).
 fn work_per_token_table(me: &Path, python: &Path, plugin: &Path, model: &Path, providers: &str, prompt_file: &Path) {
     const LENGTHS: [usize; 2] = [16, 64];
+    const WORK_REPEATS: usize = 3;
     let callgrind = |program: &Path| {
         let mut cmd = Command::new("valgrind");
         cmd.args(["--tool=callgrind", "--callgrind-out-file=/dev/null"]).arg(program);
@@ -300,35 +301,45 @@ fn work_per_token_table(me: &Path, python: &Path, plugin: &Path, model: &Path, p
         })
     };
     println!();
-    println!("work per decoded token (callgrind instructions, 1 thread, first prompt, {} vs {} new tokens)", LENGTHS[0], LENGTHS[1]);
+    println!(
+        "work per decoded token (callgrind instructions, 1 thread, first prompt, {} vs {} new tokens, median of {WORK_REPEATS})",
+        LENGTHS[0], LENGTHS[1]
+    );
     println!("{:<10} {:<18} {:>16} {:>10}", "provider", "engine", "instr/token", "x genai");
     for provider in providers.split(',') {
         let per_token: Vec<f64> = ["genai", "edgellm"]
             .iter()
             .map(|engine| {
-                let runs: Vec<_> = LENGTHS
-                    .iter()
-                    .map(|n| {
-                        let n = n.to_string();
-                        let cmd = if *engine == "genai" {
-                            let mut cmd = callgrind(python);
-                            // numpy's BLAS pool would spin under valgrind.
-                            cmd.env("OPENBLAS_NUM_THREADS", "1").arg(root().join("benches/genai_bench.py")).arg("--model").arg(model);
-                            cmd.args(["--provider", provider, "--new-tokens", &n, "--threads", "1", "--plugin"]).arg(plugin);
-                            cmd
-                        } else {
-                            let mut cmd = callgrind(me);
-                            cmd.args(["--child", "--model"]).arg(model);
-                            cmd.args(["--provider", provider, "--new-tokens", &n, "--threads", "1", "--weights", "file"]);
-                            cmd
-                        };
-                        let mut cmd = cmd;
-                        cmd.arg("--prompts").arg(prompt_file);
-                        count(cmd) // both lengths at once: valgrind keeps to one core
-                    })
-                    .collect();
-                let [(short_instr, short_tokens), (long_instr, long_tokens)]: [(u64, u64); 2] =
-                    runs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>().try_into().unwrap();
+                let command = |n: usize| {
+                    let n = n.to_string();
+                    let mut cmd = if *engine == "genai" {
+                        let mut cmd = callgrind(python);
+                        // numpy's BLAS pool would spin under valgrind.
+                        cmd.env("OPENBLAS_NUM_THREADS", "1").arg(root().join("benches/genai_bench.py")).arg("--model").arg(model);
+                        cmd.args(["--provider", provider, "--new-tokens", &n, "--threads", "1", "--plugin"]).arg(plugin);
+                        cmd
+                    } else {
+                        let mut cmd = callgrind(me);
+                        cmd.args(["--child", "--model"]).arg(model);
+                        cmd.args(["--provider", provider, "--new-tokens", &n, "--threads", "1", "--weights", "file"]);
+                        cmd
+                    };
+                    cmd.arg("--prompts").arg(prompt_file);
+                    cmd
+                };
+                // Both lengths at once (valgrind keeps to one core), WORK_REPEATS times; the
+                // median count of each length (a rare run of onnxruntime-genai counts 5% more).
+                let mut counts: [Vec<(u64, u64)>; 2] = [Vec::new(), Vec::new()];
+                for _ in 0..WORK_REPEATS {
+                    let handles = LENGTHS.map(|n| count(command(n)));
+                    for (runs, handle) in counts.iter_mut().zip(handles) {
+                        runs.push(handle.join().unwrap());
+                    }
+                }
+                let [(short_instr, short_tokens), (long_instr, long_tokens)] = counts.map(|mut runs| {
+                    runs.sort();
+                    runs[runs.len() / 2]
+                });
                 assert!(long_tokens > short_tokens, "{engine}: the prompt ended before {} tokens", LENGTHS[0]);
                 // Each run generates the prompt twice (the warm-up and the measured run).
                 (long_instr as f64 - short_instr as f64) / (2 * (long_tokens - short_tokens)) as f64
