@@ -193,7 +193,10 @@ fn main() {
         if provider == "openvino" {
             let runtime = Runtime::load(None).expect("runtime");
             if !runtime.openvino_device_types().iter().any(|t| t == "CPU") {
-                println!("{provider:<10} skipped: the OpenVINO plugin offers no CPU device here (CPU vendor {:?})", runtime.cpu_vendor());
+                println!(
+                    "{provider:<10} skipped: the OpenVINO plugin offers no CPU device here (CPU vendor {:?}); --work-per-token openvino counts its work under valgrind",
+                    runtime.cpu_vendor()
+                );
                 continue;
             }
         }
