@@ -154,6 +154,40 @@ fn run_once(cmd: &mut Command) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+/// What a measured child of either engine runs on: model, provider, new tokens, intra-op threads
+/// and prompts, the same for both.
+struct Workload<'a> {
+    model: &'a Path,
+    provider: &'a str,
+    new_tokens: &'a str,
+    threads: &'a str,
+    prompts: &'a Path,
+}
+
+impl<'a> Workload<'a> {
+    fn on_cpu(model: &'a Path, new_tokens: &'a str, threads: &'a str, prompts: &'a Path) -> Workload<'a> {
+        Workload { model, provider: "cpu", new_tokens, threads, prompts }
+    }
+
+    /// edgellm: this bench's `--child` mode, with `launcher` (this binary, or valgrind before it).
+    fn edgellm(&self, mut launcher: Command, weights: &str) -> Command {
+        launcher.args(["--child", "--model"]).arg(self.model);
+        launcher.args(["--provider", self.provider, "--new-tokens", self.new_tokens, "--threads", self.threads, "--weights", weights]);
+        launcher.arg("--prompts").arg(self.prompts);
+        launcher
+    }
+
+    /// onnxruntime-genai: benches/genai_bench.py, with `launcher` (the venv's Python, or valgrind
+    /// before it).
+    fn genai(&self, mut launcher: Command) -> Command {
+        launcher.arg(root().join("benches/genai_bench.py")).arg("--model").arg(self.model);
+        launcher.args(["--provider", self.provider, "--new-tokens", self.new_tokens, "--threads", self.threads, "--plugin"]);
+        launcher.arg(root().join(".edgellm/runtime/libonnxruntime_providers_openvino_plugin.so"));
+        launcher.arg("--prompts").arg(self.prompts);
+        launcher
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--child") {
@@ -177,7 +211,6 @@ fn main() {
     let prompts_file = std::env::temp_dir().join(format!("edgellm-bench-prompts-{}.json", std::process::id()));
     std::fs::write(&prompts_file, serde_json::to_string(&prompts).unwrap()).unwrap();
     let python = root().join(".edgellm/venv/bin/python");
-    let plugin = root().join(".edgellm/runtime/libonnxruntime_providers_openvino_plugin.so");
     let me = std::env::current_exe().unwrap();
     println!(
         "model {} | {} prompts | {new_tokens} new tokens, greedy | intra-op threads {threads} in both (0 = ONNX Runtime's default) | {} cores",
@@ -200,26 +233,10 @@ fn main() {
                 continue;
             }
         }
-        let ours = |weights: &str| {
-            let mut cmd = Command::new(&me);
-            cmd.args(["--child", "--model"])
-                .arg(&model)
-                .args(["--new-tokens", &new_tokens, "--provider", provider, "--weights", weights, "--threads", &threads, "--prompts"])
-                .arg(&prompts_file);
-            cmd
-        };
-        let mut genai_cmd = Command::new(&python);
-        genai_cmd
-            .arg(root().join("benches/genai_bench.py"))
-            .arg("--model")
-            .arg(&model)
-            .args(["--provider", provider, "--new-tokens", &new_tokens, "--threads", &threads, "--plugin"])
-            .arg(&plugin)
-            .arg("--prompts")
-            .arg(&prompts_file);
-        let mut cmds = vec![genai_cmd, ours("file")];
+        let work = Workload { model: &model, provider, new_tokens: &new_tokens, threads: &threads, prompts: &prompts_file };
+        let mut cmds = vec![work.genai(Command::new(&python)), work.edgellm(Command::new(&me), "file")];
         if provider == "cpu" {
-            cmds.push(ours("mmap"));
+            cmds.push(work.edgellm(Command::new(&me), "mmap"));
         }
         let mut results = run_interleaved(cmds).into_iter();
         let (genai, edgellm, mapped) = (results.next().unwrap(), results.next().unwrap(), results.next());
@@ -265,7 +282,7 @@ fn main() {
     if let Some(providers) = arg(&args, "--work-per-token") {
         let first_prompt = std::env::temp_dir().join(format!("edgellm-bench-prompt-{}.json", std::process::id()));
         std::fs::write(&first_prompt, serde_json::to_string(&prompts[..1]).unwrap()).unwrap();
-        work_per_token_table(&me, &python, &plugin, &model, &providers, &first_prompt);
+        work_per_token_table(&me, &python, &model, &providers, &first_prompt);
         let _ = std::fs::remove_file(&first_prompt);
     }
     if !args.iter().any(|a| a == "--no-multitoken") {
@@ -281,7 +298,7 @@ fn main() {
 /// a warm-up run of it) at two lengths; the difference in instructions over the difference in
 /// tokens is the cost of one decode step, with loading and prefill cancelled out. One intra-op
 /// thread in both (valgrind runs threads one at a time, and idle pools spin).
-fn work_per_token_table(me: &Path, python: &Path, plugin: &Path, model: &Path, providers: &str, prompt_file: &Path) {
+fn work_per_token_table(me: &Path, python: &Path, model: &Path, providers: &str, prompt_file: &Path) {
     const LENGTHS: [usize; 2] = [16, 64];
     const WORK_REPEATS: usize = 3;
     let callgrind = |program: &Path| {
@@ -315,20 +332,14 @@ fn work_per_token_table(me: &Path, python: &Path, plugin: &Path, model: &Path, p
             .map(|engine| {
                 let command = |n: usize| {
                     let n = n.to_string();
-                    let mut cmd = if *engine == "genai" {
-                        let mut cmd = callgrind(python);
-                        // numpy's BLAS pool would spin under valgrind.
-                        cmd.env("OPENBLAS_NUM_THREADS", "1").arg(root().join("benches/genai_bench.py")).arg("--model").arg(model);
-                        cmd.args(["--provider", provider, "--new-tokens", &n, "--threads", "1", "--plugin"]).arg(plugin);
-                        cmd
+                    let work = Workload { model, provider, new_tokens: &n, threads: "1", prompts: prompt_file };
+                    if *engine == "genai" {
+                        let mut python = callgrind(python);
+                        python.env("OPENBLAS_NUM_THREADS", "1"); // numpy's BLAS pool would spin under valgrind
+                        work.genai(python)
                     } else {
-                        let mut cmd = callgrind(me);
-                        cmd.args(["--child", "--model"]).arg(model);
-                        cmd.args(["--provider", provider, "--new-tokens", &n, "--threads", "1", "--weights", "file"]);
-                        cmd
-                    };
-                    cmd.arg("--prompts").arg(prompt_file);
-                    cmd
+                        work.edgellm(callgrind(me), "file")
+                    }
                 };
                 // Both lengths at once (valgrind keeps to one core), WORK_REPEATS times; the
                 // median count of each length (a rare run of onnxruntime-genai counts 5% more).
@@ -359,11 +370,8 @@ fn multitoken_table(me: &Path, prompts_file: &Path, new_tokens: &str, threads: &
     let hamburger = root().join("models/kjv-hamburger");
     let target = root().join("models/kjv-target");
     let ours = |model: &Path, multitoken: Option<&str>| {
-        let mut cmd = Command::new(me);
-        cmd.args(["--child", "--model"])
-            .arg(model)
-            .args(["--new-tokens", new_tokens, "--provider", "cpu", "--weights", "file", "--threads", threads, "--nll", "1", "--prompts"])
-            .arg(prompts_file);
+        let mut cmd = Workload::on_cpu(model, new_tokens, threads, prompts_file).edgellm(Command::new(me), "file");
+        cmd.args(["--nll", "1"]);
         if let Some(m) = multitoken {
             cmd.args(["--multitoken", m]);
         }
@@ -412,23 +420,15 @@ fn speculative_table(me: &Path, python: &Path, prompts_file: &Path, new_tokens: 
     let draft = root().join("models/kjv-draft");
     let pair = root().join("models/kjv-speculative");
     let ours = |draft: Option<&Path>, k: &str| {
-        let mut cmd = Command::new(me);
-        cmd.args(["--child", "--model"])
-            .arg(&target)
-            .args(["--new-tokens", new_tokens, "--provider", "cpu", "--weights", "file", "--threads", threads, "--k", k, "--prompts"])
-            .arg(prompts_file);
+        let mut cmd = Workload::on_cpu(&target, new_tokens, threads, prompts_file).edgellm(Command::new(me), "file");
+        cmd.args(["--k", k]);
         if let Some(d) = draft {
             cmd.arg("--draft").arg(d);
         }
         cmd
     };
     let genai = |model: &Path, spec: bool| {
-        let mut cmd = Command::new(python);
-        cmd.arg(root().join("benches/genai_bench.py"))
-            .arg("--model")
-            .arg(model)
-            .args(["--provider", "cpu", "--new-tokens", new_tokens, "--threads", threads, "--prompts"])
-            .arg(prompts_file);
+        let mut cmd = Workload::on_cpu(model, new_tokens, threads, prompts_file).genai(Command::new(python));
         if spec {
             cmd.arg("--speculative");
         }
