@@ -9,34 +9,31 @@
 //!
 //! Rolling back (speculative decoding) is a length change for `Shared` and a slice for `Growing`.
 
+use std::ffi::{c_char, CString};
 use std::path::Path;
+use std::ptr::{self, NonNull};
 use std::sync::Arc;
 
 use half::f16;
-use ort::memory::MemoryInfo;
-use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
-use ort::value::{DynValue, DynValueTypeMarker, Shape, Tensor, TensorElementType, TensorRefMut, ValueRefMut, ValueType};
+use ort::session::{RunOptions, Session};
+use ort::sys::OrtValue;
+use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
+use ort::AsPointer;
 
 use crate::error::{Error, Result};
-use crate::model::{DecoderNames, GenaiConfig};
+use crate::model::GenaiConfig;
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
 
-/// The run options of one sequence, shared with its `CancelToken`.
+/// The run options of one sequence, shared with its `CancelToken`: another thread may only call
+/// `terminate`, which sets ONNX Runtime's atomic terminate flag (made for exactly this).
 #[derive(Clone)]
-pub struct SharedRunOptions(Arc<RunOptions<HasSelectedOutputs>>);
-
-// SAFETY: other threads only call `terminate`, which sets ONNX Runtime's atomic terminate flag
-// (made for exactly this); the preallocated outputs inside are used only by the thread that
-// owns the cache and runs the session.
-unsafe impl Send for SharedRunOptions {}
-unsafe impl Sync for SharedRunOptions {}
+pub struct SharedRunOptions(Arc<RunOptions>);
 
 impl SharedRunOptions {
-    /// Run options without preallocated outputs.
     pub fn new() -> Result<Self> {
-        Ok(SharedRunOptions(Arc::new(RunOptions::new()?.with_outputs(OutputSelector::default()))))
+        Ok(SharedRunOptions(Arc::new(RunOptions::new()?)))
     }
-    pub(crate) fn get(&self) -> &RunOptions<HasSelectedOutputs> {
+    pub(crate) fn get(&self) -> &RunOptions {
         &self.0
     }
     pub fn terminate(&self) -> Result<()> {
@@ -69,11 +66,6 @@ impl Precision {
 
 pub struct Decoder {
     session: Session,
-    names: DecoderNames,
-    input_ids: String,
-    /// Input and output names per layer, built once (the decode loop is hot).
-    past_names: Vec<String>,
-    present_names: Vec<String>,
     num_layers: usize,
     num_kv_heads: usize,
     head_size: usize,
@@ -82,23 +74,55 @@ pub struct Decoder {
     kv_precision: Precision,
     logits_precision: Precision,
     has_position_ids: bool,
+    /// Input names in the order `forward` feeds them (ids, mask, positions if any, pasts), and
+    /// output names (logits, presents), as ONNX Runtime's `Run` takes them.
+    run_names: RunNames,
     pub provider: ProviderReport,
 }
 
-/// Backing store of one KV tensor. The owned tensor sits in the run options as the preallocated
-/// output; `view` is a second ONNX Runtime value over the same memory, fed as the past input.
-enum KvSlot {
-    Shared { view: ValueRefMut<'static, DynValueTypeMarker> },
-    Growing { value: DynValue },
+/// C strings of the names a forward feeds and fetches, built once: the decode loop is hot, and
+/// ONNX Runtime's `Run` takes arrays of name pointers.
+struct RunNames {
+    inputs: Vec<*const c_char>,
+    outputs: Vec<*const c_char>,
+    _owned: Vec<CString>,
 }
 
+// SAFETY: the pointers point into `_owned`, which is never changed after construction.
+unsafe impl Send for RunNames {}
+
+impl RunNames {
+    fn new(inputs: &[&str], outputs: &[&str]) -> Result<RunNames> {
+        let c = |n: &&str| CString::new(*n).map_err(|_| Error::Inference(format!("graph name {n:?} holds a NUL byte")));
+        let inputs: Vec<CString> = inputs.iter().map(c).collect::<Result<_>>()?;
+        let outputs: Vec<CString> = outputs.iter().map(c).collect::<Result<_>>()?;
+        Ok(RunNames {
+            inputs: inputs.iter().map(|n| n.as_ptr()).collect(),
+            outputs: outputs.iter().map(|n| n.as_ptr()).collect(),
+            _owned: inputs.into_iter().chain(outputs).collect(),
+        })
+    }
+}
+
+/// One KV tensor, fed as the past input. `Shared`: also given to ONNX Runtime as the preallocated
+/// present output, so GroupQueryAttention appends in place. `Growing`: replaced by the present
+/// output ONNX Runtime allocates.
 pub struct KvCache {
     layout: KvLayout,
-    // `slots` views point into tensors owned by `run_options`: declared first, dropped first.
-    slots: Vec<KvSlot>,
+    slots: Vec<DynValue>,
     run_options: SharedRunOptions,
+    /// The logits output of one-token steps, preallocated (as onnxruntime-genai does) so that ONNX
+    /// Runtime writes them where the sampler reads them; multi-token forwards let it allocate.
+    step_logits: DynValue,
+    /// Logits handed out when they cannot be read in place: several rows, or float16.
+    scratch: Vec<f32>,
     len: usize,
     capacity: usize,
+    /// The step's inputs, kept between steps so that a decode step allocates nothing of its own:
+    /// `ones` holds `capacity` ones, of which the attention mask is a prefix.
+    ones: Vec<i64>,
+    ids: Vec<i64>,
+    positions: Vec<i64>,
 }
 
 impl KvCache {
@@ -122,10 +146,8 @@ impl KvCache {
             return Ok(());
         }
         if self.layout == KvLayout::Growing {
-            for slot in &mut self.slots {
-                if let KvSlot::Growing { value } = slot {
-                    *value = slice_positions(value, len)?;
-                }
+            for value in &mut self.slots {
+                *value = slice_positions(value, len)?;
             }
         }
         self.len = len;
@@ -152,21 +174,6 @@ pub(crate) fn slice_positions(value: &DynValue, len: usize) -> Result<DynValue> 
     }
 }
 
-/// An owned zeroed tensor and a second ONNX Runtime value over the same memory.
-/// Safety: the owned tensor's heap buffer does not move when the value is moved into the output
-/// selector, and the cache keeps both alive together, dropping the view first.
-fn shared_kv<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
-    shape: [usize; 4],
-    zero: T,
-) -> Result<(DynValue, ValueRefMut<'static, DynValueTypeMarker>)> {
-    let n = shape.iter().product::<usize>();
-    let mut owned = Tensor::<T>::from_array((shape, vec![zero; n]))?;
-    let ptr = owned.data_ptr_mut();
-    let dims = Shape::new(shape.iter().map(|&d| d as i64));
-    let view = unsafe { TensorRefMut::<'static, T>::from_raw(MemoryInfo::default(), ptr, dims)? };
-    Ok((owned.into_dyn(), view.into_dyn()))
-}
-
 fn kv_tensor(precision: Precision, shape: [usize; 4]) -> Result<DynValue> {
     let n = shape.iter().product::<usize>();
     Ok(match precision {
@@ -178,7 +185,7 @@ fn kv_tensor(precision: Precision, shape: [usize; 4]) -> Result<DynValue> {
 impl Decoder {
     pub fn load(runtime: &Runtime, dir: &Path, config: &GenaiConfig, options: &SessionOptions) -> Result<Decoder> {
         let (session, provider) = runtime.session(&dir.join(&config.decoder_file), options)?;
-        let names = config.names.clone();
+        let names = &config.names;
         let input = |name: &str| session.inputs().iter().find(|i| i.name() == name);
         let output = |name: &str| session.outputs().iter().find(|o| o.name() == name);
         let mismatch = |field: &str, name: &str, kind: &str| Error::ModelConfig {
@@ -210,12 +217,15 @@ impl Decoder {
             Some(name) => input(name).is_some(),
             None => false,
         };
+        let mut feed: Vec<&str> = vec![&input_ids, &names.attention_mask];
+        if has_position_ids {
+            feed.push(names.position_ids.as_deref().expect("checked above"));
+        }
+        feed.extend(past_names.iter().map(String::as_str));
+        let fetch: Vec<&str> = std::iter::once(names.logits.as_str()).chain(present_names.iter().map(String::as_str)).collect();
+        let run_names = RunNames::new(&feed, &fetch)?;
         Ok(Decoder {
             session,
-            names,
-            input_ids,
-            past_names,
-            present_names,
             num_layers: config.num_layers,
             num_kv_heads: config.num_kv_heads,
             head_size: config.head_size,
@@ -224,6 +234,7 @@ impl Decoder {
             kv_precision,
             logits_precision,
             has_position_ids,
+            run_names,
             provider,
         })
     }
@@ -244,54 +255,89 @@ impl Decoder {
     /// allocating and zeroing a full-context buffer per request showed in time to first token.
     pub fn new_cache(&self, layout: KvLayout, positions: usize) -> Result<KvCache> {
         let capacity = positions.clamp(1, self.context);
-        let mut selector = OutputSelector::default();
-        let mut slots = Vec::with_capacity(self.past_names.len());
-        for present in &self.present_names {
-            match layout {
-                KvLayout::Shared => {
-                    let shape = [1, self.num_kv_heads, capacity, self.head_size];
-                    let (owned, view) = match self.kv_precision {
-                        Precision::F32 => shared_kv::<f32>(shape, 0.0)?,
-                        Precision::F16 => shared_kv::<f16>(shape, f16::ZERO)?,
-                    };
-                    selector = selector.preallocate(present.clone(), owned);
-                    slots.push(KvSlot::Shared { view });
-                }
-                KvLayout::Growing => {
-                    let value = kv_tensor(self.kv_precision, [1, self.num_kv_heads, 0, self.head_size])?;
-                    slots.push(KvSlot::Growing { value });
-                }
-            }
-        }
-        let run_options = SharedRunOptions(Arc::new(RunOptions::new()?.with_outputs(selector)));
-        Ok(KvCache { layout, slots, run_options, len: 0, capacity })
+        let kv_positions = match layout {
+            KvLayout::Shared => capacity,
+            KvLayout::Growing => 0,
+        };
+        let slots = (0..2 * self.num_layers)
+            .map(|_| kv_tensor(self.kv_precision, [1, self.num_kv_heads, kv_positions, self.head_size]))
+            .collect::<Result<_>>()?;
+        let step_logits = match self.logits_precision {
+            Precision::F32 => Tensor::from_array(([1, 1, self.vocab], vec![0f32; self.vocab]))?.into_dyn(),
+            Precision::F16 => Tensor::from_array(([1, 1, self.vocab], vec![f16::ZERO; self.vocab]))?.into_dyn(),
+        };
+        Ok(KvCache {
+            layout,
+            slots,
+            run_options: SharedRunOptions::new()?,
+            step_logits,
+            scratch: Vec::new(),
+            len: 0,
+            capacity,
+            ones: vec![1; capacity],
+            ids: Vec::new(),
+            positions: Vec::new(),
+        })
     }
 
     /// Runs `ids` after what the cache holds. Returns the logits of the last `rows` positions,
     /// row-major `rows x vocab`, as float32.
     pub fn forward(&mut self, cache: &mut KvCache, ids: &[u32], rows: usize) -> Result<Vec<f32>> {
+        Ok(self.forward_in_cache(cache, ids, rows)?.to_vec())
+    }
+
+    /// `forward`, with the logits left in the cache until its next forward: a one-token step of a
+    /// float32 model hands out the very buffer ONNX Runtime wrote, so the decode loop neither
+    /// allocates nor copies them.
+    pub fn forward_in_cache<'c>(&mut self, cache: &'c mut KvCache, ids: &[u32], rows: usize) -> Result<&'c mut [f32]> {
         let n = ids.len();
         let total = cache.len + n;
         if total > cache.capacity {
             return Err(Error::PromptTooLong { tokens: total, context: cache.capacity });
         }
-        let mut inputs: Vec<(&str, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(3 + cache.slots.len());
-        let input_ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-        inputs.push((&self.input_ids, Tensor::from_array(([1, n], input_ids))?.into()));
-        inputs.push((&self.names.attention_mask, Tensor::from_array(([1, total], vec![1i64; total]))?.into()));
-        if self.has_position_ids {
-            let positions: Vec<i64> = (cache.len..total).map(|p| p as i64).collect();
-            let name = self.names.position_ids.as_deref().expect("checked at load");
-            inputs.push((name, Tensor::from_array(([1, n], positions))?.into()));
+        cache.ids.clear();
+        cache.ids.extend(ids.iter().map(|&t| t as i64));
+        let ids_value = TensorRef::from_array_view(([1, n], &cache.ids[..]))?;
+        let mask_value = TensorRef::from_array_view(([1, total], &cache.ones[..total]))?;
+        let positions_value = if self.has_position_ids {
+            cache.positions.clear();
+            cache.positions.extend((cache.len..total).map(|p| p as i64));
+            Some(TensorRef::from_array_view(([1, n], &cache.positions[..]))?)
+        } else {
+            None
+        };
+
+        let mut inputs: Vec<*const OrtValue> = Vec::with_capacity(self.run_names.inputs.len());
+        inputs.push(ids_value.ptr());
+        inputs.push(mask_value.ptr());
+        inputs.extend(positions_value.as_ref().map(|v| v.ptr()));
+        inputs.extend(cache.slots.iter().map(|v| v.ptr()));
+        // A non-null output is preallocated: ONNX Runtime writes into it. A null one it allocates.
+        let preallocated_logits = n == 1;
+        let mut outputs: Vec<*mut OrtValue> = Vec::with_capacity(self.run_names.outputs.len());
+        outputs.push(if preallocated_logits { cache.step_logits.ptr().cast_mut() } else { ptr::null_mut() });
+        match cache.layout {
+            KvLayout::Shared => outputs.extend(cache.slots.iter().map(|v| v.ptr().cast_mut())),
+            KvLayout::Growing => outputs.extend(std::iter::repeat_n(ptr::null_mut(), cache.slots.len())),
         }
-        for (name, slot) in self.past_names.iter().zip(&cache.slots) {
-            let value = match slot {
-                KvSlot::Shared { view } => (**view).view(),
-                KvSlot::Growing { value } => value.view(),
-            };
-            inputs.push((name.as_str(), value.into()));
-        }
-        let mut outputs = self.session.run_with_options(inputs, &*cache.run_options.0).map_err(|e| {
+        debug_assert_eq!((inputs.len(), outputs.len()), (self.run_names.inputs.len(), self.run_names.outputs.len()));
+        // SAFETY: the session, run options, names and input values are alive for the call; the
+        // preallocated outputs are tensors of the shapes the graph writes ([1, 1, vocab] logits,
+        // the shared KV buffers of `capacity` positions) and this thread is their only user.
+        let status = unsafe {
+            (ort::api().Run)(
+                self.session.ptr_mut(),
+                cache.run_options.0.ptr(),
+                self.run_names.inputs.as_ptr(),
+                inputs.as_ptr(),
+                inputs.len(),
+                self.run_names.outputs.as_ptr(),
+                outputs.len(),
+                outputs.as_mut_ptr(),
+            )
+        };
+        // SAFETY: `status` was just returned by ONNX Runtime; this takes ownership of it.
+        unsafe { ort::Error::result_from_status(status) }.map_err(|e| {
             let message = e.to_string();
             if message.contains("terminate") {
                 Error::Cancelled
@@ -299,26 +345,35 @@ impl Decoder {
                 Error::Inference(message)
             }
         })?;
-        let logits_value = outputs.get(&self.names.logits).ok_or_else(|| Error::Inference("no logits output".into()))?;
-        let rows = rows.min(n);
-        let logits = match self.logits_precision {
-            Precision::F32 => {
-                let (_, data) = logits_value.try_extract_tensor::<f32>()?;
-                data[(n - rows) * self.vocab..n * self.vocab].to_vec()
-            }
-            Precision::F16 => {
-                let (_, data) = logits_value.try_extract_tensor::<f16>()?;
-                data[(n - rows) * self.vocab..n * self.vocab].iter().map(|v| v.to_f32()).collect()
-            }
-        };
+        // Take ownership of what ONNX Runtime allocated, so that it is released.
+        let allocator = self.session.allocator();
+        // SAFETY: a null output was filled by a successful Run with a value the caller now owns.
+        let take = |p: *mut OrtValue| unsafe { DynValue::from_ptr(NonNull::new(p).expect("Run filled every output"), Some(allocator)) };
+        let allocated_logits = (!preallocated_logits).then(|| take(outputs[0]));
         if cache.layout == KvLayout::Growing {
-            for (name, slot) in self.present_names.iter().zip(cache.slots.iter_mut()) {
-                let present = outputs.remove(name).ok_or_else(|| Error::Inference(format!("no output {name}")))?;
-                *slot = KvSlot::Growing { value: present };
+            for (slot, &present) in cache.slots.iter_mut().zip(&outputs[1..]) {
+                *slot = take(present);
             }
         }
-        drop(outputs);
         cache.len = total;
-        Ok(logits)
+
+        let rows = rows.min(n);
+        let range = (n - rows) * self.vocab..n * self.vocab;
+        let logits = allocated_logits.as_ref().unwrap_or(&cache.step_logits);
+        match self.logits_precision {
+            Precision::F32 if allocated_logits.is_none() => Ok(cache.step_logits.try_extract_tensor_mut::<f32>()?.1),
+            Precision::F32 => {
+                let (_, data) = logits.try_extract_tensor::<f32>()?;
+                cache.scratch.clear();
+                cache.scratch.extend_from_slice(&data[range]);
+                Ok(&mut cache.scratch)
+            }
+            Precision::F16 => {
+                let (_, data) = logits.try_extract_tensor::<f16>()?;
+                cache.scratch.clear();
+                cache.scratch.extend(data[range].iter().map(|v| v.to_f32()));
+                Ok(&mut cache.scratch)
+            }
+        }
     }
 }

@@ -403,21 +403,22 @@ fn decode_plain(
         let mut cache = decoder.new_cache(kv_layout, run.prompt_len + run.max_new)?;
         cancel.attach(cache.run_options());
         let prompt = run.sequence.clone();
-        let mut logits = match decoder.forward(&mut cache, &prompt, 1) {
+        // The logits stay in the cache (one-token steps: where ONNX Runtime wrote them).
+        let mut logits = match decoder.forward_in_cache(&mut cache, &prompt, 1) {
             Ok(logits) => logits,
             Err(Error::Cancelled) => return Ok(FinishReason::Cancelled),
             Err(e) => return Err(e),
         };
         run.target_forwards += 1;
         loop {
-            let token = run.sampler.next(&mut logits, &run.sequence);
+            let token = run.sampler.next(logits, &run.sequence);
             if let Some(reason) = run.accept(folder, token, on_text)? {
                 return Ok(reason);
             }
             if let Some(reason) = run.should_stop(cache.len() + 1, cancel) {
                 return Ok(reason);
             }
-            logits = match decoder.forward(&mut cache, &[token], 1) {
+            logits = match decoder.forward_in_cache(&mut cache, &[token], 1) {
                 Ok(logits) => logits,
                 Err(Error::Cancelled) => return Ok(FinishReason::Cancelled),
                 Err(e) => return Err(e),

@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ort::session::{HasSelectedOutputs, RunOptions, Session, SessionInputValue, SessionOutputs};
+use ort::session::{RunOptions, Session, SessionInputValue, SessionOutputs};
 use ort::value::{DynValue, Tensor};
 use serde_json::Value;
 
@@ -315,7 +315,7 @@ impl MultiTokenModel {
     }
 
     /// Embeddings of `steps` (each 1..=max tokens), `[1, steps, D]`.
-    fn embed(&mut self, steps: &[&[u32]], run: &RunOptions<HasSelectedOutputs>) -> Result<DynValue> {
+    fn embed(&mut self, steps: &[&[u32]], run: &RunOptions) -> Result<DynValue> {
         let width = steps.iter().map(|s| s.len()).max().unwrap_or(1);
         let mut ids = vec![0i64; steps.len() * width];
         for (row, step) in steps.iter().enumerate() {
@@ -334,14 +334,7 @@ impl MultiTokenModel {
 
     /// One base forward over `steps` (each becomes one KV entry) at `positions`; returns the
     /// last `rows` rows.
-    fn base_forward(
-        &mut self,
-        kv: &mut BaseKv,
-        steps: &[&[u32]],
-        positions: &[usize],
-        rows: usize,
-        run: &RunOptions<HasSelectedOutputs>,
-    ) -> Result<BaseOut> {
+    fn base_forward(&mut self, kv: &mut BaseKv, steps: &[&[u32]], positions: &[usize], rows: usize, run: &RunOptions) -> Result<BaseOut> {
         let embeds = self.embed(steps, run)?;
         let n = steps.len();
         let total = kv.len + n;
@@ -373,13 +366,7 @@ impl MultiTokenModel {
 
     /// One micro step: appends `features` (first call of a step; empty later) and `token` to
     /// the micro decoder's KV; returns the logits of the next token and its stop logit.
-    fn micro_forward(
-        &mut self,
-        kv: &mut [DynValue],
-        features: &[f32],
-        token: u32,
-        run: &RunOptions<HasSelectedOutputs>,
-    ) -> Result<(Vec<f32>, f32)> {
+    fn micro_forward(&mut self, kv: &mut [DynValue], features: &[f32], token: u32, run: &RunOptions) -> Result<(Vec<f32>, f32)> {
         let rows = if features.is_empty() { 0 } else { self.contract.features };
         // Every step's first micro call carries the features, so the width is known by the
         // calls that carry none.
