@@ -106,7 +106,8 @@ impl RunNames {
 
 /// One KV tensor, fed as the past input. `Shared`: also given to ONNX Runtime as the preallocated
 /// present output, so GroupQueryAttention appends in place. `Growing`: replaced by the present
-/// output ONNX Runtime allocates.
+/// output ONNX Runtime allocates, in its session's memory: a cache lives inside the forward calls
+/// of the decoder that made it (every caller keeps it local to one request).
 pub struct KvCache {
     layout: KvLayout,
     slots: Vec<DynValue>,
