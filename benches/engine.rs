@@ -6,7 +6,9 @@
 //! --threads N, --no-speculative, --no-multitoken, --thresholds 0.7,0.5 (multi-token table);
 //! --providers none skips the first table; --forward-cost DIR,DIR adds a table of how a forward's
 //! cost grows with its positions (what a speculative verify pays), --acceptance A (0.79) for it;
-//! --work-per-token cpu,openvino adds a table of instructions per decoded token under callgrind
+//! --work-per-token cpu,openvino adds a table of instructions per decoded token under callgrind;
+//! --pair-rounds N (20): rounds of the paired rows, where both engines stay loaded and run each
+//! prompt in turn (0 skips them)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -73,6 +75,19 @@ fn child(args: &[String]) {
     let mut run =
         |ids: &Vec<u32>| engine.generate(&Prompt::Tokens(ids.clone()), &gen, &CancelToken::new(), &mut |_| true).expect("generate");
     run(&prompts[0]); // warm-up
+    if args.iter().any(|a| a == "--serve") {
+        // The paired table: the parent alternates the engines prompt by prompt.
+        println!("{}", json!({"ready": true}));
+        for line in std::io::stdin().lines() {
+            let o = run(&prompts[line.expect("stdin").trim().parse::<usize>().expect("prompt index")]);
+            let mut output = o.token_ids.clone();
+            output.extend(o.eos_token);
+            let ttft = o.stats.time_to_first_token.as_secs_f64();
+            let decode = o.stats.total_time.as_secs_f64() - ttft;
+            println!("{}", json!({"ttft_s": ttft, "decode_s": decode, "decoded": output.len().saturating_sub(1), "output": output}));
+        }
+        return;
+    }
     let outcomes: Vec<_> = prompts.iter().map(&mut run).collect();
     let tokens: usize = outcomes.iter().map(|o| o.token_ids.len() + o.eos_token.is_some() as usize).sum();
     let decode_s: f64 = outcomes.iter().map(|o| (o.stats.total_time - o.stats.time_to_first_token).as_secs_f64()).sum();
@@ -199,6 +214,7 @@ fn main() {
     // The same intra-op threads for both engines. Default 0: ONNX Runtime's own default pool in
     // both (onnxruntime-genai would otherwise pick half the cores, edgellm ONNX Runtime's default).
     let threads = arg(&args, "--threads").unwrap_or_else(|| "0".into());
+    let pair_rounds: usize = arg(&args, "--pair-rounds").map(|r| r.parse().expect("--pair-rounds N")).unwrap_or(20);
     let refs: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/reference_outputs.json")).unwrap()).unwrap();
     let name = model.file_name().unwrap().to_string_lossy().to_string();
     let prompts: Vec<Value> = refs["models"][&name]
@@ -270,6 +286,9 @@ fn main() {
         );
         let same = edgellm["outputs"] == genai["outputs"];
         println!("{:<10} greedy outputs identical to onnxruntime-genai: {same}", provider);
+        if pair_rounds > 0 {
+            paired_rows(&work, &me, &python, prompts.len(), pair_rounds);
+        }
     }
     if !args.iter().any(|a| a == "--no-speculative") {
         speculative_table(&me, &python, &prompts_file, &new_tokens, &threads);
@@ -290,6 +309,92 @@ fn main() {
         multitoken_table(&me, &prompts_file, &new_tokens, &threads, &thresholds);
     }
     let _ = std::fs::remove_file(Path::new(&prompts_file));
+}
+
+/// One engine's measuring child in `--serve` mode: loaded once, it runs the prompt it is told to.
+struct Server {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Server {
+    fn start(mut cmd: Command) -> Server {
+        use std::process::Stdio;
+        let mut child = cmd.arg("--serve").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut server = Server { child, stdin, stdout };
+        assert_eq!(server.reply(&cmd)["ready"], true);
+        server
+    }
+    fn reply(&mut self, cmd: &Command) -> Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{cmd:?}: {e}: {line:?}"))
+    }
+    fn run(&mut self, cmd: &Command, prompt: usize) -> Value {
+        use std::io::Write;
+        writeln!(self.stdin, "{prompt}").expect("write");
+        self.reply(cmd)
+    }
+}
+
+/// Decode speed and time to first token measured in pairs: both engines load once, then run the
+/// same prompt one right after the other, alternating which goes first. Load on this shared
+/// machine moves single runs by 10-30% over seconds; within a pair it hits both engines alike.
+fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds: usize) {
+    let cmds = [work.genai(Command::new(python)), work.edgellm(Command::new(me), "file")];
+    let mut servers: Vec<Server> = cmds
+        .iter()
+        .map(|c| {
+            let mut cmd = Command::new(c.get_program());
+            cmd.args(c.get_args());
+            Server::start(cmd)
+        })
+        .collect();
+    let (mut decode, mut ttft, mut same) = (Vec::new(), Vec::new(), true);
+    let (mut decode_s, mut decoded) = ([0.0f64; 2], [0u64; 2]);
+    for round in 0..rounds {
+        for prompt in 0..prompts {
+            let mut replies = [Value::Null, Value::Null];
+            let first = (round + prompt) % 2;
+            for engine in [first, 1 - first] {
+                // Let the other engine's ONNX Runtime pool stop spinning before this one starts.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                replies[engine] = servers[engine].run(&cmds[engine], prompt);
+            }
+            let f = |r: &Value, k: &str| r[k].as_f64().unwrap();
+            for (i, r) in replies.iter().enumerate() {
+                decode_s[i] += f(r, "decode_s");
+                decoded[i] += r["decoded"].as_u64().unwrap();
+            }
+            let tps = |r: &Value| f(r, "decoded") / f(r, "decode_s");
+            decode.push(tps(&replies[1]) / tps(&replies[0]));
+            ttft.push(f(&replies[1], "ttft_s") / f(&replies[0], "ttft_s"));
+            same &= replies[0]["output"] == replies[1]["output"];
+        }
+    }
+    for mut server in servers {
+        drop(server.stdin);
+        server.child.wait().expect("wait");
+    }
+    let quartiles = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        (v[n / 4], v[n / 2], v[(3 * n) / 4])
+    };
+    let faster = decode.iter().filter(|&&r| r > 1.0).count() as f64 / decode.len() as f64;
+    let (d25, d50, d75) = quartiles(&mut decode);
+    let (t25, t50, t75) = quartiles(&mut ttft);
+    let total = (decoded[1] as f64 / decode_s[1]) / (decoded[0] as f64 / decode_s[0]);
+    println!(
+        "{:<10} paired, {} prompts each run by both engines in turn: decode edgellm / genai median {d50:.3} (quartiles {d25:.3}-{d75:.3}; edgellm faster in {:.0}%), all tokens {total:.3}; TTFT median {t50:.2} ({t25:.2}-{t75:.2}); outputs identical: {same}",
+        work.provider,
+        decode.len(),
+        100.0 * faster
+    );
 }
 
 /// Instructions per decoded token of each engine, counted by callgrind: repeatable where wall time

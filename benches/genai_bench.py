@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--prompts", required=True, help="JSON list of prompt token id lists")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--speculative", action="store_true")
+    ap.add_argument("--serve", action="store_true",
+                    help="after loading, run the prompt whose index each stdin line gives; one JSON line each")
     ap.add_argument("--threads", type=int, default=-1,
                     help="intra-op threads: 0 is ONNX Runtime's default pool; unset is onnxruntime-genai's default (half the cores)")
     args = ap.parse_args()
@@ -66,6 +68,9 @@ def main() -> None:
         return out, first - t0, end - first, stats
 
     run(prompts[0])  # warm-up
+    if args.serve:
+        serve(run, prompts)
+        return
     results = [run(p) for p in prompts]
     tokens = sum(len(r[0]) for r in results)
     decode_s = sum(r[2] for r in results)
@@ -85,6 +90,21 @@ def main() -> None:
         fwd = sum(r[3].get("target_forward_passes", 0) for r in results)
         report.update({"acceptance_rate": acc / prop if prop else 0.0, "tokens_per_target_forward": tokens / fwd if fwd else 0.0})
     print(json.dumps(report))
+
+
+def serve(run, prompts) -> None:
+    """The paired table of the bench: it alternates the engines prompt by prompt."""
+    print(json.dumps({"ready": True}), flush=True)
+    for line in iter(input_line, None):
+        out, ttft_s, decode_s, _ = run(prompts[int(line)])
+        print(json.dumps({"ttft_s": ttft_s, "decode_s": decode_s, "decoded": len(out) - 1, "output": out}), flush=True)
+
+
+def input_line():
+    try:
+        return input()
+    except EOFError:
+        return None
 
 
 if __name__ == "__main__":
