@@ -88,7 +88,8 @@ struct RunNames {
     _owned: Vec<CString>,
 }
 
-// SAFETY: the pointers point into `_owned`, which is never changed after construction.
+// SAFETY: the pointers point at the heap buffers of the C strings in `_owned`, which do not move
+// when the struct moves and are never changed after construction.
 unsafe impl Send for RunNames {}
 
 impl RunNames {
@@ -106,8 +107,8 @@ impl RunNames {
 
 /// One KV tensor, fed as the past input. `Shared`: also given to ONNX Runtime as the preallocated
 /// present output, so GroupQueryAttention appends in place. `Growing`: replaced by the present
-/// output ONNX Runtime allocates, in its session's memory: a cache lives inside the forward calls
-/// of the decoder that made it (every caller keeps it local to one request).
+/// output ONNX Runtime allocates. Every caller keeps a cache local to one request of the decoder
+/// that made it.
 pub struct KvCache {
     layout: KvLayout,
     slots: Vec<DynValue>,
@@ -119,8 +120,8 @@ pub struct KvCache {
     scratch: Vec<f32>,
     len: usize,
     capacity: usize,
-    /// The step's inputs, kept between steps so that a decode step allocates nothing of its own:
-    /// `ones` holds `capacity` ones, of which the attention mask is a prefix.
+    /// The step's input data, kept between steps so that a step does not rebuild it: `ones`
+    /// holds `capacity` ones, of which the attention mask is a prefix.
     ones: Vec<i64>,
     ids: Vec<i64>,
     positions: Vec<i64>,
@@ -206,6 +207,16 @@ impl Decoder {
         }
         let logits = output(&names.logits).ok_or_else(|| mismatch("model.decoder.outputs.logits", &names.logits, "output"))?;
         let logits_precision = Precision::of(logits.dtype(), "logits")?;
+        // One-token steps write the logits into a [1, 1, vocab_size] buffer: the graph must agree.
+        if let Some(&last) = logits.dtype().tensor_shape().and_then(|s| s.last()) {
+            if last > 0 && last as usize != config.vocab_size {
+                return Err(Error::ModelConfig {
+                    path: config.path.clone(),
+                    field: "model.vocab_size".into(),
+                    reason: format!("{} but the graph's `{}` output has {last} per position", config.vocab_size, names.logits),
+                });
+            }
+        }
         let (past_names, present_names) = names.kv_names(config.num_layers);
         for name in &past_names {
             input(name).ok_or_else(|| mismatch("model.decoder.inputs.past_key_names", name, "input"))?;
@@ -284,13 +295,46 @@ impl Decoder {
     /// Runs `ids` after what the cache holds. Returns the logits of the last `rows` positions,
     /// row-major `rows x vocab`, as float32.
     pub fn forward(&mut self, cache: &mut KvCache, ids: &[u32], rows: usize) -> Result<Vec<f32>> {
-        Ok(self.forward_in_cache(cache, ids, rows)?.to_vec())
+        let allocated = self.run(cache, ids)?;
+        let mut logits = Vec::new();
+        self.read_rows(allocated.as_ref().unwrap_or(&cache.step_logits), ids.len(), rows, &mut logits)?;
+        Ok(logits)
     }
 
     /// `forward`, with the logits left in the cache until its next forward: a one-token step of a
     /// float32 model hands out the very buffer ONNX Runtime wrote, so the decode loop neither
-    /// allocates nor copies them.
+    /// allocates nor copies its logits.
     pub fn forward_in_cache<'c>(&mut self, cache: &'c mut KvCache, ids: &[u32], rows: usize) -> Result<&'c mut [f32]> {
+        let allocated = self.run(cache, ids)?;
+        if allocated.is_none() && self.logits_precision == Precision::F32 {
+            let range = self.row_range(ids.len(), rows);
+            return Ok(&mut cache.step_logits.try_extract_tensor_mut::<f32>()?.1[range]);
+        }
+        self.read_rows(allocated.as_ref().unwrap_or(&cache.step_logits), ids.len(), rows, &mut cache.scratch)?;
+        Ok(&mut cache.scratch)
+    }
+
+    /// The positions of the logits of the last `rows` of `n` positions.
+    fn row_range(&self, n: usize, rows: usize) -> std::ops::Range<usize> {
+        let rows = rows.min(n);
+        (n - rows) * self.vocab..n * self.vocab
+    }
+
+    /// The last `rows` of `n` rows of `logits` into `out`, as float32.
+    fn read_rows(&self, logits: &DynValue, n: usize, rows: usize, out: &mut Vec<f32>) -> Result<()> {
+        let range = self.row_range(n, rows);
+        out.clear();
+        match self.logits_precision {
+            Precision::F32 => out.extend_from_slice(&logits.try_extract_tensor::<f32>()?.1[range]),
+            Precision::F16 => out.extend(logits.try_extract_tensor::<f16>()?.1[range].iter().map(|v| v.to_f32())),
+        }
+        Ok(())
+    }
+
+    /// One forward pass of `ids` after what the cache holds, appending to its KV. Returns the
+    /// logits output when ONNX Runtime allocated it (several positions); a one-token step writes
+    /// them into `cache.step_logits`.
+    fn run(&mut self, cache: &mut KvCache, ids: &[u32]) -> Result<Option<DynValue>> {
         let n = ids.len();
         let total = cache.len + n;
         if total > cache.capacity {
@@ -316,15 +360,17 @@ impl Decoder {
         // A non-null output is preallocated: ONNX Runtime writes into it. A null one it allocates.
         let preallocated_logits = n == 1;
         let mut outputs: Vec<*mut OrtValue> = Vec::with_capacity(self.run_names.outputs.len());
-        outputs.push(if preallocated_logits { cache.step_logits.ptr().cast_mut() } else { ptr::null_mut() });
+        outputs.push(if preallocated_logits { cache.step_logits.ptr_mut() } else { ptr::null_mut() });
         match cache.layout {
-            KvLayout::Shared => outputs.extend(cache.slots.iter().map(|v| v.ptr().cast_mut())),
+            KvLayout::Shared => outputs.extend(cache.slots.iter_mut().map(|v| v.ptr_mut())),
             KvLayout::Growing => outputs.extend(std::iter::repeat_n(ptr::null_mut(), cache.slots.len())),
         }
-        debug_assert_eq!((inputs.len(), outputs.len()), (self.run_names.inputs.len(), self.run_names.outputs.len()));
+        // ONNX Runtime reads as many names as values: the two must agree.
+        assert_eq!((inputs.len(), outputs.len()), (self.run_names.inputs.len(), self.run_names.outputs.len()));
         // SAFETY: the session, run options, names and input values are alive for the call; the
         // preallocated outputs are tensors of the shapes the graph writes ([1, 1, vocab] logits,
-        // the shared KV buffers of `capacity` positions) and this thread is their only user.
+        // checked at load; the shared KV buffers of `capacity` positions) and this thread is their
+        // only user.
         let status = unsafe {
             (ort::api().Run)(
                 self.session.ptr_mut(),
@@ -337,7 +383,8 @@ impl Decoder {
                 outputs.as_mut_ptr(),
             )
         };
-        // SAFETY: `status` was just returned by ONNX Runtime; this takes ownership of it.
+        // SAFETY: `status` was just returned by ONNX Runtime; this takes ownership of it. A failed
+        // Run fills no output, so nothing is left to release.
         unsafe { ort::Error::result_from_status(status) }.map_err(|e| {
             let message = e.to_string();
             if message.contains("terminate") {
@@ -346,9 +393,9 @@ impl Decoder {
                 Error::Inference(message)
             }
         })?;
-        // Take ownership of what ONNX Runtime allocated, so that it is released.
+        // Take ownership of what ONNX Runtime allocated, so that it is released once.
         let allocator = self.session.allocator();
-        // SAFETY: a null output was filled by a successful Run with a value the caller now owns.
+        // SAFETY: a null output was filled by the successful Run with a value the caller now owns.
         let take = |p: *mut OrtValue| unsafe { DynValue::from_ptr(NonNull::new(p).expect("Run filled every output"), Some(allocator)) };
         let allocated_logits = (!preallocated_logits).then(|| take(outputs[0]));
         if cache.layout == KvLayout::Growing {
@@ -357,24 +404,6 @@ impl Decoder {
             }
         }
         cache.len = total;
-
-        let rows = rows.min(n);
-        let range = (n - rows) * self.vocab..n * self.vocab;
-        let logits = allocated_logits.as_ref().unwrap_or(&cache.step_logits);
-        match self.logits_precision {
-            Precision::F32 if allocated_logits.is_none() => Ok(cache.step_logits.try_extract_tensor_mut::<f32>()?.1),
-            Precision::F32 => {
-                let (_, data) = logits.try_extract_tensor::<f32>()?;
-                cache.scratch.clear();
-                cache.scratch.extend_from_slice(&data[range]);
-                Ok(&mut cache.scratch)
-            }
-            Precision::F16 => {
-                let (_, data) = logits.try_extract_tensor::<f16>()?;
-                cache.scratch.clear();
-                cache.scratch.extend(data[range].iter().map(|v| v.to_f32()));
-                Ok(&mut cache.scratch)
-            }
-        }
+        Ok(allocated_logits)
     }
 }

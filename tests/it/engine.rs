@@ -228,6 +228,47 @@ fn missing_weights_and_corrupt_config_are_named() {
     std::fs::write(tmp.path().join("genai_config.json"), "{\"model\": {\"type\": \"llama\",").unwrap();
     let err = Engine::load(&runtime(), "broken", tmp.path(), &LoadOptions::default()).err().expect("must fail");
     assert!(matches!(&err, Error::ModelConfig { path, .. } if path.ends_with("genai_config.json")), "{err:?}");
+
+    // A vocab_size the graph's logits disagree with is named before any step writes them.
+    let tmp = copy_model("kjv-draft");
+    let config_path = tmp.path().join("genai_config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let vocab = config["model"]["vocab_size"].as_u64().unwrap();
+    config["model"]["vocab_size"] = (vocab - 1).into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let err = Engine::load(&runtime(), "broken", tmp.path(), &LoadOptions::default()).err().expect("must fail");
+    assert!(
+        matches!(&err, Error::ModelConfig { field, reason, .. } if field == "model.vocab_size" && reason.contains(&vocab.to_string())),
+        "{err:?}"
+    );
+}
+
+/// A cancel that arrives during the prefill ends it through ONNX Runtime's run termination: no
+/// token comes out (a finished prefill always yields one before the cancel is looked at).
+#[test]
+fn a_cancel_interrupts_the_prefill() {
+    let mut engine = load("kjv-target", LoadOptions::default());
+    let context = engine.folder.config.context_length;
+    let prompt = Prompt::Tokens((0..context as u32 - 8).map(|i| 100 + i % 1000).collect());
+    let options = GenerateOptions { max_new_tokens: Some(1), temperature: Some(0.0), ..Default::default() };
+    let whole = engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap();
+    assert_eq!(whole.token_ids.len() + whole.eos_token.is_some() as usize, 1);
+    let prefill = whole.stats.time_to_first_token;
+
+    let cancel = CancelToken::new();
+    let canceller = {
+        let cancel = cancel.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(prefill / 4);
+            cancel.cancel();
+        })
+    };
+    let started = Instant::now();
+    let outcome = engine.generate(&prompt, &options, &cancel, &mut |_| true).unwrap();
+    canceller.join().unwrap();
+    assert_eq!(outcome.reason, FinishReason::Cancelled);
+    assert!(outcome.token_ids.is_empty() && outcome.eos_token.is_none(), "the prefill ran to its end: {outcome:?}");
+    eprintln!("prefill of {} tokens: {prefill:?} whole, cancelled after {:?}", context - 8, started.elapsed());
 }
 
 #[test]
