@@ -36,6 +36,11 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The generated ids with the eos token, as onnxruntime-genai reports them.
+fn output_ids(o: &edgellm::engine::Outcome) -> Vec<u32> {
+    o.token_ids.iter().copied().chain(o.eos_token).collect()
+}
+
 /// Our side, in a child process so that its RSS is its own.
 fn child(args: &[String]) {
     let model = PathBuf::from(arg(args, "--model").unwrap());
@@ -80,8 +85,7 @@ fn child(args: &[String]) {
         println!("{}", json!({"ready": true}));
         for line in std::io::stdin().lines() {
             let o = run(&prompts[line.expect("stdin").trim().parse::<usize>().expect("prompt index")]);
-            let mut output = o.token_ids.clone();
-            output.extend(o.eos_token);
+            let output = output_ids(&o);
             let ttft = o.stats.time_to_first_token.as_secs_f64();
             let decode = o.stats.total_time.as_secs_f64() - ttft;
             println!("{}", json!({"ttft_s": ttft, "decode_s": decode, "decoded": output.len().saturating_sub(1), "output": output}));
@@ -123,7 +127,7 @@ fn child(args: &[String]) {
         "decode_tps": outcomes.iter().map(|o| (o.token_ids.len() + o.eos_token.is_some() as usize).saturating_sub(1)).sum::<usize>() as f64 / decode_s,
         "e2e_tps": tokens as f64 / total_s,
         "tokens": tokens,
-        "outputs": outcomes.iter().map(|o| { let mut v = o.token_ids.clone(); v.extend(o.eos_token); v }).collect::<Vec<_>>(),
+        "outputs": outcomes.iter().map(output_ids).collect::<Vec<_>>(),
         "acceptance_rate": acceptance,
         "tokens_per_target_forward": per_forward,
         "draft_ms": draft_ms,
@@ -313,6 +317,7 @@ fn main() {
 
 /// One engine's measuring child in `--serve` mode: loaded once, it runs the prompt it is told to.
 struct Server {
+    cmd: Command,
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     stdout: std::io::BufReader<std::process::ChildStdout>,
@@ -324,20 +329,20 @@ impl Server {
         let mut child = cmd.arg("--serve").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn");
         let stdin = child.stdin.take().unwrap();
         let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut server = Server { child, stdin, stdout };
-        assert_eq!(server.reply(&cmd)["ready"], true);
+        let mut server = Server { cmd, child, stdin, stdout };
+        assert_eq!(server.reply()["ready"], true);
         server
     }
-    fn reply(&mut self, cmd: &Command) -> Value {
+    fn reply(&mut self) -> Value {
         use std::io::BufRead;
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("read");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{cmd:?}: {e}: {line:?}"))
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{:?}: {e}: {line:?}", self.cmd))
     }
-    fn run(&mut self, cmd: &Command, prompt: usize) -> Value {
+    fn run(&mut self, prompt: usize) -> Value {
         use std::io::Write;
         writeln!(self.stdin, "{prompt}").expect("write");
-        self.reply(cmd)
+        self.reply()
     }
 }
 
@@ -345,15 +350,7 @@ impl Server {
 /// same prompt one right after the other, alternating which goes first. Load on this shared
 /// machine moves single runs by 10-30% over seconds; within a pair it hits both engines alike.
 fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds: usize) {
-    let cmds = [work.genai(Command::new(python)), work.edgellm(Command::new(me), "file")];
-    let mut servers: Vec<Server> = cmds
-        .iter()
-        .map(|c| {
-            let mut cmd = Command::new(c.get_program());
-            cmd.args(c.get_args());
-            Server::start(cmd)
-        })
-        .collect();
+    let mut servers = [work.genai(Command::new(python)), work.edgellm(Command::new(me), "file")].map(Server::start);
     let (mut decode, mut ttft, mut same) = (Vec::new(), Vec::new(), true);
     let (mut decode_s, mut decoded) = ([0.0f64; 2], [0u64; 2]);
     for round in 0..rounds {
@@ -363,7 +360,7 @@ fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds
             for engine in [first, 1 - first] {
                 // Let the other engine's ONNX Runtime pool stop spinning before this one starts.
                 std::thread::sleep(std::time::Duration::from_millis(10));
-                replies[engine] = servers[engine].run(&cmds[engine], prompt);
+                replies[engine] = servers[engine].run(prompt);
             }
             let f = |r: &Value, k: &str| r[k].as_f64().unwrap();
             for (i, r) in replies.iter().enumerate() {
