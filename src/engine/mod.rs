@@ -459,12 +459,12 @@ impl Run {
     ) -> Run {
         Run {
             prompt_len: prompt_ids.len(),
+            detok: Detokenizer::continuing(&prompt_ids),
             sequence: prompt_ids,
             generated: Vec::new(),
             eos_token: None,
             eos_ids: folder.config.eos_token_ids.clone(),
             sampler: Sampler::new(params),
-            detok: Detokenizer::new(),
             stop: StopText::new(options.stop.clone()),
             started: Instant::now(),
             first_token_at: None,

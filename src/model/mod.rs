@@ -44,7 +44,7 @@ impl ModelFolder {
         require_model_file(&dir.join(&config.decoder_file))?;
         let multitoken = crate::multitoken::Contract::find(dir)?;
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"))?;
-        let chat_template = ChatTemplate::find(dir, &tokenizer)?;
+        let chat_template = ChatTemplate::find(dir)?;
         Ok(ModelFolder { dir: dir.to_path_buf(), config, tokenizer, chat_template, multitoken })
     }
 
@@ -53,10 +53,10 @@ impl ModelFolder {
     pub fn prompt_ids(&self, model_name: &str, prompt: &Prompt) -> Result<Vec<u32>> {
         let ids = match prompt {
             Prompt::Tokens(ids) => ids.clone(),
-            Prompt::Text(text) => self.tokenizer.encode(text)?,
+            Prompt::Text(text) => self.tokenizer.encode_prompt(text)?,
             Prompt::Chat(messages) => {
                 let template = self.chat_template.as_ref().ok_or_else(|| Error::NoChatTemplate(model_name.to_string()))?;
-                self.tokenizer.encode(&template.render(messages, true)?)?
+                self.tokenizer.encode_rendered(&template.render(messages, true)?)?
             }
         };
         if ids.is_empty() {

@@ -24,10 +24,22 @@ impl TextTokenizer {
         Ok(TextTokenizer { inner })
     }
 
-    /// Token ids of `text`, with no special tokens added (as onnxruntime-genai does); special
-    /// tokens written in the text (`<|im_start|>`) are still recognised.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    /// The ids a plain prompt is fed as: what the tokenizer's post-processor adds included (the
+    /// `<s>` of Llama-family tokenizers), as transformers encodes text with
+    /// `add_special_tokens=True`.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text, true)
+    }
+
+    /// The ids of text a chat template rendered: nothing added, since a template that wants a BOS
+    /// writes it itself (transformers' `apply_chat_template` encodes the same way). Special tokens
+    /// written in the text (`<|im_start|>`) are still recognised.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text, false)
+    }
+
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode_fast(text, add_special_tokens).map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -44,9 +56,15 @@ impl TextTokenizer {
     }
 }
 
+/// How many of the prompt's last tokens seed the detokenizer (text-generation-inference uses 5).
+const PROMPT_CONTEXT_TOKENS: usize = 5;
+
 /// Turns a growing list of token ids into text pieces. A piece never ends inside a UTF-8
-/// character (byte-level BPE splits them across tokens), and the pieces concatenated equal the
-/// decoding of all ids at once: the same offsets scheme as text-generation-inference.
+/// character (byte-level BPE splits them across tokens), and the pieces concatenated equal
+/// `decode(prompt + output)` minus `decode(prompt)`: the same offsets scheme as
+/// text-generation-inference, whose offsets start inside the prompt. Starting there matters for
+/// SentencePiece-style decoders, which strip the first space of a sequence: decoded alone, the
+/// first generated token would lose the space that separates it from the prompt.
 #[derive(Debug, Default)]
 pub struct Detokenizer {
     ids: Vec<u32>,
@@ -55,8 +73,10 @@ pub struct Detokenizer {
 }
 
 impl Detokenizer {
-    pub fn new() -> Self {
-        Self::default()
+    /// A detokenizer for the output that continues `prompt`.
+    pub fn continuing(prompt: &[u32]) -> Self {
+        let ids = prompt[prompt.len().saturating_sub(PROMPT_CONTEXT_TOKENS)..].to_vec();
+        Detokenizer { read_offset: ids.len(), ids, prefix_offset: 0 }
     }
 
     /// Adds one token; returns the new text it completes (possibly empty).

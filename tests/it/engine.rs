@@ -38,7 +38,7 @@ fn check_against_reference(model: &str, options: LoadOptions) {
     assert!(cases.len() >= 8, "at least 8 reference prompts");
     let mut engine = load(model, options);
     for case in cases {
-        let ids = engine.folder.tokenizer.encode(&case.prompt).unwrap();
+        let ids = engine.folder.tokenizer.encode_prompt(&case.prompt).unwrap();
         assert_eq!(ids, case.prompt_ids, "{model}: tokenization of {:?} differs from onnxruntime-genai", case.prompt);
         let (outcome, streamed) = greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
         assert_eq!(with_eos(&outcome), case.output_ids, "{model}: greedy ids for {:?} differ from onnxruntime-genai", case.prompt);

@@ -161,3 +161,28 @@ pub fn same_or_near_tie(
     assert!(gap < 0.25, "{what} differs from the model alone at token {at} of {label:?}, not at a near tie (gap {gap})");
     false
 }
+
+/// Runs `tests/py/<script>` in the test venv (scripts/setup-runtime.sh makes it) with `input` as
+/// JSON on stdin, and returns the JSON it prints: the reference programs nobody here wrote
+/// (Hugging Face tokenizers, jinja2 as transformers sets it up) are driven this way.
+pub fn python_reference(script: &str, input: &serde_json::Value) -> serde_json::Value {
+    use std::io::Write;
+    let mut child = Command::new(root().join(".edgellm/venv/bin/python"))
+        .arg(root().join("tests/py").join(script))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the test venv's python (run scripts/setup-runtime.sh)");
+    child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "tests/py/{script} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("tests/py/{script} printed no JSON ({e})"))
+}
+
+/// Real files made elsewhere (`../shared/reference/`, its README says where each comes from).
+pub fn shared_reference(path: &str) -> PathBuf {
+    let dir = root().join("../shared/reference").join(path);
+    assert!(dir.exists(), "{} is missing: the tests need shared/reference beside the checkout", dir.display());
+    dir
+}

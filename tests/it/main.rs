@@ -7,5 +7,6 @@ mod fixtures;
 mod fuzz;
 mod load;
 mod multitoken;
+mod real_models;
 mod speculative;
 mod system_bus;
