@@ -93,6 +93,21 @@ enum Command {
     Unload { name: String },
     /// Show the daemon's status.
     Status,
+    /// Print the token ids TEXT is fed to the model as (BOS included where the tokenizer adds one).
+    Tokenize {
+        /// Model name (see `edgellm models`).
+        #[arg(short, long, default_value = "kjv")]
+        model: String,
+        text: String,
+    },
+    /// Print the text of token IDS (special tokens skipped).
+    Detokenize {
+        /// Model name (see `edgellm models`).
+        #[arg(short, long, default_value = "kjv")]
+        model: String,
+        #[arg(required = true, num_args = 1..)]
+        ids: Vec<u32>,
+    },
 }
 
 impl GenArgs {
@@ -282,6 +297,15 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Status => {
             println!("{}", show_dict(&proxy.status().await.map_err(|e| e.to_string())?));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tokenize { model, text } => {
+            let ids = proxy.tokenize(model, text).await.map_err(|e| e.to_string())?;
+            println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Detokenize { model, ids } => {
+            println!("{}", proxy.detokenize(model, ids).await.map_err(|e| e.to_string())?);
             Ok(ExitCode::SUCCESS)
         }
     }

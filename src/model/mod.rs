@@ -51,6 +51,7 @@ impl ModelFolder {
     /// Prompt token ids (through the chat template for messages), checked to leave room for at
     /// least one new token: too long a prompt is an error before any work, never a truncation.
     pub fn prompt_ids(&self, model_name: &str, prompt: &Prompt) -> Result<Vec<u32>> {
+        let argument = if matches!(prompt, Prompt::Tokens(_)) { "prompt_ids" } else { "prompt" };
         let ids = match prompt {
             Prompt::Tokens(ids) => ids.clone(),
             Prompt::Text(text) => self.tokenizer.encode_prompt(text)?,
@@ -60,15 +61,24 @@ impl ModelFolder {
             }
         };
         if ids.is_empty() {
-            return Err(Error::InvalidArgument { argument: "prompt".into(), reason: "is empty".into() });
+            return Err(Error::InvalidArgument { argument: argument.into(), reason: "is empty".into() });
         }
         if ids.len() >= self.config.context_length {
             return Err(Error::PromptTooLong { tokens: ids.len(), context: self.config.context_length });
         }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
-            return Err(Error::InvalidArgument { argument: "prompt".into(), reason: format!("token id {bad} is outside the vocabulary") });
-        }
+        self.check_vocabulary(argument, &ids)?;
         Ok(ids)
+    }
+
+    /// Every id names a row of the model's logits (`model.vocab_size` of genai_config).
+    pub fn check_vocabulary(&self, argument: &str, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            Some(&bad) => Err(Error::InvalidArgument {
+                argument: argument.into(),
+                reason: format!("token id {bad} is outside the vocabulary (0..{})", self.config.vocab_size),
+            }),
+            None => Ok(()),
+        }
     }
 
     pub fn decoder_path(&self) -> PathBuf {

@@ -92,6 +92,8 @@ pub struct Finished {
     /// Set when the request failed (the reason is then reported as "error").
     pub error: Option<String>,
     pub text: String,
+    /// The generated ids, eos excluded (the caller may ask for them with `return_token_ids`).
+    pub token_ids: Vec<u32>,
     pub stats: GenerationStats,
 }
 
@@ -281,6 +283,19 @@ impl Scheduler {
     /// The folder (tokenizer, config, template) of a model, opened on first use.
     fn folder(&self, slot: &ModelSlot) -> Result<Arc<ModelFolder>, SchedulerError> {
         open_folder(slot).map_err(|e| SchedulerError::LoadFailed { model: slot.config.name.clone(), reason: e.to_string() })
+    }
+
+    /// The ids a plain prompt is fed to `model` as (its tokenizer's BOS included, where it adds one).
+    pub fn tokenize(&self, model: &str, text: &str) -> Result<Vec<u32>, SchedulerError> {
+        let folder = self.folder(&*self.slot(model)?)?;
+        Ok(folder.tokenizer.encode_prompt(text)?)
+    }
+
+    /// The text of `ids` under `model`'s tokenizer, special tokens skipped.
+    pub fn detokenize(&self, model: &str, ids: &[u32]) -> Result<String, SchedulerError> {
+        let folder = self.folder(&*self.slot(model)?)?;
+        folder.check_vocabulary("ids", ids)?;
+        Ok(folder.tokenizer.decode(ids)?)
     }
 
     /// Validates and queues a request. Tokenizing here means a prompt that is too long, or a
@@ -501,7 +516,7 @@ fn release_client(inner: &Inner, client: &str) {
 /// Ends a request that never reached the engine.
 fn finish_unrun(inner: &Inner, job: GenerateJob, reason: FinishReason, error: Option<String>) {
     release_client(inner, &job.client);
-    let _ = job.events.try_send(Event::Finished(Finished { reason, error, text: String::new(), stats: GenerationStats::default() }));
+    let _ = job.events.try_send(Event::Finished(Finished { reason, error, text: String::new(), token_ids: Vec::new(), stats: GenerationStats::default() }));
 }
 
 fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
@@ -706,12 +721,18 @@ fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, j
                 status.draft_tokens += spec.draft_tokens as u64;
                 status.accepted_tokens += spec.accepted_tokens as u64;
             }
-            Finished { reason: outcome.reason, error: None, text: outcome.text, stats: outcome.stats }
+            Finished { reason: outcome.reason, error: None, text: outcome.text, token_ids: outcome.token_ids, stats: outcome.stats }
         }
         Err(e) => {
             // An ONNX Runtime failure ends this request only; the model keeps serving.
             tracing::warn!(model = %slot.config.name, request = job.id, error = %e, "request failed");
-            Finished { reason: FinishReason::Stop, error: Some(e.to_string()), text: String::new(), stats: GenerationStats::default() }
+            Finished {
+                reason: FinishReason::Stop,
+                error: Some(e.to_string()),
+                text: String::new(),
+                token_ids: Vec::new(),
+                stats: GenerationStats::default(),
+            }
         }
     };
     let _ = job.events.blocking_send(Event::Finished(finished));

@@ -11,6 +11,8 @@ pub trait Daemon1 {
     fn complete(&self, model: &str, prompt: &str, options: HashMap<&str, Value<'_>>)
         -> zbus::Result<(String, HashMap<String, OwnedValue>)>;
     fn cancel(&self, request_id: u64) -> zbus::Result<()>;
+    fn tokenize(&self, model: &str, text: &str) -> zbus::Result<Vec<u32>>;
+    fn detokenize(&self, model: &str, ids: &[u32]) -> zbus::Result<String>;
     fn list_models(&self) -> zbus::Result<Vec<(String, HashMap<String, OwnedValue>)>>;
     fn load_model(&self, name: &str) -> zbus::Result<()>;
     fn unload_model(&self, name: &str) -> zbus::Result<()>;

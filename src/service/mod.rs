@@ -117,6 +117,21 @@ fn stats_dict(stats: &GenerationStats) -> HashMap<String, OwnedValue> {
     d
 }
 
+/// The stats of a finished request, with its generated ids when the caller asked for them.
+fn finished_stats(f: &Finished, with_token_ids: bool) -> HashMap<String, OwnedValue> {
+    let mut stats = stats_dict(&f.stats);
+    if with_token_ids {
+        stats.insert("token_ids".into(), OwnedValue::try_from(Value::from(f.token_ids.clone())).expect("an array of u"));
+    }
+    stats
+}
+
+/// A queued request and what its caller asked to get back.
+struct Started {
+    submitted: crate::scheduler::Submitted,
+    return_token_ids: bool,
+}
+
 fn finished_reason(f: &Finished) -> &'static str {
     if f.error.is_some() {
         "error"
@@ -134,15 +149,38 @@ impl Daemon {
         header.sender().map(|s| s.to_owned()).ok_or_else(|| DaemonError::AccessDenied("the call has no sender".into()))
     }
 
+    /// The request's text, or more than the daemon takes, named.
+    fn check_text_size(&self, what: &str, bytes: usize) -> Result<(), DaemonError> {
+        let limit = self.scheduler.limits().max_prompt_bytes;
+        if bytes > limit {
+            return Err(DaemonError::PromptTooLong(format!(
+                "the {what} has {bytes} bytes, over the daemon's limit of {limit} (`limits.max_prompt_bytes`)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Validates and queues; returns the request id and its event stream.
-    fn start(
-        &self,
-        sender: &str,
-        model: &str,
-        prompt: Prompt,
-        options: &HashMap<String, OwnedValue>,
-    ) -> Result<crate::scheduler::Submitted, DaemonError> {
+    fn start(&self, sender: &str, model: &str, prompt: Prompt, options: &HashMap<String, OwnedValue>) -> Result<Started, DaemonError> {
         let parsed = options::parse(options)?;
+        let prompt = match (parsed.prompt_ids, prompt) {
+            (None, prompt) => prompt,
+            (Some(ids), Prompt::Text(text)) if text.is_empty() => Prompt::Tokens(ids),
+            (Some(_), Prompt::Text(_)) => {
+                return Err(Error::InvalidArgument {
+                    argument: "prompt_ids".into(),
+                    reason: "give either a prompt string or prompt_ids, not both (pass \"\" as the prompt)".into(),
+                }
+                .into())
+            }
+            (Some(_), _) => {
+                return Err(Error::InvalidArgument {
+                    argument: "prompt_ids".into(),
+                    reason: "is for Generate and Complete; Chat takes messages".into(),
+                }
+                .into())
+            }
+        };
         if parsed.speculative == Some(true) && self.scheduler.model_config(model).is_some_and(|m| m.draft.is_none()) {
             return Err(Error::InvalidArgument {
                 argument: "speculative".into(),
@@ -151,13 +189,7 @@ impl Daemon {
             .into());
         }
         if let Prompt::Text(text) = &prompt {
-            let limit = self.scheduler.limits().max_prompt_bytes;
-            if text.len() > limit {
-                return Err(DaemonError::PromptTooLong(format!(
-                    "the prompt has {} bytes, over the daemon's limit of {limit} (`limits.max_prompt_bytes`)",
-                    text.len()
-                )));
-            }
+            self.check_text_size("prompt", text.len())?;
         }
         let mut generate = parsed.generate;
         generate.speculative = parsed.speculative;
@@ -170,7 +202,7 @@ impl Daemon {
             .lock()
             .expect("requests")
             .insert(submitted.id, RequestEntry { owner: sender.to_string(), cancel: submitted.cancel.clone() });
-        Ok(submitted)
+        Ok(Started { submitted, return_token_ids: parsed.return_token_ids })
     }
 
     /// Sends a request's events to its caller only, as `Token` then `Finished` signals.
@@ -178,9 +210,10 @@ impl Daemon {
         &self,
         conn: &Connection,
         dest: UniqueName<'static>,
-        submitted: crate::scheduler::Submitted,
+        started: Started,
         reply_sent: event_listener::EventListener,
     ) {
+        let Started { submitted, return_token_ids } = started;
         let conn = conn.clone();
         let requests = self.requests.clone();
         let id = submitted.id;
@@ -198,7 +231,7 @@ impl Daemon {
                 let sent = match &event {
                     Event::Text(text) => Daemon::token(&emitter, id, text).await,
                     Event::Finished(f) => {
-                        let mut stats = stats_dict(&f.stats);
+                        let mut stats = finished_stats(f, return_token_ids);
                         if let Some(error) = &f.error {
                             stats.insert("error".into(), OwnedValue::try_from(Value::from(error.clone())).expect("string"));
                         }
@@ -253,7 +286,7 @@ impl Daemon {
         prompt: Prompt,
         options: &HashMap<String, OwnedValue>,
     ) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
-        let mut submitted = self.start(sender, model, prompt, options)?;
+        let Started { mut submitted, return_token_ids } = self.start(sender, model, prompt, options)?;
         let id = submitted.id;
         let mut finished = None;
         while let Some(event) = submitted.events.recv().await {
@@ -271,7 +304,7 @@ impl Daemon {
             FinishReason::Cancelled => Err(DaemonError::Cancelled(format!("request {id} was cancelled"))),
             FinishReason::Timeout => Err(DaemonError::Timeout(format!("request {id} ran past `limits.request_timeout_s`"))),
             FinishReason::Stop | FinishReason::Length => {
-                let mut stats = stats_dict(&f.stats);
+                let mut stats = finished_stats(&f, return_token_ids);
                 stats.insert("finish_reason".into(), OwnedValue::try_from(Value::from(f.reason.as_str())).expect("string"));
                 Ok((f.text, stats))
             }
@@ -292,9 +325,9 @@ impl Daemon {
         options: HashMap<String, OwnedValue>,
     ) -> Result<ResponseDispatchNotifier<u64>, DaemonError> {
         let sender = Self::sender(&header)?;
-        let submitted = self.start(&sender, &model, Prompt::Text(prompt), &options)?;
-        let (reply, sent) = ResponseDispatchNotifier::new(submitted.id);
-        self.forward(conn, sender, submitted, sent);
+        let started = self.start(&sender, &model, Prompt::Text(prompt), &options)?;
+        let (reply, sent) = ResponseDispatchNotifier::new(started.submitted.id);
+        self.forward(conn, sender, started, sent);
         Ok(reply)
     }
 
@@ -309,17 +342,11 @@ impl Daemon {
         options: HashMap<String, OwnedValue>,
     ) -> Result<ResponseDispatchNotifier<u64>, DaemonError> {
         let sender = Self::sender(&header)?;
-        let limit = self.scheduler.limits().max_prompt_bytes;
-        let bytes: usize = messages.iter().map(|(r, c)| r.len() + c.len()).sum();
-        if bytes > limit {
-            return Err(DaemonError::PromptTooLong(format!(
-                "the messages have {bytes} bytes, over the daemon's limit of {limit} (`limits.max_prompt_bytes`)"
-            )));
-        }
+        self.check_text_size("messages", messages.iter().map(|(r, c)| r.len() + c.len()).sum())?;
         let messages = messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect();
-        let submitted = self.start(&sender, &model, Prompt::Chat(messages), &options)?;
-        let (reply, sent) = ResponseDispatchNotifier::new(submitted.id);
-        self.forward(conn, sender, submitted, sent);
+        let started = self.start(&sender, &model, Prompt::Chat(messages), &options)?;
+        let (reply, sent) = ResponseDispatchNotifier::new(started.submitted.id);
+        self.forward(conn, sender, started, sent);
         Ok(reply)
     }
 
@@ -334,6 +361,30 @@ impl Daemon {
     ) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
         let sender = Self::sender(&header)?;
         self.complete_inner(&sender, &model, Prompt::Text(prompt), &options).await
+    }
+
+    /// The ids a plain prompt is fed to `model` as, its tokenizer's BOS included where it adds
+    /// one (as Hugging Face tokenizers' `encode(text, add_special_tokens=True)`).
+    #[zbus(out_args("ids"))]
+    async fn tokenize(&self, model: String, text: String) -> Result<Vec<u32>, DaemonError> {
+        self.check_text_size("text", text.len())?;
+        let scheduler = self.scheduler.clone();
+        // Off the bus's threads: a large text or a first use that opens the model folder blocks.
+        let ids = tokio::task::spawn_blocking(move || scheduler.tokenize(&model, &text))
+            .await
+            .map_err(|e| DaemonError::Internal(e.to_string()))??;
+        Ok(ids)
+    }
+
+    /// The text of `ids` under `model`'s tokenizer, special tokens skipped.
+    #[zbus(out_args("text"))]
+    async fn detokenize(&self, model: String, ids: Vec<u32>) -> Result<String, DaemonError> {
+        self.check_text_size("id list", ids.len() * 4)?;
+        let scheduler = self.scheduler.clone();
+        let text = tokio::task::spawn_blocking(move || scheduler.detokenize(&model, &ids))
+            .await
+            .map_err(|e| DaemonError::Internal(e.to_string()))??;
+        Ok(text)
     }
 
     /// Cancels a request the caller started. Someone else's id and an unknown id get the same

@@ -21,6 +21,8 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("multitoken_mode", "s"),
     ("multitoken_threshold", "d"),
     ("multitoken_max_tokens", "u"),
+    ("prompt_ids", "au"),
+    ("return_token_ids", "b"),
 ];
 
 /// Parsed options, plus the ones the engine does not take itself.
@@ -28,6 +30,10 @@ pub const OPTIONS: &[(&str, &str)] = &[
 pub struct RequestOptions {
     pub generate: GenerateOptions,
     pub speculative: Option<bool>,
+    /// Continue these ids instead of a prompt string (`Generate`, `Complete`).
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Add the generated ids to the stats as `token_ids`.
+    pub return_token_ids: bool,
 }
 
 fn invalid(argument: &str, reason: impl Into<String>) -> Error {
@@ -122,6 +128,16 @@ pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Er
             }
             "speculative" => match v {
                 Value::Bool(b) => out.speculative = Some(*b),
+                other => return Err(wrong_type(name, "b", other)),
+            },
+            "prompt_ids" => match v {
+                Value::Array(a) if a.element_signature() == "u" => {
+                    out.prompt_ids = Some(a.iter().map(|id| if let Value::U32(id) = id { *id } else { 0 }).collect())
+                }
+                other => return Err(wrong_type(name, "au", other)),
+            },
+            "return_token_ids" => match v {
+                Value::Bool(b) => out.return_token_ids = *b,
                 other => return Err(wrong_type(name, "b", other)),
             },
             "multitoken_mode" => match v {

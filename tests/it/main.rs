@@ -9,4 +9,5 @@ mod load;
 mod multitoken;
 mod real_models;
 mod speculative;
+mod token_api;
 mod system_bus;
