@@ -7,7 +7,9 @@ greedy token ids of the trust loop at a few thresholds, with the number of base 
 entries, so that the engine's own loop is checked against an independent implementation.
 
 Run with the runtime venv (scripts/setup-runtime.sh):
-  .edgellm/venv/bin/python models/multitoken_reference.py
+  .edgellm/venv/bin/python models/multitoken_reference.py [OUT.json]
+The tests run it themselves into a temporary file: near ties of the model resolve differently on
+another CPU's kernels, so the committed file is the record, and this machine's run the reference.
 """
 from __future__ import annotations
 
@@ -119,7 +121,8 @@ def main():
         done = [c for c in out["cases"] if c["threshold"] == threshold]
         tps = sum(len(c["output_ids"]) for c in done) / sum(c["base_forwards"] for c in done)
         print(f"threshold {threshold}: {tps:.2f} tokens per base forward", file=sys.stderr)
-    (ROOT / "tests" / "multitoken_reference.json").write_text(json.dumps(out, indent=1) + "\n")
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tests" / "multitoken_reference.json"
+    target.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

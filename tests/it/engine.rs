@@ -32,16 +32,22 @@ fn with_eos(outcome: &Outcome) -> Vec<u32> {
     ids
 }
 
+/// The engine's greedy ids against onnxruntime-genai's, run now on this machine: the random-weight
+/// models have near ties that another CPU's kernels resolve the other way (tiny-qwen2's ids in
+/// tests/reference_outputs.json, made on another machine, differ from what onnxruntime-genai
+/// itself gives here on one prompt), so the committed ids give the prompts, not the answers.
 fn check_against_reference(model: &str, options: LoadOptions) {
     let refs = references();
     let cases = &refs.models[model];
     assert!(cases.len() >= 8, "at least 8 reference prompts");
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
+    let genai = genai_outputs(&model_dir(model), "cpu", &prompts, refs.new_tokens);
     let mut engine = load(model, options);
-    for case in cases {
+    for (case, genai_ids) in cases.iter().zip(&genai) {
         let ids = engine.folder.tokenizer.encode_prompt(&case.prompt).unwrap();
         assert_eq!(ids, case.prompt_ids, "{model}: tokenization of {:?} differs from onnxruntime-genai", case.prompt);
         let (outcome, streamed) = greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
-        assert_eq!(with_eos(&outcome), case.output_ids, "{model}: greedy ids for {:?} differ from onnxruntime-genai", case.prompt);
+        assert_eq!(&with_eos(&outcome), genai_ids, "{model}: greedy ids for {:?} differ from onnxruntime-genai", case.prompt);
         assert_eq!(streamed, outcome.text, "streamed pieces concatenate to the final text");
         assert_eq!(outcome.text, engine.folder.tokenizer.decode(&outcome.token_ids).unwrap());
     }
@@ -67,16 +73,17 @@ fn second_architecture_qwen2_matches_onnxruntime_genai() {
     check_against_reference("tiny-qwen2", LoadOptions::default());
 }
 
-/// onnxruntime-genai's greedy ids on the OpenVINO plugin, from its Python API (benches/genai_bench.py).
-fn genai_openvino_outputs(prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec<u32>> {
+/// onnxruntime-genai's greedy ids (its eos included) on `provider` ("cpu" or "openvino"), from
+/// its Python API (benches/genai_bench.py).
+fn genai_outputs(model: &std::path::Path, provider: &str, prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec<u32>> {
     let root = crate::fixtures::root();
     let prompts_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(prompts_file.path(), serde_json::to_string(prompts).unwrap()).unwrap();
     let out = crate::fixtures::command(root.join(".edgellm/venv/bin/python"))
         .arg(root.join("benches/genai_bench.py"))
         .arg("--model")
-        .arg(model_dir("kjv-target"))
-        .args(["--provider", "openvino", "--new-tokens", &new_tokens.to_string(), "--plugin"])
+        .arg(model)
+        .args(["--provider", provider, "--new-tokens", &new_tokens.to_string(), "--plugin"])
         .arg(root.join(".edgellm/runtime/libonnxruntime_providers_openvino_plugin.so"))
         .arg("--prompts")
         .arg(prompts_file.path())
@@ -102,7 +109,7 @@ fn openvino_provider_matches_onnxruntime_genai_on_openvino() {
     let refs = references();
     let cases = &refs.models["kjv-target"];
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
-    let genai_openvino = genai_openvino_outputs(&prompts, refs.new_tokens);
+    let genai_openvino = genai_outputs(&model_dir("kjv-target"), "openvino", &prompts, refs.new_tokens);
     // The CPU provider's logits judge a departure from the CPU reference.
     let mut on_cpu = load("kjv-target", LoadOptions::default());
     let mut same_as_cpu = 0;
