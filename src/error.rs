@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// libonnxruntime.so could not be found or loaded.
     #[error("ONNX Runtime library {path}: {reason}. Install it with `scripts/setup-runtime.sh` or point `[runtime] library` (or ORT_DYLIB_PATH) at libonnxruntime.so.1.31.x from the `onnxruntime` PyPI wheel")]

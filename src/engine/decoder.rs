@@ -1,4 +1,10 @@
-//! One decoder graph of the onnxruntime-genai builder, run with its KV cache.
+//! One decoder graph in onnxruntime-genai's layout, run with its per-layer states.
+//!
+//! What the graph takes is read from the graph itself: int32 or int64 ids, mask and positions
+//! (GPT-2 exports use int32), an optional `position_ids` and `attention_mask`, and its states:
+//! KV as separate key and value tensors `[batch, heads, seq, head]` or GPT-2's combined
+//! `[2, batch, heads, seq, head]`, in float32 or float16, and fixed-size recurrent states without
+//! a sequence axis (LFM2's `past_conv.%d`). An input that is none of these is refused at load.
 //!
 //! Two KV layouts, as GroupQueryAttention supports both:
 //! - `Shared`: one buffer per layer and kind of `context` positions, bound as both the past input
@@ -7,7 +13,9 @@
 //! - `Growing`: the present outputs of one step are the past inputs of the next, as they are;
 //!   each step ONNX Runtime allocates the grown tensors.
 //!
-//! Rolling back (speculative decoding) is a length change for `Shared` and a slice for `Growing`.
+//! Rolling back (speculative decoding) is a length change for `Shared` and a slice for `Growing`;
+//! a model with recurrent states cannot be rolled back, and `Shared` needs a graph whose every
+//! state is a 4-D KV tensor (the builder's GroupQueryAttention).
 
 use std::ffi::{c_char, CString};
 use std::path::Path;
@@ -21,7 +29,8 @@ use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 use ort::AsPointer;
 
 use crate::error::{Error, Result};
-use crate::model::GenaiConfig;
+use crate::model::genai_config::{layer_of, StateKind};
+use crate::model::{DecoderNames, GenaiConfig};
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
 
 /// The run options of one sequence, shared with its `CancelToken`: another thread may only call
@@ -64,17 +73,62 @@ impl Precision {
     }
 }
 
+/// Integer element type of the ids, mask and positions a graph takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IntType {
+    I32,
+    I64,
+}
+
+impl IntType {
+    fn of(ty: &ValueType, name: &str, path: &Path) -> Result<IntType> {
+        match ty.tensor_type() {
+            Some(TensorElementType::Int64) => Ok(IntType::I64),
+            Some(TensorElementType::Int32) => Ok(IntType::I32),
+            other => Err(Error::ModelFile {
+                path: path.to_path_buf(),
+                reason: format!("graph input `{name}` is {other:?}; edgellm feeds int32 or int64 there"),
+            }),
+        }
+    }
+}
+
+/// One per-layer state: fed as `past`, fetched as `present`, and the present of one step is the
+/// past of the next.
+#[derive(Debug, Clone)]
+struct State {
+    past: String,
+    present: String,
+    kind: StateKind,
+    precision: Precision,
+    /// The shape of an empty state of batch 1; for a KV state the sequence axis (second to
+    /// last) is 0.
+    shape: Vec<usize>,
+}
+
+impl State {
+    fn seq_axis(&self) -> Option<usize> {
+        (self.kind == StateKind::Kv).then(|| self.shape.len() - 2)
+    }
+    fn shape_with(&self, positions: usize) -> Vec<usize> {
+        let mut shape = self.shape.clone();
+        if let Some(axis) = self.seq_axis() {
+            shape[axis] = positions;
+        }
+        shape
+    }
+}
+
 pub struct Decoder {
     session: Session,
-    num_layers: usize,
-    num_kv_heads: usize,
-    head_size: usize,
     context: usize,
     vocab: usize,
-    kv_precision: Precision,
     logits_precision: Precision,
-    has_position_ids: bool,
-    /// Input names in the order `forward` feeds them (ids, mask, positions if any, pasts), and
+    ids_type: IntType,
+    mask_type: Option<IntType>,
+    positions_type: Option<IntType>,
+    states: Vec<State>,
+    /// Input names in the order `forward` feeds them (ids, mask and positions if any, pasts), and
     /// output names (logits, presents), as ONNX Runtime's `Run` takes them.
     run_names: RunNames,
     pub provider: ProviderReport,
@@ -122,9 +176,60 @@ pub struct KvCache {
     capacity: usize,
     /// The step's input data, kept between steps so that a step does not rebuild it: `ones`
     /// holds `capacity` ones, of which the attention mask is a prefix.
-    ones: Vec<i64>,
-    ids: Vec<i64>,
-    positions: Vec<i64>,
+    ones: IntBuffer,
+    ids: IntBuffer,
+    positions: IntBuffer,
+    /// Which slots hold a KV state (rolled back along their sequence axis) and which a
+    /// recurrent one (cannot be rolled back).
+    seq_axes: Vec<Option<usize>>,
+}
+
+/// Integer input data in the type the graph takes.
+enum IntBuffer {
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+}
+
+impl IntBuffer {
+    fn new(ty: IntType) -> IntBuffer {
+        match ty {
+            IntType::I32 => IntBuffer::I32(Vec::new()),
+            IntType::I64 => IntBuffer::I64(Vec::new()),
+        }
+    }
+    fn set(&mut self, values: impl Iterator<Item = i64>) {
+        match self {
+            IntBuffer::I32(v) => {
+                v.clear();
+                v.extend(values.map(|x| x as i32));
+            }
+            IntBuffer::I64(v) => {
+                v.clear();
+                v.extend(values);
+            }
+        }
+    }
+    /// The first `n` values as a `[1, n]` tensor that borrows them.
+    fn view(&self, n: usize) -> Result<IntView<'_>> {
+        Ok(match self {
+            IntBuffer::I32(v) => IntView::I32(TensorRef::from_array_view(([1, n], &v[..n]))?),
+            IntBuffer::I64(v) => IntView::I64(TensorRef::from_array_view(([1, n], &v[..n]))?),
+        })
+    }
+}
+
+enum IntView<'a> {
+    I32(TensorRef<'a, i32>),
+    I64(TensorRef<'a, i64>),
+}
+
+impl IntView<'_> {
+    fn ptr(&self) -> *const OrtValue {
+        match self {
+            IntView::I32(v) => v.ptr(),
+            IntView::I64(v) => v.ptr(),
+        }
+    }
 }
 
 impl KvCache {
@@ -142,14 +247,22 @@ impl KvCache {
         &self.run_options
     }
 
+    /// Whether `truncate` can roll this cache back: not where a model carries recurrent states.
+    pub fn can_roll_back(&self) -> bool {
+        self.seq_axes.iter().all(Option::is_some)
+    }
+
     /// Forget everything after the first `len` positions.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         if len >= self.len {
             return Ok(());
         }
+        if !self.can_roll_back() {
+            return Err(Error::Inference("this model carries recurrent states, which cannot be rolled back".into()));
+        }
         if self.layout == KvLayout::Growing {
-            for value in &mut self.slots {
-                *value = slice_positions(value, len)?;
+            for (value, axis) in self.slots.iter_mut().zip(&self.seq_axes) {
+                *value = slice_positions(value, axis.expect("checked above"), len)?;
             }
         }
         self.len = len;
@@ -157,26 +270,33 @@ impl KvCache {
     }
 }
 
-pub(crate) fn slice_positions(value: &DynValue, len: usize) -> Result<DynValue> {
+/// The first `len` positions of `value` along `axis`.
+pub(crate) fn slice_positions(value: &DynValue, axis: usize, len: usize) -> Result<DynValue> {
     fn slice<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
         value: &DynValue,
+        axis: usize,
         len: usize,
     ) -> Result<DynValue> {
         let (shape, data) = value.try_extract_tensor::<T>()?;
-        let (b, h, t, d) = (shape[0] as usize, shape[1] as usize, shape[2] as usize, shape[3] as usize);
-        let mut out = Vec::with_capacity(b * h * len * d);
-        for bh in 0..b * h {
-            out.extend_from_slice(&data[bh * t * d..bh * t * d + len * d]);
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let outer: usize = dims[..axis].iter().product();
+        let inner: usize = dims[axis + 1..].iter().product();
+        let t = dims[axis];
+        let mut out = Vec::with_capacity(outer * len * inner);
+        for o in 0..outer {
+            out.extend_from_slice(&data[o * t * inner..(o * t + len) * inner]);
         }
-        Ok(Tensor::from_array(([b, h, len, d], out))?.into_dyn())
+        let mut new_dims = dims;
+        new_dims[axis] = len;
+        Ok(Tensor::from_array((new_dims, out))?.into_dyn())
     }
     match value.dtype().tensor_type() {
-        Some(TensorElementType::Float16) => slice::<f16>(value, len),
-        _ => slice::<f32>(value, len),
+        Some(TensorElementType::Float16) => slice::<f16>(value, axis, len),
+        _ => slice::<f32>(value, axis, len),
     }
 }
 
-fn kv_tensor(precision: Precision, shape: [usize; 4]) -> Result<DynValue> {
+fn kv_tensor(precision: Precision, shape: Vec<usize>) -> Result<DynValue> {
     let n = shape.iter().product::<usize>();
     Ok(match precision {
         Precision::F32 => Tensor::from_array((shape, vec![0f32; n]))?.into_dyn(),
@@ -184,28 +304,48 @@ fn kv_tensor(precision: Precision, shape: [usize; 4]) -> Result<DynValue> {
     })
 }
 
+/// The shape of an empty state of batch 1, from the graph's declared shape: a KV state's
+/// sequence axis is its second to last and starts at 0; another symbolic axis is the batch (1),
+/// or, for a KV state whose head count or head size the graph leaves symbolic, genai_config's.
+fn state_shape(ty: &ValueType, kind: StateKind, config: &GenaiConfig) -> std::result::Result<Vec<usize>, String> {
+    let dims = ty.tensor_shape().ok_or("not a tensor")?;
+    let rank = dims.len();
+    match kind {
+        StateKind::Kv if rank != 4 && rank != 5 => {
+            return Err(format!("a KV state of shape {dims:?}; expected [batch, heads, seq, head] or [2, batch, heads, seq, head]"))
+        }
+        StateKind::Recurrent if rank < 2 => return Err(format!("a state of shape {dims:?}; expected [batch, ...]")),
+        _ => {}
+    }
+    Ok(dims
+        .iter()
+        .enumerate()
+        .map(|(axis, &d)| match (kind, axis) {
+            (StateKind::Kv, a) if a == rank - 2 => 0,
+            _ if d >= 0 => d as usize,
+            (StateKind::Kv, a) if a == rank - 1 => config.head_size,
+            (StateKind::Kv, a) if a == rank - 3 => config.num_kv_heads,
+            _ => 1,
+        })
+        .collect())
+}
+
 impl Decoder {
     pub fn load(runtime: &Runtime, dir: &Path, config: &GenaiConfig, options: &SessionOptions) -> Result<Decoder> {
-        let (session, provider) = runtime.session(&dir.join(&config.decoder_file), options)?;
+        let graph_path = dir.join(&config.decoder_file);
+        let (session, provider) = runtime.session(&graph_path, options)?;
         let names = &config.names;
-        let input = |name: &str| session.inputs().iter().find(|i| i.name() == name);
         let output = |name: &str| session.outputs().iter().find(|o| o.name() == name);
-        let mismatch = |field: &str, name: &str, kind: &str| Error::ModelConfig {
-            path: config.path.clone(),
-            field: field.into(),
-            reason: format!("the graph {} has no {kind} named `{name}`", config.decoder_file),
-        };
         let input_ids = names.input_ids.clone().ok_or_else(|| Error::ModelConfig {
             path: config.path.clone(),
             field: "model.decoder.inputs.input_ids".into(),
             reason: "missing: this decoder takes inputs_embeds, which only a multi-token model (multitoken_config.json) feeds".into(),
         })?;
-        for (field, name) in
-            [("model.decoder.inputs.input_ids", &input_ids), ("model.decoder.inputs.attention_mask", &names.attention_mask)]
-        {
-            input(name).ok_or_else(|| mismatch(field, name, "input"))?;
-        }
-        let logits = output(&names.logits).ok_or_else(|| mismatch("model.decoder.outputs.logits", &names.logits, "output"))?;
+        let logits = output(&names.logits).ok_or_else(|| Error::ModelConfig {
+            path: config.path.clone(),
+            field: "model.decoder.outputs.logits".into(),
+            reason: format!("the graph {} has no output named `{}`", config.decoder_file, names.logits),
+        })?;
         let logits_precision = Precision::of(logits.dtype(), "logits")?;
         // One-token steps write the logits into a [1, 1, vocab_size] buffer: the graph must agree.
         if let Some(&last) = logits.dtype().tensor_shape().and_then(|s| s.last()) {
@@ -217,38 +357,119 @@ impl Decoder {
                 });
             }
         }
-        let (past_names, present_names) = names.kv_names(config.num_layers);
-        for name in &past_names {
-            input(name).ok_or_else(|| mismatch("model.decoder.inputs.past_key_names", name, "input"))?;
+
+        // Every graph input is one edgellm knows how to feed, or the model does not load.
+        let (mut ids_type, mut mask_type, mut positions_type) = (None, None, None);
+        let mut states: Vec<(usize, usize, State)> = Vec::new();
+        for input in session.inputs() {
+            let name = input.name();
+            let ty = input.dtype();
+            if name == input_ids {
+                ids_type = Some(IntType::of(ty, name, &graph_path)?);
+            } else if name == names.attention_mask {
+                mask_type = Some(IntType::of(ty, name, &graph_path)?);
+            } else if name == names.position_ids {
+                positions_type = Some(IntType::of(ty, name, &graph_path)?);
+            } else if let Some((order, layer, present_pattern, kind)) = names
+                .state_patterns()
+                .into_iter()
+                .enumerate()
+                .find_map(|(order, (past, present, kind))| layer_of(past, name).map(|layer| (order, layer, present, kind)))
+            {
+                let present = DecoderNames::layer(present_pattern, layer);
+                if output(&present).is_none() {
+                    return Err(Error::ModelFile {
+                        path: graph_path.clone(),
+                        reason: format!("graph input `{name}` has no matching output `{present}` (genai_config's present names)"),
+                    });
+                }
+                let shape = state_shape(ty, kind, config)
+                    .map_err(|reason| Error::ModelFile { path: graph_path.clone(), reason: format!("graph input `{name}`: {reason}") })?;
+                let precision = Precision::of(ty, name)?;
+                states.push((layer, order, State { past: name.to_string(), present, kind, precision, shape }));
+            } else {
+                return Err(Error::ModelFile {
+                    path: graph_path.clone(),
+                    reason: format!(
+                        "graph input `{name}` is one edgellm cannot supply: it feeds `{input_ids}`, `{}`, `{}` and the per-layer states that genai_config's model.decoder.inputs names (check past_key_names, past_value_names, past_names, past_conv_names there)",
+                        names.attention_mask, names.position_ids
+                    ),
+                });
+            }
         }
-        for name in &present_names {
-            output(name).ok_or_else(|| mismatch("model.decoder.outputs.present_key_names", name, "output"))?;
+        let ids_type = ids_type.ok_or_else(|| Error::ModelConfig {
+            path: config.path.clone(),
+            field: "model.decoder.inputs.input_ids".into(),
+            reason: format!("the graph {} has no input named `{input_ids}`", config.decoder_file),
+        })?;
+        if states.is_empty() {
+            return Err(Error::ModelConfig {
+                path: config.path.clone(),
+                field: "model.decoder.inputs.past_key_names".into(),
+                reason: format!(
+                    "the graph {} has no past state input (`{}`, `{}`, `{}` or `{}`): edgellm runs decoders with a KV cache",
+                    config.decoder_file, names.past_key, names.past_value, names.past_combined, names.past_conv
+                ),
+            });
         }
-        let kv_precision = Precision::of(input(&past_names[0]).expect("checked").dtype(), &past_names[0])?;
-        let has_position_ids = match &names.position_ids {
-            Some(name) => input(name).is_some(),
-            None => false,
-        };
-        let mut feed: Vec<&str> = vec![&input_ids, &names.attention_mask];
-        if has_position_ids {
-            feed.push(names.position_ids.as_deref().expect("checked above"));
+        // Layer by layer, key before value: the order does not matter to ONNX Runtime, but it
+        // keeps the slots readable in a debugger.
+        states.sort_by_key(|(layer, order, _)| (*layer, *order));
+        let states: Vec<State> = states.into_iter().map(|(_, _, s)| s).collect();
+
+        let mut feed: Vec<&str> = vec![&input_ids];
+        if mask_type.is_some() {
+            feed.push(&names.attention_mask);
         }
-        feed.extend(past_names.iter().map(String::as_str));
-        let fetch: Vec<&str> = std::iter::once(names.logits.as_str()).chain(present_names.iter().map(String::as_str)).collect();
+        if positions_type.is_some() {
+            feed.push(&names.position_ids);
+        }
+        feed.extend(states.iter().map(|s| s.past.as_str()));
+        let fetch: Vec<&str> = std::iter::once(names.logits.as_str()).chain(states.iter().map(|s| s.present.as_str())).collect();
         let run_names = RunNames::new(&feed, &fetch)?;
         Ok(Decoder {
             session,
-            num_layers: config.num_layers,
-            num_kv_heads: config.num_kv_heads,
-            head_size: config.head_size,
             context: config.context_length,
             vocab: config.vocab_size,
-            kv_precision,
             logits_precision,
-            has_position_ids,
+            ids_type,
+            mask_type,
+            positions_type,
+            states,
             run_names,
             provider,
         })
+    }
+
+    /// Whether a cache of this graph can be rolled back (speculative decoding): every state is
+    /// a KV state. The names of the others, if not.
+    pub fn recurrent_states(&self) -> Vec<&str> {
+        self.states.iter().filter(|s| s.kind == StateKind::Recurrent).map(|s| s.past.as_str()).collect()
+    }
+
+    /// Whether the `Shared` layout (one preallocated buffer bound as past and present) fits this
+    /// graph: only GroupQueryAttention appends in place, and its states are 4-D KV tensors.
+    pub fn supports_shared_kv(&self) -> bool {
+        self.states.iter().all(|s| s.kind == StateKind::Kv && s.shape.len() == 4)
+    }
+
+    /// The KV layout to run with: `requested` by the config (or `None` for genai_config's
+    /// `search.past_present_share_buffer`, which a graph without in-place KV overrides).
+    pub fn choose_layout(&self, config: &GenaiConfig, requested: Option<KvLayout>) -> Result<KvLayout> {
+        match requested {
+            Some(KvLayout::Shared) if !self.supports_shared_kv() => Err(Error::ModelConfig {
+                path: config.path.clone(),
+                field: "kv_layout ([[model]] in the edgellm config)".into(),
+                reason: format!(
+                    "\"shared\" needs 4-D KV states appended in place (GroupQueryAttention); the graph {} has {}: use \"growing\" or \"auto\"",
+                    config.decoder_file,
+                    self.states.iter().map(|s| format!("`{}` {:?}", s.past, s.shape)).take(2).collect::<Vec<_>>().join(", ")
+                ),
+            }),
+            Some(layout) => Ok(layout),
+            None if config.search.past_present_share_buffer && self.supports_shared_kv() => Ok(KvLayout::Shared),
+            None => Ok(KvLayout::Growing),
+        }
     }
 
     pub fn vocab(&self) -> usize {
@@ -256,9 +477,6 @@ impl Decoder {
     }
     pub fn context(&self) -> usize {
         self.context
-    }
-    pub fn num_layers(&self) -> usize {
-        self.num_layers
     }
 
     /// A fresh, empty cache for one sequence.
@@ -268,16 +486,19 @@ impl Decoder {
     pub fn new_cache(&self, layout: KvLayout, positions: usize) -> Result<KvCache> {
         let capacity = positions.clamp(1, self.context);
         let kv_positions = match layout {
+            KvLayout::Shared if !self.supports_shared_kv() => {
+                return Err(Error::Inference("the shared KV layout does not fit this graph's states".into()))
+            }
             KvLayout::Shared => capacity,
             KvLayout::Growing => 0,
         };
-        let slots = (0..2 * self.num_layers)
-            .map(|_| kv_tensor(self.kv_precision, [1, self.num_kv_heads, kv_positions, self.head_size]))
-            .collect::<Result<_>>()?;
+        let slots = self.states.iter().map(|s| kv_tensor(s.precision, s.shape_with(kv_positions))).collect::<Result<_>>()?;
         let step_logits = match self.logits_precision {
             Precision::F32 => Tensor::from_array(([1, 1, self.vocab], vec![0f32; self.vocab]))?.into_dyn(),
             Precision::F16 => Tensor::from_array(([1, 1, self.vocab], vec![f16::ZERO; self.vocab]))?.into_dyn(),
         };
+        let mut ones = IntBuffer::new(self.mask_type.unwrap_or(IntType::I64));
+        ones.set(std::iter::repeat_n(1, capacity));
         Ok(KvCache {
             layout,
             slots,
@@ -286,9 +507,10 @@ impl Decoder {
             scratch: Vec::new(),
             len: 0,
             capacity,
-            ones: vec![1; capacity],
-            ids: Vec::new(),
-            positions: Vec::new(),
+            ones,
+            ids: IntBuffer::new(self.ids_type),
+            positions: IntBuffer::new(self.positions_type.unwrap_or(IntType::I64)),
+            seq_axes: self.states.iter().map(State::seq_axis).collect(),
         })
     }
 
@@ -340,21 +562,19 @@ impl Decoder {
         if total > cache.capacity {
             return Err(Error::PromptTooLong { tokens: total, context: cache.capacity });
         }
-        cache.ids.clear();
-        cache.ids.extend(ids.iter().map(|&t| t as i64));
-        let ids_value = TensorRef::from_array_view(([1, n], &cache.ids[..]))?;
-        let mask_value = TensorRef::from_array_view(([1, total], &cache.ones[..total]))?;
-        let positions_value = if self.has_position_ids {
-            cache.positions.clear();
-            cache.positions.extend((cache.len..total).map(|p| p as i64));
-            Some(TensorRef::from_array_view(([1, n], &cache.positions[..]))?)
+        cache.ids.set(ids.iter().map(|&t| t as i64));
+        let ids_value = cache.ids.view(n)?;
+        let mask_value = self.mask_type.map(|_| cache.ones.view(total)).transpose()?;
+        let positions_value = if self.positions_type.is_some() {
+            cache.positions.set((cache.len..total).map(|p| p as i64));
+            Some(cache.positions.view(n)?)
         } else {
             None
         };
 
         let mut inputs: Vec<*const OrtValue> = Vec::with_capacity(self.run_names.inputs.len());
         inputs.push(ids_value.ptr());
-        inputs.push(mask_value.ptr());
+        inputs.extend(mask_value.as_ref().map(|v| v.ptr()));
         inputs.extend(positions_value.as_ref().map(|v| v.ptr()));
         inputs.extend(cache.slots.iter().map(|v| v.ptr()));
         // A non-null output is preallocated: ONNX Runtime writes into it. A null one it allocates.

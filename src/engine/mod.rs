@@ -198,11 +198,7 @@ impl Engine {
             }
             None => {
                 let decoder = Decoder::load(runtime, dir, &folder.config, &options.session)?;
-                let kv_layout = options.kv_layout.unwrap_or(if folder.config.search.past_present_share_buffer {
-                    KvLayout::Shared
-                } else {
-                    KvLayout::Growing
-                });
+                let kv_layout = decoder.choose_layout(&folder.config, options.kv_layout)?;
                 (Core::Decoder(decoder), kv_layout)
             }
         };
@@ -297,6 +293,19 @@ impl Engine {
                 field: "draft".into(),
                 reason: format!("model `{}` is a multi-token model: its micro decoder drafts, a draft model is not used", self.name),
             });
+        }
+        // Speculative decoding rolls rejected positions back; a recurrent state cannot be.
+        if let Core::Decoder(decoder) = &self.core {
+            if let Some(state) = decoder.recurrent_states().first() {
+                return Err(Error::ModelConfig {
+                    path: self.folder.config.path.clone(),
+                    field: "draft".into(),
+                    reason: format!(
+                        "model `{}` carries recurrent states (`{state}`), which speculative decoding cannot roll back: remove `draft`",
+                        self.name
+                    ),
+                });
+            }
         }
         self.draft = Some(crate::speculative::Draft::load(runtime, &self.folder, folder, options, settings)?);
         Ok(())

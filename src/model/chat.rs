@@ -96,7 +96,8 @@ impl ChatTemplate {
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let env = self.env.as_ref().map_err(|e| Error::ChatTemplate(e.clone()))?;
         let template = env.get_template(TEMPLATE_NAME).map_err(|e| Error::ChatTemplate(e.to_string()))?;
-        let mut context: std::collections::BTreeMap<&str, Value> = self.special_tokens.iter().map(|(k, v)| (*k, Value::from(v.as_str()))).collect();
+        let mut context: std::collections::BTreeMap<&str, Value> =
+            self.special_tokens.iter().map(|(k, v)| (*k, Value::from(v.as_str()))).collect();
         context.insert("messages", Value::from_serialize(messages));
         context.insert("add_generation_prompt", Value::from(add_generation_prompt));
         context.insert("tools", Value::from(()));
@@ -196,7 +197,8 @@ impl JsonStyle {
                 if self.sort_keys {
                     keys.sort();
                 }
-                let items: Vec<(Value, Value)> = keys.into_iter().map(|k| (value.get_item(&k).unwrap_or_default(), k)).map(|(v, k)| (k, v)).collect();
+                let items: Vec<(Value, Value)> =
+                    keys.into_iter().map(|k| (value.get_item(&k).unwrap_or_default(), k)).map(|(v, k)| (k, v)).collect();
                 self.write_container(('{', '}'), items.len(), level, out, |i, level, out| {
                     let (k, v) = &items[i];
                     match k.as_str() {
@@ -303,14 +305,18 @@ mod tests {
     use super::*;
 
     fn render(source: &str, messages: &[(&str, &str)]) -> Result<String> {
-        let messages: Vec<ChatMessage> = messages.iter().map(|(r, c)| ChatMessage { role: r.to_string(), content: c.to_string() }).collect();
+        let messages: Vec<ChatMessage> =
+            messages.iter().map(|(r, c)| ChatMessage { role: r.to_string(), content: c.to_string() }).collect();
         ChatTemplate::new(source.into(), vec![("bos_token", "<s>".into())], "test").render(&messages, true)
     }
 
     #[test]
     fn raise_exception_gives_the_templates_own_message() {
-        let e = render("{% if messages[0].role != 'user' %}{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}", &[("system", "x")])
-            .unwrap_err();
+        let e = render(
+            "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}",
+            &[("system", "x")],
+        )
+        .unwrap_err();
         assert_eq!(e.to_string(), "chat template: Conversation roles must alternate user/assistant");
     }
 

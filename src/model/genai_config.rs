@@ -8,19 +8,29 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+/// The decoder graph's input and output names. A name genai_config leaves out takes
+/// onnxruntime-genai's default (its `config.h`); which of them the graph really has is read from
+/// the graph at load.
 #[derive(Debug, Clone)]
 pub struct DecoderNames {
     /// Token ids in; absent where the graph takes `inputs_embeds` (a multi-token base).
     pub input_ids: Option<String>,
     pub inputs_embeds: Option<String>,
     pub attention_mask: String,
-    pub position_ids: Option<String>,
-    /// Patterns with `%d` for the layer index.
+    pub position_ids: String,
+    /// Patterns with `%d` for the layer index: KV as separate key and value tensors
+    /// `[batch, heads, seq, head]`...
     pub past_key: String,
     pub past_value: String,
+    /// ...as one GPT-2-style tensor `[2, batch, heads, seq, head]`...
+    pub past_combined: String,
+    /// ...and the rolling convolution state of hybrid models (LFM2), which has no sequence axis.
+    pub past_conv: String,
     pub logits: String,
     pub present_key: String,
     pub present_value: String,
+    pub present_combined: String,
+    pub present_conv: String,
 }
 
 impl DecoderNames {
@@ -33,6 +43,34 @@ impl DecoderNames {
         let per_layer = |key: &str, value: &str| (0..layers).flat_map(|l| [Self::layer(key, l), Self::layer(value, l)]).collect();
         (per_layer(&self.past_key, &self.past_value), per_layer(&self.present_key, &self.present_value))
     }
+
+    /// The per-layer state patterns, (past input, present output, what it is), in the order
+    /// a graph's states are matched against them.
+    pub fn state_patterns(&self) -> [(&str, &str, StateKind); 4] {
+        [
+            (&self.past_key, &self.present_key, StateKind::Kv),
+            (&self.past_value, &self.present_value, StateKind::Kv),
+            (&self.past_combined, &self.present_combined, StateKind::Kv),
+            (&self.past_conv, &self.present_conv, StateKind::Recurrent),
+        ]
+    }
+}
+
+/// What a per-layer state is, which decides how it grows and whether it can be rolled back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateKind {
+    /// Attention keys and values: one entry per position along the second-to-last axis.
+    Kv,
+    /// A fixed-size state that each step replaces (a convolution's window): no position axis.
+    Recurrent,
+}
+
+/// The layer index of `name` under `pattern` (`past_key_values.%d.key` and
+/// `past_key_values.3.key` give 3).
+pub fn layer_of(pattern: &str, name: &str) -> Option<usize> {
+    let (prefix, suffix) = pattern.split_once("%d")?;
+    let digits = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
 }
 
 /// The `search` block: defaults for a request that does not say otherwise.
@@ -138,20 +176,31 @@ impl GenaiConfig {
         })?;
         let r = Reader { path, root: &root };
         let d = "model.decoder";
-        let names = DecoderNames {
-            input_ids: r.opt_string(&format!("{d}.inputs.input_ids"))?,
-            inputs_embeds: r.opt_string(&format!("{d}.inputs.inputs_embeds"))?,
-            attention_mask: r.string(&format!("{d}.inputs.attention_mask"))?,
-            position_ids: r.opt_string(&format!("{d}.inputs.position_ids"))?,
-            past_key: r.string(&format!("{d}.inputs.past_key_names"))?,
-            past_value: r.string(&format!("{d}.inputs.past_value_names"))?,
-            logits: r.string(&format!("{d}.outputs.logits"))?,
-            present_key: r.string(&format!("{d}.outputs.present_key_names"))?,
-            present_value: r.string(&format!("{d}.outputs.present_value_names"))?,
+        // onnxruntime-genai's defaults for the names a config leaves out (its src/config.h).
+        let name = |key: &str, default: &str| -> Result<String> {
+            Ok(r.opt_string(&format!("{d}.{key}"))?.unwrap_or_else(|| default.to_string()))
         };
-        if names.input_ids.is_none() && names.inputs_embeds.is_none() {
-            return Err(r.err(&format!("{d}.inputs.input_ids"), "missing (and no inputs_embeds either)"));
-        }
+        let inputs_embeds = r.opt_string(&format!("{d}.inputs.inputs_embeds"))?;
+        let input_ids = match r.opt_string(&format!("{d}.inputs.input_ids"))? {
+            Some(given) => Some(given),
+            None if inputs_embeds.is_none() => Some("input_ids".to_string()),
+            None => None,
+        };
+        let names = DecoderNames {
+            input_ids,
+            inputs_embeds,
+            attention_mask: name("inputs.attention_mask", "attention_mask")?,
+            position_ids: name("inputs.position_ids", "position_ids")?,
+            past_key: name("inputs.past_key_names", "past_key_values.%d.key")?,
+            past_value: name("inputs.past_value_names", "past_key_values.%d.value")?,
+            past_combined: name("inputs.past_names", "past_%d")?,
+            past_conv: name("inputs.past_conv_names", "past_conv.%d")?,
+            logits: name("outputs.logits", "logits")?,
+            present_key: name("outputs.present_key_names", "present.%d.key")?,
+            present_value: name("outputs.present_value_names", "present.%d.value")?,
+            present_combined: name("outputs.present_names", "present_%d")?,
+            present_conv: name("outputs.present_conv_names", "present_conv.%d")?,
+        };
         let context_length = r.usize("model.context_length")?;
         let search = SearchDefaults {
             do_sample: r.bool_or("search.do_sample", false)?,
@@ -198,6 +247,22 @@ mod tests {
         assert!(c.search.past_present_share_buffer);
         assert_eq!(c.search.max_length, 64);
         assert_eq!(DecoderNames::layer(&c.names.past_key, 1), "pk.1");
+    }
+
+    #[test]
+    fn names_left_out_take_onnxruntime_genai_defaults() {
+        let bare = MINIMAL
+            .replace(r#""inputs":{"input_ids":"input_ids","attention_mask":"attention_mask","past_key_names":"pk.%d","past_value_names":"pv.%d"},"#, "")
+            .replace(r#""outputs":{"logits":"logits","present_key_names":"k.%d","present_value_names":"v.%d"}"#, r#""outputs":{}"#);
+        let c = GenaiConfig::parse(Path::new("x/genai_config.json"), &bare).unwrap();
+        let n = &c.names;
+        assert_eq!(n.input_ids.as_deref(), Some("input_ids"));
+        assert_eq!((n.attention_mask.as_str(), n.position_ids.as_str(), n.logits.as_str()), ("attention_mask", "position_ids", "logits"));
+        assert_eq!((n.past_key.as_str(), n.present_value.as_str()), ("past_key_values.%d.key", "present.%d.value"));
+        assert_eq!((n.past_combined.as_str(), n.present_conv.as_str()), ("past_%d", "present_conv.%d"));
+        assert_eq!(layer_of("past_key_values.%d.key", "past_key_values.12.key"), Some(12));
+        assert_eq!(layer_of("past_%d", "past_key_values.1.key"), None);
+        assert_eq!(layer_of("past_%d", "past_"), None);
     }
 
     #[test]

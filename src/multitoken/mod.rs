@@ -632,7 +632,7 @@ fn one_hot(vocab: usize, token: u32) -> Vec<f32> {
 fn kv_truncate(kv: &mut BaseKv, len: usize) -> Result<()> {
     if len < kv.len {
         for value in &mut kv.values {
-            *value = slice_positions(value, len)?;
+            *value = slice_positions(value, 2, len)?;
         }
         kv.len = len;
     }

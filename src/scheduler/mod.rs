@@ -65,7 +65,7 @@ pub struct ModelInfo {
 }
 
 /// Why admission or a model operation failed; the service maps these to D-Bus errors.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SchedulerError {
     #[error("no model named `{0}` is configured (ListModels shows the names)")]
     ModelNotFound(String),
@@ -89,8 +89,9 @@ pub enum Event {
 #[derive(Debug, Clone)]
 pub struct Finished {
     pub reason: FinishReason,
-    /// Set when the request failed (the reason is then reported as "error").
-    pub error: Option<String>,
+    /// Set when the request failed (the reason is then reported as "error"); typed, so that the
+    /// D-Bus edge names it as it names the same error from a method call.
+    pub error: Option<SchedulerError>,
     pub text: String,
     /// The generated ids, eos excluded (the caller may ask for them with `return_token_ids`).
     pub token_ids: Vec<u32>,
@@ -514,9 +515,15 @@ fn release_client(inner: &Inner, client: &str) {
 }
 
 /// Ends a request that never reached the engine.
-fn finish_unrun(inner: &Inner, job: GenerateJob, reason: FinishReason, error: Option<String>) {
+fn finish_unrun(inner: &Inner, job: GenerateJob, reason: FinishReason, error: Option<SchedulerError>) {
     release_client(inner, &job.client);
-    let _ = job.events.try_send(Event::Finished(Finished { reason, error, text: String::new(), token_ids: Vec::new(), stats: GenerationStats::default() }));
+    let _ = job.events.try_send(Event::Finished(Finished {
+        reason,
+        error,
+        text: String::new(),
+        token_ids: Vec::new(),
+        stats: GenerationStats::default(),
+    }));
 }
 
 fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
@@ -696,7 +703,7 @@ fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, j
     let engine = match ensure_loaded(inner, slot, engine) {
         Ok(e) => e,
         Err(message) => {
-            let error = format!("model `{}` failed to load: {message}", slot.config.name);
+            let error = SchedulerError::LoadFailed { model: slot.config.name.clone(), reason: message };
             return finish_unrun(inner, job, FinishReason::Stop, Some(error));
         }
     };
@@ -728,7 +735,7 @@ fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, j
             tracing::warn!(model = %slot.config.name, request = job.id, error = %e, "request failed");
             Finished {
                 reason: FinishReason::Stop,
-                error: Some(e.to_string()),
+                error: Some(SchedulerError::Request(e)),
                 text: String::new(),
                 token_ids: Vec::new(),
                 stats: GenerationStats::default(),

@@ -206,13 +206,7 @@ impl Daemon {
     }
 
     /// Sends a request's events to its caller only, as `Token` then `Finished` signals.
-    fn forward(
-        &self,
-        conn: &Connection,
-        dest: UniqueName<'static>,
-        started: Started,
-        reply_sent: event_listener::EventListener,
-    ) {
+    fn forward(&self, conn: &Connection, dest: UniqueName<'static>, started: Started, reply_sent: event_listener::EventListener) {
         let Started { submitted, return_token_ids } = started;
         let conn = conn.clone();
         let requests = self.requests.clone();
@@ -233,7 +227,7 @@ impl Daemon {
                     Event::Finished(f) => {
                         let mut stats = finished_stats(f, return_token_ids);
                         if let Some(error) = &f.error {
-                            stats.insert("error".into(), OwnedValue::try_from(Value::from(error.clone())).expect("string"));
+                            stats.insert("error".into(), OwnedValue::try_from(Value::from(error.to_string())).expect("string"));
                         }
                         let sent = Daemon::finished(&emitter, id, finished_reason(f), stats).await;
                         tracing::info!(request = id, reason = finished_reason(f), tokens = f.stats.generated_tokens, "request finished");
@@ -298,7 +292,7 @@ impl Daemon {
         self.requests.lock().expect("requests").remove(&id);
         let f = finished.ok_or_else(|| DaemonError::Internal("the request ended without a result".into()))?;
         if let Some(error) = f.error {
-            return Err(DaemonError::Internal(error));
+            return Err(error.into());
         }
         match f.reason {
             FinishReason::Cancelled => Err(DaemonError::Cancelled(format!("request {id} was cancelled"))),

@@ -62,8 +62,13 @@ impl Draft {
             options.session.clone()
         };
         let decoder = Decoder::load(runtime, &draft.dir, &draft.config, &session)?;
-        let layout =
-            options.kv_layout.unwrap_or(if draft.config.search.past_present_share_buffer { KvLayout::Shared } else { KvLayout::Growing });
+        if let Some(state) = decoder.recurrent_states().first() {
+            return Err(mismatch(
+                "model.decoder",
+                format!("the draft carries recurrent states (`{state}`), which speculative decoding cannot roll back"),
+            ));
+        }
+        let layout = decoder.choose_layout(&draft.config, options.kv_layout)?;
         Ok(Draft { decoder, layout, settings })
     }
 

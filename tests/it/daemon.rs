@@ -428,7 +428,11 @@ fn shipped_introspection_matches_the_daemon() {
         std::fs::write(&path, format!("{}\n", live.trim())).unwrap();
     }
     let shipped = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(live.trim(), shipped.trim(), "regenerate dbus/org.edgellm.Daemon1.xml: EDGELLM_BLESS=1 cargo test --test it shipped_introspection");
+    assert_eq!(
+        live.trim(),
+        shipped.trim(),
+        "regenerate dbus/org.edgellm.Daemon1.xml: EDGELLM_BLESS=1 cargo test --test it shipped_introspection"
+    );
 }
 
 #[test]

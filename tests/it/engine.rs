@@ -7,7 +7,7 @@ use edgellm::model::{ChatMessage, ModelFolder};
 use edgellm::runtime::{Provider, Runtime, SessionOptions};
 use edgellm::Error;
 
-use crate::fixtures::{copy_model, model_dir, references, runtime};
+use crate::fixtures::{copy_model, genai_outputs, model_dir, references, runtime};
 
 fn load(name: &str, options: LoadOptions) -> Engine {
     Engine::load(&runtime(), name, &model_dir(name), &options).unwrap_or_else(|e| panic!("load {name}: {e}"))
@@ -71,28 +71,6 @@ fn draft_greedy_matches_onnxruntime_genai() {
 #[test]
 fn second_architecture_qwen2_matches_onnxruntime_genai() {
     check_against_reference("tiny-qwen2", LoadOptions::default());
-}
-
-/// onnxruntime-genai's greedy ids (its eos included) on `provider` ("cpu" or "openvino"), from
-/// its Python API (benches/genai_bench.py).
-fn genai_outputs(model: &std::path::Path, provider: &str, prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec<u32>> {
-    let root = crate::fixtures::root();
-    let prompts_file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(prompts_file.path(), serde_json::to_string(prompts).unwrap()).unwrap();
-    let out = crate::fixtures::command(root.join(".edgellm/venv/bin/python"))
-        .arg(root.join("benches/genai_bench.py"))
-        .arg("--model")
-        .arg(model)
-        .args(["--provider", provider, "--new-tokens", &new_tokens.to_string(), "--plugin"])
-        .arg(root.join(".edgellm/runtime/libonnxruntime_providers_openvino_plugin.so"))
-        .arg("--prompts")
-        .arg(prompts_file.path())
-        .output()
-        .expect("onnxruntime-genai (scripts/setup-runtime.sh installs it)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value =
-        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).last().unwrap()).unwrap();
-    serde_json::from_value(report["outputs"].clone()).unwrap()
 }
 
 #[test]

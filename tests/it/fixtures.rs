@@ -186,3 +186,25 @@ pub fn shared_reference(path: &str) -> PathBuf {
     assert!(dir.exists(), "{} is missing: the tests need shared/reference beside the checkout", dir.display());
     dir
 }
+
+/// onnxruntime-genai's greedy ids (its eos included) on `provider` ("cpu" or "openvino"), from
+/// its Python API (benches/genai_bench.py).
+pub fn genai_outputs(model: &std::path::Path, provider: &str, prompts: &[Vec<u32>], new_tokens: usize) -> Vec<Vec<u32>> {
+    let root = root();
+    let prompts_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(prompts_file.path(), serde_json::to_string(prompts).unwrap()).unwrap();
+    let out = command(root.join(".edgellm/venv/bin/python"))
+        .arg(root.join("benches/genai_bench.py"))
+        .arg("--model")
+        .arg(model)
+        .args(["--provider", provider, "--new-tokens", &new_tokens.to_string(), "--plugin"])
+        .arg(root.join(".edgellm/runtime/libonnxruntime_providers_openvino_plugin.so"))
+        .arg("--prompts")
+        .arg(prompts_file.path())
+        .output()
+        .expect("onnxruntime-genai (scripts/setup-runtime.sh installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).last().unwrap()).unwrap();
+    serde_json::from_value(report["outputs"].clone()).unwrap()
+}

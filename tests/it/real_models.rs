@@ -38,7 +38,11 @@ struct Family {
 
 fn families() -> Vec<Family> {
     vec![
-        Family { label: "byte-level BPE (GPT-2)", tokenizer: shared_reference("genai-test-models/tiny-random-gpt2-fp32/tokenizer.json"), adds_bos: false },
+        Family {
+            label: "byte-level BPE (GPT-2)",
+            tokenizer: shared_reference("genai-test-models/tiny-random-gpt2-fp32/tokenizer.json"),
+            adds_bos: false,
+        },
         Family { label: "byte-level BPE (kjv-target)", tokenizer: model_dir("kjv-target").join("tokenizer.json"), adds_bos: false },
         Family {
             label: "Metaspace BPE with byte fallback and a Strip decoder",
@@ -84,13 +88,16 @@ fn tokenizers_encode_decode_and_stream_as_hugging_face_tokenizers_does() {
             output_ids.truncate(emoji_tokens - 1);
             sequences.push((prompt_ids, output_ids));
         }
-        let reference = python_reference(
-            "tokenizer_reference.py",
-            &json!({ "tokenizer": family.tokenizer, "texts": TEXTS, "sequences": sequences }),
-        );
+        let reference =
+            python_reference("tokenizer_reference.py", &json!({ "tokenizer": family.tokenizer, "texts": TEXTS, "sequences": sequences }));
         for (i, text) in TEXTS.iter().enumerate() {
             let ours = tokenizer.encode_prompt(text).unwrap();
-            assert_eq!(ours, ids(&reference["encoded"][i]), "{}: Tokenize({text:?}) differs from encode(add_special_tokens=True)", family.label);
+            assert_eq!(
+                ours,
+                ids(&reference["encoded"][i]),
+                "{}: Tokenize({text:?}) differs from encode(add_special_tokens=True)",
+                family.label
+            );
             let decoded = tokenizer.decode(&ours).unwrap();
             assert_eq!(decoded, reference["decoded"][i].as_str().unwrap(), "{}: Detokenize of {text:?}", family.label);
         }
@@ -135,17 +142,9 @@ fn conversations() -> Vec<(&'static str, Vec<ChatMessage>)> {
         ("system + user", vec![m("system", "You answer in one sentence."), m("user", "Who built the ark?")]),
         (
             "4-turn exchange",
-            vec![
-                m("user", "Name a prophet."),
-                m("assistant", "  Elijah.  "),
-                m("user", "And another?"),
-                m("assistant", "Elisha."),
-            ],
+            vec![m("user", "Name a prophet."), m("assistant", "  Elijah.  "), m("user", "And another?"), m("assistant", "Elisha.")],
         ),
-        (
-            "non-ASCII",
-            vec![m("system", "Réponds en français, s’il te plaît."), m("user", "  Qu’est-ce que « la lumière » ? 日本語 🎉\n")],
-        ),
+        ("non-ASCII", vec![m("system", "Réponds en français, s’il te plaît."), m("user", "  Qu’est-ce que « la lumière » ? 日本語 🎉\n")]),
     ]
 }
 
