@@ -86,6 +86,9 @@ fn openvino_provider_matches_onnxruntime_genai_on_openvino() {
     assert_eq!(engine.provider().provider, Provider::OpenVino);
     let refs = references();
     let cases = &refs.models["kjv-target"];
+    // Under the emulator (AMD machines) every forward costs ~100x: 4 of the 10 prompts keep the
+    // run to minutes, and CI (whose machines are often AMD) under its 30-minute budget.
+    let cases = if crate::fixtures::emulated() { &cases[..4] } else { &cases[..] };
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
     let genai_openvino = genai_outputs(&model_dir("kjv-target"), "openvino", &prompts, refs.new_tokens);
     // The CPU provider's logits judge a departure from the CPU reference.

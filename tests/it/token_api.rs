@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use zbus::zvariant::Value as DValue;
 
 use crate::daemon::Daemon;
-use crate::fixtures::{model_dir, python_reference, references};
+use crate::fixtures::{model_dir, python_reference, references, shared_reference};
 
 fn as_ids(v: &Value) -> Vec<u32> {
     serde_json::from_value(v.clone()).unwrap()
@@ -23,9 +23,27 @@ fn au(ids: &[u32]) -> Vec<String> {
 
 #[test]
 fn tokenize_detokenize_and_prompt_ids_match_the_references() {
-    let daemon = Daemon::start("");
-    let tokenizer = model_dir("kjv-target").join("tokenizer.json");
+    // kjv's byte-level BPE, and a BOS-adding SentencePiece BPE (onnxruntime-genai's Llama test
+    // model, used in place).
+    let llama = shared_reference("genai-test-models/tiny-random-LlamaForCausalLM-fp16");
+    let daemon = Daemon::start(&format!("\n[[model]]\nname = \"llama\"\npath = \"{}\"\npreload = false\n", llama.display()));
     let texts = ["In the beginning God created", "  Grüße, 日本 🎉 <|im_start|>"];
+    let reference = python_reference(
+        "tokenizer_reference.py",
+        &json!({ "tokenizer": llama.join("tokenizer.json"), "texts": texts, "sequences": [] }),
+    );
+    for (i, text) in texts.iter().enumerate() {
+        let ids = as_ids(&daemon.call("Tokenize", "ss", &["llama", text]).unwrap()["data"][0]);
+        assert_eq!(ids, as_ids(&reference["encoded"][i]), "llama: Tokenize({text:?}) against tokenizers' encode");
+        assert_eq!(ids[0], 1, "llama's tokenizer adds <s>");
+        let mut args = vec!["llama".to_string()];
+        args.extend(au(&ids));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let text_back = daemon.call("Detokenize", "sau", &args).unwrap()["data"][0].as_str().unwrap().to_string();
+        assert_eq!(text_back, reference["decoded"][i].as_str().unwrap(), "llama: Detokenize against tokenizers' decode");
+    }
+
+    let tokenizer = model_dir("kjv-target").join("tokenizer.json");
     let reference = python_reference("tokenizer_reference.py", &json!({ "tokenizer": tokenizer, "texts": texts, "sequences": [] }));
     for (i, text) in texts.iter().enumerate() {
         let ids = as_ids(&daemon.call("Tokenize", "ss", &["kjv", text]).unwrap()["data"][0]);
