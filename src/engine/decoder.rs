@@ -20,6 +20,7 @@
 use std::ffi::{c_char, CString};
 use std::path::Path;
 use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use half::f16;
@@ -34,19 +35,29 @@ use crate::model::{DecoderNames, GenaiConfig};
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
 
 /// The run options of one sequence, shared with its `CancelToken`: another thread may only call
-/// `terminate`, which sets ONNX Runtime's atomic terminate flag (made for exactly this).
+/// `terminate`, which sets ONNX Runtime's atomic terminate flag (made for exactly this) and our
+/// own, from which a failed run is known to be a cancellation (not from the error's wording).
 #[derive(Clone)]
-pub struct SharedRunOptions(Arc<RunOptions>);
+pub struct SharedRunOptions(Arc<(RunOptions, AtomicBool)>);
 
 impl SharedRunOptions {
     pub fn new() -> Result<Self> {
-        Ok(SharedRunOptions(Arc::new(RunOptions::new()?)))
+        Ok(SharedRunOptions(Arc::new((RunOptions::new()?, AtomicBool::new(false)))))
     }
     pub(crate) fn get(&self) -> &RunOptions {
-        &self.0
+        &self.0 .0
     }
     pub fn terminate(&self) -> Result<()> {
-        Ok(self.0.terminate()?)
+        self.0 .1.store(true, Ordering::SeqCst);
+        Ok(self.0 .0.terminate()?)
+    }
+    /// The error of a failed run under these options: `Cancelled` once `terminate` was called.
+    pub(crate) fn run_error(&self, e: ort::Error) -> Error {
+        if self.0 .1.load(Ordering::SeqCst) {
+            Error::Cancelled
+        } else {
+            Error::Inference(e.to_string())
+        }
     }
 }
 
@@ -594,7 +605,7 @@ impl Decoder {
         let status = unsafe {
             (ort::api().Run)(
                 self.session.ptr_mut(),
-                cache.run_options.0.ptr(),
+                cache.run_options.get().ptr(),
                 self.run_names.inputs.as_ptr(),
                 inputs.as_ptr(),
                 inputs.len(),
@@ -605,14 +616,7 @@ impl Decoder {
         };
         // SAFETY: `status` was just returned by ONNX Runtime; this takes ownership of it. A failed
         // Run fills no output, so nothing is left to release.
-        unsafe { ort::Error::result_from_status(status) }.map_err(|e| {
-            let message = e.to_string();
-            if message.contains("terminate") {
-                Error::Cancelled
-            } else {
-                Error::Inference(message)
-            }
-        })?;
+        unsafe { ort::Error::result_from_status(status) }.map_err(|e| cache.run_options.run_error(e))?;
         // Take ownership of what ONNX Runtime allocated, so that it is released once.
         let allocator = self.session.allocator();
         // SAFETY: a null output was filled by the successful Run with a value the caller now owns.

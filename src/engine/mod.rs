@@ -134,7 +134,8 @@ pub struct CancelToken {
 #[derive(Default)]
 struct CancelInner {
     cancelled: AtomicBool,
-    running: Mutex<Option<decoder::SharedRunOptions>>,
+    /// The run options of every session the request runs (a target and its draft).
+    running: Mutex<Vec<decoder::SharedRunOptions>>,
 }
 
 impl CancelToken {
@@ -143,7 +144,7 @@ impl CancelToken {
     }
     pub fn cancel(&self) {
         self.inner.cancelled.store(true, Ordering::SeqCst);
-        if let Some(run) = self.inner.running.lock().expect("cancel lock").as_ref() {
+        for run in self.inner.running.lock().expect("cancel lock").iter() {
             let _ = run.terminate();
         }
     }
@@ -151,7 +152,7 @@ impl CancelToken {
         self.inner.cancelled.load(Ordering::SeqCst)
     }
     pub(crate) fn attach(&self, run: &decoder::SharedRunOptions) {
-        *self.inner.running.lock().expect("cancel lock") = Some(run.clone());
+        self.inner.running.lock().expect("cancel lock").push(run.clone());
         if self.is_cancelled() {
             let _ = run.terminate();
         }

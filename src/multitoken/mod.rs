@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ort::session::{RunOptions, Session, SessionInputValue, SessionOutputs};
+use ort::session::{Session, SessionInputValue, SessionOutputs};
 use ort::value::{DynValue, Tensor};
 use serde_json::Value;
 
@@ -212,15 +212,6 @@ fn layer_names(layers: usize, pattern: &str) -> Vec<String> {
     (0..layers).flat_map(|l| ["key", "value"].map(|kind| pattern.replace("%d", &l.to_string()).replace("%s", kind))).collect()
 }
 
-fn inference_error(e: ort::Error) -> Error {
-    let message = e.to_string();
-    if message.contains("terminate") {
-        Error::Cancelled
-    } else {
-        Error::Inference(message)
-    }
-}
-
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -315,7 +306,7 @@ impl MultiTokenModel {
     }
 
     /// Embeddings of `steps` (each 1..=max tokens), `[1, steps, D]`.
-    fn embed(&mut self, steps: &[&[u32]], run: &RunOptions) -> Result<DynValue> {
+    fn embed(&mut self, steps: &[&[u32]], run: &SharedRunOptions) -> Result<DynValue> {
         let width = steps.iter().map(|s| s.len()).max().unwrap_or(1);
         let mut ids = vec![0i64; steps.len() * width];
         for (row, step) in steps.iter().enumerate() {
@@ -328,13 +319,20 @@ impl MultiTokenModel {
             ("step_ids", Tensor::from_array(([steps.len(), width], ids))?.into()),
             ("step_lengths", Tensor::from_array(([steps.len()], lengths))?.into()),
         ];
-        let mut outputs = self.embedder.run_with_options(inputs, run).map_err(inference_error)?;
+        let mut outputs = self.embedder.run_with_options(inputs, run.get()).map_err(|e| run.run_error(e))?;
         outputs.remove("inputs_embeds").ok_or_else(|| Error::Inference("embedder: no inputs_embeds".into()))
     }
 
     /// One base forward over `steps` (each becomes one KV entry) at `positions`; returns the
     /// last `rows` rows.
-    fn base_forward(&mut self, kv: &mut BaseKv, steps: &[&[u32]], positions: &[usize], rows: usize, run: &RunOptions) -> Result<BaseOut> {
+    fn base_forward(
+        &mut self,
+        kv: &mut BaseKv,
+        steps: &[&[u32]],
+        positions: &[usize],
+        rows: usize,
+        run: &SharedRunOptions,
+    ) -> Result<BaseOut> {
         let embeds = self.embed(steps, run)?;
         let n = steps.len();
         let total = kv.len + n;
@@ -346,7 +344,7 @@ impl MultiTokenModel {
         for (name, value) in self.base_past.iter().zip(&kv.values) {
             inputs.push((name.as_str(), value.view().into()));
         }
-        let mut outputs = self.base.run_with_options(inputs, run).map_err(inference_error)?;
+        let mut outputs = self.base.run_with_options(inputs, run.get()).map_err(|e| run.run_error(e))?;
         let rows = rows.min(n);
         let (_, logits) = tensor_f32(&outputs, "logits")?;
         let (hshape, hidden) = tensor_f32(&outputs, "hidden_states")?;
@@ -366,7 +364,7 @@ impl MultiTokenModel {
 
     /// One micro step: appends `features` (first call of a step; empty later) and `token` to
     /// the micro decoder's KV; returns the logits of the next token and its stop logit.
-    fn micro_forward(&mut self, kv: &mut [DynValue], features: &[f32], token: u32, run: &RunOptions) -> Result<(Vec<f32>, f32)> {
+    fn micro_forward(&mut self, kv: &mut [DynValue], features: &[f32], token: u32, run: &SharedRunOptions) -> Result<(Vec<f32>, f32)> {
         let rows = if features.is_empty() { 0 } else { self.contract.features };
         // Every step's first micro call carries the features, so the width is known by the
         // calls that carry none.
@@ -380,7 +378,7 @@ impl MultiTokenModel {
         for (name, value) in self.micro_past.iter().zip(kv.iter()) {
             inputs.push((name.as_str(), value.view().into()));
         }
-        let mut outputs = self.micro.run_with_options(inputs, run).map_err(inference_error)?;
+        let mut outputs = self.micro.run_with_options(inputs, run.get()).map_err(|e| run.run_error(e))?;
         let (_, logits) = tensor_f32(&outputs, "logits")?;
         let (_, stop) = tensor_f32(&outputs, "stop_logits")?;
         for (name, slot) in self.micro_present.iter().zip(kv.iter_mut()) {
@@ -396,7 +394,7 @@ impl MultiTokenModel {
         let mut kv = self.new_base_kv()?;
         let steps: Vec<&[u32]> = ids.chunks(1).collect();
         let positions: Vec<usize> = (0..ids.len()).collect();
-        Ok(self.base_forward(&mut kv, &steps, &positions, rows, run.get())?.logits)
+        Ok(self.base_forward(&mut kv, &steps, &positions, rows, &run)?.logits)
     }
 
     pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
@@ -438,7 +436,7 @@ impl MultiTokenModel {
         let prompt = run.sequence.clone();
         let steps: Vec<&[u32]> = prompt.chunks(1).collect();
         let positions: Vec<usize> = (0..prompt.len()).collect();
-        let out = self.base_forward(&mut kv, &steps, &positions, 1, options.get())?;
+        let out = self.base_forward(&mut kv, &steps, &positions, 1, options)?;
         stats.base_forwards += 1;
         stats.base_time += started.elapsed();
         stats.kv_entries = kv.len;
@@ -478,7 +476,7 @@ impl MultiTokenModel {
                     return Ok(reason);
                 }
                 let started = Instant::now();
-                let (mut micro_logits, stop) = self.micro_forward(&mut micro_kv, feats, token, options.get())?;
+                let (mut micro_logits, stop) = self.micro_forward(&mut micro_kv, feats, token, options)?;
                 stats.micro_forwards += 1;
                 stats.micro_time += started.elapsed();
                 feats = &[];
@@ -496,7 +494,7 @@ impl MultiTokenModel {
             // position of its last token (the reference's training path).
             let started = Instant::now();
             let position = run.sequence.len() - 1;
-            out = self.base_forward(&mut kv, &[&step], &[position], 1, options.get())?;
+            out = self.base_forward(&mut kv, &[&step], &[position], 1, options)?;
             stats.base_forwards += 1;
             stats.base_time += started.elapsed();
             stats.kv_entries = kv.len;
@@ -537,7 +535,7 @@ impl MultiTokenModel {
                 let mut last = token;
                 let started = Instant::now();
                 while drafts.len() < want {
-                    let (micro_logits, stop) = self.micro_forward(&mut micro_kv, feats, last, options.get())?;
+                    let (micro_logits, stop) = self.micro_forward(&mut micro_kv, feats, last, options)?;
                     stats.micro_forwards += 1;
                     feats = &[];
                     let mut seen = run.sequence.clone();
@@ -569,7 +567,7 @@ impl MultiTokenModel {
             let steps: Vec<&[u32]> = inputs.chunks(1).collect();
             let first = kv.len;
             let positions: Vec<usize> = (first..first + inputs.len()).collect();
-            let verified = self.base_forward(&mut kv, &steps, &positions, inputs.len(), options.get())?;
+            let verified = self.base_forward(&mut kv, &steps, &positions, inputs.len(), options)?;
             stats.base_forwards += 1;
             stats.base_time += started.elapsed();
             stats.drafted += drafts.len();
@@ -602,7 +600,7 @@ impl MultiTokenModel {
             }
             if let Next::Recompute = next {
                 kv_truncate(&mut kv, first + accepted)?;
-                let again = self.base_forward(&mut kv, &[&inputs[accepted..=accepted]], &[first + accepted], 1, options.get())?;
+                let again = self.base_forward(&mut kv, &[&inputs[accepted..=accepted]], &[first + accepted], 1, options)?;
                 stats.base_forwards += 1;
                 logits = again.logits[0].clone();
                 features = again.features[0].clone();

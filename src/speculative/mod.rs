@@ -234,6 +234,8 @@ pub(crate) fn decode(
     let mut t_cache = target.new_cache(target_layout, positions)?;
     let mut d_cache = draft.decoder.new_cache(draft.layout, positions)?;
     cancel.attach(t_cache.run_options());
+    // The draft's forwards too: its first catch-up is a prefill of the whole prompt.
+    cancel.attach(d_cache.run_options());
 
     // Prefill: the first token comes from the target alone.
     let prompt = run.sequence.clone();

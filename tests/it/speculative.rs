@@ -108,3 +108,38 @@ fn sampled_speculative_follows_the_target_distribution() {
         }
     }
 }
+
+/// A cancel that lands while the draft catches up on a long prompt (its prefill) ends the request
+/// there: the draft's runs are terminated as the target's are. kjv-target drafts for itself, so
+/// that the draft's prefill takes as long as the target's.
+#[test]
+fn a_cancel_interrupts_the_drafts_prefill() {
+    let mut engine = pair("kjv-target", KvLayout::Growing, 4);
+    let context = engine.folder.config.context_length;
+    let prompt = Prompt::Tokens((0..context as u32 - 32).map(|i| 100 + i % 1000).collect());
+    let options = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
+    // The target's prefill alone, the shorter of two runs.
+    let prefill = (0..2)
+        .map(|_| engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap().stats.time_to_first_token)
+        .min()
+        .unwrap();
+
+    // Cancel a quarter of a prefill after the target's: inside the draft's.
+    let cancel = CancelToken::new();
+    let canceller = {
+        let cancel = cancel.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(prefill * 5 / 4);
+            cancel.cancel();
+        })
+    };
+    let started = std::time::Instant::now();
+    let outcome = engine.generate(&prompt, &options, &cancel, &mut |_| true).unwrap();
+    let elapsed = started.elapsed();
+    canceller.join().unwrap();
+    eprintln!("target prefill {prefill:?}; cancelled at {:?}, returned after {elapsed:?}", prefill * 5 / 4);
+    assert_eq!(outcome.reason, edgellm::engine::FinishReason::Cancelled);
+    assert!(outcome.token_ids.len() <= 1, "only the target's first token: {outcome:?}");
+    // Without termination the draft's prefill runs to its end: 2 prefills in all.
+    assert!(elapsed < prefill * 7 / 4, "the draft's prefill ran on after the cancel: {elapsed:?} against a prefill of {prefill:?}");
+}

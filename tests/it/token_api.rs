@@ -28,10 +28,8 @@ fn tokenize_detokenize_and_prompt_ids_match_the_references() {
     let llama = shared_reference("genai-test-models/tiny-random-LlamaForCausalLM-fp16");
     let daemon = Daemon::start(&format!("\n[[model]]\nname = \"llama\"\npath = \"{}\"\npreload = false\n", llama.display()));
     let texts = ["In the beginning God created", "  Grüße, 日本 🎉 <|im_start|>"];
-    let reference = python_reference(
-        "tokenizer_reference.py",
-        &json!({ "tokenizer": llama.join("tokenizer.json"), "texts": texts, "sequences": [] }),
-    );
+    let reference =
+        python_reference("tokenizer_reference.py", &json!({ "tokenizer": llama.join("tokenizer.json"), "texts": texts, "sequences": [] }));
     for (i, text) in texts.iter().enumerate() {
         let ids = as_ids(&daemon.call("Tokenize", "ss", &["llama", text]).unwrap()["data"][0]);
         assert_eq!(ids, as_ids(&reference["encoded"][i]), "llama: Tokenize({text:?}) against tokenizers' encode");
