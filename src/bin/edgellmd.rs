@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use futures_util::StreamExt;
 use zbus::fdo::{DBusProxy, RequestNameFlags, RequestNameReply};
-use zbus::object_server::SignalEmitter;
 
 use edgellm::config::{Bus, Config, DEFAULT_PATH};
 use edgellm::runtime::Runtime;
@@ -132,16 +131,7 @@ async fn run(config: Config) -> Result<(), String> {
             }
         }
     });
-    // Model state changes are broadcast: they carry nothing private.
-    let mut states = scheduler.subscribe_states();
-    let state_conn = conn.clone();
-    tokio::spawn(async move {
-        while let Ok((name, state)) = states.recv().await {
-            if let Ok(emitter) = SignalEmitter::new(&state_conn, OBJECT_PATH) {
-                let _ = Daemon::model_state_changed(&emitter, &name, state.as_str()).await;
-            }
-        }
-    });
+    tokio::spawn(edgellm::service::relay_model_states(scheduler.subscribe_states(), conn.clone()));
 
     scheduler.preload().await;
     notify(&[sd_notify::NotifyState::Ready]);

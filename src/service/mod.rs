@@ -486,3 +486,62 @@ impl Daemon {
     #[zbus(signal)]
     pub async fn model_state_changed(emitter: &SignalEmitter<'_>, name: &str, state: &str) -> zbus::Result<()>;
 }
+
+/// Emits every model state change from `states` as the `ModelStateChanged` signal on `conn`
+/// until the scheduler is gone. State changes carry nothing private, so they are broadcast.
+pub async fn relay_model_states(states: tokio::sync::broadcast::Receiver<(String, crate::scheduler::ModelState)>, conn: Connection) {
+    relay_states(states, |name, state| {
+        let conn = conn.clone();
+        async move {
+            if let Ok(emitter) = SignalEmitter::new(&conn, OBJECT_PATH) {
+                let _ = Daemon::model_state_changed(&emitter, &name, state.as_str()).await;
+            }
+        }
+    })
+    .await
+}
+
+/// The loop of `relay_model_states`: a receiver that fell behind (a burst of more changes than
+/// the channel holds) skips what it missed and goes on; only a closed channel ends it.
+async fn relay_states<F, Fut>(mut states: tokio::sync::broadcast::Receiver<(String, crate::scheduler::ModelState)>, mut emit: F)
+where
+    F: FnMut(String, crate::scheduler::ModelState) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match states.recv().await {
+            Ok((name, state)) => emit(name, state).await,
+            Err(RecvError::Lagged(missed)) => tracing::warn!(missed, "model state signals fell behind; the missed changes are not sent"),
+            Err(RecvError::Closed) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod relay_tests {
+    use super::*;
+    use crate::scheduler::ModelState;
+
+    #[tokio::test]
+    async fn a_lagging_state_relay_goes_on() {
+        let (tx, rx) = tokio::sync::broadcast::channel(2);
+        // Five changes into a channel of two, before the relay reads any: it lags by three.
+        for i in 0..5 {
+            tx.send((format!("m{i}"), ModelState::Loading)).unwrap();
+        }
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let relay = {
+            let sent = sent.clone();
+            tokio::spawn(relay_states(rx, move |name, _| {
+                sent.lock().unwrap().push(name);
+                std::future::ready(())
+            }))
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tx.send(("after".into(), ModelState::Ready)).unwrap();
+        drop(tx);
+        relay.await.unwrap();
+        assert_eq!(*sent.lock().unwrap(), ["m3", "m4", "after"]);
+    }
+}
