@@ -257,7 +257,11 @@ impl Scheduler {
                     changes.push(format!("{} removed", slot.config.name));
                     let _ = self.inner.states.send((slot.config.name.clone(), ModelState::Unloaded));
                 }
+                // Under the queue's lock: `submit` checks `retired` under it before pushing, so a
+                // job is either in the queue before the worker sees `retired`, or not pushed here.
+                let queue = slot.queue.lock().expect("queue");
                 slot.retired.store(true, Ordering::SeqCst);
+                drop(queue);
                 slot.wake.notify_all();
             }
         }
@@ -301,7 +305,28 @@ impl Scheduler {
 
     /// Validates and queues a request. Tokenizing here means a prompt that is too long, or a
     /// chat request to a model without a template, is refused before it waits in any queue.
-    pub fn submit(&self, client: &str, model: &str, prompt: &Prompt, mut options: GenerateOptions) -> Result<Submitted, SchedulerError> {
+    pub fn submit(&self, client: &str, model: &str, prompt: &Prompt, options: GenerateOptions) -> Result<Submitted, SchedulerError> {
+        // A reload may retire the model's slot while the request is validated; it is then
+        // validated again against the slot that replaced it (its folder may differ). Reloads come
+        // from SIGHUP, so a few tries always suffice; past them the request is refused as Busy.
+        for _ in 0..4 {
+            match self.try_submit(client, model, prompt, options.clone())? {
+                Some(submitted) => return Ok(submitted),
+                None => continue,
+            }
+        }
+        Err(SchedulerError::Busy(format!("model `{model}` was reloaded while the request was queued; try again")))
+    }
+
+    /// `submit` against the model's current slot; `None` when a reload retired that slot before
+    /// the request could be queued on it (nothing is left counted then).
+    fn try_submit(
+        &self,
+        client: &str,
+        model: &str,
+        prompt: &Prompt,
+        mut options: GenerateOptions,
+    ) -> Result<Option<Submitted>, SchedulerError> {
         if !self.inner.accepting.load(Ordering::SeqCst) {
             return Err(SchedulerError::ShuttingDown);
         }
@@ -370,10 +395,19 @@ impl Scheduler {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let cancel = CancelToken::new();
         let job = GenerateJob { id, client: client.to_string(), prompt_ids, options, cancel: cancel.clone(), events: tx };
-        slot.queue.lock().expect("queue").push(client, job);
+        {
+            let mut queue = slot.queue.lock().expect("queue");
+            if slot.retired.load(Ordering::SeqCst) {
+                // Its engine thread may have ended already: a job pushed now would never run.
+                drop(queue);
+                release_client(&self.inner, client);
+                return Ok(None);
+            }
+            queue.push(client, job);
+        }
         slot.wake.notify_one();
         self.inner.counters.total.fetch_add(1, Ordering::Relaxed);
-        Ok(Submitted { id, events: rx, cancel })
+        Ok(Some(Submitted { id, events: rx, cancel }))
     }
 
     /// Cancels every request of a client that went away, queued or running.

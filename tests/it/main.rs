@@ -9,6 +9,7 @@ mod layouts;
 mod load;
 mod multitoken;
 mod real_models;
+mod scheduler;
 mod speculative;
 mod system_bus;
 mod token_api;
