@@ -133,6 +133,10 @@ async fn run(config: Config) -> Result<(), String> {
     });
     tokio::spawn(edgellm::service::relay_model_states(scheduler.subscribe_states(), conn.clone()));
 
+    // Before preloading, which may take long: a SIGTERM or SIGHUP meanwhile waits for the loop
+    // below instead of killing the process with requests running (the signals' default action).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| e.to_string())?;
     scheduler.preload().await;
     notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!("ready");
@@ -140,8 +144,6 @@ async fn run(config: Config) -> Result<(), String> {
     let mut watchdog_usec = 0;
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
     let mut tick = tokio::time::interval(Duration::from_micros(if watchdog { watchdog_usec / 2 } else { 3_600_000_000 }));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut current = config.clone();
     loop {
         tokio::select! {

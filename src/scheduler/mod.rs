@@ -570,6 +570,12 @@ fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                     return;
                 }
                 if let Some(work) = queue.pop() {
+                    // A job counts as running from here, under the lock it was taken with, its
+                    // model's load included: shutdown waits for it and can cancel it.
+                    if let queue::Work::Job(job) = &work {
+                        queue.set_running(Some(job.cancel.clone()));
+                        inner.counters.in_flight.fetch_add(1, Ordering::SeqCst);
+                    }
                     break work;
                 }
                 if slot.retired.load(Ordering::SeqCst) {
@@ -727,7 +733,19 @@ fn run_job(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: Ge
     slot.busy.store(false, Ordering::SeqCst);
 }
 
+/// Ends a job's running state (set when it was taken from the queue) on every path out of
+/// `run_job_inner`, early returns and panics included.
+struct Running<'a>(&'a Inner, &'a ModelSlot);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.1.queue.lock().expect("queue").set_running(None);
+    }
+}
+
 fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: GenerateJob) {
+    let running = Running(inner, slot);
     if job.cancel.is_cancelled() || job.events.is_closed() {
         return finish_unrun(inner, job, FinishReason::Cancelled, None);
     }
@@ -741,16 +759,13 @@ fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, j
             return finish_unrun(inner, job, FinishReason::Stop, Some(error));
         }
     };
-    slot.queue.lock().expect("queue").set_running(Some(job.cancel.clone()));
-    inner.counters.in_flight.fetch_add(1, Ordering::Relaxed);
     let events = job.events.clone();
     let mut on_text = |text: &str| {
         beat(inner, slot);
         events.blocking_send(Event::Text(text.to_string())).is_ok()
     };
     let result = engine.generate(&Prompt::Tokens(job.prompt_ids.clone()), &job.options, &job.cancel, &mut on_text);
-    inner.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-    slot.queue.lock().expect("queue").set_running(None);
+    drop(running);
     release_client(inner, &job.client);
     let finished = match result {
         Ok(outcome) => {

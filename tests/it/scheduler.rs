@@ -59,3 +59,31 @@ fn a_reload_during_submit_orphans_no_request() {
     }
     scheduler.shutdown();
 }
+
+/// A request whose model is still loading is running: counted in flight (the SIGTERM grace
+/// period waits for it) and cancelled by `shutdown`. It used to be neither queued nor in flight
+/// while the model loaded, so the grace period ended at once and shutdown could not cancel it.
+#[test]
+fn a_request_waiting_for_its_models_load_is_in_flight_and_shutdown_cancels_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let scheduler = Scheduler::start(runtime(), &config(dir.path(), 1));
+    let options = GenerateOptions { max_new_tokens: Some(900), temperature: Some(1.0), seed: Some(1), ..Default::default() };
+    let mut submitted = scheduler.submit("client", "kjv", &Prompt::Text("And God said".into()), options).unwrap();
+    // The engine thread takes the job and loads the model (a few hundred milliseconds).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while scheduler.models()[0].state != edgellm::scheduler::ModelState::Loading {
+        assert!(std::time::Instant::now() < deadline, "the model never started loading");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!((scheduler.queued(), scheduler.in_flight()), (0, 1), "while its model loads, the request is in flight");
+    scheduler.shutdown();
+    let mut finished = None;
+    while let Some(event) = submitted.events.blocking_recv() {
+        if let Event::Finished(f) = event {
+            finished = Some(f);
+        }
+    }
+    let f = finished.expect("a Finished");
+    assert_eq!(f.reason, edgellm::engine::FinishReason::Cancelled, "shutdown cancels it: {} tokens generated", f.token_ids.len());
+    assert_eq!(scheduler.in_flight(), 0);
+}
