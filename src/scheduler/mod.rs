@@ -104,9 +104,29 @@ pub struct Submitted {
     pub cancel: CancelToken,
 }
 
+/// A client's admitted request, counted against `limits.max_per_client` until it is dropped:
+/// whichever way the request ends (run, unrun, refused after admission, or dropped by a panicking
+/// engine thread), the count is freed.
+struct ClientPermit {
+    counts: Arc<Mutex<HashMap<ClientId, usize>>>,
+    client: ClientId,
+}
+
+impl Drop for ClientPermit {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(n) = counts.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.client);
+            }
+        }
+    }
+}
+
 struct GenerateJob {
     id: RequestId,
-    client: ClientId,
+    permit: ClientPermit,
     prompt_ids: Vec<u32>,
     options: GenerateOptions,
     cancel: CancelToken,
@@ -151,7 +171,7 @@ struct Inner {
     accepting: AtomicBool,
     stopping: AtomicBool,
     counters: Counters,
-    per_client: Mutex<HashMap<ClientId, usize>>,
+    per_client: Arc<Mutex<HashMap<ClientId, usize>>>,
     states: broadcast::Sender<(String, ModelState)>,
 }
 
@@ -187,7 +207,7 @@ impl Scheduler {
             accepting: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
             counters: Counters { in_flight: AtomicU64::new(0), total: AtomicU64::new(0), generated_tokens: AtomicU64::new(0) },
-            per_client: Mutex::new(HashMap::new()),
+            per_client: Arc::new(Mutex::new(HashMap::new())),
             states,
         });
         let scheduler = Scheduler { inner, threads: Arc::new(Mutex::new(Vec::new())) };
@@ -391,16 +411,16 @@ impl Scheduler {
             }
             *mine += 1;
         }
+        let permit = ClientPermit { counts: self.inner.per_client.clone(), client: client.to_string() };
         let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let cancel = CancelToken::new();
-        let job = GenerateJob { id, client: client.to_string(), prompt_ids, options, cancel: cancel.clone(), events: tx };
+        let job = GenerateJob { id, permit, prompt_ids, options, cancel: cancel.clone(), events: tx };
         {
             let mut queue = slot.queue.lock().expect("queue");
             if slot.retired.load(Ordering::SeqCst) {
                 // Its engine thread may have ended already: a job pushed now would never run.
-                drop(queue);
-                release_client(&self.inner, client);
+                // Dropping the job frees the client's count.
                 return Ok(None);
             }
             queue.push(client, job);
@@ -415,7 +435,7 @@ impl Scheduler {
         for slot in self.inner.every() {
             let removed = slot.queue.lock().expect("queue").remove_client(client);
             for job in removed {
-                finish_unrun(&self.inner, job, FinishReason::Cancelled, None);
+                finish_unrun(job, FinishReason::Cancelled, None);
             }
         }
     }
@@ -502,7 +522,7 @@ impl Scheduler {
         for slot in self.inner.every() {
             let jobs = slot.queue.lock().expect("queue").drain();
             for job in jobs {
-                finish_unrun(&self.inner, job, FinishReason::Cancelled, None);
+                finish_unrun(job, FinishReason::Cancelled, None);
             }
             if let Some(running) = slot.queue.lock().expect("queue").running_cancel() {
                 running.cancel();
@@ -538,19 +558,9 @@ fn set_state(inner: &Inner, slot: &ModelSlot, state: ModelState, provider: Optio
     let _ = inner.states.send((slot.config.name.clone(), state));
 }
 
-fn release_client(inner: &Inner, client: &str) {
-    let mut per_client = inner.per_client.lock().expect("per_client");
-    if let Some(n) = per_client.get_mut(client) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            per_client.remove(client);
-        }
-    }
-}
-
-/// Ends a request that never reached the engine.
-fn finish_unrun(inner: &Inner, job: GenerateJob, reason: FinishReason, error: Option<SchedulerError>) {
-    release_client(inner, &job.client);
+fn finish_unrun(job: GenerateJob, reason: FinishReason, error: Option<SchedulerError>) {
+    // The count is freed before the caller hears of the end, so that it may submit again at once.
+    drop(job.permit);
     let _ = job.events.try_send(Event::Finished(Finished {
         reason,
         error,
@@ -608,7 +618,32 @@ fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                 }
                 let _ = reply.send(());
             }
-            queue::Work::Job(job) => run_job(&inner, &slot, &mut engine, job),
+            queue::Work::Job(job) => {
+                let (id, events) = (job.id, job.events.clone());
+                // A panic in the engine must not take the model's thread with it: later requests
+                // would wait forever. Its request ends with an error, the engine (whose state is
+                // unknown now) is dropped, and the model loads again on its next request.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&inner, &slot, &mut engine, job)));
+                if let Err(panic) = run {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "(no message)".into());
+                    tracing::error!(model = %slot.config.name, request = id, %message, "the engine panicked; the model loads again on its next request");
+                    engine = None;
+                    slot.busy.store(false, Ordering::SeqCst);
+                    let error = format!("the engine panicked: {message}");
+                    set_state(&inner, &slot, ModelState::Failed, None, Some(format!("{error} (it loads again on the next request)")));
+                    let _ = events.try_send(Event::Finished(Finished {
+                        reason: FinishReason::Stop,
+                        error: Some(SchedulerError::Request(Error::Inference(error))),
+                        text: String::new(),
+                        token_ids: Vec::new(),
+                        stats: GenerationStats::default(),
+                    }));
+                }
+            }
         }
     }
 }
@@ -747,18 +782,19 @@ impl Drop for Running<'_> {
 fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: GenerateJob) {
     let running = Running(inner, slot);
     if job.cancel.is_cancelled() || job.events.is_closed() {
-        return finish_unrun(inner, job, FinishReason::Cancelled, None);
+        return finish_unrun(job, FinishReason::Cancelled, None);
     }
     if job.options.deadline.is_some_and(|d| Instant::now() >= d) {
-        return finish_unrun(inner, job, FinishReason::Timeout, None);
+        return finish_unrun(job, FinishReason::Timeout, None);
     }
     let engine = match ensure_loaded(inner, slot, engine) {
         Ok(e) => e,
         Err(message) => {
             let error = SchedulerError::LoadFailed { model: slot.config.name.clone(), reason: message };
-            return finish_unrun(inner, job, FinishReason::Stop, Some(error));
+            return finish_unrun(job, FinishReason::Stop, Some(error));
         }
     };
+    fail::fail_point!("scheduler::generate", slot.config.name.contains("failpoint"), |_| ());
     let events = job.events.clone();
     let mut on_text = |text: &str| {
         beat(inner, slot);
@@ -766,7 +802,7 @@ fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, j
     };
     let result = engine.generate(&Prompt::Tokens(job.prompt_ids.clone()), &job.options, &job.cancel, &mut on_text);
     drop(running);
-    release_client(inner, &job.client);
+    drop(job.permit);
     let finished = match result {
         Ok(outcome) => {
             inner.counters.generated_tokens.fetch_add(outcome.token_ids.len() as u64, Ordering::Relaxed);

@@ -87,3 +87,44 @@ fn a_request_waiting_for_its_models_load_is_in_flight_and_shutdown_cancels_it() 
     assert_eq!(f.reason, edgellm::engine::FinishReason::Cancelled, "shutdown cancels it: {} tokens generated", f.token_ids.len());
     assert_eq!(scheduler.in_flight(), 0);
 }
+
+fn run_to_end(submitted: &mut edgellm::scheduler::Submitted) -> edgellm::scheduler::Finished {
+    let mut finished = None;
+    while let Some(event) = submitted.events.blocking_recv() {
+        if let Event::Finished(f) = event {
+            finished = Some(f);
+        }
+    }
+    finished.expect("every request ends with Finished")
+}
+
+/// A panic in an engine thread (injected with fail-rs at the point where a request starts to
+/// generate) ends that request with an error and leaves the model serving: it shows as failed in
+/// the model list, loads again on the next request, and the client's count was freed (with
+/// `max_per_client = 1` a leaked count would refuse the second request as Busy).
+#[test]
+fn a_panicking_engine_ends_its_request_with_an_error_and_the_model_serves_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[limits]\nmax_per_client = 1\n\n[[model]]\nname = \"kjv-failpoint\"\npath = \"{}\"\npreload = false\n",
+        model_dir("kjv-target").display()
+    );
+    let scheduler = Scheduler::start(runtime(), &Config::parse(&dir.path().join("edgellm.toml"), &text).unwrap());
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("scheduler::generate", "1*panic(injected by the test)").unwrap();
+    let options = GenerateOptions { max_new_tokens: Some(4), temperature: Some(0.0), ..Default::default() };
+    let prompt = Prompt::Text("And God said".into());
+
+    let first = run_to_end(&mut scheduler.submit("client", "kjv-failpoint", &prompt, options.clone()).unwrap());
+    let error = first.error.expect("the panicking request ends with an error").to_string();
+    assert!(error.contains("panicked") && error.contains("injected by the test"), "{error}");
+    let model = &scheduler.models()[0];
+    assert_eq!(model.state, edgellm::scheduler::ModelState::Failed);
+    assert!(model.error.as_deref().unwrap_or("").contains("panicked"), "{:?}", model.error);
+
+    let second = run_to_end(&mut scheduler.submit("client", "kjv-failpoint", &prompt, options).expect("the client's count was freed"));
+    assert!(second.error.is_none() && !second.token_ids.is_empty(), "{:?}", second.error);
+    assert_eq!(scheduler.models()[0].state, edgellm::scheduler::ModelState::Ready);
+    scenario.teardown();
+    scheduler.shutdown();
+}
