@@ -10,7 +10,7 @@
 mod queue;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -124,9 +124,21 @@ impl Drop for ClientPermit {
     }
 }
 
+/// A place in the daemon-wide queue, reserved at admission under the lock that checks
+/// `limits.max_queue`, and given back when the job leaves the queue (taken by its engine thread,
+/// cancelled, drained or dropped).
+struct QueueSeat(Arc<AtomicUsize>);
+
+impl Drop for QueueSeat {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 struct GenerateJob {
     id: RequestId,
     permit: ClientPermit,
+    seat: Option<QueueSeat>,
     prompt_ids: Vec<u32>,
     options: GenerateOptions,
     cancel: CancelToken,
@@ -172,6 +184,8 @@ struct Inner {
     stopping: AtomicBool,
     counters: Counters,
     per_client: Arc<Mutex<HashMap<ClientId, usize>>>,
+    /// Requests admitted and not yet taken by an engine thread, daemon-wide (`limits.max_queue`).
+    waiting: Arc<AtomicUsize>,
     states: broadcast::Sender<(String, ModelState)>,
 }
 
@@ -208,6 +222,7 @@ impl Scheduler {
             stopping: AtomicBool::new(false),
             counters: Counters { in_flight: AtomicU64::new(0), total: AtomicU64::new(0), generated_tokens: AtomicU64::new(0) },
             per_client: Arc::new(Mutex::new(HashMap::new())),
+            waiting: Arc::new(AtomicUsize::new(0)),
             states,
         });
         let scheduler = Scheduler { inner, threads: Arc::new(Mutex::new(Vec::new())) };
@@ -396,7 +411,7 @@ impl Scheduler {
         // Admission: per-client and global bounds, checked and counted under one lock.
         {
             let mut per_client = self.inner.per_client.lock().expect("per_client");
-            let queued: usize = self.queued();
+            let queued = self.inner.waiting.load(Ordering::SeqCst);
             if queued >= limits.max_queue {
                 return Err(SchedulerError::Busy(format!(
                     "the queue is full ({queued} requests waiting, `limits.max_queue`); try again later"
@@ -410,12 +425,17 @@ impl Scheduler {
                 )));
             }
             *mine += 1;
+            self.inner.waiting.fetch_add(1, Ordering::SeqCst);
         }
+        // Both counted under the lock above; from here on, dropping these gives them back.
         let permit = ClientPermit { counts: self.inner.per_client.clone(), client: client.to_string() };
+        let seat = Some(QueueSeat(self.inner.waiting.clone()));
+        // Where a submitting thread may be preempted between admission and the push (tests widen it).
+        fail::fail_point!("scheduler::admitted", model.contains("failpoint"), |_| Err(SchedulerError::ShuttingDown));
         let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let cancel = CancelToken::new();
-        let job = GenerateJob { id, permit, prompt_ids, options, cancel: cancel.clone(), events: tx };
+        let job = GenerateJob { id, permit, seat, prompt_ids, options, cancel: cancel.clone(), events: tx };
         {
             let mut queue = slot.queue.lock().expect("queue");
             if slot.retired.load(Ordering::SeqCst) {
@@ -485,7 +505,7 @@ impl Scheduler {
     }
 
     pub fn queued(&self) -> usize {
-        self.inner.every().iter().map(|s| s.queue.lock().expect("queue").len()).sum()
+        self.inner.waiting.load(Ordering::SeqCst)
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -579,10 +599,11 @@ fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                 if inner.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                if let Some(work) = queue.pop() {
+                if let Some(mut work) = queue.pop() {
                     // A job counts as running from here, under the lock it was taken with, its
                     // model's load included: shutdown waits for it and can cancel it.
-                    if let queue::Work::Job(job) = &work {
+                    if let queue::Work::Job(job) = &mut work {
+                        job.seat = None;
                         queue.set_running(Some(job.cancel.clone()));
                         inner.counters.in_flight.fetch_add(1, Ordering::SeqCst);
                     }

@@ -47,6 +47,8 @@ impl<J, C> FairQueue<J, C> {
         Some(Work::Job(job))
     }
 
+    /// The requests waiting (the scheduler counts them daemon-wide itself, at admission).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.clients.iter().map(|(_, j)| j.len()).sum()
     }

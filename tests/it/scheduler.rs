@@ -128,3 +128,48 @@ fn a_panicking_engine_ends_its_request_with_an_error_and_the_model_serves_again(
     scenario.teardown();
     scheduler.shutdown();
 }
+
+/// Admission checks `limits.max_queue` and takes the place in one step: sixteen clients that
+/// submit at the same instant get at most `max_queue` places in the queue plus the one request
+/// its engine thread has taken; the others are Busy. The check used to be made under a lock and
+/// the job pushed after it was released; a failpoint that sleeps between admission and the push
+/// (a preempted thread) makes that window wide.
+#[test]
+fn concurrent_submits_never_overfill_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[limits]\nmax_queue = 2\n\n[[model]]\nname = \"kjv-failpoint\"\npath = \"{}\"\npreload = false\n",
+        model_dir("kjv-target").display()
+    );
+    let scheduler = Scheduler::start(runtime(), &Config::parse(&dir.path().join("edgellm.toml"), &text).unwrap());
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("scheduler::admitted", "sleep(20)").unwrap();
+    let start = Arc::new(Barrier::new(16));
+    let submitters: Vec<_> = (0..16)
+        .map(|i| {
+            let (scheduler, start) = (scheduler.clone(), start.clone());
+            std::thread::spawn(move || {
+                let options = GenerateOptions { max_new_tokens: Some(2), temperature: Some(0.0), ..Default::default() };
+                start.wait();
+                scheduler.submit(&format!("client-{i}"), "kjv-failpoint", &Prompt::Text("And God said unto Moses".into()), options)
+            })
+        })
+        .collect();
+    let results: Vec<_> = submitters.into_iter().map(|t| t.join().unwrap()).collect();
+    scenario.teardown();
+    let (mut accepted, mut busy) = (Vec::new(), 0);
+    for r in results {
+        match r {
+            Ok(s) => accepted.push(s),
+            Err(edgellm::scheduler::SchedulerError::Busy(_)) => busy += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(accepted.len() <= 3, "{} accepted with max_queue = 2 (and one running)", accepted.len());
+    assert_eq!(accepted.len() + busy, 16);
+    for mut s in accepted {
+        assert!(run_to_end(&mut s).error.is_none());
+    }
+    assert_eq!(scheduler.queued(), 0);
+    scheduler.shutdown();
+}
