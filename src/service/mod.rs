@@ -161,7 +161,13 @@ impl Daemon {
     }
 
     /// Validates and queues; returns the request id and its event stream.
-    fn start(&self, sender: &str, model: &str, prompt: Prompt, options: &HashMap<String, OwnedValue>) -> Result<Started, DaemonError> {
+    async fn start(
+        &self,
+        sender: &str,
+        model: &str,
+        prompt: Prompt,
+        options: &HashMap<String, OwnedValue>,
+    ) -> Result<Started, DaemonError> {
         let parsed = options::parse(options)?;
         let prompt = match (parsed.prompt_ids, prompt) {
             (None, prompt) => prompt,
@@ -193,7 +199,14 @@ impl Daemon {
         }
         let mut generate = parsed.generate;
         generate.speculative = parsed.speculative;
-        let submitted = self.scheduler.submit(sender, model, &prompt, generate)?;
+        // Validation tokenizes up to `limits.max_prompt_bytes`, renders chat templates and may open
+        // the model's folder: blocking work, kept off the async threads that serve every caller.
+        let submitted = {
+            let (scheduler, sender, model, prompt) = (self.scheduler.clone(), sender.to_string(), model.to_string(), prompt.clone());
+            tokio::task::spawn_blocking(move || scheduler.submit(&sender, &model, &prompt, generate))
+                .await
+                .map_err(|e| DaemonError::Internal(format!("request validation failed: {e}")))??
+        };
         if self.log_text {
             tracing::debug!(request = submitted.id, ?prompt, "request text");
         }
@@ -280,7 +293,7 @@ impl Daemon {
         prompt: Prompt,
         options: &HashMap<String, OwnedValue>,
     ) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
-        let Started { mut submitted, return_token_ids } = self.start(sender, model, prompt, options)?;
+        let Started { mut submitted, return_token_ids } = self.start(sender, model, prompt, options).await?;
         let id = submitted.id;
         let mut finished = None;
         while let Some(event) = submitted.events.recv().await {
@@ -319,7 +332,7 @@ impl Daemon {
         options: HashMap<String, OwnedValue>,
     ) -> Result<ResponseDispatchNotifier<u64>, DaemonError> {
         let sender = Self::sender(&header)?;
-        let started = self.start(&sender, &model, Prompt::Text(prompt), &options)?;
+        let started = self.start(&sender, &model, Prompt::Text(prompt), &options).await?;
         let (reply, sent) = ResponseDispatchNotifier::new(started.submitted.id);
         self.forward(conn, sender, started, sent);
         Ok(reply)
@@ -338,7 +351,7 @@ impl Daemon {
         let sender = Self::sender(&header)?;
         self.check_text_size("messages", messages.iter().map(|(r, c)| r.len() + c.len()).sum())?;
         let messages = messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect();
-        let started = self.start(&sender, &model, Prompt::Chat(messages), &options)?;
+        let started = self.start(&sender, &model, Prompt::Chat(messages), &options).await?;
         let (reply, sent) = ResponseDispatchNotifier::new(started.submitted.id);
         self.forward(conn, sender, started, sent);
         Ok(reply)

@@ -1,5 +1,6 @@
 //! The scheduler's defects from the review, each driven through the library API.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
@@ -171,5 +172,60 @@ fn concurrent_submits_never_overfill_the_queue() {
         assert!(run_to_end(&mut s).error.is_none());
     }
     assert_eq!(scheduler.queued(), 0);
+    scheduler.shutdown();
+}
+
+/// Validating a request (tokenizing up to `limits.max_prompt_bytes`, rendering a chat template,
+/// opening a model folder) is blocking work: it runs off the async threads, so other callers are
+/// answered meanwhile. The daemon's own service, on a runtime of two async threads as edgellmd's,
+/// gets two requests whose validation a failpoint makes take 1.5 s; ListModels still answers at
+/// once. When validation ran on the async threads, both were blocked and ListModels waited.
+#[test]
+fn slow_validation_does_not_hold_up_other_callers() {
+    use edgellm::service::client::Daemon1Proxy;
+    use edgellm::service::{AdminPolicy, Daemon, BUS_NAME, OBJECT_PATH};
+    let bus = crate::daemon::PrivateBus::start();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("[[model]]\nname = \"kjv-failpoint\"\npath = \"{}\"\npreload = false\n", model_dir("kjv-target").display());
+    let scheduler = Scheduler::start(runtime(), &Config::parse(&dir.path().join("edgellm.toml"), &text).unwrap());
+    let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let _server = server_rt.block_on(async {
+        let daemon = Daemon::new(scheduler.clone(), AdminPolicy { daemon_uid: 0, admin_gid: None }, false);
+        zbus::connection::Builder::address(bus.address.as_str())
+            .unwrap()
+            .serve_at(OBJECT_PATH, daemon)
+            .unwrap()
+            .name(BUS_NAME)
+            .unwrap()
+            .build()
+            .await
+            .unwrap()
+    });
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("scheduler::admitted", "sleep(1500)").unwrap();
+    let waited = crate::daemon::rt().block_on(async {
+        let client = zbus::connection::Builder::address(bus.address.as_str()).unwrap().build().await.unwrap();
+        let proxy = Daemon1Proxy::new(&client).await.unwrap();
+        let slow: Vec<_> = (0..2)
+            .map(|_| {
+                let proxy = proxy.clone();
+                tokio::spawn(async move {
+                    let options = HashMap::from([("max_new_tokens", zbus::zvariant::Value::U32(1))]);
+                    proxy.complete("kjv-failpoint", "And God said", options).await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let asked = std::time::Instant::now();
+        let models = proxy.list_models().await.unwrap();
+        let waited = asked.elapsed();
+        assert_eq!(models.len(), 1);
+        for call in slow {
+            call.await.unwrap().unwrap();
+        }
+        waited
+    });
+    scenario.teardown();
+    assert!(waited < Duration::from_millis(500), "ListModels waited {waited:?} behind two validations");
     scheduler.shutdown();
 }
