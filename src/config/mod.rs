@@ -9,6 +9,7 @@ use toml::Spanned;
 
 use crate::engine::{KvLayout, LoadOptions};
 use crate::runtime::{Provider, SessionOptions};
+use crate::speculative::lookup::LookupSettings;
 
 pub const DEFAULT_PATH: &str = "/etc/edgellm/edgellm.toml";
 
@@ -80,6 +81,9 @@ struct RawModel {
     multitoken_mode: Option<Spanned<String>>,
     multitoken_threshold: Option<Spanned<f64>>,
     multitoken_max_tokens: Option<Spanned<u32>>,
+    prompt_lookup: Option<Spanned<bool>>,
+    prompt_lookup_ngram: Option<Spanned<u32>>,
+    prompt_lookup_max_draft: Option<Spanned<u32>>,
 }
 
 // ---------------------------------------------------------------- validated
@@ -157,6 +161,8 @@ pub struct ModelConfig {
     pub preload: bool,
     pub speculative: SpeculativeConfig,
     pub multitoken: MultiTokenConfig,
+    /// Prompt lookup drafting (`prompt_lookup = true`), never together with `draft`.
+    pub prompt_lookup: Option<LookupSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -331,7 +337,39 @@ impl Config {
                 Some(n) if *n.get_ref() == 0 => return Err(err(n.span(), "field `model.multitoken_max_tokens`: at least 1".into())),
                 n => n.as_ref().map(|n| *n.get_ref() as usize),
             };
+            let lookup_keys = m.prompt_lookup_ngram.as_ref().map(|n| n.span()).or(m.prompt_lookup_max_draft.as_ref().map(|n| n.span()));
+            let prompt_lookup = match &m.prompt_lookup {
+                Some(on) if *on.get_ref() => {
+                    if let Some(d) = &m.draft {
+                        return Err(err(
+                            on.span(),
+                            format!("fields `model.draft` (`{}`) and `model.prompt_lookup`: a model drafts with one proposer; remove one of them", d.get_ref()),
+                        ));
+                    }
+                    let ngram = m.prompt_lookup_ngram.as_ref().map(|n| (*n.get_ref() as usize, n.span()));
+                    if let Some((n, span)) = ngram.clone().filter(|(n, _)| !(2..=8).contains(n)) {
+                        return Err(err(span, format!("field `model.prompt_lookup_ngram`: {n}; use 2 to 8")));
+                    }
+                    let max_draft = m.prompt_lookup_max_draft.as_ref().map(|n| (*n.get_ref() as usize, n.span()));
+                    if let Some((n, span)) = max_draft.clone().filter(|(n, _)| !(1..=16).contains(n)) {
+                        return Err(err(span, format!("field `model.prompt_lookup_max_draft`: {n}; use 1 to 16")));
+                    }
+                    let defaults = LookupSettings::default();
+                    Some(LookupSettings {
+                        ngram: ngram.map(|v| v.0).unwrap_or(defaults.ngram),
+                        max_draft: max_draft.map(|v| v.0).unwrap_or(defaults.max_draft),
+                    })
+                }
+                _ if lookup_keys.is_some() => {
+                    return Err(err(
+                        lookup_keys.expect("checked"),
+                        "fields `model.prompt_lookup_ngram`/`prompt_lookup_max_draft` take effect with `prompt_lookup = true`".into(),
+                    ))
+                }
+                _ => None,
+            };
             models.push(ModelConfig {
+                prompt_lookup,
                 name,
                 path,
                 load: LoadOptions {
@@ -398,5 +436,20 @@ mod tests {
         assert!(e.contains(":4:") && e.contains("model.draft"), "{e}");
         let e = parse("[limits]\nmax_queue = -1\n").unwrap_err().to_string();
         assert!(e.contains(":2:"), "{e}");
+    }
+
+    #[test]
+    fn prompt_lookup_keys() {
+        let c = parse("[[model]]\nname = \"a\"\npath = \"x\"\nprompt_lookup = true\nprompt_lookup_ngram = 4\n").unwrap();
+        assert_eq!(c.models[0].prompt_lookup, Some(LookupSettings { ngram: 4, max_draft: 8 }));
+        let c = parse("[[model]]\nname = \"a\"\npath = \"x\"\n").unwrap();
+        assert_eq!(c.models[0].prompt_lookup, None);
+        let two = "[[model]]\nname = \"a\"\npath = \"x\"\ndraft = \"b\"\nprompt_lookup = true\n\n[[model]]\nname = \"b\"\npath = \"y\"\n";
+        let e = parse(two).unwrap_err().to_string();
+        assert!(e.contains(":5:") && e.contains("model.draft") && e.contains("model.prompt_lookup"), "{e}");
+        let e = parse("[[model]]\nname = \"a\"\npath = \"x\"\nprompt_lookup = true\nprompt_lookup_ngram = 9\n").unwrap_err().to_string();
+        assert!(e.contains(":5:") && e.contains("prompt_lookup_ngram") && e.contains("2 to 8"), "{e}");
+        let e = parse("[[model]]\nname = \"a\"\npath = \"x\"\nprompt_lookup_max_draft = 4\n").unwrap_err().to_string();
+        assert!(e.contains(":4:") && e.contains("prompt_lookup = true"), "{e}");
     }
 }

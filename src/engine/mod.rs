@@ -20,6 +20,8 @@ use crate::multitoken::{MultiTokenModel, Settings as MultiTokenSettings};
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
 use text::{Piece, StopText};
 
+use crate::speculative::lookup::{LookupSettings, PromptLookup};
+
 /// How to load a model.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LoadOptions {
@@ -42,6 +44,8 @@ pub struct GenerateOptions {
     pub deadline: Option<Instant>,
     /// Speculative decoding for a model with a draft: on unless `Some(false)`.
     pub speculative: Option<bool>,
+    /// Prompt lookup drafting (models without a draft): the model's setting unless given.
+    pub prompt_lookup: Option<bool>,
     /// Multi-token models: mode, threshold and step maximum for this request.
     pub multitoken_mode: Option<crate::multitoken::Mode>,
     pub multitoken_threshold: Option<f32>,
@@ -172,6 +176,8 @@ pub struct Engine {
     core: Core,
     kv_layout: KvLayout,
     draft: Option<crate::speculative::Draft>,
+    /// Prompt lookup settings where the model's config turns it on.
+    prompt_lookup: Option<LookupSettings>,
     pub load_time: Duration,
 }
 
@@ -203,7 +209,7 @@ impl Engine {
                 (Core::Decoder(decoder), kv_layout)
             }
         };
-        let engine = Engine { name: name.into(), folder, core, kv_layout, draft: None, load_time: started.elapsed() };
+        let engine = Engine { name: name.into(), folder, core, kv_layout, draft: None, prompt_lookup: None, load_time: started.elapsed() };
         tracing::info!(
             model = name,
             provider = engine.provider().provider.name(),
@@ -312,6 +318,19 @@ impl Engine {
         Ok(())
     }
 
+    /// Turns prompt lookup drafting on for this model's requests (a request may turn it off).
+    pub fn enable_prompt_lookup(&mut self, settings: LookupSettings) -> Result<()> {
+        if self.is_multitoken() || self.draft.is_some() {
+            return Err(Error::ModelConfig {
+                path: self.folder.config.path.clone(),
+                field: "prompt_lookup".into(),
+                reason: format!("model `{}` already drafts (a draft model or multi-token steps)", self.name),
+            });
+        }
+        self.prompt_lookup = Some(settings);
+        Ok(())
+    }
+
     pub fn has_draft(&self) -> bool {
         self.draft.is_some()
     }
@@ -362,6 +381,11 @@ impl Engine {
         let max_new = options.max_new_tokens.unwrap_or(max_total.saturating_sub(prompt_ids.len())).max(1);
         let mut run = Run::new(&self.folder, prompt_ids, params, options, max_new, self.context());
         let speculative = options.speculative.unwrap_or(true);
+        let lookup = match options.prompt_lookup {
+            Some(true) => Some(self.prompt_lookup.unwrap_or_default()),
+            Some(false) => None,
+            None => self.prompt_lookup,
+        };
         let reason = match (&mut self.core, &mut self.draft, speculative) {
             (Core::MultiToken(model, defaults), _, _) => {
                 let settings = checked_multitoken(
@@ -375,7 +399,21 @@ impl Engine {
                 model.decode(settings, &self.folder, &mut run, cancel, on_text)?
             }
             (Core::Decoder(decoder), Some(draft), true) => {
-                crate::speculative::decode(decoder, self.kv_layout, draft, &self.folder, &mut run, cancel, on_text)?
+                let bounds = draft.settings();
+                let mut proposer = crate::speculative::DraftProposer::new(draft, run.prompt_len + run.max_new, cancel)?;
+                crate::speculative::decode(decoder, self.kv_layout, &mut proposer, bounds, &self.folder, &mut run, cancel, on_text)?
+            }
+            (Core::Decoder(decoder), None, _) if lookup.is_some() => {
+                let settings = lookup.expect("matched");
+                if let Some(state) = decoder.recurrent_states().first() {
+                    return Err(Error::InvalidArgument {
+                        argument: "prompt_lookup".into(),
+                        reason: format!("model `{}` carries recurrent states (`{state}`), which drafting cannot roll back", self.name),
+                    });
+                }
+                let bounds = crate::speculative::Settings { min_tokens: 1, max_tokens: settings.max_draft, min_confidence: 0.0 };
+                let mut proposer = PromptLookup::new(settings);
+                crate::speculative::decode(decoder, self.kv_layout, &mut proposer, bounds, &self.folder, &mut run, cancel, on_text)?
             }
             (Core::Decoder(decoder), _, _) => decode_plain(decoder, self.kv_layout, &self.folder, &mut run, cancel, on_text)?,
         };

@@ -384,6 +384,16 @@ impl Scheduler {
             None => options.max_new_tokens = Some(limit),
             Some(_) => {}
         }
+        if options.prompt_lookup == Some(true) && (folder.multitoken.is_some() || slot.config.draft.is_some()) {
+            return Err(Error::InvalidArgument {
+                argument: "prompt_lookup".into(),
+                reason: format!(
+                    "model `{model}` drafts with {}; prompt lookup is for models without one",
+                    if folder.multitoken.is_some() { "its multi-token steps" } else { "its draft model" }
+                ),
+            }
+            .into());
+        }
         let multitoken_asked =
             options.multitoken_mode.is_some() || options.multitoken_threshold.is_some() || options.multitoken_max_tokens.is_some();
         match &folder.multitoken {
@@ -730,6 +740,9 @@ fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut Option<Eng
                         min_confidence: s.min_confidence,
                     };
                     engine.attach_draft(&inner.runtime, &folder, &draft.config.load, settings)?;
+                }
+                if let Some(lookup) = slot.config.prompt_lookup {
+                    engine.enable_prompt_lookup(lookup)?;
                 }
                 let overrides = &slot.config.multitoken;
                 match engine.multitoken_settings() {

@@ -18,6 +18,7 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("seed", "t"),
     ("stop", "as"),
     ("speculative", "b"),
+    ("prompt_lookup", "b"),
     ("multitoken_mode", "s"),
     ("multitoken_threshold", "d"),
     ("multitoken_max_tokens", "u"),
@@ -126,6 +127,10 @@ pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Er
                 }
                 g.stop = list;
             }
+            "prompt_lookup" => match v {
+                Value::Bool(b) => g.prompt_lookup = Some(*b),
+                other => return Err(wrong_type(name, "b", other)),
+            },
             "speculative" => match v {
                 Value::Bool(b) => out.speculative = Some(*b),
                 other => return Err(wrong_type(name, "b", other)),

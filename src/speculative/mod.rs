@@ -13,6 +13,8 @@ use crate::error::{Error, Result};
 use crate::model::ModelFolder;
 use crate::runtime::{ProviderReport, Runtime};
 
+pub mod lookup;
+
 /// Draft length bounds and the confidence cut-off (the target's `[[model]]` keys).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
@@ -74,6 +76,10 @@ impl Draft {
 
     pub fn provider(&self) -> &ProviderReport {
         &self.decoder.provider
+    }
+
+    pub(crate) fn settings(&self) -> Settings {
+        self.settings
     }
 }
 
@@ -215,65 +221,57 @@ fn forward(decoder: &mut Decoder, cache: &mut KvCache, ids: &[u32], rows: usize)
     }
 }
 
-/// Decodes `run` speculatively; returns why it ended.
-pub(crate) fn decode(
-    target: &mut Decoder,
-    target_layout: KvLayout,
-    draft: &mut Draft,
-    folder: &ModelFolder,
-    run: &mut Run,
-    cancel: &CancelToken,
-    on_text: &mut dyn FnMut(&str) -> bool,
-) -> Result<FinishReason> {
-    let params = run.sampler.params().clone();
-    let greedy = params.is_greedy();
-    let vocab = target.vocab();
-    let mut stats = SpeculativeStats::default();
-    // Room for the request's tokens plus one round of drafts past them.
-    let positions = run.prompt_len + run.max_new + draft.settings.max_tokens + 1;
-    let mut t_cache = target.new_cache(target_layout, positions)?;
-    let mut d_cache = draft.decoder.new_cache(draft.layout, positions)?;
-    cancel.attach(t_cache.run_options());
-    // The draft's forwards too: its first catch-up is a prefill of the whole prompt.
-    cancel.attach(d_cache.run_options());
+/// What a proposer suggests for the target to verify: tokens after the sequence and, for
+/// sampled decoding, the distribution each was drawn from (the rejection rule needs q).
+pub(crate) struct Proposal {
+    pub tokens: Vec<u32>,
+    pub q_rows: Vec<Vec<f32>>,
+}
 
-    // Prefill: the first token comes from the target alone.
-    let prompt = run.sequence.clone();
-    let Some(mut logits) = forward(target, &mut t_cache, &prompt, 1)? else { return Ok(FinishReason::Cancelled) };
-    run.target_forwards += 1;
-    let first = run.sampler.next(&mut logits, &run.sequence);
-    if let Some(reason) = run.accept(folder, first, on_text)? {
-        run.speculative = Some(stats);
-        return Ok(reason);
+/// Suggests continuations; the driver below verifies them with the target. Implementations:
+/// a draft model (`DraftProposer`) and prompt lookup (`lookup::PromptLookup`).
+pub(crate) trait Proposer {
+    /// Up to `k` tokens after `run.sequence` (stopping early where it is unsure, but not below
+    /// `min`); `None` when the request was cancelled meanwhile.
+    fn propose(&mut self, run: &mut Run, k: usize, min: usize) -> Result<Option<Proposal>>;
+    /// The target kept the sequence up to `len` tokens (`accepted` of `proposed` drafts).
+    fn accepted(&mut self, len: usize, proposed: usize, accepted: usize) -> Result<()>;
+    /// Positions the proposer may look ahead of the request's tokens (sizes the caches).
+    fn max_tokens(&self) -> usize;
+}
+
+/// The draft model as a proposer, with its own KV cache for this request.
+pub(crate) struct DraftProposer<'d> {
+    draft: &'d mut Draft,
+    cache: KvCache,
+}
+
+impl<'d> DraftProposer<'d> {
+    pub(crate) fn new(draft: &'d mut Draft, positions: usize, cancel: &CancelToken) -> Result<Self> {
+        let cache = draft.decoder.new_cache(draft.layout, positions + draft.settings.max_tokens + 1)?;
+        // The draft's runs are terminated with the target's: its first catch-up is a prefill.
+        cancel.attach(cache.run_options());
+        Ok(DraftProposer { draft, cache })
     }
-    let mut k = AdaptiveK {
-        k: draft.settings.max_tokens.div_ceil(2).max(draft.settings.min_tokens),
-        min: draft.settings.min_tokens,
-        max: draft.settings.max_tokens,
-    };
-    let reason = 'rounds: loop {
-        // Invariant: the target's cache holds all of `sequence` but its last token.
-        let base = t_cache.len();
-        // Room for the last token and k drafts, leaving one position to generate into.
-        let room = run.context_left(base);
-        if let Some(reason) = run.should_stop(base + 1, cancel) {
-            break reason;
-        }
-        let k_now = k.k.min(room.saturating_sub(2)).min(run.tokens_left().saturating_sub(1));
+}
 
-        // Propose: the draft first catches up with what it has not seen (1 or 2 tokens).
-        let mut drafts: Vec<u32> = Vec::with_capacity(k_now);
+impl Proposer for DraftProposer<'_> {
+    fn propose(&mut self, run: &mut Run, k: usize, min: usize) -> Result<Option<Proposal>> {
+        let params = run.sampler.params().clone();
+        let greedy = params.is_greedy();
+        let min_confidence = self.draft.settings.min_confidence;
+        let mut tokens: Vec<u32> = Vec::with_capacity(k);
         let mut q_rows: Vec<Vec<f32>> = Vec::new();
-        let mut feed: Vec<u32> = run.sequence[d_cache.len()..].to_vec();
-        let drafting = std::time::Instant::now();
-        while drafts.len() < k_now {
-            let Some(row) = forward(&mut draft.decoder, &mut d_cache, &feed, 1)? else { break 'rounds FinishReason::Cancelled };
+        // The draft first catches up with what it has not seen (1 or 2 tokens; the prompt at first).
+        let mut feed: Vec<u32> = run.sequence[self.cache.len()..].to_vec();
+        while tokens.len() < k {
+            let Some(row) = forward(&mut self.draft.decoder, &mut self.cache, &feed, 1)? else { return Ok(None) };
             // What the repetition penalty looks at; only built when there is a penalty.
             let seen: Vec<u32> =
-                if params.repetition_penalty == 1.0 { Vec::new() } else { run.sequence.iter().chain(&drafts).copied().collect() };
+                if params.repetition_penalty == 1.0 { Vec::new() } else { run.sequence.iter().chain(&tokens).copied().collect() };
             let (token, confidence) = if greedy {
                 let t = penalised_argmax(&row, &seen, params.repetition_penalty);
-                let confidence = if draft.settings.min_confidence > 0.0 {
+                let confidence = if min_confidence > 0.0 {
                     row_distribution(&row, &seen, &SamplingParams { temperature: 1.0, ..params.clone() })[t as usize]
                 } else {
                     1.0
@@ -286,13 +284,72 @@ pub(crate) fn decode(
                 q_rows.push(q);
                 (t, confidence)
             };
-            drafts.push(token);
+            tokens.push(token);
             feed = vec![token];
-            if confidence < draft.settings.min_confidence && drafts.len() >= k.min {
+            if confidence < min_confidence && tokens.len() >= min {
                 break;
             }
         }
+        Ok(Some(Proposal { tokens, q_rows }))
+    }
 
+    fn accepted(&mut self, len: usize, _proposed: usize, _accepted: usize) -> Result<()> {
+        // The draft keeps no more than the target did (it may not have seen the last draft).
+        let keep = len.min(self.cache.len());
+        self.cache.truncate(keep)
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.draft.settings.max_tokens
+    }
+}
+
+/// Decodes `run` with `proposer`'s suggestions verified by `target`; returns why it ended.
+/// Greedy: the target's argmax decides (near ties recomputed one token at a time, as plain
+/// decoding runs); sampled: the rejection rule keeps the target's distribution.
+pub(crate) fn decode(
+    target: &mut Decoder,
+    target_layout: KvLayout,
+    proposer: &mut dyn Proposer,
+    bounds: Settings,
+    folder: &ModelFolder,
+    run: &mut Run,
+    cancel: &CancelToken,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<FinishReason> {
+    let params = run.sampler.params().clone();
+    let greedy = params.is_greedy();
+    let vocab = target.vocab();
+    let mut stats = SpeculativeStats::default();
+    // Room for the request's tokens plus one round of drafts past them.
+    let positions = run.prompt_len + run.max_new + proposer.max_tokens() + 1;
+    let mut t_cache = target.new_cache(target_layout, positions)?;
+    cancel.attach(t_cache.run_options());
+
+    // Prefill: the first token comes from the target alone.
+    let prompt = run.sequence.clone();
+    let Some(mut logits) = forward(target, &mut t_cache, &prompt, 1)? else { return Ok(FinishReason::Cancelled) };
+    run.target_forwards += 1;
+    let first = run.sampler.next(&mut logits, &run.sequence);
+    if let Some(reason) = run.accept(folder, first, on_text)? {
+        run.speculative = Some(stats);
+        return Ok(reason);
+    }
+    let mut k = AdaptiveK { k: bounds.max_tokens.div_ceil(2).max(bounds.min_tokens), min: bounds.min_tokens, max: bounds.max_tokens };
+    let reason = 'rounds: loop {
+        // Invariant: the target's cache holds all of `sequence` but its last token.
+        let base = t_cache.len();
+        // Room for the last token and k drafts, leaving one position to generate into.
+        let room = run.context_left(base);
+        if let Some(reason) = run.should_stop(base + 1, cancel) {
+            break reason;
+        }
+        let k_now = k.k.min(room.saturating_sub(2)).min(run.tokens_left().saturating_sub(1));
+
+        let drafting = std::time::Instant::now();
+        let Some(Proposal { tokens: drafts, q_rows }) = proposer.propose(run, k_now, k.min)? else {
+            break 'rounds FinishReason::Cancelled;
+        };
         stats.draft_time += drafting.elapsed();
         let verifying = std::time::Instant::now();
         // Verify: one target forward over the last token and the drafts.
@@ -324,6 +381,8 @@ pub(crate) fn decode(
             }
         } else {
             let p_rows = row_distributions(&rows, &run.sequence, &drafts, &params);
+            // A deterministic proposal (prompt lookup) drew each token with probability 1.
+            let q_rows = if q_rows.len() == drafts.len() { q_rows } else { one_hot_rows(&drafts, vocab) };
             verify_sampled(&p_rows, &q_rows, &drafts, &mut run.sampler)
         };
         stats.verify_time += verifying.elapsed();
@@ -333,10 +392,9 @@ pub(crate) fn decode(
         stats.accepted_per_round[accepted.min(16)] += 1;
         k.update(drafts.len(), accepted);
 
-        // Roll back both caches to what was accepted: the target keeps `last` and the accepted
-        // drafts; the draft keeps no more than that (it may not have seen the last draft).
+        // Roll back to what was accepted: the target keeps `last` and the accepted drafts.
         t_cache.truncate(base + 1 + accepted)?;
-        d_cache.truncate((base + 1 + accepted).min(d_cache.len()))?;
+        proposer.accepted(base + 1 + accepted, drafts.len(), accepted)?;
         for &token in drafts[..accepted].iter().chain(std::iter::once(&next)) {
             if let Some(reason) = run.accept(folder, token, on_text)? {
                 break 'rounds reason;
@@ -347,12 +405,44 @@ pub(crate) fn decode(
     Ok(reason)
 }
 
+fn one_hot_rows(tokens: &[u32], vocab: usize) -> Vec<Vec<f32>> {
+    tokens
+        .iter()
+        .map(|&t| {
+            let mut row = vec![0.0; vocab];
+            row[t as usize] = 1.0;
+            row
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn sampler(seed: u64) -> Sampler {
         Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed })
+    }
+
+    /// A deterministic proposal (prompt lookup: q is 1 at the draft) keeps the target's law:
+    /// the token in the draft's place is distributed as p, whichever token was drafted.
+    #[test]
+    fn a_deterministic_draft_keeps_the_target_distribution() {
+        let p = vec![vec![0.5, 0.3, 0.2, 0.0], vec![0.25; 4]];
+        let mut s = sampler(11);
+        for draft in [0u32, 2, 3] {
+            let q = one_hot_rows(&[draft], 4);
+            let n = 200_000;
+            let mut counts = [0usize; 4];
+            for _ in 0..n {
+                let (accepted, next) = verify_sampled(&p, &q, &[draft], &mut s);
+                counts[if accepted == 1 { draft } else { next } as usize] += 1;
+            }
+            for (token, &c) in counts.iter().enumerate() {
+                let freq = c as f32 / n as f32;
+                assert!((freq - p[0][token]).abs() < 0.005, "draft {draft}: token {token} drawn {freq}, p = {}", p[0][token]);
+            }
+        }
     }
 
     #[test]

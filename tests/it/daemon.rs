@@ -865,3 +865,36 @@ fn draft_and_target_on_different_execution_providers() {
     assert_eq!(entry[1]["provider"]["data"], "cpu");
     assert_eq!(entry[1]["draft_provider"]["data"], "openvino", "{entry}");
 }
+
+/// Prompt lookup over D-Bus: on by `prompt_lookup = true` in the config or by the request option,
+/// with draft statistics, the greedy text unchanged; refused where a draft model drafts.
+#[test]
+fn prompt_lookup_serves_from_the_config_and_the_option() {
+    let daemon = Daemon::start(&format!(
+        "\n[[model]]\nname = \"kjv-lookup\"\npath = \"{}\"\nprompt_lookup = true\n\n[[model]]\nname = \"kjv-spec\"\npath = \"{}\"\ndraft = \"kjv-draft\"\npreload = false\n",
+        model_dir("kjv-target").display(),
+        model_dir("kjv-target").display()
+    ));
+    let prompt = crate::speculative::QUOTING_PROMPTS[0];
+    let complete = |model: &str, extra: &[&str]| {
+        let mut args = vec![model, prompt];
+        let n = (2 + extra.len() / 3).to_string();
+        args.push(&n);
+        args.extend(["max_new_tokens", "u", "64", "temperature", "d", "0"]);
+        args.extend(extra);
+        let args: Vec<&str> = args.to_vec();
+        daemon.call("Complete", "ssa{sv}", &args)
+    };
+    let plain = complete("kjv", &[]).unwrap();
+    assert!(plain["data"][1].get("draft_tokens").is_none(), "{plain}");
+    for reply in [complete("kjv-lookup", &[]).unwrap(), complete("kjv", &["prompt_lookup", "b", "true"]).unwrap()] {
+        assert_eq!(reply["data"][0], plain["data"][0], "greedy text with prompt lookup equals plain");
+        let stats = &reply["data"][1];
+        assert!(stats["draft_tokens"]["data"].as_u64().unwrap() > 0, "{stats}");
+        assert!(stats.get("acceptance_rate").is_some(), "{stats}");
+    }
+    let off = complete("kjv-lookup", &["prompt_lookup", "b", "false"]).unwrap();
+    assert!(off["data"][1].get("draft_tokens").is_none(), "{off}");
+    let e = complete("kjv-spec", &["prompt_lookup", "b", "true"]).unwrap_err();
+    assert!(e.contains("prompt_lookup") && e.contains("draft model"), "{e}");
+}

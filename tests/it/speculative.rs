@@ -2,6 +2,7 @@
 
 use edgellm::engine::{CancelToken, Engine, GenerateOptions, KvLayout, LoadOptions, Prompt};
 use edgellm::model::ModelFolder;
+use edgellm::speculative::lookup::LookupSettings;
 use edgellm::speculative::Settings;
 
 use crate::fixtures::{model_dir, references, runtime};
@@ -142,4 +143,120 @@ fn a_cancel_interrupts_the_drafts_prefill() {
     assert!(outcome.token_ids.len() <= 1, "only the target's first token: {outcome:?}");
     // Without termination the draft's prefill runs to its end: 2 prefills in all.
     assert!(elapsed < prefill * 7 / 4, "the draft's prefill ran on after the cancel: {elapsed:?} against a prefill of {prefill:?}");
+}
+
+fn with_lookup(layout: KvLayout) -> Engine {
+    let options = LoadOptions { kv_layout: Some(layout), ..Default::default() };
+    let mut engine = Engine::load(&runtime(), "kjv", &model_dir("kjv-target"), &options).unwrap();
+    engine.enable_prompt_lookup(LookupSettings { ngram: 3, max_draft: 8 }).unwrap();
+    engine
+}
+
+/// Prompts that quote a passage and start it again: what prompt lookup is for.
+pub const QUOTING_PROMPTS: [&str; 3] = [
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness was upon the face of the deep. In the beginning God created",
+    "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures: he leadeth me beside the still waters. The LORD is my shepherd;",
+    "For God so loved the world, that he gave his only begotten Son, that whosoever believeth in him should not perish, but have everlasting life. For God so loved",
+];
+
+/// Greedy decoding with prompt lookup drafts gives the target's own greedy ids (the near-tie
+/// rule, as for a draft model), on the reference prompts and on prompts that quote themselves,
+/// where its drafts are accepted.
+#[test]
+fn greedy_prompt_lookup_equals_plain_decoding() {
+    let refs = references();
+    for layout in [KvLayout::Shared, KvLayout::Growing] {
+        let mut engine = with_lookup(layout);
+        let mut prompts: Vec<Vec<u32>> = refs.models["kjv-target"].iter().map(|c| c.prompt_ids.clone()).collect();
+        prompts.extend(QUOTING_PROMPTS.iter().map(|p| engine.folder.tokenizer.encode_prompt(p).unwrap()));
+        let (mut proposed, mut accepted, mut identical) = (0, 0, 0);
+        for (i, prompt) in prompts.iter().enumerate() {
+            let run = |engine: &mut Engine, lookup: bool| {
+                let options = GenerateOptions {
+                    max_new_tokens: Some(refs.new_tokens),
+                    temperature: Some(0.0),
+                    prompt_lookup: Some(lookup),
+                    ..Default::default()
+                };
+                engine.generate(&Prompt::Tokens(prompt.clone()), &options, &CancelToken::new(), &mut |_| true).unwrap()
+            };
+            let plain = run(&mut engine, false);
+            let looked = run(&mut engine, true);
+            assert!(plain.stats.speculative.is_none(), "prompt_lookup = false decodes plainly");
+            let spec = looked.stats.speculative.expect("prompt lookup stats");
+            if i >= refs.models["kjv-target"].len() {
+                eprintln!(
+                    "{layout:?} quoting prompt {}: {}/{} drafts accepted, {:.2} tokens per target forward",
+                    i - refs.models["kjv-target"].len(),
+                    spec.accepted_tokens,
+                    spec.draft_tokens,
+                    looked.token_ids.len() as f64 / looked.stats.target_forwards as f64
+                );
+            }
+            proposed += spec.draft_tokens;
+            accepted += spec.accepted_tokens;
+            let mut ours = looked.token_ids.clone();
+            ours.extend(looked.eos_token);
+            let mut reference = plain.token_ids.clone();
+            reference.extend(plain.eos_token);
+            identical +=
+                crate::fixtures::same_or_near_tie(&mut engine, "prompt lookup", prompt, &ours, &reference, "prompt lookup") as usize;
+        }
+        eprintln!("{layout:?}: prompt lookup accepted {accepted}/{proposed}; {identical}/{} identical", prompts.len());
+        assert!(accepted > 0 && proposed > accepted, "drafts were proposed, some accepted and some not: {accepted}/{proposed}");
+        assert!(identical * 10 >= prompts.len() * 8, "only {identical} of {} identical", prompts.len());
+    }
+}
+
+/// Sampled decoding with prompt lookup draws from the target's distribution: its drafts are
+/// deterministic (q is 1 at the draft), so the rejection rule accepts a draft with the target's
+/// probability of it, and after a rejection draws from the target without it. A one-token n-gram
+/// over a passage of the model's own text drafts in nearly every request, tokens the target gives
+/// real probability.
+#[test]
+fn sampled_prompt_lookup_follows_the_target_distribution() {
+    let seeds = 800u64;
+    let mut engine = Engine::load(&runtime(), "kjv", &model_dir("kjv-target"), &LoadOptions::default()).unwrap();
+    let prompt = Prompt::Text(QUOTING_PROMPTS[0].into());
+    engine.enable_prompt_lookup(LookupSettings { ngram: 1, max_draft: 4 }).unwrap();
+    let mut drafted = 0;
+    let mut sample = |engine: &mut Engine, lookup: bool, offset: u64| {
+        let mut counts = [std::collections::HashMap::<u32, usize>::new(), std::collections::HashMap::new()];
+        for seed in 0..seeds {
+            let options = GenerateOptions {
+                max_new_tokens: Some(3),
+                temperature: Some(1.0),
+                top_k: Some(8),
+                seed: Some(seed * 7919 + offset),
+                prompt_lookup: Some(lookup),
+                ..Default::default()
+            };
+            let out = engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap();
+            drafted += out.stats.speculative.map(|s| s.draft_tokens).unwrap_or(0);
+            for pos in 1..3 {
+                if let Some(&t) = out.token_ids.get(pos) {
+                    *counts[pos - 1].entry(t).or_default() += 1;
+                }
+            }
+        }
+        counts
+    };
+    let plain = sample(&mut engine, false, 0);
+    let looked = sample(&mut engine, true, 1);
+    let plain_again = sample(&mut engine, false, 500_000_003);
+    assert!(drafted as u64 > seeds / 2, "lookup proposed only {drafted} drafts over {seeds} requests");
+    let tv = |a: &std::collections::HashMap<u32, usize>, b: &std::collections::HashMap<u32, usize>| {
+        let (na, nb) = (a.values().sum::<usize>() as f64, b.values().sum::<usize>() as f64);
+        let keys: std::collections::BTreeSet<u32> = a.keys().chain(b.keys()).copied().collect();
+        keys.iter().map(|k| (*a.get(k).unwrap_or(&0) as f64 / na - *b.get(k).unwrap_or(&0) as f64 / nb).abs()).sum::<f64>() / 2.0
+    };
+    for pos in 0..2 {
+        let (d, null) = (tv(&plain[pos], &looked[pos]), tv(&plain[pos], &plain_again[pos]));
+        eprintln!("prompt lookup: position {}: total variation {d:.3} against plain, {null:.3} plain against plain, over {seeds} seeds ({drafted} drafts)", pos + 2);
+        // Two samples of 800 from one law differ by ~0.1 in TV (the plain-against-plain figure),
+        // so this catches gross errors only (a residual that kept the rejected draft gave 0.16
+        // and passed); the rule itself is checked exactly in the unit test
+        // speculative::tests::a_deterministic_draft_keeps_the_target_distribution.
+        assert!(d < 0.2, "position {}: TV {d} (plain against plain {null})", pos + 2);
+    }
 }

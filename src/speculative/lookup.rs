@@ -1,0 +1,106 @@
+//! Prompt lookup (n-gram) drafting, as onnxruntime-genai (`speculative.ngram_size`), OpenVINO
+//! GenAI (`prompt_lookup`) and llama.cpp (`--spec-type ngram-*`) have it: the last `ngram`
+//! tokens are looked up in the prompt and the output so far, and what followed their latest
+//! earlier occurrence is proposed. It needs no draft model, and its drafts cost no forward.
+//!
+//! When its drafts keep failing it backs off: after a round with nothing accepted it proposes
+//! nothing for 1, 2, 4, ... up to 16 rounds (plain one-token steps), so that text that does not
+//! repeat itself decodes at plain speed.
+
+use super::{Proposal, Proposer};
+use crate::engine::Run;
+use crate::error::Result;
+
+/// `[[model]] prompt_lookup_ngram` and `prompt_lookup_max_draft`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupSettings {
+    pub ngram: usize,
+    pub max_draft: usize,
+}
+
+impl Default for LookupSettings {
+    fn default() -> Self {
+        LookupSettings { ngram: 3, max_draft: 8 }
+    }
+}
+
+/// The longest back-off, in rounds.
+const MAX_PAUSE: usize = 16;
+
+pub struct PromptLookup {
+    settings: LookupSettings,
+    /// Rounds left to propose nothing, and the next pause after a failed round.
+    paused: usize,
+    next_pause: usize,
+}
+
+impl PromptLookup {
+    pub fn new(settings: LookupSettings) -> PromptLookup {
+        PromptLookup { settings, paused: 0, next_pause: 1 }
+    }
+}
+
+/// What followed the latest earlier occurrence of the last `ngram` tokens of `sequence`, at most
+/// `k` tokens (none when they do not occur before).
+pub fn lookup(sequence: &[u32], ngram: usize, k: usize) -> &[u32] {
+    let len = sequence.len();
+    if k == 0 || len <= ngram {
+        return &[];
+    }
+    let tail = &sequence[len - ngram..];
+    // Latest first: the most recent context is the likeliest to be repeated.
+    (0..len - ngram)
+        .rev()
+        .find(|&start| &sequence[start..start + ngram] == tail)
+        .map(|start| {
+            let from = start + ngram;
+            &sequence[from..(from + k).min(len)]
+        })
+        .unwrap_or(&[])
+}
+
+impl Proposer for PromptLookup {
+    fn propose(&mut self, run: &mut Run, k: usize, _min: usize) -> Result<Option<Proposal>> {
+        if self.paused > 0 {
+            self.paused -= 1;
+            return Ok(Some(Proposal { tokens: Vec::new(), q_rows: Vec::new() }));
+        }
+        let tokens = lookup(&run.sequence, self.settings.ngram, k.min(self.settings.max_draft)).to_vec();
+        Ok(Some(Proposal { tokens, q_rows: Vec::new() }))
+    }
+
+    fn accepted(&mut self, _len: usize, proposed: usize, accepted: usize) -> Result<()> {
+        if proposed > 0 && accepted == 0 {
+            self.paused = self.next_pause;
+            self.next_pause = (self.next_pause * 2).min(MAX_PAUSE);
+        } else if accepted > 0 {
+            self.next_pause = 1;
+        }
+        Ok(())
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.settings.max_draft
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proposes_what_followed_the_latest_earlier_occurrence() {
+        // "a b c d e a b c" -> after "a b c": "d e a" (k = 3), from the occurrence at 0.
+        let s = [1, 2, 3, 4, 5, 1, 2, 3];
+        assert_eq!(lookup(&s, 3, 3), &[4, 5, 1]);
+        // The latest occurrence wins: "x y" follows the second "1 2".
+        let s = [1, 2, 7, 1, 2, 8, 9, 1, 2];
+        assert_eq!(lookup(&s, 2, 2), &[8, 9]);
+        // Bounded by what the sequence holds.
+        let s = [1, 2, 3, 1, 2];
+        assert_eq!(lookup(&s, 2, 8), &[3, 1, 2]);
+        // No earlier occurrence, or too short a sequence.
+        assert!(lookup(&[1, 2, 3, 4], 2, 4).is_empty());
+        assert!(lookup(&[1, 2], 3, 4).is_empty());
+    }
+}
