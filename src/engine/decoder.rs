@@ -61,6 +61,14 @@ impl SharedRunOptions {
     }
 }
 
+/// How to load a model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadOptions {
+    pub session: SessionOptions,
+    /// `None` follows `search.past_present_share_buffer` of genai_config.json.
+    pub kv_layout: Option<KvLayout>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvLayout {
     Shared,

@@ -3,12 +3,14 @@
 //! `chat_template.jinja`.
 
 pub mod chat;
+pub mod files;
 pub mod genai_config;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
 
 pub use chat::{ChatMessage, ChatTemplate};
+pub(crate) use files::require_model_file;
 pub use genai_config::{DecoderNames, GenaiConfig, SearchDefaults};
 pub use tokenizer::{Detokenizer, TextTokenizer};
 
@@ -30,7 +32,7 @@ pub struct ModelFolder {
     pub tokenizer: TextTokenizer,
     pub chat_template: Option<ChatTemplate>,
     /// A HAMburger-style multi-token model's contract (`multitoken_config.json`), if present.
-    pub multitoken: Option<crate::multitoken::Contract>,
+    pub multitoken: Option<crate::multitoken::contract::Contract>,
 }
 
 impl ModelFolder {
@@ -42,7 +44,7 @@ impl ModelFolder {
         }
         let config = GenaiConfig::load(dir)?;
         require_model_file(&dir.join(&config.decoder_file))?;
-        let multitoken = crate::multitoken::Contract::find(dir)?;
+        let multitoken = crate::multitoken::contract::Contract::find(dir)?;
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"))?;
         let chat_template = ChatTemplate::find(dir)?;
         Ok(ModelFolder { dir: dir.to_path_buf(), config, tokenizer, chat_template, multitoken })
@@ -84,32 +86,4 @@ impl ModelFolder {
     pub fn decoder_path(&self) -> PathBuf {
         self.dir.join(&self.config.decoder_file)
     }
-}
-
-/// A graph file and, where the graph refers to one, its external data file.
-pub(crate) fn require_model_file(graph: &Path) -> Result<()> {
-    require_file(graph)?;
-    // The builder stores weights in `<model>.onnx.data`; ONNX Runtime's own message for a
-    // missing one is cryptic, so check it here.
-    let data = PathBuf::from(format!("{}.data", graph.display()));
-    if external_data_expected(graph)? {
-        require_file(&data)?;
-    }
-    Ok(())
-}
-
-fn require_file(path: &Path) -> Result<()> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_file() && m.len() > 0 => Ok(()),
-        Ok(_) => Err(Error::ModelFile { path: path.to_path_buf(), reason: "empty or not a regular file".into() }),
-        Err(e) => Err(Error::ModelFile { path: path.to_path_buf(), reason: format!("{e}") }),
-    }
-}
-
-/// Whether the graph refers to an external data file named after it (a cheap byte search
-/// for the file name in the protobuf, whose `location` entries hold it as plain text).
-fn external_data_expected(decoder: &Path) -> Result<bool> {
-    let bytes = std::fs::read(decoder).map_err(|e| Error::ModelFile { path: decoder.to_path_buf(), reason: e.to_string() })?;
-    let name = format!("{}.data", decoder.file_name().and_then(|n| n.to_str()).unwrap_or("model.onnx"));
-    Ok(bytes.windows(name.len()).any(|w| w == name.as_bytes()))
 }

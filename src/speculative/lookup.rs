@@ -8,7 +8,7 @@
 //! repeat itself decodes at plain speed.
 
 use super::{Proposal, Proposer};
-use crate::engine::Run;
+use crate::engine::run::Run;
 use crate::error::Result;
 
 /// `[[model]] prompt_lookup_ngram` and `prompt_lookup_max_draft`.

@@ -7,8 +7,9 @@
 //! functions, tested on their own), `decode` drives the rounds. Greedy output is identical to
 //! the target alone; sampled output follows the target's distribution.
 
+use crate::engine::decoder::{Decoder, KvCache, KvLayout, LoadOptions};
+use crate::engine::run::{CancelToken, FinishReason, Run, SpeculativeStats};
 use crate::engine::sampler::{apply_repetition_penalty, argmax, distribution, Sampler, SamplingParams};
-use crate::engine::{CancelToken, Decoder, FinishReason, KvCache, KvLayout, LoadOptions, Run, SpeculativeStats};
 use crate::error::{Error, Result};
 use crate::model::ModelFolder;
 use crate::runtime::{ProviderReport, Runtime};

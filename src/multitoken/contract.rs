@@ -1,0 +1,153 @@
+//! The multi-token contract (`multitoken_config.json`) and the request-level types of
+//! multi-token decoding (mode, settings, statistics): what the model folder, the engine's
+//! shared run types and the config read, without the graphs that run it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+pub const CONTRACT_FILE: &str = "multitoken_config.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Trust,
+    Verify,
+}
+
+impl Mode {
+    pub fn parse(text: &str) -> Option<Mode> {
+        match text {
+            "trust" => Some(Mode::Trust),
+            "verify" => Some(Mode::Verify),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Trust => "trust",
+            Mode::Verify => "verify",
+        }
+    }
+}
+
+/// How a request steps: the model's `[[model]]` settings, overridden per request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub mode: Mode,
+    /// A step goes on while the stop head's "continue" probability is at least this;
+    /// 1 stops every step after its first token.
+    pub threshold: f32,
+    /// Tokens per step at most (1..=the contract's maximum).
+    pub max_tokens: usize,
+}
+
+/// `multitoken_config.json`: which graphs, which names, the step maximum and the default threshold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contract {
+    pub path: PathBuf,
+    pub embedder_file: String,
+    pub base_file: String,
+    pub micro_file: String,
+    pub micro_layers: usize,
+    pub micro_kv_heads: usize,
+    pub micro_head_size: usize,
+    pub features: usize,
+    pub max_tokens_per_step: usize,
+    pub threshold: f32,
+}
+
+impl Contract {
+    /// `None` when the folder has no contract file (an ordinary model).
+    pub fn find(dir: &Path) -> Result<Option<Contract>> {
+        let path = dir.join(CONTRACT_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| Error::ModelFile { path: path.clone(), reason: format!("cannot read: {e}") })?;
+        let contract = Self::parse(&path, &text)?;
+        for file in [&contract.embedder_file, &contract.base_file, &contract.micro_file] {
+            crate::model::files::require_model_file(&dir.join(file))?;
+        }
+        Ok(Some(contract))
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Contract> {
+        let err = |field: &str, reason: String| Error::ModelConfig { path: path.to_path_buf(), field: field.into(), reason };
+        let root: Value = serde_json::from_str(text).map_err(|e| err(&format!("line {}", e.line()), format!("not valid JSON: {e}")))?;
+        let get = |field: &str| field.split('.').try_fold(&root, |v, key| v.get(key));
+        let string = |field: &str| -> Result<String> {
+            get(field).and_then(Value::as_str).map(str::to_string).ok_or_else(|| err(field, "missing or not a string".into()))
+        };
+        let count = |field: &str| -> Result<usize> {
+            get(field).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| err(field, "missing or not a non-negative integer".into()))
+        };
+        match get("type").and_then(Value::as_str) {
+            Some("hamburger") => {}
+            other => return Err(err("type", format!("{other:?}: only \"hamburger\" is known"))),
+        }
+        let threshold = get("threshold").and_then(Value::as_f64).ok_or_else(|| err("threshold", "missing or not a number".into()))?;
+        if !(0.0..=1.0).contains(&threshold) {
+            return Err(err("threshold", format!("{threshold} is outside 0..1")));
+        }
+        let contract = Contract {
+            path: path.to_path_buf(),
+            embedder_file: string("embedder.filename")?,
+            base_file: string("base.filename")?,
+            micro_file: string("micro.filename")?,
+            micro_layers: count("micro.num_hidden_layers")?,
+            micro_kv_heads: count("micro.num_key_value_heads")?,
+            micro_head_size: count("micro.head_size")?,
+            features: count("features")?,
+            max_tokens_per_step: count("max_tokens_per_step")?,
+            threshold: threshold as f32,
+        };
+        if contract.max_tokens_per_step == 0 {
+            return Err(err("max_tokens_per_step", "must be at least 1".into()));
+        }
+        Ok(contract)
+    }
+}
+
+/// Counters of one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MultiTokenStats {
+    pub mode: Mode,
+    /// Base forwards, the prefill included: every one emits the first token of a step.
+    pub base_forwards: usize,
+    /// Micro-decoder forwards.
+    pub micro_forwards: usize,
+    /// Entries in the base's KV cache at the end, the prompt's included.
+    pub kv_entries: usize,
+    /// Verify mode: micro tokens proposed and accepted by the base.
+    pub drafted: usize,
+    pub accepted: usize,
+    pub base_time: Duration,
+    pub micro_time: Duration,
+}
+
+impl MultiTokenStats {
+    pub(crate) fn new(mode: Mode) -> Self {
+        MultiTokenStats {
+            mode,
+            base_forwards: 0,
+            micro_forwards: 0,
+            kv_entries: 0,
+            drafted: 0,
+            accepted: 0,
+            base_time: Duration::ZERO,
+            micro_time: Duration::ZERO,
+        }
+    }
+    /// Generated tokens per base forward.
+    pub fn tokens_per_step(&self, generated: usize) -> f64 {
+        if self.base_forwards == 0 {
+            0.0
+        } else {
+            generated as f64 / self.base_forwards as f64
+        }
+    }
+}
