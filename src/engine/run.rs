@@ -125,11 +125,24 @@ struct CancelInner {
     cancelled: AtomicBool,
     /// The run options of every session the request runs (a target and its draft).
     running: Mutex<Vec<decoder::SharedRunOptions>>,
+    /// Told of every engine step (the caller's watchdog counts them as progress).
+    on_step: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl CancelToken {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// A token that also calls `on_step` at every engine step of the request (its prefill
+    /// included), whether or not the step releases text: held-back text (a possible stop string,
+    /// an unfinished character) is progress too.
+    pub fn with_progress(on_step: Arc<dyn Fn() + Send + Sync>) -> Self {
+        CancelToken { inner: Arc::new(CancelInner { on_step: Some(on_step), ..Default::default() }) }
+    }
+    pub(crate) fn step(&self) {
+        if let Some(on_step) = &self.inner.on_step {
+            on_step();
+        }
     }
     pub fn cancel(&self) {
         self.inner.cancelled.store(true, Ordering::SeqCst);
@@ -242,7 +255,10 @@ impl Run {
 
     /// Checked between engine steps: context full, cancelled, past the deadline.
     /// `next_len` is the number of positions the next step would fill.
+    /// Checked before every engine step after the prefill, by every loop: the step is reported
+    /// to the caller's progress hook here.
     pub(crate) fn should_stop(&self, next_len: usize, cancel: &CancelToken) -> Option<FinishReason> {
+        cancel.step();
         if next_len >= self.context {
             Some(FinishReason::Length)
         } else if cancel.is_cancelled() {

@@ -444,7 +444,13 @@ impl Scheduler {
         fail::fail_point!("scheduler::admitted", model.contains("failpoint"), |_| Err(SchedulerError::ShuttingDown));
         let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let cancel = CancelToken::new();
+        // The watchdog's heartbeat, at every engine step (not only when text is released).
+        let (heart, started) = (Arc::downgrade(&slot), self.inner.started);
+        let cancel = CancelToken::with_progress(Arc::new(move || {
+            if let Some(slot) = heart.upgrade() {
+                slot.heartbeat.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+            }
+        }));
         let job = GenerateJob { id, permit, seat, prompt_ids, options, cancel: cancel.clone(), events: tx };
         {
             let mut queue = slot.queue.lock().expect("queue");

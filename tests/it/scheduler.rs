@@ -229,3 +229,44 @@ fn slow_validation_does_not_hold_up_other_callers() {
     assert!(waited < Duration::from_millis(500), "ListModels waited {waited:?} behind two validations");
     scheduler.shutdown();
 }
+
+/// The watchdog's heartbeat counts engine steps, not released text: a request whose text is all
+/// held back (here every token continues a possible stop string, so nothing is released until the
+/// end) still shows progress. It used to beat only when text was sent, so such a request (or a
+/// stretch of unfinished UTF-8) looked like a stalled engine.
+#[test]
+fn an_engine_holding_back_text_is_not_a_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let scheduler = Scheduler::start(runtime(), &config(dir.path(), 1));
+    let case = &crate::fixtures::references().models["kjv-target"][0];
+    let greedy = |stop: Vec<String>| GenerateOptions { max_new_tokens: Some(800), temperature: Some(0.0), stop, ..Default::default() };
+    // Loads the model (so that the run below is decoding only) and gives its greedy text.
+    let plain = run_to_end(&mut scheduler.submit("client", "kjv", &Prompt::Text(case.prompt.clone()), greedy(Vec::new())).unwrap());
+
+    // A stop string that the whole greedy output is a prefix of, and that never completes.
+    let stop = format!("{}\u{1}", plain.text);
+    let mut submitted = scheduler.submit("client", "kjv", &Prompt::Text(case.prompt.clone()), greedy(vec![stop])).unwrap();
+    let stall = Duration::from_millis(60);
+    let started = std::time::Instant::now();
+    let (mut readings, mut stalled, mut texts) = (0, 0, 0);
+    let finished = loop {
+        match submitted.events.try_recv() {
+            Ok(Event::Finished(f)) => break f,
+            Ok(Event::Text(_)) => texts += 1,
+            Err(_) => {
+                readings += 1;
+                stalled += !scheduler.engines_alive(stall) as usize;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    };
+    let elapsed = started.elapsed();
+    eprintln!(
+        "{} tokens in {elapsed:?}; {texts} text events before the end; {stalled} of {readings} watchdog readings said stalled",
+        finished.token_ids.len()
+    );
+    assert!(elapsed > stall * 2, "the run must outlast the stall period to tell anything: {elapsed:?}");
+    assert!(finished.token_ids.len() > 8 && texts <= 1, "the text is held back: {texts} text events");
+    assert_eq!(stalled, 0, "the watchdog saw a stall in {stalled} of {readings} readings");
+    scheduler.shutdown();
+}
