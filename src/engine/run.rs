@@ -45,6 +45,9 @@ pub enum FinishReason {
     Length,
     Cancelled,
     Timeout,
+    /// The request failed (the engine returned an error, or its model did not load): the
+    /// scheduler's `Finished` carries the typed error. The engine itself never ends with it.
+    Error,
 }
 
 impl FinishReason {
@@ -54,6 +57,7 @@ impl FinishReason {
             FinishReason::Length => "length",
             FinishReason::Cancelled => "cancelled",
             FinishReason::Timeout => "timeout",
+            FinishReason::Error => "error",
         }
     }
 }

@@ -89,8 +89,8 @@ pub enum Event {
 #[derive(Debug, Clone)]
 pub struct Finished {
     pub reason: FinishReason,
-    /// Set when the request failed (the reason is then reported as "error"); typed, so that the
-    /// D-Bus edge names it as it names the same error from a method call.
+    /// Set when the request failed (`reason` is then `Error`); typed, so that the D-Bus edge
+    /// names it as it names the same error from a method call.
     pub error: Option<SchedulerError>,
     pub text: String,
     /// The generated ids, eos excluded (the caller may ask for them with `return_token_ids`).
@@ -673,7 +673,7 @@ fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                     let error = format!("the engine panicked: {message}");
                     set_state(&inner, &slot, ModelState::Failed, None, Some(format!("{error} (it loads again on the next request)")));
                     let _ = events.try_send(Event::Finished(Finished {
-                        reason: FinishReason::Stop,
+                        reason: FinishReason::Error,
                         error: Some(SchedulerError::Request(Error::Inference(error))),
                         text: String::new(),
                         token_ids: Vec::new(),
@@ -831,7 +831,7 @@ fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, j
         Ok(e) => e,
         Err(message) => {
             let error = SchedulerError::LoadFailed { model: slot.config.name.clone(), reason: message };
-            return finish_unrun(job, FinishReason::Stop, Some(error));
+            return finish_unrun(job, FinishReason::Error, Some(error));
         }
     };
     fail::fail_point!("scheduler::generate", slot.config.name.contains("failpoint"), |_| ());
@@ -859,7 +859,7 @@ fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, j
             // An ONNX Runtime failure ends this request only; the model keeps serving.
             tracing::warn!(model = %slot.config.name, request = job.id, error = %e, "request failed");
             Finished {
-                reason: FinishReason::Stop,
+                reason: FinishReason::Error,
                 error: Some(SchedulerError::Request(e)),
                 text: String::new(),
                 token_ids: Vec::new(),

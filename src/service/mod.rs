@@ -132,14 +132,6 @@ struct Started {
     return_token_ids: bool,
 }
 
-fn finished_reason(f: &Finished) -> &'static str {
-    if f.error.is_some() {
-        "error"
-    } else {
-        f.reason.as_str()
-    }
-}
-
 impl Daemon {
     pub fn new(scheduler: Scheduler, admin: AdminPolicy, log_text: bool) -> Daemon {
         Daemon { scheduler, requests: Arc::new(Mutex::new(HashMap::new())), started: Instant::now(), admin, log_text }
@@ -242,8 +234,8 @@ impl Daemon {
                         if let Some(error) = &f.error {
                             stats.insert("error".into(), OwnedValue::try_from(Value::from(error.to_string())).expect("string"));
                         }
-                        let sent = Daemon::finished(&emitter, id, finished_reason(f), stats).await;
-                        tracing::info!(request = id, reason = finished_reason(f), tokens = f.stats.generated_tokens, "request finished");
+                        let sent = Daemon::finished(&emitter, id, f.reason.as_str(), stats).await;
+                        tracing::info!(request = id, reason = f.reason.as_str(), tokens = f.stats.generated_tokens, "request finished");
                         requests.lock().expect("requests").remove(&id);
                         sent
                     }
@@ -304,10 +296,10 @@ impl Daemon {
         }
         self.requests.lock().expect("requests").remove(&id);
         let f = finished.ok_or_else(|| DaemonError::Internal("the request ended without a result".into()))?;
-        if let Some(error) = f.error {
-            return Err(error.into());
-        }
         match f.reason {
+            FinishReason::Error => {
+                Err(f.error.map(DaemonError::from).unwrap_or_else(|| DaemonError::Internal(format!("request {id} failed"))))
+            }
             FinishReason::Cancelled => Err(DaemonError::Cancelled(format!("request {id} was cancelled"))),
             FinishReason::Timeout => Err(DaemonError::Timeout(format!("request {id} ran past `limits.request_timeout_s`"))),
             FinishReason::Stop | FinishReason::Length => {

@@ -117,6 +117,7 @@ fn a_panicking_engine_ends_its_request_with_an_error_and_the_model_serves_again(
     let prompt = Prompt::Text("And God said".into());
 
     let first = run_to_end(&mut scheduler.submit("client", "kjv-failpoint", &prompt, options.clone()).unwrap());
+    assert_eq!(first.reason, edgellm::engine::FinishReason::Error);
     let error = first.error.expect("the panicking request ends with an error").to_string();
     assert!(error.contains("panicked") && error.contains("injected by the test"), "{error}");
     let model = &scheduler.models()[0];
