@@ -836,10 +836,8 @@ fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, j
     };
     fail::fail_point!("scheduler::generate", slot.config.name.contains("failpoint"), |_| ());
     let events = job.events.clone();
-    let mut on_text = |text: &str| {
-        beat(inner, slot);
-        events.blocking_send(Event::Text(text.to_string())).is_ok()
-    };
+    // The heartbeat comes from the job's cancel token at every engine step (see `submit`).
+    let mut on_text = |text: &str| events.blocking_send(Event::Text(text.to_string())).is_ok();
     let result = engine.generate(&Prompt::Tokens(job.prompt_ids.clone()), &job.options, &job.cancel, &mut on_text);
     drop(running);
     drop(job.permit);

@@ -64,6 +64,37 @@ fn greedy_speculative_equals_target_alone_growing_kv() {
     greedy_lossless(KvLayout::Growing);
 }
 
+type Counts = std::collections::HashMap<u32, usize>;
+
+/// How often each token came at positions 2 and 3 of `seeds` sampled requests (position 1 comes
+/// from the prefill alone), with the drafts proposed in all; `options(seed)` gives each request.
+fn token_counts(engine: &mut Engine, prompt: &Prompt, seeds: u64, options: impl Fn(u64) -> GenerateOptions) -> ([Counts; 2], usize) {
+    let mut counts = [Counts::new(), Counts::new()];
+    let mut drafted = 0;
+    for seed in 0..seeds {
+        let out = engine.generate(prompt, &options(seed), &CancelToken::new(), &mut |_| true).unwrap();
+        drafted += out.stats.speculative.map(|s| s.draft_tokens).unwrap_or(0);
+        for pos in 1..3 {
+            if let Some(&t) = out.token_ids.get(pos) {
+                *counts[pos - 1].entry(t).or_default() += 1;
+            }
+        }
+    }
+    (counts, drafted)
+}
+
+/// Total variation distance between two empirical distributions.
+fn total_variation(a: &Counts, b: &Counts) -> f64 {
+    let (na, nb) = (a.values().sum::<usize>() as f64, b.values().sum::<usize>() as f64);
+    let keys: std::collections::BTreeSet<u32> = a.keys().chain(b.keys()).copied().collect();
+    keys.iter().map(|k| (*a.get(k).unwrap_or(&0) as f64 / na - *b.get(k).unwrap_or(&0) as f64 / nb).abs()).sum::<f64>() / 2.0
+}
+
+/// Sampling options of the distribution tests: three tokens, temperature 1, top-k 8.
+fn sampled(seed: u64) -> GenerateOptions {
+    GenerateOptions { max_new_tokens: Some(3), temperature: Some(1.0), top_k: Some(8), seed: Some(seed * 7919), ..Default::default() }
+}
+
 /// Sampled speculative decoding draws from the target's distribution: compare the tokens at
 /// positions 2 and 3 (decided by drafting; position 1 comes from the prefill alone) with plain
 /// sampling, over many seeds. The draft here is the random-weight tiny-qwen2, whose
@@ -73,36 +104,19 @@ fn sampled_speculative_follows_the_target_distribution() {
     let prompt = Prompt::Text("And the LORD said unto".into());
     let seeds = 500u64;
     let sample = |engine: &mut Engine, speculative: bool| {
-        let mut counts = [std::collections::HashMap::<u32, usize>::new(), std::collections::HashMap::new()];
-        for seed in 0..seeds {
-            let options = GenerateOptions {
-                max_new_tokens: Some(3),
-                temperature: Some(1.0),
-                top_k: Some(8),
-                seed: Some(seed * 7919 + if speculative { 1 } else { 0 }),
-                speculative: Some(speculative),
-                ..Default::default()
-            };
-            let out = engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap();
-            for pos in 1..3 {
-                if let Some(&t) = out.token_ids.get(pos) {
-                    *counts[pos - 1].entry(t).or_default() += 1;
-                }
-            }
-        }
-        counts
-    };
-    let tv = |a: &std::collections::HashMap<u32, usize>, b: &std::collections::HashMap<u32, usize>| {
-        let (na, nb) = (a.values().sum::<usize>() as f64, b.values().sum::<usize>() as f64);
-        let keys: std::collections::BTreeSet<u32> = a.keys().chain(b.keys()).copied().collect();
-        keys.iter().map(|k| (*a.get(k).unwrap_or(&0) as f64 / na - *b.get(k).unwrap_or(&0) as f64 / nb).abs()).sum::<f64>() / 2.0
+        token_counts(engine, &prompt, seeds, |seed| GenerateOptions {
+            seed: Some(seed * 7919 + speculative as u64),
+            speculative: Some(speculative),
+            ..sampled(seed)
+        })
+        .0
     };
     for draft in ["tiny-qwen2", "kjv-draft"] {
         let mut engine = pair(draft, KvLayout::Shared, 3);
         let plain = sample(&mut engine, false);
         let spec = sample(&mut engine, true);
         for pos in 0..2 {
-            let d = tv(&plain[pos], &spec[pos]);
+            let d = total_variation(&plain[pos], &spec[pos]);
             eprintln!("draft {draft}: position {}: total variation {d:.3} over {seeds} seeds", pos + 2);
             // Two samples of 500 from the same law over ~8-30 tokens differ by ~0.1 in TV.
             assert!(d < 0.2, "draft {draft}, position {}: TV {d}", pos + 2);
@@ -219,39 +233,19 @@ fn sampled_prompt_lookup_follows_the_target_distribution() {
     let mut engine = Engine::load(&runtime(), "kjv", &model_dir("kjv-target"), &LoadOptions::default()).unwrap();
     let prompt = Prompt::Text(QUOTING_PROMPTS[0].into());
     engine.enable_prompt_lookup(LookupSettings { ngram: 1, max_draft: 4 }).unwrap();
-    let mut drafted = 0;
-    let mut sample = |engine: &mut Engine, lookup: bool, offset: u64| {
-        let mut counts = [std::collections::HashMap::<u32, usize>::new(), std::collections::HashMap::new()];
-        for seed in 0..seeds {
-            let options = GenerateOptions {
-                max_new_tokens: Some(3),
-                temperature: Some(1.0),
-                top_k: Some(8),
-                seed: Some(seed * 7919 + offset),
-                prompt_lookup: Some(lookup),
-                ..Default::default()
-            };
-            let out = engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap();
-            drafted += out.stats.speculative.map(|s| s.draft_tokens).unwrap_or(0);
-            for pos in 1..3 {
-                if let Some(&t) = out.token_ids.get(pos) {
-                    *counts[pos - 1].entry(t).or_default() += 1;
-                }
-            }
-        }
-        counts
+    let sample = |engine: &mut Engine, lookup: bool, offset: u64| {
+        token_counts(engine, &prompt, seeds, |seed| GenerateOptions {
+            seed: Some(seed * 7919 + offset),
+            prompt_lookup: Some(lookup),
+            ..sampled(seed)
+        })
     };
-    let plain = sample(&mut engine, false, 0);
-    let looked = sample(&mut engine, true, 1);
-    let plain_again = sample(&mut engine, false, 500_000_003);
+    let (plain, _) = sample(&mut engine, false, 0);
+    let (looked, drafted) = sample(&mut engine, true, 1);
+    let (plain_again, _) = sample(&mut engine, false, 500_000_003);
     assert!(drafted as u64 > seeds / 2, "lookup proposed only {drafted} drafts over {seeds} requests");
-    let tv = |a: &std::collections::HashMap<u32, usize>, b: &std::collections::HashMap<u32, usize>| {
-        let (na, nb) = (a.values().sum::<usize>() as f64, b.values().sum::<usize>() as f64);
-        let keys: std::collections::BTreeSet<u32> = a.keys().chain(b.keys()).copied().collect();
-        keys.iter().map(|k| (*a.get(k).unwrap_or(&0) as f64 / na - *b.get(k).unwrap_or(&0) as f64 / nb).abs()).sum::<f64>() / 2.0
-    };
     for pos in 0..2 {
-        let (d, null) = (tv(&plain[pos], &looked[pos]), tv(&plain[pos], &plain_again[pos]));
+        let (d, null) = (total_variation(&plain[pos], &looked[pos]), total_variation(&plain[pos], &plain_again[pos]));
         eprintln!("prompt lookup: position {}: total variation {d:.3} against plain, {null:.3} plain against plain, over {seeds} seeds ({drafted} drafts)", pos + 2);
         // Two samples of 800 from one law differ by ~0.1 in TV (the plain-against-plain figure),
         // so this catches gross errors only (a residual that kept the rejected draft gave 0.16
