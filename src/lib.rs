@@ -2,18 +2,20 @@
 //!
 //! Data flows one way: D-Bus call (`service`) -> validation -> queue (`scheduler`) -> engine thread
 //! (`engine`) -> token events -> the caller. Only `service` and the binaries know zbus. ONNX
-//! Runtime is known to `runtime` (the library and its sessions), `engine::decoder` (decoder
-//! graphs), `multitoken` (its three graphs) and `error` (its error type); the decoding loops
-//! above them see tensors only through those.
+//! Runtime is known to `runtime` (the library and its sessions), `decode::decoder` (decoder
+//! graphs), `multitoken` (its three graphs) and `error` (its error type); the decode loop and
+//! the proposers see tensors only through those.
 //!
-//! Inside the engine, from the bottom up: `engine::decoder` runs a graph with its states;
-//! `engine::run` holds one request's run and the types every loop shares (options, cancel
-//! token, finish reason, stats); `speculative` is the verifying driver with its proposers (a
-//! draft model, `speculative::lookup`); `multitoken` the multi-token loop; `engine` loads a
-//! model and dispatches each request to plain decoding or one of those. No module imports one
+//! Decoding, from the bottom up: `decode::decoder` runs a graph with its states; `decode::run`
+//! holds one request's run and the types every part shares (options, cancel token, finish
+//! reason, stats); `decode::driver` is the one decode loop over a `Target` and a `Proposer`,
+//! judged by `decode::verify`. The proposers sit above it: `speculative` (a draft model,
+//! `speculative::lookup`) and `multitoken` (the micro decoder, whose base is a target too).
+//! `engine` loads a model and picks each request's target and proposer. No module imports one
 //! above it.
 
 pub mod config;
+pub mod decode;
 pub mod engine;
 pub mod error;
 pub mod model;

@@ -1,27 +1,26 @@
-//! One generation at a time on a loaded model: prefill, decode loop with the KV cache, sampling,
-//! stop conditions, streaming text. Knows nothing of who asked (no D-Bus here).
-
-pub mod decoder;
-pub mod run;
-pub mod sampler;
-pub mod text;
+//! One generation at a time on a loaded model: the engine loads a model (a decoder graph, or a
+//! multi-token model's graphs, and a draft), picks each request's target and proposer, and runs
+//! the one decode loop (`crate::decode::driver`) over them. Knows nothing of who asked (no D-Bus
+//! here).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use decoder::{Decoder, KvCache, KvLayout, LoadOptions};
-pub(crate) use run::Run;
-pub use run::{CancelToken, FinishReason, GenerateOptions, GenerationStats, Outcome, SpeculativeStats};
-pub use sampler::{Sampler, SamplingParams};
+pub use crate::decode::decoder::{Decoder, KvCache, KvLayout, LoadOptions};
+use crate::decode::driver;
+use crate::decode::run::Run;
+pub use crate::decode::run::{CancelToken, FinishReason, GenerateOptions, GenerationStats, MultiTokenStats, Outcome, SpeculativeStats};
+pub use crate::decode::sampler::{Sampler, SamplingParams};
 
 use crate::error::{Error, Result};
 use crate::model::ModelFolder;
 pub use crate::model::Prompt;
-use crate::multitoken::{MultiTokenModel, Settings as MultiTokenSettings};
+use crate::multitoken::{Mode as MultiTokenMode, MultiTokenModel, Settings as MultiTokenSettings};
 use crate::runtime::{ProviderReport, Runtime};
 
 use crate::speculative::lookup::{LookupSettings, PromptLookup};
+use driver::Proposer as _;
 
 /// What runs a model's forwards: one decoder graph, or the three graphs of a multi-token model.
 enum Core {
@@ -246,6 +245,7 @@ impl Engine {
             Some(false) => None,
             None => self.prompt_lookup,
         };
+        let mut stats = SpeculativeStats::default();
         let reason = match (&mut self.core, &mut self.draft, speculative) {
             (Core::MultiToken(model, defaults), _, _) => {
                 let settings = checked_multitoken(
@@ -256,12 +256,27 @@ impl Engine {
                         max_tokens: options.multitoken_max_tokens.unwrap_or(defaults.max_tokens),
                     },
                 )?;
-                model.decode(settings, &self.folder, &mut run, cancel, on_text)?
+                let (mut target, mut proposer) = model.split(settings, cancel)?;
+                let reason = driver::drive(&mut target, &mut proposer, &self.folder, &mut run, cancel, on_text, &mut stats)?;
+                let verify = settings.mode == MultiTokenMode::Verify;
+                run.multitoken = Some(MultiTokenStats {
+                    mode: settings.mode,
+                    base_forwards: run.target_forwards,
+                    micro_forwards: proposer.forwards,
+                    kv_entries: driver::Target::len(&target),
+                    drafted: if verify { stats.draft_tokens } else { 0 },
+                    accepted: if verify { stats.accepted_tokens } else { 0 },
+                    base_time: target.time,
+                    micro_time: proposer.time,
+                });
+                reason
             }
             (Core::Decoder(decoder), Some(draft), true) => {
-                let bounds = draft.settings();
                 let mut proposer = crate::speculative::DraftProposer::new(draft, run.prompt_len + run.max_new, cancel)?;
-                crate::speculative::decode(decoder, self.kv_layout, &mut proposer, bounds, &self.folder, &mut run, cancel, on_text)?
+                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, proposer.max_tokens(), cancel)?;
+                let reason = driver::drive(&mut target, &mut proposer, &self.folder, &mut run, cancel, on_text, &mut stats)?;
+                run.speculative = Some(stats);
+                reason
             }
             (Core::Decoder(decoder), None, _) if lookup.is_some() => {
                 let settings = lookup.expect("matched");
@@ -271,11 +286,16 @@ impl Engine {
                         reason: format!("model `{}` carries recurrent states (`{state}`), which drafting cannot roll back", self.name),
                     });
                 }
-                let bounds = crate::speculative::Settings { min_tokens: 1, max_tokens: settings.max_draft, min_confidence: 0.0 };
                 let mut proposer = PromptLookup::new(settings);
-                crate::speculative::decode(decoder, self.kv_layout, &mut proposer, bounds, &self.folder, &mut run, cancel, on_text)?
+                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, proposer.max_tokens(), cancel)?;
+                let reason = driver::drive(&mut target, &mut proposer, &self.folder, &mut run, cancel, on_text, &mut stats)?;
+                run.speculative = Some(stats);
+                reason
             }
-            (Core::Decoder(decoder), _, _) => decode_plain(decoder, self.kv_layout, &self.folder, &mut run, cancel, on_text)?,
+            (Core::Decoder(decoder), _, _) => {
+                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, 0, cancel)?;
+                driver::drive(&mut target, &mut driver::NoProposer, &self.folder, &mut run, cancel, on_text, &mut stats)?
+            }
         };
         run.end(&self.folder, reason, on_text, self.provider())
     }
@@ -299,39 +319,35 @@ fn checked_multitoken(model: &MultiTokenModel, settings: MultiTokenSettings) -> 
     Ok(settings)
 }
 
-fn decode_plain(
-    decoder: &mut Decoder,
-    kv_layout: KvLayout,
-    folder: &ModelFolder,
-    run: &mut Run,
-    cancel: &CancelToken,
-    on_text: &mut dyn FnMut(&str) -> bool,
-) -> Result<FinishReason> {
-    {
-        let mut cache = decoder.new_cache(kv_layout, run.prompt_len + run.max_new)?;
+/// A decoder graph with this request's KV cache, as the decode driver's target.
+struct DecoderTarget<'d> {
+    decoder: &'d mut Decoder,
+    cache: KvCache,
+}
+
+impl<'d> DecoderTarget<'d> {
+    /// A cache with room for the request's tokens and one proposal past them; its runs are
+    /// terminated with `cancel`.
+    fn new(decoder: &'d mut Decoder, layout: KvLayout, run: &Run, lookahead: usize, cancel: &CancelToken) -> Result<Self> {
+        let extra = if lookahead > 0 { lookahead + 1 } else { 0 };
+        let cache = decoder.new_cache(layout, run.prompt_len + run.max_new + extra)?;
         cancel.attach(cache.run_options());
-        let prompt = run.sequence.clone();
-        // The logits stay in the cache (one-token steps: where ONNX Runtime wrote them).
-        let mut logits = match decoder.forward_in_cache(&mut cache, &prompt, 1) {
-            Ok(logits) => logits,
-            Err(Error::Cancelled) => return Ok(FinishReason::Cancelled),
-            Err(e) => return Err(e),
-        };
-        run.target_forwards += 1;
-        loop {
-            let token = run.sampler.next(logits, &run.sequence);
-            if let Some(reason) = run.accept(folder, token, on_text)? {
-                return Ok(reason);
-            }
-            if let Some(reason) = run.should_stop(cache.len() + 1, cancel) {
-                return Ok(reason);
-            }
-            logits = match decoder.forward_in_cache(&mut cache, &[token], 1) {
-                Ok(logits) => logits,
-                Err(Error::Cancelled) => return Ok(FinishReason::Cancelled),
-                Err(e) => return Err(e),
-            };
-            run.target_forwards += 1;
-        }
+        Ok(DecoderTarget { decoder, cache })
+    }
+}
+
+impl driver::Target for DecoderTarget<'_> {
+    fn vocab(&self) -> usize {
+        self.decoder.vocab()
+    }
+    fn len(&self) -> usize {
+        self.cache.len()
+    }
+    fn forward(&mut self, ids: &[u32], rows: usize) -> Result<&mut [f32]> {
+        // The logits stay in the cache: a one-token step reads them where ONNX Runtime wrote them.
+        self.decoder.forward_in_cache(&mut self.cache, ids, rows)
+    }
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        self.cache.truncate(len)
     }
 }

@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod files;
 pub mod genai_config;
+pub mod multitoken;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ pub struct ModelFolder {
     pub tokenizer: TextTokenizer,
     pub chat_template: Option<ChatTemplate>,
     /// A HAMburger-style multi-token model's contract (`multitoken_config.json`), if present.
-    pub multitoken: Option<crate::multitoken::contract::Contract>,
+    pub multitoken: Option<multitoken::Contract>,
 }
 
 impl ModelFolder {
@@ -44,7 +45,7 @@ impl ModelFolder {
         }
         let config = GenaiConfig::load(dir)?;
         require_model_file(&dir.join(&config.decoder_file))?;
-        let multitoken = crate::multitoken::contract::Contract::find(dir)?;
+        let multitoken = multitoken::Contract::find(dir)?;
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"))?;
         let chat_template = ChatTemplate::find(dir)?;
         Ok(ModelFolder { dir: dir.to_path_buf(), config, tokenizer, chat_template, multitoken })

@@ -17,23 +17,20 @@
 //!   the base's distribution, by the rule of speculative sampling).
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ort::session::{Session, SessionInputValue, SessionOutputs};
 use ort::value::{DynValue, Tensor};
 
-use crate::engine::decoder::{slice_positions, SharedRunOptions};
-use crate::engine::run::{CancelToken, FinishReason, Run};
+use crate::decode::decoder::{slice_positions, SharedRunOptions};
+use crate::decode::driver::{Policy, Proposal, Proposer, RowState, Target};
+use crate::decode::run::{CancelToken, Run};
+use crate::decode::verify::{penalised_argmax, row_distribution};
 use crate::error::{Error, Result};
-use crate::model::ModelFolder;
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
-use crate::speculative::{
-    penalised_argmax, penalised_rows, row_distribution, row_distributions, verify_greedy_guarded, verify_sampled, GreedyVerdict, TIE_MARGIN,
-};
 
-pub mod contract;
-
-pub use contract::{Contract, Mode, MultiTokenStats, Settings, CONTRACT_FILE};
+pub use crate::decode::run::MultiTokenStats;
+pub use crate::model::multitoken::{Contract, Mode, Settings, CONTRACT_FILE};
 
 /// The base's KV cache: growing tensors (present outputs become the next past inputs).
 struct BaseKv {
@@ -43,28 +40,42 @@ struct BaseKv {
 
 /// What one base forward returns for its last rows.
 struct BaseOut {
-    /// `rows x vocab`
-    logits: Vec<Vec<f32>>,
+    /// `rows x vocab`, row-major.
+    logits: Vec<f32>,
     /// `rows x (F*D)`: the tapped states of each row, flattened.
-    features: Vec<Vec<f32>>,
+    features: Vec<f32>,
     /// The stop head on each row (the step ends after the token that row emits).
     stop_logits: Vec<f32>,
 }
 
-pub struct MultiTokenModel {
+/// The embedder and the base: the LLM that takes steps of one or more tokens.
+struct BaseGraphs {
     embedder: Session,
     base: Session,
-    micro: Session,
-    pub contract: Contract,
-    base_past: Vec<String>,
-    base_present: Vec<String>,
-    micro_past: Vec<String>,
-    micro_present: Vec<String>,
-    base_kv_heads: usize,
+    past: Vec<String>,
+    present: Vec<String>,
+    kv_heads: usize,
     head_size: usize,
     vocab: usize,
+}
+
+/// The micro-step decoder, with its own KV (reset every step).
+struct MicroGraph {
+    session: Session,
+    past: Vec<String>,
+    present: Vec<String>,
+    kv_heads: usize,
+    head_size: usize,
+    /// Rows F of tapped states it takes.
+    features: usize,
     /// Width D of one tapped state, learnt from the first features seen.
     hidden: usize,
+}
+
+pub struct MultiTokenModel {
+    graphs: BaseGraphs,
+    micro: MicroGraph,
+    pub contract: Contract,
     pub provider: ProviderReport,
 }
 
@@ -81,10 +92,15 @@ fn continues(stop_logit: f32, threshold: f32) -> bool {
     threshold < 1.0 && 1.0 - sigmoid(stop_logit) >= threshold
 }
 
-fn tensor_f32(outputs: &SessionOutputs<'_>, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+fn tensor_f32<'o>(outputs: &'o SessionOutputs<'_>, name: &str) -> Result<(Vec<usize>, &'o [f32])> {
     let value = outputs.get(name).ok_or_else(|| Error::Inference(format!("no output {name}")))?;
     let (shape, data) = value.try_extract_tensor::<f32>()?;
-    Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+    Ok((shape.iter().map(|&d| d as usize).collect(), data))
+}
+
+/// Empty past tensors, one per name (`key` and `value` of each layer).
+fn empty_kv(names: usize, heads: usize, head: usize) -> Result<Vec<DynValue>> {
+    (0..names).map(|_| Ok(Tensor::from_array(([1, heads, 0, head], Vec::<f32>::new()))?.into_dyn())).collect()
 }
 
 impl MultiTokenModel {
@@ -140,18 +156,25 @@ impl MultiTokenModel {
         micro_out.extend(micro_present.iter().map(String::as_str));
         check(&micro, &contract.micro_file, &micro_in, &micro_out)?;
         Ok(MultiTokenModel {
-            embedder,
-            base,
-            micro,
+            graphs: BaseGraphs {
+                embedder,
+                base,
+                past: base_past,
+                present: base_present,
+                kv_heads: config.num_kv_heads,
+                head_size: config.head_size,
+                vocab: config.vocab_size,
+            },
+            micro: MicroGraph {
+                session: micro,
+                past: micro_past,
+                present: micro_present,
+                kv_heads: contract.micro_kv_heads,
+                head_size: contract.micro_head_size,
+                features: contract.features,
+                hidden: 0,
+            },
             contract: contract.clone(),
-            base_past,
-            base_present,
-            micro_past,
-            micro_present,
-            base_kv_heads: config.num_kv_heads,
-            head_size: config.head_size,
-            vocab: config.vocab_size,
-            hidden: 0,
             provider,
         })
     }
@@ -161,8 +184,50 @@ impl MultiTokenModel {
         Settings { mode: Mode::Trust, threshold: self.contract.threshold, max_tokens: self.contract.max_tokens_per_step }
     }
 
-    fn empty_kv(layers: usize, heads: usize, head: usize) -> Result<Vec<DynValue>> {
-        (0..layers).map(|_| Ok(Tensor::from_array(([1, heads, 0, head], Vec::<f32>::new()))?.into_dyn())).collect()
+    pub fn vocab(&self) -> usize {
+        self.graphs.vocab
+    }
+
+    /// Logits of the last `rows` positions of `ids` from the base alone (one token per step):
+    /// for tests and quality measurements.
+    pub fn sequence_logits(&mut self, ids: &[u32], rows: usize) -> Result<Vec<Vec<f32>>> {
+        let run = SharedRunOptions::new()?;
+        let mut kv = self.graphs.new_kv()?;
+        let steps: Vec<&[u32]> = ids.chunks(1).collect();
+        let positions: Vec<usize> = (0..ids.len()).collect();
+        let out = self.graphs.forward(&mut kv, &steps, &positions, rows, &run)?;
+        Ok(out.logits.chunks(self.graphs.vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.sequence_logits(ids, 1)?.pop().expect("one row"))
+    }
+
+    /// The request's two halves for the decode driver: the base as its target (with a KV cache
+    /// for this request) and the micro decoder as its proposer, in `settings.mode`. Their runs
+    /// are terminated with `cancel`.
+    pub(crate) fn split(&mut self, settings: Settings, cancel: &CancelToken) -> Result<(BaseTarget<'_>, MicroProposer<'_>)> {
+        let options = SharedRunOptions::new()?;
+        cancel.attach(&options);
+        let kv = self.graphs.new_kv()?;
+        let target = BaseTarget {
+            graphs: &mut self.graphs,
+            kv,
+            next_position: 0,
+            merged: false,
+            out: BaseOut { logits: Vec::new(), features: Vec::new(), stop_logits: Vec::new() },
+            selected: 0,
+            options: options.clone(),
+            time: Duration::ZERO,
+        };
+        let proposer = MicroProposer { micro: &mut self.micro, settings, options, forwards: 0, time: Duration::ZERO };
+        Ok((target, proposer))
+    }
+}
+
+impl BaseGraphs {
+    fn new_kv(&self) -> Result<BaseKv> {
+        Ok(BaseKv { values: empty_kv(self.past.len(), self.kv_heads, self.head_size)?, len: 0 })
     }
 
     /// Embeddings of `steps` (each 1..=max tokens), `[1, steps, D]`.
@@ -185,14 +250,7 @@ impl MultiTokenModel {
 
     /// One base forward over `steps` (each becomes one KV entry) at `positions`; returns the
     /// last `rows` rows.
-    fn base_forward(
-        &mut self,
-        kv: &mut BaseKv,
-        steps: &[&[u32]],
-        positions: &[usize],
-        rows: usize,
-        run: &SharedRunOptions,
-    ) -> Result<BaseOut> {
+    fn forward(&mut self, kv: &mut BaseKv, steps: &[&[u32]], positions: &[usize], rows: usize, run: &SharedRunOptions) -> Result<BaseOut> {
         let embeds = self.embed(steps, run)?;
         let n = steps.len();
         let total = kv.len + n;
@@ -201,31 +259,39 @@ impl MultiTokenModel {
         inputs.push(("attention_mask", Tensor::from_array(([1, total], vec![1i64; total]))?.into()));
         let pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
         inputs.push(("position_ids", Tensor::from_array(([1, n], pos))?.into()));
-        for (name, value) in self.base_past.iter().zip(&kv.values) {
+        for (name, value) in self.past.iter().zip(&kv.values) {
             inputs.push((name.as_str(), value.view().into()));
         }
         let mut outputs = self.base.run_with_options(inputs, run.get()).map_err(|e| run.run_error(e))?;
         let rows = rows.min(n);
-        let (_, logits) = tensor_f32(&outputs, "logits")?;
-        let (hshape, hidden) = tensor_f32(&outputs, "hidden_states")?;
-        let (_, stop) = tensor_f32(&outputs, "stop_logits")?;
-        let width = hshape[2] * hshape[3];
-        let out = BaseOut {
-            logits: (n - rows..n).map(|r| logits[r * self.vocab..(r + 1) * self.vocab].to_vec()).collect(),
-            features: (n - rows..n).map(|r| hidden[r * width..(r + 1) * width].to_vec()).collect(),
-            stop_logits: stop[n - rows..n].to_vec(),
+        let out = {
+            let (_, logits) = tensor_f32(&outputs, "logits")?;
+            let (hshape, hidden) = tensor_f32(&outputs, "hidden_states")?;
+            let (_, stop) = tensor_f32(&outputs, "stop_logits")?;
+            let width = hshape[2] * hshape[3];
+            BaseOut {
+                logits: logits[(n - rows) * self.vocab..n * self.vocab].to_vec(),
+                features: hidden[(n - rows) * width..n * width].to_vec(),
+                stop_logits: stop[n - rows..n].to_vec(),
+            }
         };
-        for (name, slot) in self.base_present.iter().zip(kv.values.iter_mut()) {
+        for (name, slot) in self.present.iter().zip(kv.values.iter_mut()) {
             *slot = outputs.remove(name.as_str()).ok_or_else(|| Error::Inference(format!("no output {name}")))?;
         }
         kv.len = total;
         Ok(out)
     }
+}
+
+impl MicroGraph {
+    fn new_kv(&self) -> Result<Vec<DynValue>> {
+        empty_kv(self.past.len(), self.kv_heads, self.head_size)
+    }
 
     /// One micro step: appends `features` (first call of a step; empty later) and `token` to
     /// the micro decoder's KV; returns the logits of the next token and its stop logit.
-    fn micro_forward(&mut self, kv: &mut [DynValue], features: &[f32], token: u32, run: &SharedRunOptions) -> Result<(Vec<f32>, f32)> {
-        let rows = if features.is_empty() { 0 } else { self.contract.features };
+    fn forward(&mut self, kv: &mut [DynValue], features: &[f32], token: u32, run: &SharedRunOptions) -> Result<(Vec<f32>, f32)> {
+        let rows = if features.is_empty() { 0 } else { self.features };
         // Every step's first micro call carries the features, so the width is known by the
         // calls that carry none.
         if let Some(width) = features.len().checked_div(rows) {
@@ -235,266 +301,158 @@ impl MultiTokenModel {
         let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(2 + kv.len());
         inputs.push(("features", Tensor::from_array(([1, rows, width], features.to_vec()))?.into()));
         inputs.push(("input_ids", Tensor::from_array(([1, 1], vec![token as i64]))?.into()));
-        for (name, value) in self.micro_past.iter().zip(kv.iter()) {
+        for (name, value) in self.past.iter().zip(kv.iter()) {
             inputs.push((name.as_str(), value.view().into()));
         }
-        let mut outputs = self.micro.run_with_options(inputs, run.get()).map_err(|e| run.run_error(e))?;
-        let (_, logits) = tensor_f32(&outputs, "logits")?;
-        let (_, stop) = tensor_f32(&outputs, "stop_logits")?;
-        for (name, slot) in self.micro_present.iter().zip(kv.iter_mut()) {
+        let mut outputs = self.session.run_with_options(inputs, run.get()).map_err(|e| run.run_error(e))?;
+        let (logits, stop) = {
+            let (_, logits) = tensor_f32(&outputs, "logits")?;
+            let (_, stop) = tensor_f32(&outputs, "stop_logits")?;
+            (logits.to_vec(), stop[0])
+        };
+        for (name, slot) in self.present.iter().zip(kv.iter_mut()) {
             *slot = outputs.remove(name.as_str()).ok_or_else(|| Error::Inference(format!("no output {name}")))?;
         }
-        Ok((logits, stop[0]))
+        Ok((logits, stop))
     }
+}
 
-    /// Logits of the last `rows` positions of `ids` from the base alone (one token per step):
-    /// for tests and quality measurements.
-    pub fn sequence_logits(&mut self, ids: &[u32], rows: usize) -> Result<Vec<Vec<f32>>> {
-        let run = SharedRunOptions::new()?;
-        let mut kv = self.new_base_kv()?;
-        let steps: Vec<&[u32]> = ids.chunks(1).collect();
-        let positions: Vec<usize> = (0..ids.len()).collect();
-        Ok(self.base_forward(&mut kv, &steps, &positions, rows, &run)?.logits)
-    }
+/// The base as the decode driver's target: one KV entry per step, a step being one token
+/// (the prompt, verified drafts) or a merged trusted step.
+pub(crate) struct BaseTarget<'m> {
+    graphs: &'m mut BaseGraphs,
+    kv: BaseKv,
+    /// The sequence position of the next token: a merged step of n tokens takes n positions
+    /// and one KV entry.
+    next_position: usize,
+    /// Whether a merged step was taken (KV entries no longer match positions: no rollback).
+    merged: bool,
+    out: BaseOut,
+    selected: usize,
+    options: SharedRunOptions,
+    /// Time in base forwards.
+    pub(crate) time: Duration,
+}
 
-    pub fn next_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        Ok(self.sequence_logits(ids, 1)?.pop().expect("one row"))
-    }
-
-    /// Decodes `run` with multi-token steps; returns why it ended.
-    pub(crate) fn decode(
-        &mut self,
-        settings: Settings,
-        folder: &ModelFolder,
-        run: &mut Run,
-        cancel: &CancelToken,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<FinishReason> {
-        let options = SharedRunOptions::new()?;
-        cancel.attach(&options);
-        let mut stats = MultiTokenStats::new(settings.mode);
-        let result = match settings.mode {
-            Mode::Trust => self.decode_trust(settings, folder, run, cancel, on_text, &options, &mut stats),
-            Mode::Verify => self.decode_verify(settings, folder, run, cancel, on_text, &options, &mut stats),
-        };
-        run.target_forwards = stats.base_forwards;
-        run.multitoken = Some(stats);
-        match result {
-            Err(Error::Cancelled) => Ok(FinishReason::Cancelled),
-            other => other,
-        }
-    }
-
-    fn new_base_kv(&self) -> Result<BaseKv> {
-        Ok(BaseKv { values: Self::empty_kv(self.base_past.len(), self.base_kv_heads, self.head_size)?, len: 0 })
-    }
-
-    /// The prompt, one token per step (the reference keeps prompts unmerged), into a new KV.
-    fn prefill(&mut self, run: &Run, options: &SharedRunOptions, stats: &mut MultiTokenStats) -> Result<(BaseKv, BaseOut)> {
+impl BaseTarget<'_> {
+    fn run(&mut self, steps: &[&[u32]], positions: &[usize], rows: usize) -> Result<&mut [f32]> {
         let started = Instant::now();
-        let mut kv = self.new_base_kv()?;
-        let prompt = run.sequence.clone();
-        let steps: Vec<&[u32]> = prompt.chunks(1).collect();
-        let positions: Vec<usize> = (0..prompt.len()).collect();
-        let out = self.base_forward(&mut kv, &steps, &positions, 1, options)?;
-        stats.base_forwards += 1;
-        stats.base_time += started.elapsed();
-        stats.kv_entries = kv.len;
-        Ok((kv, out))
+        self.out = self.graphs.forward(&mut self.kv, steps, positions, rows, &self.options)?;
+        self.time += started.elapsed();
+        self.selected = self.out.stop_logits.len() - 1;
+        Ok(&mut self.out.logits)
     }
+}
 
-    fn decode_trust(
-        &mut self,
-        settings: Settings,
-        folder: &ModelFolder,
-        run: &mut Run,
-        cancel: &CancelToken,
-        on_text: &mut dyn FnMut(&str) -> bool,
-        options: &SharedRunOptions,
-        stats: &mut MultiTokenStats,
-    ) -> Result<FinishReason> {
-        let (mut kv, mut out) = self.prefill(run, options, stats)?;
-        loop {
-            // Micro step 0: the base's own token.
-            let mut logits = out.logits.pop().expect("one row");
-            let features = out.features.pop().expect("one row");
-            let mut token = run.sampler.next(&mut logits, &run.sequence);
-            let mut step = vec![token];
-            if let Some(reason) = run.accept(folder, token, on_text)? {
-                return Ok(reason);
+impl Target for BaseTarget<'_> {
+    fn vocab(&self) -> usize {
+        self.graphs.vocab
+    }
+    fn len(&self) -> usize {
+        self.kv.len
+    }
+    fn forward(&mut self, ids: &[u32], rows: usize) -> Result<&mut [f32]> {
+        let steps: Vec<&[u32]> = ids.chunks(1).collect();
+        let positions: Vec<usize> = (self.next_position..self.next_position + ids.len()).collect();
+        self.next_position += ids.len();
+        self.run(&steps, &positions, rows)
+    }
+    fn forward_merged(&mut self, ids: &[u32]) -> Result<&mut [f32]> {
+        // The whole step as one embedding, one KV entry, at the position of its last token (the
+        // reference's training path).
+        let position = self.next_position + ids.len() - 1;
+        self.next_position += ids.len();
+        self.merged = true;
+        self.run(&[ids], &[position], 1)
+    }
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        if self.merged {
+            return Err(Error::Inference("a KV cache with merged steps cannot be rolled back".into()));
+        }
+        if len < self.kv.len {
+            for value in &mut self.kv.values {
+                *value = slice_positions(value, 2, len)?;
             }
-            // Micro steps 1..: while the stop head says go on.
-            let mut go_on = settings.max_tokens > 1 && continues(out.stop_logits[0], settings.threshold);
-            // The micro decoder's KV starts empty each step; made only for a step that goes on.
-            let mut micro_kv = Vec::new();
-            if go_on {
-                micro_kv = Self::empty_kv(self.micro_past.len(), self.contract.micro_kv_heads, self.contract.micro_head_size)?;
-            }
-            let mut feats: &[f32] = &features;
-            while go_on && step.len() < settings.max_tokens {
-                if let Some(reason) = run.should_stop(run.sequence.len() + 1, cancel) {
-                    return Ok(reason);
-                }
-                let started = Instant::now();
-                let (mut micro_logits, stop) = self.micro_forward(&mut micro_kv, feats, token, options)?;
-                stats.micro_forwards += 1;
-                stats.micro_time += started.elapsed();
-                feats = &[];
-                token = run.sampler.next(&mut micro_logits, &run.sequence);
-                step.push(token);
-                if let Some(reason) = run.accept(folder, token, on_text)? {
-                    return Ok(reason);
-                }
-                go_on = continues(stop, settings.threshold);
-            }
-            if let Some(reason) = run.should_stop(run.sequence.len() + 1, cancel) {
-                return Ok(reason);
-            }
-            // The next macro step: the whole step as one embedding, one KV entry, at the
-            // position of its last token (the reference's training path).
-            let started = Instant::now();
-            let position = run.sequence.len() - 1;
-            out = self.base_forward(&mut kv, &[&step], &[position], 1, options)?;
-            stats.base_forwards += 1;
-            stats.base_time += started.elapsed();
-            stats.kv_entries = kv.len;
+            self.kv.len = len;
+            self.next_position = len;
+        }
+        Ok(())
+    }
+    fn select_row(&mut self, row: usize) {
+        self.selected = row;
+    }
+    fn row_state(&self) -> Option<RowState<'_>> {
+        let width = self.out.features.len() / self.out.stop_logits.len().max(1);
+        let row = self.selected;
+        Some(RowState { hidden: &self.out.features[row * width..(row + 1) * width], stop_logit: *self.out.stop_logits.get(row)? })
+    }
+}
+
+/// The micro decoder as a proposer: in trust mode its tokens are the step's own (HAMburger),
+/// in verify mode drafts the base checks (as Medusa or EAGLE heads).
+pub(crate) struct MicroProposer<'m> {
+    micro: &'m mut MicroGraph,
+    settings: Settings,
+    options: SharedRunOptions,
+    pub(crate) forwards: usize,
+    pub(crate) time: Duration,
+}
+
+impl Proposer for MicroProposer<'_> {
+    fn policy(&self) -> Policy {
+        match self.settings.mode {
+            Mode::Trust => Policy::Trust,
+            Mode::Verify => Policy::Verify,
         }
     }
 
-    fn decode_verify(
-        &mut self,
-        settings: Settings,
-        folder: &ModelFolder,
-        run: &mut Run,
-        cancel: &CancelToken,
-        on_text: &mut dyn FnMut(&str) -> bool,
-        options: &SharedRunOptions,
-        stats: &mut MultiTokenStats,
-    ) -> Result<FinishReason> {
+    fn propose(&mut self, run: &mut Run, row: Option<RowState<'_>>, limit: usize) -> Result<Proposal> {
+        let threshold = self.settings.threshold;
+        // The step's first token is the base's, so the micro decoder adds at most max - 1.
+        let want = self.settings.max_tokens.saturating_sub(1).min(limit);
+        let Some(row) = row.filter(|row| want > 0 && continues(row.stop_logit, threshold)) else {
+            return Ok(Proposal::default());
+        };
         let params = run.sampler.params().clone();
-        let greedy = params.is_greedy();
-        let (mut kv, mut out) = self.prefill(run, options, stats)?;
-        let mut logits = out.logits.pop().expect("one row");
-        let mut features = out.features.pop().expect("one row");
-        let mut stop_logit = out.stop_logits[0];
-        loop {
-            // The base's token after everything accepted so far.
-            let token = run.sampler.next(&mut logits, &run.sequence);
-            if let Some(reason) = run.accept(folder, token, on_text)? {
-                stats.kv_entries = kv.len;
-                return Ok(reason);
-            }
-            // Drafts from the micro decoder, as many as the stop head allows.
-            let room = run.tokens_left().min(run.context_left(kv.len + 2));
-            let want = (settings.max_tokens - 1).min(room);
-            let mut drafts: Vec<u32> = Vec::with_capacity(want);
-            let mut draft_dists: Vec<Vec<f32>> = Vec::new();
-            if want > 0 && continues(stop_logit, settings.threshold) {
-                let mut micro_kv = Self::empty_kv(self.micro_past.len(), self.contract.micro_kv_heads, self.contract.micro_head_size)?;
-                let mut feats: &[f32] = &features;
-                let mut last = token;
-                let started = Instant::now();
-                while drafts.len() < want {
-                    let (micro_logits, stop) = self.micro_forward(&mut micro_kv, feats, last, options)?;
-                    stats.micro_forwards += 1;
-                    feats = &[];
-                    let mut seen = run.sequence.clone();
-                    seen.extend(&drafts);
-                    let d = if greedy {
-                        penalised_argmax(&micro_logits, &seen, params.repetition_penalty)
-                    } else {
-                        let dist = row_distribution(&micro_logits, &seen, &params);
-                        let d = run.sampler.draw(&dist) as u32;
-                        draft_dists.push(dist);
-                        d
-                    };
-                    drafts.push(d);
-                    last = d;
-                    if !continues(stop, settings.threshold) {
-                        break;
-                    }
+        let started = Instant::now();
+        let mut kv = self.micro.new_kv()?;
+        let mut features: &[f32] = row.hidden;
+        let mut last = *run.sequence.last().expect("a token was accepted");
+        let mut seen = run.sequence.clone();
+        let mut proposal = Proposal::default();
+        while proposal.tokens.len() < want {
+            let (mut logits, stop) = self.micro.forward(&mut kv, features, last, &self.options)?;
+            self.forwards += 1;
+            features = &[];
+            let token = match self.settings.mode {
+                // The model's own output in this mode: sampled as the base's tokens are.
+                Mode::Trust => run.sampler.next(&mut logits, &seen),
+                Mode::Verify if params.is_greedy() => penalised_argmax(&logits, &seen, params.repetition_penalty),
+                Mode::Verify => {
+                    let q = row_distribution(&logits, &seen, &params);
+                    let token = run.sampler.draw(&q) as u32;
+                    proposal.q_rows.push(q);
+                    token
                 }
-                stats.micro_time += started.elapsed();
-            }
-            if let Some(reason) = run.should_stop(kv.len + 1 + drafts.len(), cancel) {
-                stats.kv_entries = kv.len;
-                return Ok(reason);
-            }
-            // Verify: the base over [token, drafts...], one step (and KV entry) per token.
-            let started = Instant::now();
-            let mut inputs: Vec<u32> = vec![token];
-            inputs.extend(&drafts);
-            let steps: Vec<&[u32]> = inputs.chunks(1).collect();
-            let first = kv.len;
-            let positions: Vec<usize> = (first..first + inputs.len()).collect();
-            let verified = self.base_forward(&mut kv, &steps, &positions, inputs.len(), options)?;
-            stats.base_forwards += 1;
-            stats.base_time += started.elapsed();
-            stats.drafted += drafts.len();
-            // What follows the accepted drafts: the verified row there, a token the sampling
-            // rule drew, or (a near tie) a one-token forward, as plain decoding computes it.
-            enum Next {
-                Row,
-                Token(u32),
-                Recompute,
-            }
-            let (accepted, next) = if greedy {
-                let rows = penalised_rows(verified.logits.clone(), &run.sequence, &drafts, params.repetition_penalty);
-                match verify_greedy_guarded(&rows, &drafts, TIE_MARGIN) {
-                    GreedyVerdict::Decided(a, _) => (a, Next::Row),
-                    GreedyVerdict::NearTie(a) => (a, Next::Recompute),
-                }
-            } else {
-                let p = row_distributions(&verified.logits, &run.sequence, &drafts, &params);
-                let (a, token) = verify_sampled(&p, &draft_dists, &drafts, &mut run.sampler);
-                (a, Next::Token(token))
             };
-            stats.accepted += accepted;
-            for (i, &d) in drafts[..accepted].iter().enumerate() {
-                if let Some(reason) = run.accept(folder, d, on_text)? {
-                    // The inputs before the last emitted token keep their entries.
-                    kv_truncate(&mut kv, first + 1 + i)?;
-                    stats.kv_entries = kv.len;
-                    return Ok(reason);
-                }
+            proposal.tokens.push(token);
+            seen.push(token);
+            last = token;
+            if run.is_eos(token) || !continues(stop, threshold) {
+                break;
             }
-            if let Next::Recompute = next {
-                kv_truncate(&mut kv, first + accepted)?;
-                let again = self.base_forward(&mut kv, &[&inputs[accepted..=accepted]], &[first + accepted], 1, options)?;
-                stats.base_forwards += 1;
-                logits = again.logits[0].clone();
-                features = again.features[0].clone();
-                stop_logit = again.stop_logits[0];
-            } else {
-                kv_truncate(&mut kv, first + 1 + accepted)?;
-                // A drawn token reaches the loop's sampler as a one-hot row: it returns exactly it.
-                logits = match next {
-                    Next::Token(token) => one_hot(self.vocab, token),
-                    _ => verified.logits[accepted].clone(),
-                };
-                features = verified.features[accepted].clone();
-                stop_logit = verified.stop_logits[accepted];
-            }
-            stats.kv_entries = kv.len;
         }
+        self.time += started.elapsed();
+        Ok(proposal)
     }
-}
 
-/// Logits that make any sampler pick `token` (its draws see probability 1 there).
-fn one_hot(vocab: usize, token: u32) -> Vec<f32> {
-    let mut row = vec![f32::NEG_INFINITY; vocab];
-    row[token as usize] = 0.0;
-    row
-}
-
-fn kv_truncate(kv: &mut BaseKv, len: usize) -> Result<()> {
-    if len < kv.len {
-        for value in &mut kv.values {
-            *value = slice_positions(value, 2, len)?;
-        }
-        kv.len = len;
+    fn max_tokens(&self) -> usize {
+        self.settings.max_tokens.saturating_sub(1)
     }
-    Ok(())
+
+    fn drafts(&self) -> bool {
+        self.settings.mode == Mode::Verify
+    }
 }
 
 #[cfg(test)]

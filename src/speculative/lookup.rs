@@ -7,8 +7,9 @@
 //! nothing for 1, 2, 4, ... up to 16 rounds (plain one-token steps), so that text that does not
 //! repeat itself decodes at plain speed.
 
-use super::{Proposal, Proposer};
-use crate::engine::run::Run;
+use super::AdaptiveK;
+use crate::decode::driver::{Proposal, Proposer, RowState};
+use crate::decode::run::Run;
 use crate::error::Result;
 
 /// `[[model]] prompt_lookup_ngram` and `prompt_lookup_max_draft`.
@@ -29,6 +30,7 @@ const MAX_PAUSE: usize = 16;
 
 pub struct PromptLookup {
     settings: LookupSettings,
+    length: AdaptiveK,
     /// Rounds left to propose nothing, and the next pause after a failed round.
     paused: usize,
     next_pause: usize,
@@ -36,7 +38,7 @@ pub struct PromptLookup {
 
 impl PromptLookup {
     pub fn new(settings: LookupSettings) -> PromptLookup {
-        PromptLookup { settings, paused: 0, next_pause: 1 }
+        PromptLookup { settings, length: AdaptiveK::new(1, settings.max_draft), paused: 0, next_pause: 1 }
     }
 }
 
@@ -60,16 +62,17 @@ pub fn lookup(sequence: &[u32], ngram: usize, k: usize) -> &[u32] {
 }
 
 impl Proposer for PromptLookup {
-    fn propose(&mut self, run: &mut Run, k: usize, _min: usize) -> Result<Option<Proposal>> {
+    fn propose(&mut self, run: &mut Run, _row: Option<RowState<'_>>, limit: usize) -> Result<Proposal> {
         if self.paused > 0 {
             self.paused -= 1;
-            return Ok(Some(Proposal { tokens: Vec::new(), q_rows: Vec::new() }));
+            return Ok(Proposal::default());
         }
-        let tokens = lookup(&run.sequence, self.settings.ngram, k.min(self.settings.max_draft)).to_vec();
-        Ok(Some(Proposal { tokens, q_rows: Vec::new() }))
+        let tokens = lookup(&run.sequence, self.settings.ngram, self.length.now(limit)).to_vec();
+        Ok(Proposal { tokens, q_rows: Vec::new() })
     }
 
     fn accepted(&mut self, _len: usize, proposed: usize, accepted: usize) -> Result<()> {
+        self.length.update(proposed, accepted);
         if proposed > 0 && accepted == 0 {
             self.paused = self.next_pause;
             self.next_pause = (self.next_pause * 2).min(MAX_PAUSE);

@@ -1,7 +1,6 @@
-//! One request's run, and the types that every decoding loop shares (the plain loop here, the
-//! speculative driver and its proposers, the multi-token loop): what the caller asked for, the
-//! cancel token, why it ended, its statistics. Below the loops, so that they import it and not
-//! the engine that dispatches to them.
+//! One request's run, and the types that the decode driver and its proposers share: what the
+//! caller asked for, the cancel token, why it ended, its statistics. Below the driver and the
+//! proposers, so that they import it and not the engine that builds them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,8 +10,8 @@ use super::decoder;
 use super::sampler::{Sampler, SamplingParams};
 use super::text::{Piece, StopText};
 use crate::error::Result;
+use crate::model::multitoken::Mode;
 use crate::model::{Detokenizer, ModelFolder};
-use crate::multitoken::contract::{Mode, MultiTokenStats};
 use crate::runtime::ProviderReport;
 
 /// What a caller asks for, already validated at the edge; `None` means the model's default.
@@ -102,6 +101,34 @@ impl SpeculativeStats {
             0.0
         } else {
             self.accepted_tokens as f64 / self.evaluated_tokens as f64
+        }
+    }
+}
+
+/// Counters of one multi-token request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MultiTokenStats {
+    pub mode: Mode,
+    /// Base forwards, the prefill included: every one emits the first token of a step.
+    pub base_forwards: usize,
+    /// Micro-decoder forwards.
+    pub micro_forwards: usize,
+    /// Entries in the base's KV cache at the end, the prompt's included.
+    pub kv_entries: usize,
+    /// Verify mode: micro tokens proposed and accepted by the base.
+    pub drafted: usize,
+    pub accepted: usize,
+    pub base_time: Duration,
+    pub micro_time: Duration,
+}
+
+impl MultiTokenStats {
+    /// Generated tokens per base forward.
+    pub fn tokens_per_step(&self, generated: usize) -> f64 {
+        if self.base_forwards == 0 {
+            0.0
+        } else {
+            generated as f64 / self.base_forwards as f64
         }
     }
 }
@@ -247,9 +274,9 @@ impl Run {
         Ok((self.generated.len() >= self.max_new).then_some(FinishReason::Length))
     }
 
-    /// Positions of the context still free after `used`.
-    pub(crate) fn context_left(&self, used: usize) -> usize {
-        self.context.saturating_sub(used)
+    /// Tokens the sequence may still grow by: it never holds more than the context's length.
+    pub(crate) fn context_left(&self) -> usize {
+        self.context.saturating_sub(self.sequence.len())
     }
 
     /// New tokens the request may still produce.
@@ -257,13 +284,11 @@ impl Run {
         self.max_new.saturating_sub(self.generated.len())
     }
 
-    /// Checked between engine steps: context full, cancelled, past the deadline.
-    /// `next_len` is the number of positions the next step would fill.
-    /// Checked before every engine step after the prefill, by every loop: the step is reported
-    /// to the caller's progress hook here.
-    pub(crate) fn should_stop(&self, next_len: usize, cancel: &CancelToken) -> Option<FinishReason> {
+    /// Checked before every engine step after the prefill: the context full, cancelled, past the
+    /// deadline. The step is reported to the caller's progress hook here.
+    pub(crate) fn should_stop(&self, cancel: &CancelToken) -> Option<FinishReason> {
         cancel.step();
-        if next_len >= self.context {
+        if self.sequence.len() >= self.context {
             Some(FinishReason::Length)
         } else if cancel.is_cancelled() {
             Some(FinishReason::Cancelled)
@@ -272,6 +297,11 @@ impl Run {
         } else {
             None
         }
+    }
+
+    /// Whether `token` ends the sequence (a proposer stops drafting there).
+    pub(crate) fn is_eos(&self, token: u32) -> bool {
+        self.eos_ids.contains(&token)
     }
 
     /// Releases text held back for a possible stop string or an unfinished character (unless a

@@ -1,9 +1,8 @@
-//! The multi-token contract (`multitoken_config.json`) and the request-level types of
-//! multi-token decoding (mode, settings, statistics): what the model folder, the engine's
-//! shared run types and the config read, without the graphs that run it.
+//! The multi-token contract (`multitoken_config.json`) and the settings of multi-token decoding
+//! (mode, threshold, step length): what the model folder, the request options and the config
+//! read, without the graphs that run it (`crate::multitoken`).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde_json::Value;
 
@@ -109,45 +108,5 @@ impl Contract {
             return Err(err("max_tokens_per_step", "must be at least 1".into()));
         }
         Ok(contract)
-    }
-}
-
-/// Counters of one request.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MultiTokenStats {
-    pub mode: Mode,
-    /// Base forwards, the prefill included: every one emits the first token of a step.
-    pub base_forwards: usize,
-    /// Micro-decoder forwards.
-    pub micro_forwards: usize,
-    /// Entries in the base's KV cache at the end, the prompt's included.
-    pub kv_entries: usize,
-    /// Verify mode: micro tokens proposed and accepted by the base.
-    pub drafted: usize,
-    pub accepted: usize,
-    pub base_time: Duration,
-    pub micro_time: Duration,
-}
-
-impl MultiTokenStats {
-    pub(crate) fn new(mode: Mode) -> Self {
-        MultiTokenStats {
-            mode,
-            base_forwards: 0,
-            micro_forwards: 0,
-            kv_entries: 0,
-            drafted: 0,
-            accepted: 0,
-            base_time: Duration::ZERO,
-            micro_time: Duration::ZERO,
-        }
-    }
-    /// Generated tokens per base forward.
-    pub fn tokens_per_step(&self, generated: usize) -> f64 {
-        if self.base_forwards == 0 {
-            0.0
-        } else {
-            generated as f64 / self.base_forwards as f64
-        }
     }
 }
