@@ -10,3 +10,5 @@ pub mod run;
 pub mod sampler;
 pub mod text;
 pub(crate) mod verify;
+
+pub use driver::PREFILL_CHUNK;

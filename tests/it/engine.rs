@@ -63,6 +63,31 @@ fn target_greedy_matches_onnxruntime_genai_growing_kv() {
     check_against_reference("kjv-target", LoadOptions { kv_layout: Some(KvLayout::Growing), ..Default::default() });
 }
 
+/// A prompt longer than one prefill chunk is prefilled in several forwards (onnxruntime-genai
+/// prefills it in one): the greedy ids still equal onnxruntime-genai's (or part at a near tie, as
+/// a forward over other positions may), in both KV layouts. Skipping a chunk, or restarting its
+/// positions, changes them.
+#[test]
+fn a_prompt_longer_than_one_prefill_chunk_matches_onnxruntime_genai() {
+    let refs = references();
+    let mut prompt: Vec<u32> = Vec::new();
+    for case in refs.models["kjv-target"].iter().cycle() {
+        prompt.extend_from_slice(&case.prompt_ids);
+        if prompt.len() > edgellm::decode::PREFILL_CHUNK + 100 {
+            break;
+        }
+    }
+    let new_tokens = 24;
+    let genai = genai_outputs(&model_dir("kjv-target"), "cpu", std::slice::from_ref(&prompt), new_tokens).remove(0);
+    for layout in [KvLayout::Shared, KvLayout::Growing] {
+        let mut engine = load("kjv-target", LoadOptions { kv_layout: Some(layout), ..Default::default() });
+        let (outcome, _) = greedy(&mut engine, &prompt, new_tokens);
+        assert!(outcome.stats.target_forwards >= 2 + outcome.token_ids.len() - 1, "the prompt took more than one forward");
+        let label = format!("{} prompt tokens, {layout:?}", prompt.len());
+        crate::fixtures::same_or_near_tie(&mut engine, &label, &prompt, &with_eos(&outcome), &genai, "chunked prefill");
+    }
+}
+
 #[test]
 fn draft_greedy_matches_onnxruntime_genai() {
     check_against_reference("kjv-draft", LoadOptions::default());
