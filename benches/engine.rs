@@ -71,6 +71,9 @@ fn child(args: &[String]) {
     let load_s = started.elapsed().as_secs_f64();
     let rss_load_mib = (rss_kib("VmHWM") - rss_before) as f64 / 1024.0;
     let mut gen = GenerateOptions { max_new_tokens: Some(new_tokens), temperature: Some(0.0), ..Default::default() };
+    if args.iter().any(|a| a == "--prompt-lookup") {
+        gen.prompt_lookup = Some(true);
+    }
     if let Some(spec) = arg(args, "--multitoken") {
         // MODE:THRESHOLD
         let (mode, threshold) = spec.split_once(':').expect("--multitoken MODE:THRESHOLD");
@@ -88,7 +91,13 @@ fn child(args: &[String]) {
             let output = output_ids(&o);
             let ttft = o.stats.time_to_first_token.as_secs_f64();
             let decode = o.stats.total_time.as_secs_f64() - ttft;
-            println!("{}", json!({"ttft_s": ttft, "decode_s": decode, "decoded": output.len().saturating_sub(1), "output": output}));
+            let spec = o.stats.speculative.unwrap_or_default();
+            println!(
+                "{}",
+                json!({"ttft_s": ttft, "decode_s": decode, "decoded": output.len().saturating_sub(1), "output": output,
+                       "draft_tokens": spec.draft_tokens, "accepted_tokens": spec.accepted_tokens,
+                       "target_forwards": o.stats.target_forwards, "tokens": output.len()})
+            );
         }
         return;
     }
@@ -297,6 +306,9 @@ fn main() {
     if !args.iter().any(|a| a == "--no-speculative") {
         speculative_table(&me, &python, &prompts_file, &new_tokens, &threads);
     }
+    if !args.iter().any(|a| a == "--no-prompt-lookup") {
+        prompt_lookup_rows(&me, &model, &prompts, &new_tokens, &threads, pair_rounds.max(1));
+    }
     if let Some(models) = arg(&args, "--forward-cost") {
         let acceptance: f64 = arg(&args, "--acceptance").map(|a| a.parse().expect("--acceptance A")).unwrap_or(0.79);
         let models: Vec<PathBuf> = models.split(',').map(PathBuf::from).collect();
@@ -391,6 +403,91 @@ fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds
         work.provider,
         decode.len(),
         100.0 * faster
+    );
+}
+
+/// Prompt lookup against plain decoding of the same model, in paired alternating rounds (both
+/// load once; each prompt runs on one, then the other, the order alternating), on the reference
+/// prompts and on prompts that quote themselves (tests/quoting_prompts.json), where its drafts
+/// are accepted. Per prompt group: the decode speed ratio's median and quartiles over rounds x
+/// prompts, acceptance and tokens per target forward; per quoting prompt, its own.
+fn prompt_lookup_rows(me: &Path, model: &Path, reference: &[Value], new_tokens: &str, threads: &str, rounds: usize) {
+    let folder = edgellm::model::ModelFolder::open(model).expect("model folder");
+    let quoting: Value = serde_json::from_str(&std::fs::read_to_string(root().join("tests/quoting_prompts.json")).unwrap()).unwrap();
+    let quoting: Vec<Value> = quoting["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| json!(folder.tokenizer.encode_prompt(p.as_str().unwrap()).expect("tokenize")))
+        .collect();
+    let mut all: Vec<Value> = reference.to_vec();
+    all.extend(quoting.iter().cloned());
+    let prompts_file = std::env::temp_dir().join(format!("edgellm-bench-lookup-{}.json", std::process::id()));
+    std::fs::write(&prompts_file, serde_json::to_string(&all).unwrap()).unwrap();
+    let work = Workload::on_cpu(model, new_tokens, threads, &prompts_file);
+    let mut lookup = work.edgellm(Command::new(me), "file");
+    lookup.arg("--prompt-lookup");
+    let mut servers = [work.edgellm(Command::new(me), "file"), lookup].map(Server::start);
+    // Per prompt: speed ratios over rounds, and the lookup run's drafts, accepted, tokens, forwards.
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
+    let mut counts = vec![[0u64; 4]; all.len()];
+    let mut same = vec![true; all.len()];
+    for round in 0..rounds {
+        for prompt in 0..all.len() {
+            let mut replies = [Value::Null, Value::Null];
+            let first = (round + prompt) % 2;
+            for engine in [first, 1 - first] {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                replies[engine] = servers[engine].run(prompt);
+            }
+            let tps = |r: &Value| r["decoded"].as_f64().unwrap() / r["decode_s"].as_f64().unwrap();
+            ratios[prompt].push(tps(&replies[1]) / tps(&replies[0]));
+            same[prompt] &= replies[0]["output"] == replies[1]["output"];
+            for (c, k) in counts[prompt].iter_mut().zip(["draft_tokens", "accepted_tokens", "tokens", "target_forwards"]) {
+                *c += replies[1][k].as_u64().unwrap();
+            }
+        }
+    }
+    for mut server in servers {
+        drop(server.stdin);
+        server.child.wait().expect("wait");
+    }
+    let _ = std::fs::remove_file(&prompts_file);
+    let quartiles = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        (v[n / 4], v[n / 2], v[(3 * n) / 4])
+    };
+    println!();
+    println!(
+        "prompt lookup (ngram 3, max draft 8) vs plain, {}, cpu, greedy, {rounds} paired rounds per prompt (order alternating)",
+        model.file_name().unwrap().to_string_lossy()
+    );
+    println!("{:<34} {:>8} {:>10} {:>14} {:>10} {:>18}", "prompts", "accept", "drafted", "tok/target fwd", "x plain", "x plain quartiles");
+    let row = |label: &str, range: std::ops::Range<usize>| {
+        let c = range.clone().fold([0u64; 4], |mut t, p| {
+            for (t, c) in t.iter_mut().zip(counts[p]) {
+                *t += c;
+            }
+            t
+        });
+        let (q1, median, q3) = quartiles(range.flat_map(|p| ratios[p].clone()).collect());
+        println!(
+            "{label:<34} {:>8.3} {:>10} {:>14.2} {median:>10.3} {:>18}",
+            if c[0] == 0 { 0.0 } else { c[1] as f64 / c[0] as f64 },
+            c[0] / rounds as u64,
+            c[2] as f64 / c[3] as f64,
+            format!("{q1:.3}-{q3:.3}")
+        );
+    };
+    row(&format!("reference ({})", reference.len()), 0..reference.len());
+    for (i, p) in (reference.len()..all.len()).enumerate() {
+        row(&format!("quoting #{}", i + 1), p..p + 1);
+    }
+    println!(
+        "greedy outputs identical to plain on {} of {} prompts (the tests check that the others part at a near tie); drafted = draft tokens per run",
+        same.iter().filter(|&&s| s).count(),
+        same.len()
     );
 }
 

@@ -875,7 +875,8 @@ fn prompt_lookup_serves_from_the_config_and_the_option() {
         model_dir("kjv-target").display(),
         model_dir("kjv-target").display()
     ));
-    let prompt = crate::speculative::QUOTING_PROMPTS[0];
+    let prompt = crate::speculative::quoting_prompts().remove(0);
+    let prompt = prompt.as_str();
     let complete = |model: &str, extra: &[&str]| {
         let mut args = vec![model, prompt];
         let n = (2 + extra.len() / 3).to_string();

@@ -167,22 +167,22 @@ fn with_lookup(layout: KvLayout) -> Engine {
 }
 
 /// Prompts that quote a passage and start it again: what prompt lookup is for.
-pub const QUOTING_PROMPTS: [&str; 3] = [
-    "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness was upon the face of the deep. In the beginning God created",
-    "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures: he leadeth me beside the still waters. The LORD is my shepherd;",
-    "For God so loved the world, that he gave his only begotten Son, that whosoever believeth in him should not perish, but have everlasting life. For God so loved",
-];
+pub fn quoting_prompts() -> Vec<String> {
+    let text = std::fs::read_to_string(crate::fixtures::root().join("tests/quoting_prompts.json")).unwrap();
+    let file: serde_json::Value = serde_json::from_str(&text).unwrap();
+    serde_json::from_value(file["prompts"].clone()).unwrap()
+}
 
 /// Greedy decoding with prompt lookup drafts gives the target's own greedy ids (the near-tie
-/// rule, as for a draft model), on the reference prompts and on prompts that quote themselves,
-/// where its drafts are accepted.
+/// rule, as for a draft model), on the reference prompts and on prompts that quote themselves
+/// (tests/quoting_prompts.json), where its drafts are accepted.
 #[test]
 fn greedy_prompt_lookup_equals_plain_decoding() {
     let refs = references();
     for layout in [KvLayout::Shared, KvLayout::Growing] {
         let mut engine = with_lookup(layout);
         let mut prompts: Vec<Vec<u32>> = refs.models["kjv-target"].iter().map(|c| c.prompt_ids.clone()).collect();
-        prompts.extend(QUOTING_PROMPTS.iter().map(|p| engine.folder.tokenizer.encode_prompt(p).unwrap()));
+        prompts.extend(quoting_prompts().iter().map(|p| engine.folder.tokenizer.encode_prompt(p).unwrap()));
         let (mut proposed, mut accepted, mut identical) = (0, 0, 0);
         for (i, prompt) in prompts.iter().enumerate() {
             let run = |engine: &mut Engine, lookup: bool| {
@@ -231,7 +231,7 @@ fn greedy_prompt_lookup_equals_plain_decoding() {
 fn sampled_prompt_lookup_follows_the_target_distribution() {
     let seeds = 800u64;
     let mut engine = Engine::load(&runtime(), "kjv", &model_dir("kjv-target"), &LoadOptions::default()).unwrap();
-    let prompt = Prompt::Text(QUOTING_PROMPTS[0].into());
+    let prompt = Prompt::Text(quoting_prompts().remove(0));
     engine.enable_prompt_lookup(LookupSettings { ngram: 1, max_draft: 4 }).unwrap();
     let sample = |engine: &mut Engine, lookup: bool, offset: u64| {
         token_counts(engine, &prompt, seeds, |seed| GenerateOptions {
