@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use futures_util::StreamExt;
@@ -164,14 +164,16 @@ async fn run(config: Config) -> Result<(), String> {
     // Shutdown: no new requests; in-flight ones get the grace period, then are cancelled.
     notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(grace_s = config.daemon.shutdown_grace.as_secs(), "shutting down");
-    scheduler.stop_accepting();
-    let deadline = Instant::now() + config.daemon.shutdown_grace;
-    while (scheduler.in_flight() > 0 || scheduler.queued() > 0) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    if tokio::time::timeout(config.daemon.shutdown_grace, scheduler.drained()).await.is_err() {
+        tracing::warn!("the grace period is over: cancelling the requests still running");
     }
     let stopper = scheduler.clone();
     let _ = tokio::task::spawn_blocking(move || stopper.shutdown()).await;
-    // Let the last Finished signals reach their callers before the name goes.
+    // The cancelled requests' Finished signals go out before the name does (bounded: a caller
+    // that stopped reading must not hold the daemon up).
+    let _ = tokio::time::timeout(Duration::from_secs(2), scheduler.drained()).await;
+    // A method's reply (Complete, Chat) goes out after its handler returns, which the drain
+    // counts as its end: a moment for the last of them.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _ = conn.release_name(BUS_NAME).await;
     tracing::info!("stopped");

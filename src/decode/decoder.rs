@@ -139,7 +139,9 @@ impl State {
 }
 
 pub struct Decoder {
-    session: Session,
+    /// Shared with every cache this decoder made: their growing values were allocated by its
+    /// allocator, and a cache is only ever fed back to the session that made it.
+    session: Arc<Session>,
     context: usize,
     vocab: usize,
     logits_precision: Precision,
@@ -180,9 +182,10 @@ impl RunNames {
 
 /// One KV tensor, fed as the past input. `Shared`: also given to ONNX Runtime as the preallocated
 /// present output, so GroupQueryAttention appends in place. `Growing`: replaced by the present
-/// output ONNX Runtime allocates. Every caller keeps a cache local to one request of the decoder
-/// that made it.
+/// output ONNX Runtime allocates. A cache holds the session that made it: the session outlives
+/// the values its allocator made, and a forward of another decoder refuses the cache.
 pub struct KvCache {
+    session: Arc<Session>,
     layout: KvLayout,
     slots: Vec<DynValue>,
     run_options: SharedRunOptions,
@@ -447,7 +450,7 @@ impl Decoder {
         let fetch: Vec<&str> = std::iter::once(names.logits.as_str()).chain(states.iter().map(|s| s.present.as_str())).collect();
         let run_names = RunNames::new(&feed, &fetch)?;
         Ok(Decoder {
-            session,
+            session: Arc::new(session),
             context: config.context_length,
             vocab: config.vocab_size,
             logits_precision,
@@ -519,6 +522,7 @@ impl Decoder {
         let mut ones = IntBuffer::new(self.mask_type.unwrap_or(IntType::I64));
         ones.set(std::iter::repeat_n(1, capacity));
         Ok(KvCache {
+            session: Arc::clone(&self.session),
             layout,
             slots,
             run_options: SharedRunOptions::new()?,
@@ -576,6 +580,9 @@ impl Decoder {
     /// logits output when ONNX Runtime allocated it (several positions); a one-token step writes
     /// them into `cache.step_logits`.
     fn run(&mut self, cache: &mut KvCache, ids: &[u32]) -> Result<Option<DynValue>> {
+        if !Arc::ptr_eq(&cache.session, &self.session) {
+            return Err(Error::Inference("a KV cache was fed to a decoder other than the one that made it".into()));
+        }
         let n = ids.len();
         let total = cache.len + n;
         if total > cache.capacity {
@@ -612,7 +619,9 @@ impl Decoder {
         // only user.
         let status = unsafe {
             (ort::api().Run)(
-                self.session.ptr_mut(),
+                // ONNX Runtime's Run takes the session as mutable but is safe to call on a
+                // shared one (ort's own `ptr_mut` is this cast).
+                self.session.ptr().cast_mut(),
                 cache.run_options.get().ptr(),
                 self.run_names.inputs.as_ptr(),
                 inputs.as_ptr(),

@@ -102,7 +102,15 @@ pub struct Submitted {
     pub id: RequestId,
     pub events: mpsc::Receiver<Event>,
     pub cancel: CancelToken,
+    /// Held by whoever relays the events, until the caller has them all.
+    pub drain: DrainGuard,
 }
+
+/// Held by every admitted request, by its job and by its caller's `Submitted`: the drain at
+/// shutdown completes when the last one drops (mini-redis's `shutdown_complete` channel). No
+/// message is ever sent on it; the channel closing is the signal.
+#[derive(Clone)]
+pub struct DrainGuard(#[allow(dead_code)] mpsc::Sender<()>);
 
 /// A client's admitted request, counted against `limits.max_per_client` until it is dropped:
 /// whichever way the request ends (run, unrun, refused after admission, or dropped by a panicking
@@ -110,6 +118,7 @@ pub struct Submitted {
 struct ClientPermit {
     counts: Arc<Mutex<HashMap<ClientId, usize>>>,
     client: ClientId,
+    _drain: DrainGuard,
 }
 
 impl Drop for ClientPermit {
@@ -180,7 +189,9 @@ struct Inner {
     /// Every slot with a thread, removed ones included (for counts and shutdown).
     all: Mutex<Vec<Arc<ModelSlot>>>,
     next_id: AtomicU64,
-    accepting: AtomicBool,
+    /// What admission clones into each request's `DrainGuard`; taken away when shutdown begins,
+    /// which is also what refuses new requests from then on.
+    drain: Mutex<Option<mpsc::Sender<()>>>,
     stopping: AtomicBool,
     counters: Counters,
     per_client: Arc<Mutex<HashMap<ClientId, usize>>>,
@@ -202,6 +213,8 @@ impl Inner {
 #[derive(Clone)]
 pub struct Scheduler {
     inner: Arc<Inner>,
+    /// Closes when shutdown has begun and every `DrainGuard` has dropped.
+    drained: Arc<tokio::sync::Mutex<mpsc::Receiver<()>>>,
     threads: Arc<Mutex<Vec<std::thread::JoinHandle<()>>>>,
 }
 
@@ -209,6 +222,7 @@ impl Scheduler {
     /// Starts one engine thread per configured model. Models are not loaded yet: see `preload`.
     pub fn start(runtime: Arc<Runtime>, config: &Config) -> Scheduler {
         let (states, _) = broadcast::channel(64);
+        let (drain, drained) = mpsc::channel(1);
         let inner = Arc::new(Inner {
             started: Instant::now(),
             runtime,
@@ -218,14 +232,14 @@ impl Scheduler {
             // Ids unique for the daemon's lifetime, from a random offset so that they are not
             // guessable from one run to the next.
             next_id: AtomicU64::new((rand::random::<u32>() as u64) << 16),
-            accepting: AtomicBool::new(true),
+            drain: Mutex::new(Some(drain)),
             stopping: AtomicBool::new(false),
             counters: Counters { in_flight: AtomicU64::new(0), total: AtomicU64::new(0), generated_tokens: AtomicU64::new(0) },
             per_client: Arc::new(Mutex::new(HashMap::new())),
             waiting: Arc::new(AtomicUsize::new(0)),
             states,
         });
-        let scheduler = Scheduler { inner, threads: Arc::new(Mutex::new(Vec::new())) };
+        let scheduler = Scheduler { inner, drained: Arc::new(tokio::sync::Mutex::new(drained)), threads: Arc::new(Mutex::new(Vec::new())) };
         let slots: Vec<Arc<ModelSlot>> = config.models.iter().map(|m| scheduler.spawn_slot(m)).collect();
         *scheduler.inner.models.write().expect("models") = slots;
         scheduler
@@ -362,9 +376,7 @@ impl Scheduler {
         prompt: &Prompt,
         mut options: GenerateOptions,
     ) -> Result<Option<Submitted>, SchedulerError> {
-        if !self.inner.accepting.load(Ordering::SeqCst) {
-            return Err(SchedulerError::ShuttingDown);
-        }
+        let drain = self.inner.drain.lock().expect("drain").clone().map(DrainGuard).ok_or(SchedulerError::ShuttingDown)?;
         let slot = self.slot(model)?;
         let folder = self.folder(&slot)?;
         let prompt_ids = folder.prompt_ids(model, prompt)?;
@@ -438,7 +450,7 @@ impl Scheduler {
             self.inner.waiting.fetch_add(1, Ordering::SeqCst);
         }
         // Both counted under the lock above; from here on, dropping these gives them back.
-        let permit = ClientPermit { counts: self.inner.per_client.clone(), client: client.to_string() };
+        let permit = ClientPermit { counts: self.inner.per_client.clone(), client: client.to_string(), _drain: drain.clone() };
         let seat = Some(QueueSeat(self.inner.waiting.clone()));
         // Where a submitting thread may be preempted between admission and the push (tests widen it).
         fail::fail_point!("scheduler::admitted", model.contains("failpoint"), |_| Err(SchedulerError::ShuttingDown));
@@ -463,7 +475,7 @@ impl Scheduler {
         }
         slot.wake.notify_one();
         self.inner.counters.total.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(Submitted { id, events: rx, cancel }))
+        Ok(Some(Submitted { id, events: rx, cancel, drain }))
     }
 
     /// Cancels every request of a client that went away, queued or running.
@@ -548,7 +560,15 @@ impl Scheduler {
 
     /// Refuse new requests from now on (shutdown has begun).
     pub fn stop_accepting(&self) {
-        self.inner.accepting.store(false, Ordering::SeqCst);
+        self.inner.drain.lock().expect("drain").take();
+    }
+
+    /// Stops accepting, then returns once every admitted request has ended and its caller has
+    /// been given all of its events (every `DrainGuard` dropped). No polling: the drain channel
+    /// closes.
+    pub async fn drained(&self) {
+        self.stop_accepting();
+        let _ = self.drained.lock().await.recv().await;
     }
 
     /// Cancels everything still queued or running and stops the engine threads.

@@ -218,7 +218,10 @@ impl Daemon {
         let id = submitted.id;
         let mut events = submitted.events;
         let cancel = submitted.cancel;
+        // Shutdown's drain waits for this task: it ends after the caller's last signal.
+        let drain = submitted.drain;
         tokio::spawn(async move {
+            let _drain = drain;
             // No signal before the method's reply: zbus tells when the reply has been sent.
             // (Bounded, in case the reply never goes out: the engine must not wait on us.)
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), reply_sent).await;

@@ -325,3 +325,28 @@ fn float16_io_matches_onnxruntime_genai_in_both_kv_layouts() {
         check_against_reference("tiny-qwen2-fp16io", LoadOptions { kv_layout: Some(layout), ..Default::default() });
     }
 }
+
+/// A KV cache holds the session that made it: fed to another decoder (here the draft's cache to
+/// the target, whose graph would take tensors of other shapes, or worse, the same), the forward
+/// is refused, and the cache outlives its decoder without dangling.
+#[test]
+fn a_kv_cache_is_refused_by_a_decoder_that_did_not_make_it() {
+    use edgellm::engine::Decoder;
+    let runtime = runtime();
+    let decoder = |name: &str| {
+        let folder = ModelFolder::open(&model_dir(name)).unwrap();
+        let decoder = Decoder::load(&runtime, &model_dir(name), &folder.config, &SessionOptions::default()).unwrap();
+        let layout = decoder.choose_layout(&folder.config, None).unwrap();
+        (decoder, layout)
+    };
+    let (mut target, target_layout) = decoder("kjv-target");
+    let (mut draft, draft_layout) = decoder("kjv-draft");
+    let mut draft_cache = draft.new_cache(draft_layout, 16).unwrap();
+    let e = target.forward(&mut draft_cache, &[1, 2, 3], 1).unwrap_err().to_string();
+    assert!(e.contains("other than the one that made it"), "{e}");
+    let mut target_cache = target.new_cache(target_layout, 16).unwrap();
+    target.forward(&mut target_cache, &[1, 2, 3], 1).expect("its own cache");
+    drop(target);
+    assert_eq!(target_cache.len(), 3, "the cache outlives its decoder");
+    draft.forward(&mut draft_cache, &[1, 2, 3], 1).expect("the draft's own cache");
+}

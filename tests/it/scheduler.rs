@@ -271,3 +271,32 @@ fn an_engine_holding_back_text_is_not_a_stall() {
     assert_eq!(stalled, 0, "the watchdog saw a stall in {stalled} of {readings} readings");
     scheduler.shutdown();
 }
+
+/// Shutdown's drain, as mini-redis drains: `drained()` refuses new requests at once and returns
+/// when every admitted request has ended and its caller has dropped what it was given (the
+/// relay's guard), not before, and without polling.
+#[test]
+fn the_drain_waits_for_every_request_and_its_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let scheduler = Scheduler::start(runtime(), &config(dir.path(), 1));
+    let options = GenerateOptions { max_new_tokens: Some(64), temperature: Some(0.0), ..Default::default() };
+    let mut submitted = scheduler.submit("client", "kjv", &Prompt::Text("And God said".into()), options.clone()).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let drain = {
+        let scheduler = scheduler.clone();
+        rt.spawn(async move { scheduler.drained().await })
+    };
+    // Let the drain start: from then on nothing new is admitted.
+    std::thread::sleep(Duration::from_millis(50));
+    let refused = scheduler.submit("other", "kjv", &Prompt::Text("And".into()), options).err().expect("refused while draining");
+    assert!(matches!(refused, edgellm::scheduler::SchedulerError::ShuttingDown), "{refused:?}");
+    let finished = run_to_end(&mut submitted);
+    assert!(!finished.token_ids.is_empty());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!drain.is_finished(), "the request's caller still holds its events: the drain waits");
+    drop(submitted);
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), drain).await })
+        .expect("the drain completes once the caller lets go")
+        .unwrap();
+    scheduler.shutdown();
+}
