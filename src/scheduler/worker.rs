@@ -1,0 +1,377 @@
+//! The per-model workers: one engine thread per configured model, which owns its engine, takes
+//! jobs and controls from its slot's queue, loads the model on first use, runs one request at a
+//! time, and survives a panic of the engine. The state that the workers and the scheduler's
+//! handle share (`Inner`, `ModelSlot`) is defined here, below the handle.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::admission::{Admission, ClientPermit, QueueSeat};
+use super::events::{Event, Finished, ModelInfo, ModelState, RequestId, SchedulerError};
+use super::queue::{self, FairQueue};
+use crate::config::{Limits, ModelConfig};
+use crate::engine::{CancelToken, Engine, FinishReason, GenerateOptions, GenerationStats, Prompt};
+use crate::error::Error;
+use crate::model::ModelFolder;
+use crate::runtime::Runtime;
+
+pub(super) struct GenerateJob {
+    pub(super) id: RequestId,
+    pub(super) permit: ClientPermit,
+    pub(super) seat: Option<QueueSeat>,
+    pub(super) prompt_ids: Vec<u32>,
+    pub(super) options: GenerateOptions,
+    pub(super) cancel: CancelToken,
+    pub(super) events: mpsc::Sender<Event>,
+}
+
+pub(super) enum Control {
+    Load(oneshot::Sender<Result<(), String>>),
+    Unload(oneshot::Sender<()>),
+}
+
+pub(super) struct ModelSlot {
+    /// Removed from the config: take no new work, exit when the queue is empty.
+    pub(super) retired: AtomicBool,
+    /// Milliseconds since the scheduler started, when the engine thread last showed progress;
+    /// `busy` while it runs a request. The watchdog pings only while every busy thread moves.
+    pub(super) heartbeat: AtomicU64,
+    pub(super) busy: AtomicBool,
+    pub(super) config: ModelConfig,
+    pub(super) folder: Mutex<Option<Arc<ModelFolder>>>,
+    pub(super) status: Mutex<ModelInfo>,
+    pub(super) queue: Mutex<FairQueue<GenerateJob, Control>>,
+    pub(super) wake: Condvar,
+}
+
+pub(super) struct Counters {
+    pub(super) in_flight: AtomicU64,
+    pub(super) total: AtomicU64,
+    pub(super) generated_tokens: AtomicU64,
+}
+
+pub(super) struct Inner {
+    pub(super) started: Instant,
+    pub(super) runtime: Arc<Runtime>,
+    pub(super) limits: std::sync::RwLock<Limits>,
+    /// The configured models, in config order. A model removed by a reload leaves this list at
+    /// once; its thread finishes what it was given and then exits.
+    pub(super) models: std::sync::RwLock<Vec<Arc<ModelSlot>>>,
+    /// Every slot with a thread, removed ones included (for counts and shutdown).
+    pub(super) all: Mutex<Vec<Arc<ModelSlot>>>,
+    pub(super) next_id: AtomicU64,
+    pub(super) stopping: AtomicBool,
+    pub(super) counters: Counters,
+    pub(super) admission: Admission,
+    pub(super) states: broadcast::Sender<(String, ModelState)>,
+}
+
+impl Inner {
+    pub(super) fn active(&self, name: &str) -> Option<Arc<ModelSlot>> {
+        self.models.read().expect("models").iter().find(|s| s.config.name == name).cloned()
+    }
+
+    pub(super) fn every(&self) -> Vec<Arc<ModelSlot>> {
+        self.all.lock().expect("all").clone()
+    }
+}
+
+pub(super) fn open_folder(slot: &ModelSlot) -> crate::Result<Arc<ModelFolder>> {
+    let mut folder = slot.folder.lock().expect("folder");
+    if let Some(f) = folder.as_ref() {
+        return Ok(f.clone());
+    }
+    let opened = Arc::new(ModelFolder::open(&slot.config.path)?);
+    *folder = Some(opened.clone());
+    Ok(opened)
+}
+
+pub(super) fn set_state(inner: &Inner, slot: &ModelSlot, state: ModelState, provider: Option<String>, error: Option<String>) {
+    {
+        let mut status = slot.status.lock().expect("status");
+        status.state = state;
+        if provider.is_none() {
+            status.draft_provider = None;
+        }
+        status.provider = provider;
+        status.error = error;
+    }
+    let _ = inner.states.send((slot.config.name.clone(), state));
+}
+
+pub(super) fn finish_unrun(job: GenerateJob, reason: FinishReason, error: Option<SchedulerError>) {
+    // The count is freed before the caller hears of the end, so that it may submit again at once.
+    drop(job.permit);
+    let _ = job.events.try_send(Event::Finished(Finished {
+        reason,
+        error,
+        text: String::new(),
+        token_ids: Vec::new(),
+        stats: GenerationStats::default(),
+    }));
+}
+
+pub(super) fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
+    let mut engine: Option<Engine> = None;
+    loop {
+        let work = {
+            let mut queue = slot.queue.lock().expect("queue");
+            loop {
+                if inner.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Some(mut work) = queue.pop() {
+                    // A job counts as running from here, under the lock it was taken with, its
+                    // model's load included: shutdown waits for it and can cancel it.
+                    if let queue::Work::Job(job) = &mut work {
+                        job.seat = None;
+                        queue.set_running(Some(job.cancel.clone()));
+                        inner.counters.in_flight.fetch_add(1, Ordering::SeqCst);
+                    }
+                    break work;
+                }
+                if slot.retired.load(Ordering::SeqCst) {
+                    // Removed or replaced by a reload, and nothing left to do: unload and end.
+                    drop(queue);
+                    if engine.take().is_some() {
+                        tracing::info!(model = %slot.config.name, "model unloaded (removed from the config)");
+                    }
+                    return;
+                }
+                queue = slot.wake.wait(queue).expect("queue wait");
+            }
+        };
+        match work {
+            queue::Work::Control(Control::Load(reply)) => {
+                let _ = reply.send(ensure_loaded(&inner, &slot, &mut engine).map(|_| ()));
+            }
+            queue::Work::Control(Control::Unload(reply)) => {
+                if let Some(unloaded) = engine.take() {
+                    drop(unloaded);
+                    // ONNX Runtime frees the session's memory to malloc; hand it back to the
+                    // system so that unloading shows in RSS (glibc keeps freed heap otherwise).
+                    #[cfg(target_env = "gnu")]
+                    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+                    unsafe {
+                        libc::malloc_trim(0);
+                    }
+                    set_state(&inner, &slot, ModelState::Unloaded, None, None);
+                    tracing::info!(model = %slot.config.name, "model unloaded");
+                }
+                let _ = reply.send(());
+            }
+            queue::Work::Job(job) => {
+                let (id, events) = (job.id, job.events.clone());
+                // A panic in the engine must not take the model's thread with it: later requests
+                // would wait forever. Its request ends with an error, the engine (whose state is
+                // unknown now) is dropped, and the model loads again on its next request.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&inner, &slot, &mut engine, job)));
+                if let Err(panic) = run {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "(no message)".into());
+                    tracing::error!(model = %slot.config.name, request = id, %message, "the engine panicked; the model loads again on its next request");
+                    engine = None;
+                    slot.busy.store(false, Ordering::SeqCst);
+                    let error = format!("the engine panicked: {message}");
+                    set_state(&inner, &slot, ModelState::Failed, None, Some(format!("{error} (it loads again on the next request)")));
+                    let _ = events.try_send(Event::Finished(Finished {
+                        reason: FinishReason::Error,
+                        error: Some(SchedulerError::Request(Error::Inference(error))),
+                        text: String::new(),
+                        token_ids: Vec::new(),
+                        stats: GenerationStats::default(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Bytes of RSS a load costs per byte of weights on disk: ONNX Runtime reading the file itself
+/// (measured by the benchmark: 21.9 MiB for 13.5 MB of int4 weights) plus room for prepacking.
+pub(super) const LOAD_OVERHEAD: f64 = 2.0;
+
+pub(super) fn mem_available_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+/// Refuses a load that would not fit in available memory, saying how much it needs.
+pub(super) fn check_memory(inner: &Inner, slot: &ModelSlot) -> Result<(), String> {
+    let mut weights = 0u64;
+    let mut dirs = vec![slot.config.path.clone()];
+    if let Some(draft) = slot.config.draft.as_ref().and_then(|d| inner.active(d)) {
+        dirs.push(draft.config.path.clone());
+    }
+    for dir in dirs {
+        for entry in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".onnx.data") || entry.file_name().to_string_lossy().ends_with(".onnx") {
+                weights += entry.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    let need_mib = (weights as f64 * LOAD_OVERHEAD / (1024.0 * 1024.0)).ceil() as u64;
+    if let Some(available) = mem_available_mib() {
+        let reserve = inner.limits.read().expect("limits").memory_reserve_mib;
+        if need_mib + reserve > available {
+            return Err(format!(
+                "not enough memory: loading needs about {need_mib} MiB and {reserve} MiB must stay free (`limits.memory_reserve_mib`), but only {available} MiB are available"
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut Option<Engine>) -> Result<&'e mut Engine, String> {
+    if engine.is_none() {
+        if let Err(message) = check_memory(inner, slot) {
+            tracing::error!(model = %slot.config.name, error = %message, "model not loaded");
+            set_state(inner, slot, ModelState::Failed, None, Some(message.clone()));
+            return Err(message);
+        }
+        // Loading a large model may outlast a watchdog period: it does not count as a stall.
+        let was_busy = slot.busy.swap(false, Ordering::SeqCst);
+        let _restore = RestoreBusy(slot, was_busy, inner);
+        set_state(inner, slot, ModelState::Loading, None, None);
+        let loaded = open_folder(slot)
+            .and_then(|folder| Engine::load_folder(&inner.runtime, &slot.config.name, folder, &slot.config.load))
+            .and_then(|mut engine| {
+                // The draft runs in this thread beside the target, on its own [[model]]'s
+                // providers (which may differ from the target's).
+                if let Some(draft) = slot.config.draft.as_ref().and_then(|d| inner.active(d)) {
+                    let folder = open_folder(&draft)?;
+                    let s = &slot.config.speculative;
+                    let settings = crate::speculative::Settings {
+                        min_tokens: s.min_tokens,
+                        max_tokens: s.max_tokens,
+                        min_confidence: s.min_confidence,
+                    };
+                    engine.attach_draft(&inner.runtime, &folder, &draft.config.load, settings)?;
+                }
+                if let Some(lookup) = slot.config.prompt_lookup {
+                    engine.enable_prompt_lookup(lookup)?;
+                }
+                let overrides = &slot.config.multitoken;
+                match engine.multitoken_settings() {
+                    Some(defaults) => engine.set_multitoken_settings(crate::multitoken::Settings {
+                        mode: overrides.mode.unwrap_or(defaults.mode),
+                        threshold: overrides.threshold.unwrap_or(defaults.threshold),
+                        max_tokens: overrides.max_tokens.unwrap_or(defaults.max_tokens),
+                    })?,
+                    None if overrides.is_set() => {
+                        return Err(crate::error::Error::ModelConfig {
+                            path: slot.config.path.join("genai_config.json"),
+                            field: "multitoken_*".into(),
+                            reason: format!(
+                                "[[model]] `{}` sets multitoken keys, but its folder has no multitoken_config.json",
+                                slot.config.name
+                            ),
+                        })
+                    }
+                    None => {}
+                }
+                Ok(engine)
+            });
+        match loaded {
+            Ok(e) => {
+                set_state(inner, slot, ModelState::Ready, Some(e.provider().provider.name().into()), None);
+                slot.status.lock().expect("status").draft_provider = e.draft_provider().map(|p| p.provider.name().to_string());
+                *engine = Some(e);
+            }
+            Err(e) => {
+                let message = e.to_string();
+                tracing::error!(model = %slot.config.name, error = %message, "model failed to load");
+                set_state(inner, slot, ModelState::Failed, None, Some(message.clone()));
+                return Err(message);
+            }
+        }
+    }
+    Ok(engine.as_mut().expect("loaded above"))
+}
+
+pub(super) struct RestoreBusy<'a>(&'a ModelSlot, bool, &'a Inner);
+
+impl Drop for RestoreBusy<'_> {
+    fn drop(&mut self) {
+        beat(self.2, self.0);
+        self.0.busy.store(self.1, Ordering::SeqCst);
+    }
+}
+
+pub(super) fn beat(inner: &Inner, slot: &ModelSlot) {
+    slot.heartbeat.store(inner.started.elapsed().as_millis() as u64, Ordering::SeqCst);
+}
+
+pub(super) fn run_job(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: GenerateJob) {
+    beat(inner, slot);
+    slot.busy.store(true, Ordering::SeqCst);
+    run_job_inner(inner, slot, engine, job);
+    slot.busy.store(false, Ordering::SeqCst);
+}
+
+/// Ends a job's running state (set when it was taken from the queue) on every path out of
+/// `run_job_inner`, early returns and panics included.
+pub(super) struct Running<'a>(&'a Inner, &'a ModelSlot);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.1.queue.lock().expect("queue").set_running(None);
+    }
+}
+
+pub(super) fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: GenerateJob) {
+    let running = Running(inner, slot);
+    if job.cancel.is_cancelled() || job.events.is_closed() {
+        return finish_unrun(job, FinishReason::Cancelled, None);
+    }
+    if job.options.deadline.is_some_and(|d| Instant::now() >= d) {
+        return finish_unrun(job, FinishReason::Timeout, None);
+    }
+    let engine = match ensure_loaded(inner, slot, engine) {
+        Ok(e) => e,
+        Err(message) => {
+            let error = SchedulerError::LoadFailed { model: slot.config.name.clone(), reason: message };
+            return finish_unrun(job, FinishReason::Error, Some(error));
+        }
+    };
+    fail::fail_point!("scheduler::generate", slot.config.name.contains("failpoint"), |_| ());
+    let events = job.events.clone();
+    // The heartbeat comes from the job's cancel token at every engine step (see `submit`).
+    let mut on_text = |text: &str| events.blocking_send(Event::Text(text.to_string())).is_ok();
+    let result = engine.generate(&Prompt::Tokens(job.prompt_ids.clone()), &job.options, &job.cancel, &mut on_text);
+    drop(running);
+    drop(job.permit);
+    let finished = match result {
+        Ok(outcome) => {
+            inner.counters.generated_tokens.fetch_add(outcome.token_ids.len() as u64, Ordering::Relaxed);
+            let mut status = slot.status.lock().expect("status");
+            status.generated_tokens += outcome.token_ids.len() as u64;
+            status.requests += 1;
+            if let Some(spec) = outcome.stats.speculative {
+                status.draft_tokens += spec.draft_tokens as u64;
+                status.accepted_tokens += spec.accepted_tokens as u64;
+            }
+            Finished { reason: outcome.reason, error: None, text: outcome.text, token_ids: outcome.token_ids, stats: outcome.stats }
+        }
+        Err(e) => {
+            // An ONNX Runtime failure ends this request only; the model keeps serving.
+            tracing::warn!(model = %slot.config.name, request = job.id, error = %e, "request failed");
+            Finished {
+                reason: FinishReason::Error,
+                error: Some(SchedulerError::Request(e)),
+                text: String::new(),
+                token_ids: Vec::new(),
+                stats: GenerationStats::default(),
+            }
+        }
+    };
+    let _ = job.events.blocking_send(Event::Finished(finished));
+}
