@@ -2,11 +2,13 @@
 //!
 //! Data flows one way: D-Bus call (`service`) -> validation -> queue (`scheduler`) -> engine thread
 //! (`engine`) -> token events -> the caller. Only `service` and the binaries know zbus. ONNX
-//! Runtime is known to `runtime` (the library and its sessions), `decode::decoder` (decoder
-//! graphs), `multitoken` (its three graphs) and `error` (its error type); the decode loop and
-//! the proposers see tensors only through those.
+//! Runtime is known to `runtime` (the library and its sessions), `decode::graph` (the one
+//! execution layer: every graph's runs, names, float32/float16 data), `decode::decoder` (a
+//! decoder's inputs and KV tensors), `multitoken` (its graphs' tensors) and `error` (its error
+//! type); the decode loop and the proposers see tensors only through those.
 //!
-//! Decoding, from the bottom up: `decode::decoder` runs a graph with its states; `decode::run`
+//! Decoding, from the bottom up: `decode::graph` runs any graph; `decode::decoder` runs a
+//! decoder graph with its states; `decode::run`
 //! holds one request's run and the types every part shares (options, cancel token, finish
 //! reason, stats); `decode::driver` is the one decode loop over a `Target` and a `Proposer`,
 //! judged by `decode::verify`. The proposers sit above it: `speculative` (a draft model,

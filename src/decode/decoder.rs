@@ -17,9 +17,8 @@
 //! a model with recurrent states cannot be rolled back, and `Shared` needs a graph whose every
 //! state is a 4-D KV tensor (the builder's GroupQueryAttention).
 
-use std::ffi::{c_char, CString};
 use std::path::Path;
-use std::ptr::{self, NonNull};
+use std::ptr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -29,6 +28,8 @@ use ort::sys::OrtValue;
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 use ort::AsPointer;
 
+use super::graph::Graph;
+pub use super::graph::Precision;
 use crate::error::{Error, Result};
 use crate::model::genai_config::{layer_of, StateKind};
 use crate::model::{DecoderNames, GenaiConfig};
@@ -73,23 +74,6 @@ pub struct LoadOptions {
 pub enum KvLayout {
     Shared,
     Growing,
-}
-
-/// Element type of the KV cache and logits: float32 from CPU exports, float16 from GPU ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    F32,
-    F16,
-}
-
-impl Precision {
-    fn of(ty: &ValueType, what: &str) -> Result<Precision> {
-        match ty.tensor_type() {
-            Some(TensorElementType::Float32) => Ok(Precision::F32),
-            Some(TensorElementType::Float16) => Ok(Precision::F16),
-            other => Err(Error::Inference(format!("{what}: unsupported element type {other:?} (float32 or float16 expected)"))),
-        }
-    }
 }
 
 /// Integer element type of the ids, mask and positions a graph takes.
@@ -139,9 +123,9 @@ impl State {
 }
 
 pub struct Decoder {
-    /// Shared with every cache this decoder made: their growing values were allocated by its
-    /// allocator, and a cache is only ever fed back to the session that made it.
-    session: Arc<Session>,
+    /// Its session is shared with every cache this decoder made: their growing values were
+    /// allocated by its allocator, and a cache is only ever fed back to the session that made it.
+    graph: Graph,
     context: usize,
     vocab: usize,
     logits_precision: Precision,
@@ -149,35 +133,7 @@ pub struct Decoder {
     mask_type: Option<IntType>,
     positions_type: Option<IntType>,
     states: Vec<State>,
-    /// Input names in the order `forward` feeds them (ids, mask and positions if any, pasts), and
-    /// output names (logits, presents), as ONNX Runtime's `Run` takes them.
-    run_names: RunNames,
     pub provider: ProviderReport,
-}
-
-/// C strings of the names a forward feeds and fetches, built once: the decode loop is hot, and
-/// ONNX Runtime's `Run` takes arrays of name pointers.
-struct RunNames {
-    inputs: Vec<*const c_char>,
-    outputs: Vec<*const c_char>,
-    _owned: Vec<CString>,
-}
-
-// SAFETY: the pointers point at the heap buffers of the C strings in `_owned`, which do not move
-// when the struct moves and are never changed after construction.
-unsafe impl Send for RunNames {}
-
-impl RunNames {
-    fn new(inputs: &[&str], outputs: &[&str]) -> Result<RunNames> {
-        let c = |n: &&str| CString::new(*n).map_err(|_| Error::Inference(format!("graph name {n:?} holds a NUL byte")));
-        let inputs: Vec<CString> = inputs.iter().map(c).collect::<Result<_>>()?;
-        let outputs: Vec<CString> = outputs.iter().map(c).collect::<Result<_>>()?;
-        Ok(RunNames {
-            inputs: inputs.iter().map(|n| n.as_ptr()).collect(),
-            outputs: outputs.iter().map(|n| n.as_ptr()).collect(),
-            _owned: inputs.into_iter().chain(outputs).collect(),
-        })
-    }
 }
 
 /// One KV tensor, fed as the past input. `Shared`: also given to ONNX Runtime as the preallocated
@@ -448,9 +404,11 @@ impl Decoder {
         }
         feed.extend(states.iter().map(|s| s.past.as_str()));
         let fetch: Vec<&str> = std::iter::once(names.logits.as_str()).chain(states.iter().map(|s| s.present.as_str())).collect();
-        let run_names = RunNames::new(&feed, &fetch)?;
+        // Input names in the order `forward` feeds them (ids, mask and positions if any, pasts),
+        // output names (logits, presents).
+        let graph = Graph::new(session, &graph_path, &feed, &fetch)?;
         Ok(Decoder {
-            session: Arc::new(session),
+            graph,
             context: config.context_length,
             vocab: config.vocab_size,
             logits_precision,
@@ -458,7 +416,6 @@ impl Decoder {
             mask_type,
             positions_type,
             states,
-            run_names,
             provider,
         })
     }
@@ -522,7 +479,7 @@ impl Decoder {
         let mut ones = IntBuffer::new(self.mask_type.unwrap_or(IntType::I64));
         ones.set(std::iter::repeat_n(1, capacity));
         Ok(KvCache {
-            session: Arc::clone(&self.session),
+            session: Arc::clone(self.graph.session()),
             layout,
             slots,
             run_options: SharedRunOptions::new()?,
@@ -580,7 +537,7 @@ impl Decoder {
     /// logits output when ONNX Runtime allocated it (several positions); a one-token step writes
     /// them into `cache.step_logits`.
     fn run(&mut self, cache: &mut KvCache, ids: &[u32]) -> Result<Option<DynValue>> {
-        if !Arc::ptr_eq(&cache.session, &self.session) {
+        if !Arc::ptr_eq(&cache.session, self.graph.session()) {
             return Err(Error::Inference("a KV cache was fed to a decoder other than the one that made it".into()));
         }
         let n = ids.len();
@@ -598,50 +555,27 @@ impl Decoder {
             None
         };
 
-        let mut inputs: Vec<*const OrtValue> = Vec::with_capacity(self.run_names.inputs.len());
+        let mut inputs: Vec<*const OrtValue> = Vec::with_capacity(cache.slots.len() + 3);
         inputs.push(ids_value.ptr());
         inputs.extend(mask_value.as_ref().map(|v| v.ptr()));
         inputs.extend(positions_value.as_ref().map(|v| v.ptr()));
         inputs.extend(cache.slots.iter().map(|v| v.ptr()));
         // A non-null output is preallocated: ONNX Runtime writes into it. A null one it allocates.
         let preallocated_logits = n == 1;
-        let mut outputs: Vec<*mut OrtValue> = Vec::with_capacity(self.run_names.outputs.len());
+        let mut outputs: Vec<*mut OrtValue> = Vec::with_capacity(cache.slots.len() + 1);
         outputs.push(if preallocated_logits { cache.step_logits.ptr_mut() } else { ptr::null_mut() });
         match cache.layout {
             KvLayout::Shared => outputs.extend(cache.slots.iter_mut().map(|v| v.ptr_mut())),
             KvLayout::Growing => outputs.extend(std::iter::repeat_n(ptr::null_mut(), cache.slots.len())),
         }
-        // ONNX Runtime reads as many names as values: the two must agree.
-        assert_eq!((inputs.len(), outputs.len()), (self.run_names.inputs.len(), self.run_names.outputs.len()));
-        // SAFETY: the session, run options, names and input values are alive for the call; the
-        // preallocated outputs are tensors of the shapes the graph writes ([1, 1, vocab] logits,
-        // checked at load; the shared KV buffers of `capacity` positions) and this thread is their
-        // only user.
-        let status = unsafe {
-            (ort::api().Run)(
-                // ONNX Runtime's Run takes the session as mutable but is safe to call on a
-                // shared one (ort's own `ptr_mut` is this cast).
-                self.session.ptr().cast_mut(),
-                cache.run_options.get().ptr(),
-                self.run_names.inputs.as_ptr(),
-                inputs.as_ptr(),
-                inputs.len(),
-                self.run_names.outputs.as_ptr(),
-                outputs.len(),
-                outputs.as_mut_ptr(),
-            )
-        };
-        // SAFETY: `status` was just returned by ONNX Runtime; this takes ownership of it. A failed
-        // Run fills no output, so nothing is left to release.
-        unsafe { ort::Error::result_from_status(status) }.map_err(|e| cache.run_options.run_error(e))?;
-        // Take ownership of what ONNX Runtime allocated, so that it is released once.
-        let allocator = self.session.allocator();
-        // SAFETY: a null output was filled by the successful Run with a value the caller now owns.
-        let take = |p: *mut OrtValue| unsafe { DynValue::from_ptr(NonNull::new(p).expect("Run filled every output"), Some(allocator)) };
-        let allocated_logits = (!preallocated_logits).then(|| take(outputs[0]));
+        // SAFETY: the input values are alive for the call; the preallocated outputs are tensors of
+        // the shapes the graph writes ([1, 1, vocab] logits, checked at load; the shared KV buffers
+        // of `capacity` positions) and this thread is their only user.
+        let mut taken = unsafe { self.graph.run_raw(&cache.run_options, &inputs, &mut outputs)? }.into_iter();
+        let allocated_logits = taken.next().flatten();
         if cache.layout == KvLayout::Growing {
-            for (slot, &present) in cache.slots.iter_mut().zip(&outputs[1..]) {
-                *slot = take(present);
+            for (slot, present) in cache.slots.iter_mut().zip(taken) {
+                *slot = present.expect("a growing present is allocated");
             }
         }
         cache.len = total;

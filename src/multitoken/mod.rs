@@ -19,11 +19,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ort::session::{Session, SessionInputValue, SessionOutputs};
 use ort::value::{DynValue, Tensor};
 
 use crate::decode::decoder::{slice_positions, SharedRunOptions};
 use crate::decode::driver::{Policy, Proposal, Proposer, RowState, Target};
+use crate::decode::graph::{float_tensor, floats, Graph, Precision};
 use crate::decode::run::{CancelToken, Run};
 use crate::decode::verify::{penalised_argmax, row_distribution};
 use crate::error::{Error, Result};
@@ -50,10 +50,11 @@ struct BaseOut {
 
 /// The embedder and the base: the LLM that takes steps of one or more tokens.
 struct BaseGraphs {
-    embedder: Session,
-    base: Session,
+    embedder: Graph,
+    base: Graph,
+    /// Of the base's past inputs.
+    kv_precision: Precision,
     past: Vec<String>,
-    present: Vec<String>,
     kv_heads: usize,
     head_size: usize,
     vocab: usize,
@@ -61,9 +62,11 @@ struct BaseGraphs {
 
 /// The micro-step decoder, with its own KV (reset every step).
 struct MicroGraph {
-    session: Session,
+    graph: Graph,
+    /// Of its `features` input and its past inputs.
+    features_precision: Precision,
+    kv_precision: Precision,
     past: Vec<String>,
-    present: Vec<String>,
     kv_heads: usize,
     head_size: usize,
     /// Rows F of tapped states it takes.
@@ -92,15 +95,19 @@ fn continues(stop_logit: f32, threshold: f32) -> bool {
     threshold < 1.0 && 1.0 - sigmoid(stop_logit) >= threshold
 }
 
-fn tensor_f32<'o>(outputs: &'o SessionOutputs<'_>, name: &str) -> Result<(Vec<usize>, &'o [f32])> {
-    let value = outputs.get(name).ok_or_else(|| Error::Inference(format!("no output {name}")))?;
-    let (shape, data) = value.try_extract_tensor::<f32>()?;
-    Ok((shape.iter().map(|&d| d as usize).collect(), data))
+/// Empty past tensors, one per name (`key` and `value` of each layer).
+fn empty_kv(precision: Precision, names: usize, heads: usize, head: usize) -> Result<Vec<DynValue>> {
+    (0..names).map(|_| float_tensor(precision, vec![1, heads, 0, head], &[])).collect()
 }
 
-/// Empty past tensors, one per name (`key` and `value` of each layer).
-fn empty_kv(names: usize, heads: usize, head: usize) -> Result<Vec<DynValue>> {
-    (0..names).map(|_| Ok(Tensor::from_array(([1, heads, 0, head], Vec::<f32>::new()))?.into_dyn())).collect()
+/// The float type the graph declares for input `name`.
+fn input_precision(graph: &Graph, name: &str) -> Result<Precision> {
+    Precision::of(graph.input_type(name).ok_or_else(|| Error::Inference(format!("no input {name}")))?, name)
+}
+
+/// The shape of a run's output value.
+fn shape_of(value: &DynValue) -> Vec<usize> {
+    value.dtype().tensor_shape().map(|s| s.iter().map(|&d| d.max(0) as usize).collect()).unwrap_or_default()
 }
 
 impl MultiTokenModel {
@@ -119,56 +126,49 @@ impl MultiTokenModel {
         let single = SessionOptions { threads: 1, ..options.clone() };
         let (embedder, _) = runtime.session(&dir.join(&contract.embedder_file), &single)?;
         let (micro, _) = runtime.session(&dir.join(&contract.micro_file), &single)?;
+        // The names: the base's states from genai_config, the rest as the contract
+        // (models/README.md) fixes them.
         let names = &config.names;
         let (base_past, base_present) = names.kv_names(config.num_layers);
         let micro_past = layer_names(contract.micro_layers, "past_key_values.%d.%s");
         let micro_present = layer_names(contract.micro_layers, "present.%d.%s");
-        let check = |session: &Session, file: &str, inputs: &[&str], outputs: &[&str]| -> Result<()> {
-            for name in inputs {
-                if !session.inputs().iter().any(|i| i.name() == *name) {
-                    return Err(Error::ModelConfig {
-                        path: contract.path.clone(),
-                        field: file.into(),
-                        reason: format!("the graph has no input named `{name}`"),
-                    });
-                }
-            }
-            for name in outputs {
-                if !session.outputs().iter().any(|o| o.name() == *name) {
-                    return Err(Error::ModelConfig {
-                        path: contract.path.clone(),
-                        field: file.into(),
-                        reason: format!("the graph has no output named `{name}`"),
-                    });
-                }
-            }
-            Ok(())
+        let embedder = Graph::new(embedder, &dir.join(&contract.embedder_file), &["step_ids", "step_lengths"], &["inputs_embeds"])?;
+        let base = Graph::new(
+            base,
+            &dir.join(&contract.base_file),
+            &[&["inputs_embeds", "attention_mask", "position_ids"][..], &base_past.iter().map(String::as_str).collect::<Vec<_>>()].concat(),
+            &[&["logits", "hidden_states", "stop_logits"][..], &base_present.iter().map(String::as_str).collect::<Vec<_>>()].concat(),
+        )?;
+        let micro = Graph::new(
+            micro,
+            &dir.join(&contract.micro_file),
+            &[&["features", "input_ids"][..], &micro_past.iter().map(String::as_str).collect::<Vec<_>>()].concat(),
+            &[&["logits", "stop_logits"][..], &micro_present.iter().map(String::as_str).collect::<Vec<_>>()].concat(),
+        )?;
+        let base_kv = match base_past.first() {
+            Some(name) => input_precision(&base, name)?,
+            None => Precision::F32,
         };
-        check(&embedder, &contract.embedder_file, &["step_ids", "step_lengths"], &["inputs_embeds"])?;
-        let mut base_in = vec!["inputs_embeds", "attention_mask", "position_ids"];
-        base_in.extend(base_past.iter().map(String::as_str));
-        let mut base_out = vec!["logits", "hidden_states", "stop_logits"];
-        base_out.extend(base_present.iter().map(String::as_str));
-        check(&base, &contract.base_file, &base_in, &base_out)?;
-        let mut micro_in = vec!["features", "input_ids"];
-        micro_in.extend(micro_past.iter().map(String::as_str));
-        let mut micro_out = vec!["logits", "stop_logits"];
-        micro_out.extend(micro_present.iter().map(String::as_str));
-        check(&micro, &contract.micro_file, &micro_in, &micro_out)?;
+        let micro_kv = match micro_past.first() {
+            Some(name) => input_precision(&micro, name)?,
+            None => Precision::F32,
+        };
+        let features_precision = input_precision(&micro, "features")?;
         Ok(MultiTokenModel {
             graphs: BaseGraphs {
                 embedder,
                 base,
+                kv_precision: base_kv,
                 past: base_past,
-                present: base_present,
                 kv_heads: config.num_kv_heads,
                 head_size: config.head_size,
                 vocab: config.vocab_size,
             },
             micro: MicroGraph {
-                session: micro,
+                graph: micro,
+                features_precision,
+                kv_precision: micro_kv,
                 past: micro_past,
-                present: micro_present,
                 kv_heads: contract.micro_kv_heads,
                 head_size: contract.micro_head_size,
                 features: contract.features,
@@ -227,7 +227,7 @@ impl MultiTokenModel {
 
 impl BaseGraphs {
     fn new_kv(&self) -> Result<BaseKv> {
-        Ok(BaseKv { values: empty_kv(self.past.len(), self.kv_heads, self.head_size)?, len: 0 })
+        Ok(BaseKv { values: empty_kv(self.kv_precision, self.past.len(), self.kv_heads, self.head_size)?, len: 0 })
     }
 
     /// Embeddings of `steps` (each 1..=max tokens), `[1, steps, D]`.
@@ -240,12 +240,9 @@ impl BaseGraphs {
             }
         }
         let lengths: Vec<i64> = steps.iter().map(|s| s.len() as i64).collect();
-        let inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
-            ("step_ids", Tensor::from_array(([steps.len(), width], ids))?.into()),
-            ("step_lengths", Tensor::from_array(([steps.len()], lengths))?.into()),
-        ];
-        let mut outputs = self.embedder.run_with_options(inputs, run.get()).map_err(|e| run.run_error(e))?;
-        outputs.remove("inputs_embeds").ok_or_else(|| Error::Inference("embedder: no inputs_embeds".into()))
+        let ids = Tensor::from_array(([steps.len(), width], ids))?.into_dyn();
+        let lengths = Tensor::from_array(([steps.len()], lengths))?.into_dyn();
+        Ok(self.embedder.run(run, &[&ids, &lengths])?.remove(0))
     }
 
     /// One base forward over `steps` (each becomes one KV entry) at `positions`; returns the
@@ -254,29 +251,23 @@ impl BaseGraphs {
         let embeds = self.embed(steps, run)?;
         let n = steps.len();
         let total = kv.len + n;
-        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(3 + kv.values.len());
-        inputs.push(("inputs_embeds", embeds.view().into()));
-        inputs.push(("attention_mask", Tensor::from_array(([1, total], vec![1i64; total]))?.into()));
+        let mask = Tensor::from_array(([1, total], vec![1i64; total]))?.into_dyn();
         let pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
-        inputs.push(("position_ids", Tensor::from_array(([1, n], pos))?.into()));
-        for (name, value) in self.past.iter().zip(&kv.values) {
-            inputs.push((name.as_str(), value.view().into()));
-        }
-        let mut outputs = self.base.run_with_options(inputs, run.get()).map_err(|e| run.run_error(e))?;
+        let pos = Tensor::from_array(([1, n], pos))?.into_dyn();
+        let mut inputs: Vec<&DynValue> = vec![&embeds, &mask, &pos];
+        inputs.extend(kv.values.iter());
+        let mut outputs = self.base.run(run, &inputs)?.into_iter();
+        let (logits, hidden, stop) = (outputs.next().expect("logits"), outputs.next().expect("hidden"), outputs.next().expect("stop"));
         let rows = rows.min(n);
-        let out = {
-            let (_, logits) = tensor_f32(&outputs, "logits")?;
-            let (hshape, hidden) = tensor_f32(&outputs, "hidden_states")?;
-            let (_, stop) = tensor_f32(&outputs, "stop_logits")?;
-            let width = hshape[2] * hshape[3];
-            BaseOut {
-                logits: logits[(n - rows) * self.vocab..n * self.vocab].to_vec(),
-                features: hidden[(n - rows) * width..n * width].to_vec(),
-                stop_logits: stop[n - rows..n].to_vec(),
-            }
+        let hshape = shape_of(&hidden);
+        let width = hshape[2] * hshape[3];
+        let out = BaseOut {
+            logits: floats(&logits)?[(n - rows) * self.vocab..n * self.vocab].to_vec(),
+            features: floats(&hidden)?[(n - rows) * width..n * width].to_vec(),
+            stop_logits: floats(&stop)?[n - rows..n].to_vec(),
         };
-        for (name, slot) in self.present.iter().zip(kv.values.iter_mut()) {
-            *slot = outputs.remove(name.as_str()).ok_or_else(|| Error::Inference(format!("no output {name}")))?;
+        for (slot, present) in kv.values.iter_mut().zip(outputs) {
+            *slot = present;
         }
         kv.len = total;
         Ok(out)
@@ -285,7 +276,7 @@ impl BaseGraphs {
 
 impl MicroGraph {
     fn new_kv(&self) -> Result<Vec<DynValue>> {
-        empty_kv(self.past.len(), self.kv_heads, self.head_size)
+        empty_kv(self.kv_precision, self.past.len(), self.kv_heads, self.head_size)
     }
 
     /// One micro step: appends `features` (first call of a step; empty later) and `token` to
@@ -298,20 +289,15 @@ impl MicroGraph {
             self.hidden = width;
         }
         let width = self.hidden;
-        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(2 + kv.len());
-        inputs.push(("features", Tensor::from_array(([1, rows, width], features.to_vec()))?.into()));
-        inputs.push(("input_ids", Tensor::from_array(([1, 1], vec![token as i64]))?.into()));
-        for (name, value) in self.past.iter().zip(kv.iter()) {
-            inputs.push((name.as_str(), value.view().into()));
-        }
-        let mut outputs = self.session.run_with_options(inputs, run.get()).map_err(|e| run.run_error(e))?;
-        let (logits, stop) = {
-            let (_, logits) = tensor_f32(&outputs, "logits")?;
-            let (_, stop) = tensor_f32(&outputs, "stop_logits")?;
-            (logits.to_vec(), stop[0])
-        };
-        for (name, slot) in self.present.iter().zip(kv.iter_mut()) {
-            *slot = outputs.remove(name.as_str()).ok_or_else(|| Error::Inference(format!("no output {name}")))?;
+        let features = float_tensor(self.features_precision, vec![1, rows, width], features)?;
+        let token = Tensor::from_array(([1, 1], vec![token as i64]))?.into_dyn();
+        let mut inputs: Vec<&DynValue> = vec![&features, &token];
+        inputs.extend(kv.iter());
+        let mut outputs = self.graph.run(run, &inputs)?.into_iter();
+        let (logits, stop) = (outputs.next().expect("logits"), outputs.next().expect("stop"));
+        let (logits, stop) = (floats(&logits)?.into_owned(), floats(&stop)?[0]);
+        for (slot, present) in kv.iter_mut().zip(outputs) {
+            *slot = present;
         }
         Ok((logits, stop))
     }

@@ -1,0 +1,167 @@
+//! The ONNX execution layer: the one way edgellm runs a graph, whichever it is (a decoder, a
+//! draft, a multi-token model's embedder, base and micro decoder). A `Graph` is a session with
+//! the names it is fed and fetched by, resolved once at load (from genai_config or the
+//! multi-token contract) and checked against the graph; every run goes through ONNX Runtime's
+//! `Run` with the request's run options, so that a terminated run is known as `Cancelled` from
+//! the cancel token's flag; float data is read and written as float32 or float16, as the graph
+//! declares it.
+
+use std::borrow::Cow;
+use std::ffi::{c_char, CString};
+use std::path::Path;
+use std::ptr::{self, NonNull};
+use std::sync::Arc;
+
+use half::f16;
+use ort::session::Session;
+use ort::sys::OrtValue;
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::AsPointer;
+
+use super::decoder::SharedRunOptions;
+use crate::error::{Error, Result};
+
+/// Element type of float data (KV cache, logits, hidden states): float32 from CPU exports,
+/// float16 from GPU ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+impl Precision {
+    pub(crate) fn of(ty: &ValueType, what: &str) -> Result<Precision> {
+        match ty.tensor_type() {
+            Some(TensorElementType::Float32) => Ok(Precision::F32),
+            Some(TensorElementType::Float16) => Ok(Precision::F16),
+            other => Err(Error::Inference(format!("{what}: unsupported element type {other:?} (float32 or float16 expected)"))),
+        }
+    }
+}
+
+/// A tensor of `precision` holding `data` (float32 values, converted where the graph takes float16).
+pub(crate) fn float_tensor(precision: Precision, shape: Vec<usize>, data: &[f32]) -> Result<DynValue> {
+    Ok(match precision {
+        Precision::F32 => Tensor::from_array((shape, data.to_vec()))?.into_dyn(),
+        Precision::F16 => Tensor::from_array((shape, data.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()))?.into_dyn(),
+    })
+}
+
+/// The data of a float32 tensor as it is, or of a float16 one converted.
+pub(crate) fn floats(value: &DynValue) -> Result<Cow<'_, [f32]>> {
+    match value.dtype().tensor_type() {
+        Some(TensorElementType::Float16) => Ok(Cow::Owned(value.try_extract_tensor::<f16>()?.1.iter().map(|v| v.to_f32()).collect())),
+        _ => Ok(Cow::Borrowed(value.try_extract_tensor::<f32>()?.1)),
+    }
+}
+
+/// C strings of the names a run feeds and fetches, built once: the decode loop is hot, and
+/// ONNX Runtime's `Run` takes arrays of name pointers.
+struct RunNames {
+    inputs: Vec<*const c_char>,
+    outputs: Vec<*const c_char>,
+    _owned: Vec<CString>,
+}
+
+// SAFETY: the pointers point at the heap buffers of the C strings in `_owned`, which do not move
+// when the struct moves and are never changed after construction.
+unsafe impl Send for RunNames {}
+
+impl RunNames {
+    fn new(inputs: &[&str], outputs: &[&str]) -> Result<RunNames> {
+        let c = |n: &&str| CString::new(*n).map_err(|_| Error::Inference(format!("graph name {n:?} holds a NUL byte")));
+        let inputs: Vec<CString> = inputs.iter().map(c).collect::<Result<_>>()?;
+        let outputs: Vec<CString> = outputs.iter().map(c).collect::<Result<_>>()?;
+        Ok(RunNames {
+            inputs: inputs.iter().map(|n| n.as_ptr()).collect(),
+            outputs: outputs.iter().map(|n| n.as_ptr()).collect(),
+            _owned: inputs.into_iter().chain(outputs).collect(),
+        })
+    }
+}
+
+/// A session and the names of what it is fed and fetched, in the order `run` takes them.
+pub struct Graph {
+    /// Shared with the KV caches of this graph: the values its allocator made outlive it.
+    session: Arc<Session>,
+    names: RunNames,
+}
+
+impl Graph {
+    /// `session` fed `inputs` and fetched `outputs`: each must be one of the graph's (the error
+    /// names `file`, the graph file, and the missing name).
+    pub(crate) fn new(session: Session, file: &Path, inputs: &[&str], outputs: &[&str]) -> Result<Graph> {
+        for name in inputs {
+            if !session.inputs().iter().any(|i| i.name() == *name) {
+                return Err(Error::ModelFile { path: file.to_path_buf(), reason: format!("the graph has no input named `{name}`") });
+            }
+        }
+        for name in outputs {
+            if !session.outputs().iter().any(|o| o.name() == *name) {
+                return Err(Error::ModelFile { path: file.to_path_buf(), reason: format!("the graph has no output named `{name}`") });
+            }
+        }
+        Ok(Graph { session: Arc::new(session), names: RunNames::new(inputs, outputs)? })
+    }
+
+    pub(crate) fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+
+    /// The declared type of input `name`.
+    pub(crate) fn input_type(&self, name: &str) -> Option<&ValueType> {
+        self.session.inputs().iter().find(|i| i.name() == name).map(|i| i.dtype())
+    }
+
+    /// One run: `inputs` in the order of the input names, every output allocated by ONNX
+    /// Runtime, returned in the order of the output names.
+    pub(crate) fn run(&self, options: &SharedRunOptions, inputs: &[&DynValue]) -> Result<Vec<DynValue>> {
+        let inputs: Vec<*const OrtValue> = inputs.iter().map(|v| v.ptr()).collect();
+        let mut outputs = vec![ptr::null_mut(); self.names.outputs.len()];
+        // SAFETY: the inputs are borrowed values, alive for the call; no output is preallocated.
+        let taken = unsafe { self.run_raw(options, &inputs, &mut outputs)? };
+        Ok(taken.into_iter().map(|v| v.expect("every output allocated")).collect())
+    }
+
+    /// One run with some outputs preallocated (non-null: ONNX Runtime writes into them) and the
+    /// others allocated by ONNX Runtime (null: returned, owned, at their places; `None` at the
+    /// preallocated ones).
+    ///
+    /// # Safety
+    /// Every input pointer is a live value for the call; every non-null output is a live tensor
+    /// of the shape and type the graph writes there, used by no one else during the call.
+    pub(crate) unsafe fn run_raw(
+        &self,
+        options: &SharedRunOptions,
+        inputs: &[*const OrtValue],
+        outputs: &mut [*mut OrtValue],
+    ) -> Result<Vec<Option<DynValue>>> {
+        // ONNX Runtime reads as many names as values: the two must agree.
+        assert_eq!((inputs.len(), outputs.len()), (self.names.inputs.len(), self.names.outputs.len()));
+        let allocate: Vec<bool> = outputs.iter().map(|p| p.is_null()).collect();
+        // SAFETY: the session, run options and names are alive for the call; the caller vouches
+        // for the values.
+        let status = unsafe {
+            (ort::api().Run)(
+                // ONNX Runtime's Run takes the session as mutable but is safe to call on a shared
+                // one (ort's own `ptr_mut` is this cast).
+                self.session.ptr().cast_mut(),
+                options.get().ptr(),
+                self.names.inputs.as_ptr(),
+                inputs.as_ptr(),
+                inputs.len(),
+                self.names.outputs.as_ptr(),
+                outputs.len(),
+                outputs.as_mut_ptr(),
+            )
+        };
+        // SAFETY: `status` was just returned by ONNX Runtime; this takes ownership of it. A failed
+        // Run fills no output, so nothing is left to release.
+        unsafe { ort::Error::result_from_status(status) }.map_err(|e| options.run_error(e))?;
+        let allocator = self.session.allocator();
+        // Take ownership of what ONNX Runtime allocated, so that it is released once.
+        // SAFETY: a null output was filled by the successful Run with a value the caller now owns.
+        let take = |p: *mut OrtValue| unsafe { DynValue::from_ptr(NonNull::new(p).expect("Run filled every output"), Some(allocator)) };
+        Ok(outputs.iter().zip(allocate).map(|(&p, allocated)| allocated.then(|| take(p))).collect())
+    }
+}
