@@ -23,13 +23,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use half::f16;
-use ort::session::{RunOptions, Session};
+use ort::session::RunOptions;
 use ort::sys::OrtValue;
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 use ort::AsPointer;
 
-use super::graph::Graph;
 pub use super::graph::Precision;
+use super::graph::{Graph, KvStates};
 use crate::error::{Error, Result};
 use crate::model::genai_config::{layer_of, StateKind};
 use crate::model::{DecoderNames, GenaiConfig};
@@ -141,25 +141,20 @@ pub struct Decoder {
 /// output ONNX Runtime allocates. A cache holds the session that made it: the session outlives
 /// the values its allocator made, and a forward of another decoder refuses the cache.
 pub struct KvCache {
-    session: Arc<Session>,
+    states: KvStates,
     layout: KvLayout,
-    slots: Vec<DynValue>,
     run_options: SharedRunOptions,
     /// The logits output of one-token steps, preallocated (as onnxruntime-genai does) so that ONNX
     /// Runtime writes them where the sampler reads them; multi-token forwards let it allocate.
     step_logits: DynValue,
     /// Logits handed out when they cannot be read in place: several rows, or float16.
     scratch: Vec<f32>,
-    len: usize,
     capacity: usize,
     /// The step's input data, kept between steps so that a step does not rebuild it: `ones`
     /// holds `capacity` ones, of which the attention mask is a prefix.
     ones: IntBuffer,
     ids: IntBuffer,
     positions: IntBuffer,
-    /// Which slots hold a KV state (rolled back along their sequence axis) and which a
-    /// recurrent one (cannot be rolled back).
-    seq_axes: Vec<Option<usize>>,
 }
 
 /// Integer input data in the type the graph takes.
@@ -212,10 +207,10 @@ impl IntView<'_> {
 
 impl KvCache {
     pub fn len(&self) -> usize {
-        self.len
+        self.states.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.states.is_empty()
     }
     pub fn layout(&self) -> KvLayout {
         self.layout
@@ -227,50 +222,12 @@ impl KvCache {
 
     /// Whether `truncate` can roll this cache back: not where a model carries recurrent states.
     pub fn can_roll_back(&self) -> bool {
-        self.seq_axes.iter().all(Option::is_some)
+        self.states.can_roll_back()
     }
 
     /// Forget everything after the first `len` positions.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len >= self.len {
-            return Ok(());
-        }
-        if !self.can_roll_back() {
-            return Err(Error::Inference("this model carries recurrent states, which cannot be rolled back".into()));
-        }
-        if self.layout == KvLayout::Growing {
-            for (value, axis) in self.slots.iter_mut().zip(&self.seq_axes) {
-                *value = slice_positions(value, axis.expect("checked above"), len)?;
-            }
-        }
-        self.len = len;
-        Ok(())
-    }
-}
-
-/// The first `len` positions of `value` along `axis`.
-pub(crate) fn slice_positions(value: &DynValue, axis: usize, len: usize) -> Result<DynValue> {
-    fn slice<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
-        value: &DynValue,
-        axis: usize,
-        len: usize,
-    ) -> Result<DynValue> {
-        let (shape, data) = value.try_extract_tensor::<T>()?;
-        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-        let outer: usize = dims[..axis].iter().product();
-        let inner: usize = dims[axis + 1..].iter().product();
-        let t = dims[axis];
-        let mut out = Vec::with_capacity(outer * len * inner);
-        for o in 0..outer {
-            out.extend_from_slice(&data[o * t * inner..(o * t + len) * inner]);
-        }
-        let mut new_dims = dims;
-        new_dims[axis] = len;
-        Ok(Tensor::from_array((new_dims, out))?.into_dyn())
-    }
-    match value.dtype().tensor_type() {
-        Some(TensorElementType::Float16) => slice::<f16>(value, axis, len),
-        _ => slice::<f32>(value, axis, len),
+        self.states.truncate(len, self.layout == KvLayout::Growing)
     }
 }
 
@@ -479,18 +436,15 @@ impl Decoder {
         let mut ones = IntBuffer::new(self.mask_type.unwrap_or(IntType::I64));
         ones.set(std::iter::repeat_n(1, capacity));
         Ok(KvCache {
-            session: Arc::clone(self.graph.session()),
+            states: KvStates::new(&self.graph, slots, self.states.iter().map(State::seq_axis).collect()),
             layout,
-            slots,
             run_options: SharedRunOptions::new()?,
             step_logits,
             scratch: Vec::new(),
-            len: 0,
             capacity,
             ones,
             ids: IntBuffer::new(self.ids_type),
             positions: IntBuffer::new(self.positions_type.unwrap_or(IntType::I64)),
-            seq_axes: self.states.iter().map(State::seq_axis).collect(),
         })
     }
 
@@ -537,11 +491,9 @@ impl Decoder {
     /// logits output when ONNX Runtime allocated it (several positions); a one-token step writes
     /// them into `cache.step_logits`.
     fn run(&mut self, cache: &mut KvCache, ids: &[u32]) -> Result<Option<DynValue>> {
-        if !Arc::ptr_eq(&cache.session, self.graph.session()) {
-            return Err(Error::Inference("a KV cache was fed to a decoder other than the one that made it".into()));
-        }
+        cache.states.check_owner(&self.graph)?;
         let n = ids.len();
-        let total = cache.len + n;
+        let total = cache.states.len() + n;
         if total > cache.capacity {
             return Err(Error::PromptTooLong { tokens: total, context: cache.capacity });
         }
@@ -549,24 +501,25 @@ impl Decoder {
         let ids_value = cache.ids.view(n)?;
         let mask_value = self.mask_type.map(|_| cache.ones.view(total)).transpose()?;
         let positions_value = if self.positions_type.is_some() {
-            cache.positions.set((cache.len..total).map(|p| p as i64));
+            cache.positions.set((cache.states.len()..total).map(|p| p as i64));
             Some(cache.positions.view(n)?)
         } else {
             None
         };
 
-        let mut inputs: Vec<*const OrtValue> = Vec::with_capacity(cache.slots.len() + 3);
+        let slots = &mut cache.states.values;
+        let mut inputs: Vec<*const OrtValue> = Vec::with_capacity(slots.len() + 3);
         inputs.push(ids_value.ptr());
         inputs.extend(mask_value.as_ref().map(|v| v.ptr()));
         inputs.extend(positions_value.as_ref().map(|v| v.ptr()));
-        inputs.extend(cache.slots.iter().map(|v| v.ptr()));
+        inputs.extend(slots.iter().map(|v| v.ptr()));
         // A non-null output is preallocated: ONNX Runtime writes into it. A null one it allocates.
         let preallocated_logits = n == 1;
-        let mut outputs: Vec<*mut OrtValue> = Vec::with_capacity(cache.slots.len() + 1);
+        let mut outputs: Vec<*mut OrtValue> = Vec::with_capacity(slots.len() + 1);
         outputs.push(if preallocated_logits { cache.step_logits.ptr_mut() } else { ptr::null_mut() });
         match cache.layout {
-            KvLayout::Shared => outputs.extend(cache.slots.iter_mut().map(|v| v.ptr_mut())),
-            KvLayout::Growing => outputs.extend(std::iter::repeat_n(ptr::null_mut(), cache.slots.len())),
+            KvLayout::Shared => outputs.extend(slots.iter_mut().map(|v| v.ptr_mut())),
+            KvLayout::Growing => outputs.extend(std::iter::repeat_n(ptr::null_mut(), slots.len())),
         }
         // SAFETY: the input values are alive for the call; the preallocated outputs are tensors of
         // the shapes the graph writes ([1, 1, vocab] logits, checked at load; the shared KV buffers
@@ -574,11 +527,11 @@ impl Decoder {
         let mut taken = unsafe { self.graph.run_raw(&cache.run_options, &inputs, &mut outputs)? }.into_iter();
         let allocated_logits = taken.next().flatten();
         if cache.layout == KvLayout::Growing {
-            for (slot, present) in cache.slots.iter_mut().zip(taken) {
+            for (slot, present) in cache.states.values.iter_mut().zip(taken) {
                 *slot = present.expect("a growing present is allocated");
             }
         }
-        cache.len = total;
+        cache.states.grew(n);
         Ok(allocated_logits)
     }
 }

@@ -104,10 +104,6 @@ impl Graph {
         Ok(Graph { session: Arc::new(session), names: RunNames::new(inputs, outputs)? })
     }
 
-    pub(crate) fn session(&self) -> &Arc<Session> {
-        &self.session
-    }
-
     /// The declared type of input `name`.
     pub(crate) fn input_type(&self, name: &str) -> Option<&ValueType> {
         self.session.inputs().iter().find(|i| i.name() == name).map(|i| i.dtype())
@@ -163,5 +159,96 @@ impl Graph {
         // SAFETY: a null output was filled by the successful Run with a value the caller now owns.
         let take = |p: *mut OrtValue| unsafe { DynValue::from_ptr(NonNull::new(p).expect("Run filled every output"), Some(allocator)) };
         Ok(outputs.iter().zip(allocate).map(|(&p, allocated)| allocated.then(|| take(p))).collect())
+    }
+}
+
+/// The per-layer states of one sequence on one graph: the past inputs of its next run, and how
+/// many positions they hold. The one KV type of every graph (a decoder's cache, a multi-token
+/// base's, a micro decoder's). It holds the session of the graph that made it: the values that
+/// session's allocator made outlive it, and a run of another graph refuses them.
+pub struct KvStates {
+    session: Arc<Session>,
+    pub(crate) values: Vec<DynValue>,
+    /// Each value's sequence axis; `None` for a recurrent state, which cannot be rolled back.
+    seq_axes: Vec<Option<usize>>,
+    len: usize,
+}
+
+impl KvStates {
+    /// Empty states of `graph` (`values` hold 0 positions, or are buffers sized ahead).
+    pub(crate) fn new(graph: &Graph, values: Vec<DynValue>, seq_axes: Vec<Option<usize>>) -> KvStates {
+        KvStates { session: Arc::clone(&graph.session), values, seq_axes, len: 0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The states are `graph`'s, or an error says they are not.
+    pub(crate) fn check_owner(&self, graph: &Graph) -> Result<()> {
+        if Arc::ptr_eq(&self.session, &graph.session) {
+            Ok(())
+        } else {
+            Err(Error::Inference("a KV cache was fed to a graph other than the one that made it".into()))
+        }
+    }
+
+    /// A run appended `n` positions.
+    pub(crate) fn grew(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Whether `truncate` can roll the states back: not where a model carries recurrent states.
+    pub fn can_roll_back(&self) -> bool {
+        self.seq_axes.iter().all(Option::is_some)
+    }
+
+    /// Forgets every position after the first `len`: the values are sliced where they hold
+    /// exactly their positions (`sliced`), and only the length changes where they are buffers
+    /// sized ahead (a shared KV layout).
+    pub(crate) fn truncate(&mut self, len: usize, sliced: bool) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        if !self.can_roll_back() {
+            return Err(Error::Inference("this model carries recurrent states, which cannot be rolled back".into()));
+        }
+        if sliced {
+            for (value, axis) in self.values.iter_mut().zip(&self.seq_axes) {
+                *value = slice_positions(value, axis.expect("checked above"), len)?;
+            }
+        }
+        self.len = len;
+        Ok(())
+    }
+}
+
+/// The first `len` positions of `value` along `axis`.
+pub(crate) fn slice_positions(value: &DynValue, axis: usize, len: usize) -> Result<DynValue> {
+    fn slice<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+        value: &DynValue,
+        axis: usize,
+        len: usize,
+    ) -> Result<DynValue> {
+        let (shape, data) = value.try_extract_tensor::<T>()?;
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let outer: usize = dims[..axis].iter().product();
+        let inner: usize = dims[axis + 1..].iter().product();
+        let t = dims[axis];
+        let mut out = Vec::with_capacity(outer * len * inner);
+        for o in 0..outer {
+            out.extend_from_slice(&data[o * t * inner..(o * t + len) * inner]);
+        }
+        let mut new_dims = dims;
+        new_dims[axis] = len;
+        Ok(Tensor::from_array((new_dims, out))?.into_dyn())
+    }
+    match value.dtype().tensor_type() {
+        Some(TensorElementType::Float16) => slice::<f16>(value, axis, len),
+        _ => slice::<f32>(value, axis, len),
     }
 }

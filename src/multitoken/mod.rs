@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use ort::value::{DynValue, Tensor};
 
-use crate::decode::decoder::{slice_positions, SharedRunOptions};
+use crate::decode::decoder::SharedRunOptions;
 use crate::decode::driver::{Policy, Proposal, Proposer, RowState, Target};
-use crate::decode::graph::{float_tensor, floats, Graph, Precision};
+use crate::decode::graph::{float_tensor, floats, Graph, KvStates, Precision};
 use crate::decode::run::{CancelToken, Run};
 use crate::decode::verify::{penalised_argmax, row_distribution};
 use crate::error::{Error, Result};
@@ -31,12 +31,6 @@ use crate::runtime::{ProviderReport, Runtime, SessionOptions};
 
 pub use crate::decode::run::MultiTokenStats;
 pub use crate::model::multitoken::{Contract, Mode, Settings, CONTRACT_FILE};
-
-/// The base's KV cache: growing tensors (present outputs become the next past inputs).
-struct BaseKv {
-    values: Vec<DynValue>,
-    len: usize,
-}
 
 /// What one base forward returns for its last rows.
 struct BaseOut {
@@ -226,8 +220,10 @@ impl MultiTokenModel {
 }
 
 impl BaseGraphs {
-    fn new_kv(&self) -> Result<BaseKv> {
-        Ok(BaseKv { values: empty_kv(self.kv_precision, self.past.len(), self.kv_heads, self.head_size)?, len: 0 })
+    /// The base's KV: growing tensors (present outputs become the next past inputs).
+    fn new_kv(&self) -> Result<KvStates> {
+        let values = empty_kv(self.kv_precision, self.past.len(), self.kv_heads, self.head_size)?;
+        Ok(KvStates::new(&self.base, values, vec![Some(2); self.past.len()]))
     }
 
     /// Embeddings of `steps` (each 1..=max tokens), `[1, steps, D]`.
@@ -247,10 +243,18 @@ impl BaseGraphs {
 
     /// One base forward over `steps` (each becomes one KV entry) at `positions`; returns the
     /// last `rows` rows.
-    fn forward(&mut self, kv: &mut BaseKv, steps: &[&[u32]], positions: &[usize], rows: usize, run: &SharedRunOptions) -> Result<BaseOut> {
+    fn forward(
+        &mut self,
+        kv: &mut KvStates,
+        steps: &[&[u32]],
+        positions: &[usize],
+        rows: usize,
+        run: &SharedRunOptions,
+    ) -> Result<BaseOut> {
         let embeds = self.embed(steps, run)?;
         let n = steps.len();
-        let total = kv.len + n;
+        kv.check_owner(&self.base)?;
+        let total = kv.len() + n;
         let mask = Tensor::from_array(([1, total], vec![1i64; total]))?.into_dyn();
         let pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
         let pos = Tensor::from_array(([1, n], pos))?.into_dyn();
@@ -269,19 +273,20 @@ impl BaseGraphs {
         for (slot, present) in kv.values.iter_mut().zip(outputs) {
             *slot = present;
         }
-        kv.len = total;
+        kv.grew(n);
         Ok(out)
     }
 }
 
 impl MicroGraph {
-    fn new_kv(&self) -> Result<Vec<DynValue>> {
-        empty_kv(self.kv_precision, self.past.len(), self.kv_heads, self.head_size)
+    fn new_kv(&self) -> Result<KvStates> {
+        let values = empty_kv(self.kv_precision, self.past.len(), self.kv_heads, self.head_size)?;
+        Ok(KvStates::new(&self.graph, values, vec![Some(2); self.past.len()]))
     }
 
     /// One micro step: appends `features` (first call of a step; empty later) and `token` to
     /// the micro decoder's KV; returns the logits of the next token and its stop logit.
-    fn forward(&mut self, kv: &mut [DynValue], features: &[f32], token: u32, run: &SharedRunOptions) -> Result<(Vec<f32>, f32)> {
+    fn forward(&mut self, kv: &mut KvStates, features: &[f32], token: u32, run: &SharedRunOptions) -> Result<(Vec<f32>, f32)> {
         let rows = if features.is_empty() { 0 } else { self.features };
         // Every step's first micro call carries the features, so the width is known by the
         // calls that carry none.
@@ -292,13 +297,15 @@ impl MicroGraph {
         let features = float_tensor(self.features_precision, vec![1, rows, width], features)?;
         let token = Tensor::from_array(([1, 1], vec![token as i64]))?.into_dyn();
         let mut inputs: Vec<&DynValue> = vec![&features, &token];
-        inputs.extend(kv.iter());
+        kv.check_owner(&self.graph)?;
+        inputs.extend(kv.values.iter());
         let mut outputs = self.graph.run(run, &inputs)?.into_iter();
         let (logits, stop) = (outputs.next().expect("logits"), outputs.next().expect("stop"));
         let (logits, stop) = (floats(&logits)?.into_owned(), floats(&stop)?[0]);
-        for (slot, present) in kv.iter_mut().zip(outputs) {
+        for (slot, present) in kv.values.iter_mut().zip(outputs) {
             *slot = present;
         }
+        kv.grew(rows + 1);
         Ok((logits, stop))
     }
 }
@@ -307,7 +314,7 @@ impl MicroGraph {
 /// (the prompt, verified drafts) or a merged trusted step.
 pub(crate) struct BaseTarget<'m> {
     graphs: &'m mut BaseGraphs,
-    kv: BaseKv,
+    kv: KvStates,
     /// The sequence position of the next token: a merged step of n tokens takes n positions
     /// and one KV entry.
     next_position: usize,
@@ -335,7 +342,7 @@ impl Target for BaseTarget<'_> {
         self.graphs.vocab
     }
     fn len(&self) -> usize {
-        self.kv.len
+        self.kv.len()
     }
     fn forward(&mut self, ids: &[u32], rows: usize) -> Result<&mut [f32]> {
         let steps: Vec<&[u32]> = ids.chunks(1).collect();
@@ -355,11 +362,8 @@ impl Target for BaseTarget<'_> {
         if self.merged {
             return Err(Error::Inference("a KV cache with merged steps cannot be rolled back".into()));
         }
-        if len < self.kv.len {
-            for value in &mut self.kv.values {
-                *value = slice_positions(value, 2, len)?;
-            }
-            self.kv.len = len;
+        if len < self.kv.len() {
+            self.kv.truncate(len, true)?;
             self.next_position = len;
         }
         Ok(())
