@@ -56,6 +56,27 @@ pub struct Contract {
     pub features: usize,
     pub max_tokens_per_step: usize,
     pub threshold: f32,
+    /// The graphs' tensor names, as the contract names them (models/README.md gives the
+    /// defaults; the base's others come from genai_config).
+    pub names: ContractNames,
+}
+
+/// The names the contract gives the graphs' inputs and outputs; `%d` is a layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContractNames {
+    pub step_ids: String,
+    pub step_lengths: String,
+    pub inputs_embeds: String,
+    pub hidden_states: String,
+    pub stop_logits: String,
+    pub micro_features: String,
+    pub micro_input_ids: String,
+    pub micro_past_key: String,
+    pub micro_past_value: String,
+    pub micro_logits: String,
+    pub micro_stop_logits: String,
+    pub micro_present_key: String,
+    pub micro_present_value: String,
 }
 
 impl Contract {
@@ -81,6 +102,13 @@ impl Contract {
         let string = |field: &str| -> Result<String> {
             get(field).and_then(Value::as_str).map(str::to_string).ok_or_else(|| err(field, "missing or not a string".into()))
         };
+        // A name the contract may give, or its documented default.
+        let name = |field: &str, default: &str| -> Result<String> {
+            match get(field) {
+                None => Ok(default.to_string()),
+                Some(v) => v.as_str().map(str::to_string).ok_or_else(|| err(field, "not a string".into())),
+            }
+        };
         let count = |field: &str| -> Result<usize> {
             get(field).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| err(field, "missing or not a non-negative integer".into()))
         };
@@ -103,6 +131,21 @@ impl Contract {
             features: count("features")?,
             max_tokens_per_step: count("max_tokens_per_step")?,
             threshold: threshold as f32,
+            names: ContractNames {
+                step_ids: name("embedder.inputs.step_ids", "step_ids")?,
+                step_lengths: name("embedder.inputs.step_lengths", "step_lengths")?,
+                inputs_embeds: name("embedder.outputs.inputs_embeds", "inputs_embeds")?,
+                hidden_states: name("base.hidden_states", "hidden_states")?,
+                stop_logits: name("base.stop_logits", "stop_logits")?,
+                micro_features: name("micro.inputs.features", "features")?,
+                micro_input_ids: name("micro.inputs.input_ids", "input_ids")?,
+                micro_past_key: name("micro.inputs.past_key_names", "past_key_values.%d.key")?,
+                micro_past_value: name("micro.inputs.past_value_names", "past_key_values.%d.value")?,
+                micro_logits: name("micro.outputs.logits", "logits")?,
+                micro_stop_logits: name("micro.outputs.stop_logits", "stop_logits")?,
+                micro_present_key: name("micro.outputs.present_key_names", "present.%d.key")?,
+                micro_present_value: name("micro.outputs.present_value_names", "present.%d.value")?,
+            },
         };
         if contract.max_tokens_per_step == 0 {
             return Err(err("max_tokens_per_step", "must be at least 1".into()));

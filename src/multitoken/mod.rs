@@ -27,6 +27,7 @@ use crate::decode::graph::{float_tensor, floats, Graph, KvStates, Precision};
 use crate::decode::run::{CancelToken, Run};
 use crate::decode::verify::{penalised_argmax, row_distribution};
 use crate::error::{Error, Result};
+use crate::model::DecoderNames;
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
 
 pub use crate::decode::run::MultiTokenStats;
@@ -76,8 +77,8 @@ pub struct MultiTokenModel {
     pub provider: ProviderReport,
 }
 
-fn layer_names(layers: usize, pattern: &str) -> Vec<String> {
-    (0..layers).flat_map(|l| ["key", "value"].map(|kind| pattern.replace("%d", &l.to_string()).replace("%s", kind))).collect()
+fn strs(names: &[String]) -> Vec<&str> {
+    names.iter().map(String::as_str).collect()
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -120,25 +121,26 @@ impl MultiTokenModel {
         let single = SessionOptions { threads: 1, ..options.clone() };
         let (embedder, _) = runtime.session(&dir.join(&contract.embedder_file), &single)?;
         let (micro, _) = runtime.session(&dir.join(&contract.micro_file), &single)?;
-        // The names: the base's states from genai_config, the rest as the contract
-        // (models/README.md) fixes them.
+        // The names: the base's own from genai_config, the rest from the contract.
         let names = &config.names;
+        let c = &contract.names;
         let (base_past, base_present) = names.kv_names(config.num_layers);
-        let micro_past = layer_names(contract.micro_layers, "past_key_values.%d.%s");
-        let micro_present = layer_names(contract.micro_layers, "present.%d.%s");
-        let embedder = Graph::new(embedder, &dir.join(&contract.embedder_file), &["step_ids", "step_lengths"], &["inputs_embeds"])?;
-        let base = Graph::new(
-            base,
-            &dir.join(&contract.base_file),
-            &[&["inputs_embeds", "attention_mask", "position_ids"][..], &base_past.iter().map(String::as_str).collect::<Vec<_>>()].concat(),
-            &[&["logits", "hidden_states", "stop_logits"][..], &base_present.iter().map(String::as_str).collect::<Vec<_>>()].concat(),
-        )?;
-        let micro = Graph::new(
-            micro,
-            &dir.join(&contract.micro_file),
-            &[&["features", "input_ids"][..], &micro_past.iter().map(String::as_str).collect::<Vec<_>>()].concat(),
-            &[&["logits", "stop_logits"][..], &micro_present.iter().map(String::as_str).collect::<Vec<_>>()].concat(),
-        )?;
+        let layers = |key: &str, value: &str| -> Vec<String> {
+            (0..contract.micro_layers).flat_map(|l| [DecoderNames::layer(key, l), DecoderNames::layer(value, l)]).collect()
+        };
+        let micro_past = layers(&c.micro_past_key, &c.micro_past_value);
+        let micro_present = layers(&c.micro_present_key, &c.micro_present_value);
+        let listed = |fixed: &[&str], layers: &[String]| -> Vec<String> {
+            fixed.iter().map(|s| s.to_string()).chain(layers.iter().cloned()).collect()
+        };
+        let inputs_embeds = names.inputs_embeds.clone().unwrap_or_else(|| c.inputs_embeds.clone());
+        let embedder = Graph::new(embedder, &dir.join(&contract.embedder_file), &[&c.step_ids, &c.step_lengths], &[&c.inputs_embeds])?;
+        let base_in = listed(&[&inputs_embeds, &names.attention_mask, &names.position_ids], &base_past);
+        let base_out = listed(&[&names.logits, &c.hidden_states, &c.stop_logits], &base_present);
+        let base = Graph::new(base, &dir.join(&contract.base_file), &strs(&base_in), &strs(&base_out))?;
+        let micro_in = listed(&[&c.micro_features, &c.micro_input_ids], &micro_past);
+        let micro_out = listed(&[&c.micro_logits, &c.micro_stop_logits], &micro_present);
+        let micro = Graph::new(micro, &dir.join(&contract.micro_file), &strs(&micro_in), &strs(&micro_out))?;
         let base_kv = match base_past.first() {
             Some(name) => input_precision(&base, name)?,
             None => Precision::F32,
@@ -147,7 +149,7 @@ impl MultiTokenModel {
             Some(name) => input_precision(&micro, name)?,
             None => Precision::F32,
         };
-        let features_precision = input_precision(&micro, "features")?;
+        let features_precision = input_precision(&micro, &c.micro_features)?;
         Ok(MultiTokenModel {
             graphs: BaseGraphs {
                 embedder,
@@ -461,6 +463,12 @@ mod tests {
         let bad = CONTRACT.replace(r#""threshold":0.9"#, r#""threshold":1.5"#);
         let e = Contract::parse(Path::new("m/multitoken_config.json"), &bad).unwrap_err().to_string();
         assert!(e.contains("m/multitoken_config.json") && e.contains("threshold"), "{e}");
+        assert_eq!((c.names.micro_features.as_str(), c.names.hidden_states.as_str()), ("features", "hidden_states"), "the defaults");
+        let renamed = CONTRACT.replace(r#""micro":{"#, r#""micro":{"inputs":{"features":"taps"},"#);
+        assert_eq!(Contract::parse(Path::new("m/multitoken_config.json"), &renamed).unwrap().names.micro_features, "taps");
+        let bad = CONTRACT.replace(r#""micro":{"#, r#""micro":{"inputs":{"features":3},"#);
+        let e = Contract::parse(Path::new("m/multitoken_config.json"), &bad).unwrap_err().to_string();
+        assert!(e.contains("micro.inputs.features"), "{e}");
         let bad = CONTRACT.replace(r#""features":3,"#, "");
         let e = Contract::parse(Path::new("m/multitoken_config.json"), &bad).unwrap_err().to_string();
         assert!(e.contains("features") && e.contains("missing"), "{e}");

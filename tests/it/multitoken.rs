@@ -204,6 +204,11 @@ fn a_corrupt_contract_names_the_file_and_field() {
     std::fs::write(&path, text).unwrap();
     let e = Engine::load(&runtime(), "broken", tmp.path(), &LoadOptions::default()).err().expect("a missing graph is an error").to_string();
     assert!(e.contains("missing.onnx"), "{e}");
+    // A name the contract gives that the graph does not have: the error names the graph and it.
+    let original = std::fs::read_to_string(crate::fixtures::model_dir("kjv-hamburger").join("multitoken_config.json")).unwrap();
+    std::fs::write(&path, original.replace("\"hidden_states\": \"hidden_states\"", "\"hidden_states\": \"taps\"")).unwrap();
+    let e = Engine::load(&runtime(), "broken", tmp.path(), &LoadOptions::default()).err().expect("an unknown name is an error").to_string();
+    assert!(e.contains("base.onnx") && e.contains("`taps`"), "{e}");
     std::fs::write(&path, "{\"type\": \"medusa\"}").unwrap();
     let e = Engine::load(&runtime(), "broken", tmp.path(), &LoadOptions::default()).err().unwrap().to_string();
     assert!(e.contains("multitoken_config.json") && e.contains("type"), "{e}");
