@@ -85,14 +85,22 @@ enum Command {
         args: GenArgs,
         prompt: String,
     },
-    /// List the configured models and their state.
-    Models,
+    /// List the configured models: state, provider, draft, requests and tokens served.
+    Models {
+        /// JSON for scripts, in place of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load a model and wait until it is ready.
     Load { name: String },
     /// Unload a model.
     Unload { name: String },
     /// Show the daemon's status.
-    Status,
+    Status {
+        /// JSON for scripts, in place of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the token ids TEXT is fed to the model as (BOS included where the tokenizer adds one).
     Tokenize {
         /// Model name (see `edgellm models`).
@@ -154,7 +162,11 @@ fn show(v: &OwnedValue) -> String {
     match &**v {
         Value::Str(s) => s.to_string(),
         Value::F64(f) => format!("{f:.2}"),
-        other => other.to_string(),
+        // Numbers as numbers (zvariant's own text says `uint64 4`).
+        other => match value_json(other) {
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => other.to_string(),
+        },
     }
 }
 
@@ -162,6 +174,116 @@ fn show_dict(d: &HashMap<String, OwnedValue>) -> String {
     let mut keys: Vec<&String> = d.keys().collect();
     keys.sort();
     keys.iter().map(|k| format!("{k}={}", show(&d[*k]))).collect::<Vec<_>>().join(" ")
+}
+
+/// A D-Bus value as JSON: numbers, strings and booleans as they are, arrays and structures as
+/// arrays, dictionaries as objects.
+fn value_json(v: &Value<'_>) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        Value::Bool(b) => J::from(*b),
+        Value::U8(n) => J::from(*n),
+        Value::I16(n) => J::from(*n),
+        Value::U16(n) => J::from(*n),
+        Value::I32(n) => J::from(*n),
+        Value::U32(n) => J::from(*n),
+        Value::I64(n) => J::from(*n),
+        Value::U64(n) => J::from(*n),
+        Value::F64(f) => J::from(*f),
+        Value::Str(s) => J::from(s.as_str()),
+        Value::Value(inner) => value_json(inner),
+        Value::Array(a) => J::Array(a.iter().map(value_json).collect()),
+        Value::Structure(s) => J::Array(s.fields().iter().map(value_json).collect()),
+        Value::Dict(d) => J::Object(
+            d.iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Value::Str(s) => s.to_string(),
+                        other => other.to_string(),
+                    };
+                    (key, value_json(v))
+                })
+                .collect(),
+        ),
+        other => J::from(other.to_string()),
+    }
+}
+
+fn dict_json(d: &HashMap<String, OwnedValue>) -> serde_json::Map<String, serde_json::Value> {
+    d.iter().map(|(k, v)| (k.clone(), value_json(v))).collect()
+}
+
+/// Rows under a header, each column as wide as its widest cell, two spaces apart.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let last = cells.len() - 1;
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            out.push_str(cell);
+            if i < last {
+                out.push_str(&" ".repeat(w - cell.chars().count() + 2));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+/// `edgellm models`: one aligned row per model, as `ollama ps` prints them.
+fn models_table(models: &[(String, HashMap<String, OwnedValue>)]) -> String {
+    let text = |d: &HashMap<String, OwnedValue>, k: &str| d.get(k).map(show).filter(|s| !s.is_empty()).unwrap_or_else(|| "-".into());
+    let count = |d: &HashMap<String, OwnedValue>, k: &str| d.get(k).and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+    let rows: Vec<Vec<String>> = models
+        .iter()
+        .map(|(name, d)| {
+            let draft = match (d.get("draft"), d.get("draft_provider")) {
+                (Some(draft), Some(p)) => format!("{} ({})", show(draft), show(p)),
+                (Some(draft), None) => show(draft),
+                _ => "-".into(),
+            };
+            let (drafted, accepted) = (count(d, "draft_tokens"), count(d, "accepted_tokens"));
+            let acceptance = if drafted > 0 { format!("{:.0}%", 100.0 * accepted as f64 / drafted as f64) } else { "-".into() };
+            vec![
+                name.clone(),
+                text(d, "state"),
+                text(d, "provider"),
+                draft,
+                count(d, "requests").to_string(),
+                count(d, "generated_tokens").to_string(),
+                acceptance,
+                text(d, "error"),
+            ]
+        })
+        .collect();
+    table(&["NAME", "STATE", "PROVIDER", "DRAFT", "REQUESTS", "TOKENS", "ACCEPTED", "ERROR"], &rows)
+}
+
+/// `edgellm status`: one aligned line per figure.
+fn status_table(status: &HashMap<String, OwnedValue>) -> String {
+    let order = ["version", "uptime_s", "requests_in_flight", "requests_queued", "requests_total", "generated_tokens_total"];
+    let mut rows: Vec<Vec<String>> = order.iter().filter_map(|k| status.get(*k).map(|v| vec![k.replace('_', " "), show(v)])).collect();
+    let mut rest: Vec<&String> = status.keys().filter(|k| !order.contains(&k.as_str()) && *k != "speculative").collect();
+    rest.sort();
+    rows.extend(rest.into_iter().map(|k| vec![k.replace('_', " "), show(&status[k])]));
+    if let Some(serde_json::Value::Object(models)) = status.get("speculative").map(|v| value_json(v)) {
+        for (model, pair) in models {
+            let (drafted, accepted) = (pair[0].as_u64().unwrap_or(0), pair[1].as_u64().unwrap_or(0));
+            let rate = if drafted > 0 { format!(" ({:.0}%)", 100.0 * accepted as f64 / drafted as f64) } else { String::new() };
+            rows.push(vec![format!("speculative {model}"), format!("{accepted} of {drafted} drafts accepted{rate}")]);
+        }
+    }
+    table(&["FIELD", "VALUE"], &rows)
 }
 
 /// Shows "loading MODEL... Ns" on stderr until `done` resolves.
@@ -279,9 +401,20 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             eprintln!("{}", show_dict(&stats));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Models => {
-            for (name, d) in proxy.list_models().await.map_err(|e| e.to_string())? {
-                println!("{name}\t{}", show_dict(&d));
+        Command::Models { json } => {
+            let models = proxy.list_models().await.map_err(|e| e.to_string())?;
+            if *json {
+                let list: Vec<serde_json::Value> = models
+                    .iter()
+                    .map(|(name, d)| {
+                        let mut object = dict_json(d);
+                        object.insert("name".into(), name.clone().into());
+                        serde_json::Value::Object(object)
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                print!("{}", models_table(&models));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -295,8 +428,13 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             println!("{name}: unloaded");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status => {
-            println!("{}", show_dict(&proxy.status().await.map_err(|e| e.to_string())?));
+        Command::Status { json } => {
+            let status = proxy.status().await.map_err(|e| e.to_string())?;
+            if *json {
+                println!("{}", serde_json::Value::Object(dict_json(&status)));
+            } else {
+                print!("{}", status_table(&status));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Tokenize { model, text } => {

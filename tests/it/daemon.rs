@@ -899,3 +899,49 @@ fn prompt_lookup_serves_from_the_config_and_the_option() {
     let e = complete("kjv-spec", &["prompt_lookup", "b", "true"]).unwrap_err();
     assert!(e.contains("prompt_lookup") && e.contains("draft model"), "{e}");
 }
+
+/// `edgellm models` and `edgellm status` print aligned tables for people, and `--json` prints
+/// what busctl's own call of ListModels and Status returns (the same values).
+#[test]
+fn cli_models_and_status_print_aligned_tables_and_json() {
+    let daemon = Daemon::start("");
+    daemon.call("Complete", "ssa{sv}", &["kjv", "And God said", "1", "max_new_tokens", "u", "4"]).unwrap();
+    let out = daemon.cli(&["models"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("NAME") && lines[0].contains("STATE") && lines[0].contains("PROVIDER"), "{text}");
+    assert!(!text.contains("uint64") && !text.contains('='), "no zvariant debug text: {text}");
+    // Every column starts where its header does.
+    let starts = |line: &str| -> Vec<usize> {
+        let b = line.as_bytes();
+        (0..b.len()).filter(|&i| b[i] != b' ' && (i == 0 || (i >= 2 && b[i - 1] == b' ' && b[i - 2] == b' '))).collect()
+    };
+    let header = starts(lines[0]);
+    let kjv = lines.iter().find(|l| l.starts_with("kjv ")).unwrap_or_else(|| panic!("a kjv row: {text}"));
+    assert_eq!(&starts(kjv)[..3], &header[..3], "aligned:\n{text}");
+    assert_eq!(kjv[header[1]..].split_whitespace().next(), Some("ready"), "{text}");
+    assert_eq!(kjv[header[2]..].split_whitespace().next(), Some("cpu"), "{text}");
+
+    let out = daemon.cli(&["models", "--json"]);
+    let ours: serde_json::Value = serde_json::from_slice(&out.stdout).expect("models --json is JSON");
+    let busctl = daemon.call("ListModels", "", &[]).unwrap();
+    for entry in busctl["data"][0].as_array().unwrap() {
+        let (name, fields) = (entry[0].as_str().unwrap(), entry[1].as_object().unwrap());
+        let mine = ours.as_array().unwrap().iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name} in {ours}"));
+        for (key, value) in fields {
+            assert_eq!(&mine[key], &value["data"], "{name}.{key}");
+        }
+    }
+
+    let out = daemon.cli(&["status"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("uint"), "no zvariant debug text: {text}");
+    assert!(text.lines().any(|l| l.starts_with("requests total") && l.trim_end().ends_with(" 1")), "{text}");
+    let out = daemon.cli(&["status", "--json"]);
+    let ours: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    let busctl = daemon.call("Status", "", &[]).unwrap();
+    for key in ["version", "requests_total", "generated_tokens_total", "requests_in_flight"] {
+        assert_eq!(ours[key], busctl["data"][0][key]["data"], "{key}");
+    }
+}

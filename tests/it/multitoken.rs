@@ -288,13 +288,15 @@ fn float16_graphs_decode_as_the_float32_ones() {
     let mut identical = 0;
     for case in &alone {
         let ids = with_eos(&generate(&mut fp16, &case.prompt_ids, &options(Mode::Verify, 0.5, refs.new_tokens)));
-        identical += crate::fixtures::same_or_near_tie(&mut fp32, &case.prompt, &case.prompt_ids, &ids, &case.output_ids, "float16 verify")
-            as usize;
+        identical +=
+            crate::fixtures::same_or_near_tie(&mut fp32, &case.prompt, &case.prompt_ids, &ids, &case.output_ids, "float16 verify") as usize;
     }
     let trusted = refs
         .cases
         .iter()
-        .filter(|case| with_eos(&generate(&mut fp16, &case.prompt_ids, &options(Mode::Trust, case.threshold, refs.new_tokens))) == case.output_ids)
+        .filter(|case| {
+            with_eos(&generate(&mut fp16, &case.prompt_ids, &options(Mode::Trust, case.threshold, refs.new_tokens))) == case.output_ids
+        })
         .count();
     eprintln!("float16: verify identical on {identical}/{}, trust on {trusted}/{}", alone.len(), refs.cases.len());
     // Every verify difference was checked above to come after a near tie (measured here: 7 of 10
