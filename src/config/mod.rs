@@ -75,6 +75,7 @@ struct RawModel {
     kv_layout: Option<Spanned<String>>,
     draft: Option<Spanned<String>>,
     preload: Option<bool>,
+    keep_alive_s: Option<u64>,
     speculative_min_tokens: Option<Spanned<u32>>,
     speculative_max_tokens: Option<Spanned<u32>>,
     speculative_min_confidence: Option<Spanned<f64>>,
@@ -85,6 +86,9 @@ struct RawModel {
     prompt_lookup_ngram: Option<Spanned<u32>>,
     prompt_lookup_max_draft: Option<Spanned<u32>>,
 }
+
+/// `keep_alive_s` of a model that is not preloaded, unless it sets one.
+pub const DEFAULT_KEEP_ALIVE_S: u64 = 300;
 
 // ---------------------------------------------------------------- validated
 
@@ -159,6 +163,8 @@ pub struct ModelConfig {
     pub load: LoadOptions,
     pub draft: Option<String>,
     pub preload: bool,
+    /// Unload after this long without a request; `None` never (`keep_alive_s = 0`).
+    pub keep_alive: Option<std::time::Duration>,
     pub speculative: SpeculativeConfig,
     pub multitoken: MultiTokenConfig,
     /// Prompt lookup drafting (`prompt_lookup = true`), never together with `draft`.
@@ -384,6 +390,11 @@ impl Config {
                 },
                 draft: m.draft.as_ref().map(|d| d.get_ref().clone()),
                 preload: m.preload.unwrap_or(true),
+                // Never for a preloaded model, five minutes (Ollama's default) for one loaded on use.
+                keep_alive: match m.keep_alive_s.unwrap_or(if m.preload.unwrap_or(true) { 0 } else { DEFAULT_KEEP_ALIVE_S }) {
+                    0 => None,
+                    s => Some(std::time::Duration::from_secs(s)),
+                },
                 speculative: SpeculativeConfig { min_tokens: min_k, max_tokens: max_k, min_confidence },
                 multitoken: MultiTokenConfig { mode, threshold, max_tokens: max_step },
             });
@@ -415,7 +426,11 @@ mod tests {
         assert_eq!(c.models[0].path, PathBuf::from("/etc/edgellm/models/kjv"));
         assert_eq!(c.models[0].load.session.providers, vec![Provider::Cpu]);
         assert!(c.models[0].preload);
+        assert_eq!(c.models[0].keep_alive, None, "a preloaded model stays loaded");
         assert_eq!(c.limits.max_queue, Limits::default().max_queue);
+        let c = parse("[[model]]\nname = \"kjv\"\npath = \"m\"\npreload = false\n[[model]]\nname = \"b\"\npath = \"m\"\nkeep_alive_s = 0\npreload = false\n").unwrap();
+        assert_eq!(c.models[0].keep_alive, Some(std::time::Duration::from_secs(DEFAULT_KEEP_ALIVE_S)));
+        assert_eq!(c.models[1].keep_alive, None, "0 is never");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct ModelInfo {
     /// Running totals of speculative decoding.
     pub draft_tokens: u64,
     pub accepted_tokens: u64,
+    /// When a loaded, idle model unloads (its `keep_alive_s`); `None` while it works or never.
+    pub unloads_at: Option<std::time::Instant>,
 }
 
 /// Why admission or a model operation failed; the service maps these to D-Bus errors.

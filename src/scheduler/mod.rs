@@ -93,6 +93,7 @@ impl Scheduler {
                 requests: 0,
                 draft_tokens: 0,
                 accepted_tokens: 0,
+                unloads_at: None,
             }),
             queue: Mutex::new(FairQueue::default()),
             wake: Condvar::new(),

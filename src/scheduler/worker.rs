@@ -114,9 +114,29 @@ pub(super) fn finish_unrun(job: GenerateJob, reason: FinishReason, error: Option
     }));
 }
 
+/// Drops the engine and gives its memory back to the system.
+fn unload(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, why: &str) {
+    if let Some(unloaded) = engine.take() {
+        drop(unloaded);
+        // ONNX Runtime frees the session's memory to malloc; hand it back to the system so that
+        // unloading shows in RSS (glibc keeps freed heap otherwise).
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        slot.status.lock().expect("status").unloads_at = None;
+        set_state(inner, slot, ModelState::Unloaded, None, None);
+        tracing::info!(model = %slot.config.name, "model unloaded ({why})");
+    }
+}
+
 pub(super) fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
     let mut engine: Option<Engine> = None;
     loop {
+        // An idle loaded model with a keep-alive unloads when it runs out; `ListModels` shows when.
+        let mut unloads_at = engine.as_ref().and(slot.config.keep_alive).map(|keep| Instant::now() + keep);
+        slot.status.lock().expect("status").unloads_at = unloads_at;
         let work = {
             let mut queue = slot.queue.lock().expect("queue");
             loop {
@@ -124,6 +144,9 @@ pub(super) fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                     return;
                 }
                 if let Some(mut work) = queue.pop() {
+                    if unloads_at.is_some() {
+                        slot.status.lock().expect("status").unloads_at = None;
+                    }
                     // A job counts as running from here, under the lock it was taken with, its
                     // model's load included: shutdown waits for it and can cancel it.
                     if let queue::Work::Job(job) = &mut work {
@@ -141,7 +164,16 @@ pub(super) fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                     }
                     return;
                 }
-                queue = slot.wake.wait(queue).expect("queue wait");
+                match unloads_at {
+                    Some(at) if Instant::now() >= at => {
+                        drop(queue);
+                        unload(&inner, &slot, &mut engine, "idle for its keep_alive_s");
+                        unloads_at = None;
+                        queue = slot.queue.lock().expect("queue");
+                    }
+                    Some(at) => queue = slot.wake.wait_timeout(queue, at - Instant::now()).expect("queue wait").0,
+                    None => queue = slot.wake.wait(queue).expect("queue wait"),
+                }
             }
         };
         match work {
@@ -149,18 +181,7 @@ pub(super) fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                 let _ = reply.send(ensure_loaded(&inner, &slot, &mut engine).map(|_| ()));
             }
             queue::Work::Control(Control::Unload(reply)) => {
-                if let Some(unloaded) = engine.take() {
-                    drop(unloaded);
-                    // ONNX Runtime frees the session's memory to malloc; hand it back to the
-                    // system so that unloading shows in RSS (glibc keeps freed heap otherwise).
-                    #[cfg(target_env = "gnu")]
-                    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
-                    unsafe {
-                        libc::malloc_trim(0);
-                    }
-                    set_state(&inner, &slot, ModelState::Unloaded, None, None);
-                    tracing::info!(model = %slot.config.name, "model unloaded");
-                }
+                unload(&inner, &slot, &mut engine, "UnloadModel");
                 let _ = reply.send(());
             }
             queue::Work::Job(job) => {

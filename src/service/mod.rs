@@ -431,6 +431,10 @@ impl Daemon {
                     put("accepted_tokens", Value::U64(m.accepted_tokens));
                 }
                 put("generated_tokens", Value::U64(m.generated_tokens));
+                if let Some(at) = m.unloads_at {
+                    // Seconds until an idle model unloads (its keep_alive_s).
+                    put("unloads_in_s", Value::F64(at.saturating_duration_since(std::time::Instant::now()).as_secs_f64()));
+                }
                 (m.name, d)
             })
             .collect()

@@ -945,3 +945,31 @@ fn cli_models_and_status_print_aligned_tables_and_json() {
         assert_eq!(ours[key], busctl["data"][0][key]["data"], "{key}");
     }
 }
+
+/// `keep_alive_s`: a model idle that long unloads, `ListModels` says when beforehand, and the
+/// next request loads it again and is served.
+#[test]
+fn an_idle_model_unloads_after_its_keep_alive_and_loads_again_on_use() {
+    let daemon =
+        Daemon::start(&format!("\n[[model]]\nname = \"kjv-brief\"\npath = \"{}\"\nkeep_alive_s = 2\n", model_dir("kjv-target").display()));
+    let state = |daemon: &Daemon| {
+        let models = daemon.call("ListModels", "", &[]).unwrap();
+        let kjv = models["data"][0].as_array().unwrap().iter().find(|m| m[0] == "kjv-brief").unwrap().clone();
+        (kjv[1]["state"]["data"].as_str().unwrap().to_string(), kjv[1].get("unloads_in_s").map(|v| v["data"].as_f64().unwrap()))
+    };
+    let complete = |daemon: &Daemon| daemon.call("Complete", "ssa{sv}", &["kjv-brief", "And God said", "1", "max_new_tokens", "u", "4"]);
+    complete(&daemon).unwrap();
+    let (s, unloads_in) = state(&daemon);
+    assert_eq!(s, "ready");
+    let unloads_in = unloads_in.expect("an idle model with a keep-alive says when it unloads");
+    assert!(unloads_in > 0.0 && unloads_in <= 2.0, "{unloads_in}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(&daemon).0 != "unloaded" {
+        assert!(Instant::now() < deadline, "kjv-brief did not unload after 2 s idle: {:?}", state(&daemon));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(state(&daemon).1, None, "unloaded: nothing left to say");
+    let text = complete(&daemon).unwrap();
+    assert!(!text["data"][0].as_str().unwrap().is_empty());
+    assert_eq!(state(&daemon).0, "ready", "loaded again on use");
+}
