@@ -19,48 +19,18 @@
 
 use std::path::Path;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use half::f16;
-use ort::session::RunOptions;
 use ort::sys::OrtValue;
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 use ort::AsPointer;
 
-pub use super::graph::Precision;
 use super::graph::{Graph, KvStates};
+pub use super::graph::{Precision, SharedRunOptions};
 use crate::error::{Error, Result};
 use crate::model::genai_config::{layer_of, StateKind};
 use crate::model::{DecoderNames, GenaiConfig};
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
-
-/// The run options of one sequence, shared with its `CancelToken`: another thread may only call
-/// `terminate`, which sets ONNX Runtime's atomic terminate flag (made for exactly this) and our
-/// own, from which a failed run is known to be a cancellation (not from the error's wording).
-#[derive(Clone)]
-pub struct SharedRunOptions(Arc<(RunOptions, AtomicBool)>);
-
-impl SharedRunOptions {
-    pub fn new() -> Result<Self> {
-        Ok(SharedRunOptions(Arc::new((RunOptions::new()?, AtomicBool::new(false)))))
-    }
-    pub(crate) fn get(&self) -> &RunOptions {
-        &self.0 .0
-    }
-    pub fn terminate(&self) -> Result<()> {
-        self.0 .1.store(true, Ordering::SeqCst);
-        Ok(self.0 .0.terminate()?)
-    }
-    /// The error of a failed run under these options: `Cancelled` once `terminate` was called.
-    pub(crate) fn run_error(&self, e: ort::Error) -> Error {
-        if self.0 .1.load(Ordering::SeqCst) {
-            Error::Cancelled
-        } else {
-            Error::Inference(e.to_string())
-        }
-    }
-}
 
 /// How to load a model.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::decoder;
+use super::graph::SharedRunOptions;
 use super::sampler::{Sampler, SamplingParams};
 use super::text::{Piece, StopText};
 use crate::error::Result;
@@ -155,7 +155,7 @@ pub struct CancelToken {
 struct CancelInner {
     cancelled: AtomicBool,
     /// The run options of every session the request runs (a target and its draft).
-    running: Mutex<Vec<decoder::SharedRunOptions>>,
+    running: Mutex<Vec<SharedRunOptions>>,
     /// Told of every engine step (the caller's watchdog counts them as progress).
     on_step: Option<Arc<dyn Fn() + Send + Sync>>,
 }
@@ -184,7 +184,7 @@ impl CancelToken {
     pub fn is_cancelled(&self) -> bool {
         self.inner.cancelled.load(Ordering::SeqCst)
     }
-    pub(crate) fn attach(&self, run: &decoder::SharedRunOptions) {
+    pub(crate) fn attach(&self, run: &SharedRunOptions) {
         self.inner.running.lock().expect("cancel lock").push(run.clone());
         if self.is_cancelled() {
             let _ = run.terminate();

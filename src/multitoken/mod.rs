@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use ort::value::{DynValue, Tensor};
 
-use crate::decode::decoder::SharedRunOptions;
 use crate::decode::driver::{Policy, Proposal, Proposer, RowState, Target};
+use crate::decode::graph::SharedRunOptions;
 use crate::decode::graph::{float_tensor, floats, Graph, KvStates, Precision};
 use crate::decode::run::{CancelToken, Run};
 use crate::decode::verify::{penalised_argmax, row_distribution};
