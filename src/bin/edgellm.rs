@@ -259,14 +259,17 @@ fn models_table(models: &[(String, HashMap<String, OwnedValue>)]) -> String {
                 text(d, "state"),
                 text(d, "provider"),
                 draft,
+                d.get("memory_mib").map(|m| format!("{} MiB", show(m))).unwrap_or_else(|| "-".into()),
                 count(d, "requests").to_string(),
                 count(d, "generated_tokens").to_string(),
+                d.get("tokens_per_s").map(|t| format!("{:.0}", f64::try_from(t).unwrap_or(0.0))).unwrap_or_else(|| "-".into()),
                 acceptance,
+                d.get("unloads_in_s").map(|t| format!("in {:.0} s", f64::try_from(t).unwrap_or(0.0))).unwrap_or_else(|| "-".into()),
                 text(d, "error"),
             ]
         })
         .collect();
-    table(&["NAME", "STATE", "PROVIDER", "DRAFT", "REQUESTS", "TOKENS", "ACCEPTED", "ERROR"], &rows)
+    table(&["NAME", "STATE", "PROVIDER", "DRAFT", "MEMORY", "REQUESTS", "TOKENS", "TOK/S", "ACCEPTED", "UNLOADS", "ERROR"], &rows)
 }
 
 /// `edgellm status`: one aligned line per figure.
@@ -419,8 +422,25 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Load { name } => {
-            with_progress(&format!("loading {name}"), proxy.load_model(name)).await.map_err(|e| e.to_string())?;
-            println!("{name}: ready");
+            let started = Instant::now();
+            // The model's state changes as the daemon announces them (ModelStateChanged), with
+            // the time since the call, while the load runs.
+            let states = proxy.receive_model_state_changed().await.map_err(|e| e.to_string())?;
+            let show_states = states.for_each(|signal| {
+                if let Ok(args) = signal.args() {
+                    if args.name == *name {
+                        eprintln!("\r{}: {} ({:.1} s)", args.name, args.state, started.elapsed().as_secs_f64());
+                    }
+                }
+                std::future::ready(())
+            });
+            let what = format!("loading {name}");
+            let loaded = tokio::select! {
+                loaded = with_progress(&what, proxy.load_model(name)) => loaded,
+                _ = show_states => unreachable!("the signal stream ends only with the connection"),
+            };
+            loaded.map_err(|e| e.to_string())?;
+            println!("{name}: ready in {:.1} s", started.elapsed().as_secs_f64());
             Ok(ExitCode::SUCCESS)
         }
         Command::Unload { name } => {

@@ -42,6 +42,10 @@ pub struct ModelInfo {
     pub accepted_tokens: u64,
     /// When a loaded, idle model unloads (its `keep_alive_s`); `None` while it works or never.
     pub unloads_at: Option<std::time::Instant>,
+    /// Resident memory its load added, while loaded.
+    pub memory_mib: Option<u64>,
+    /// Decode speed of its last request.
+    pub tokens_per_s: Option<f64>,
 }
 
 /// Why admission or a model operation failed; the service maps these to D-Bus errors.

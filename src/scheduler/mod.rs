@@ -94,6 +94,8 @@ impl Scheduler {
                 draft_tokens: 0,
                 accepted_tokens: 0,
                 unloads_at: None,
+                memory_mib: None,
+                tokens_per_s: None,
             }),
             queue: Mutex::new(FairQueue::default()),
             wake: Condvar::new(),

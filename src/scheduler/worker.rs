@@ -125,7 +125,11 @@ fn unload(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, why: &st
         unsafe {
             libc::malloc_trim(0);
         }
-        slot.status.lock().expect("status").unloads_at = None;
+        {
+            let mut status = slot.status.lock().expect("status");
+            status.unloads_at = None;
+            status.memory_mib = None;
+        }
         set_state(inner, slot, ModelState::Unloaded, None, None);
         tracing::info!(model = %slot.config.name, "model unloaded ({why})");
     }
@@ -218,6 +222,13 @@ pub(super) fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
 /// (measured by the benchmark: 21.9 MiB for 13.5 MB of int4 weights) plus room for prepacking.
 pub(super) const LOAD_OVERHEAD: f64 = 2.0;
 
+/// The daemon's resident memory, from /proc/self/status.
+fn rss_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
 pub(super) fn mem_available_mib() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: u64 = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
@@ -261,6 +272,7 @@ pub(super) fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut
         let was_busy = slot.busy.swap(false, Ordering::SeqCst);
         let _restore = RestoreBusy(slot, was_busy, inner);
         set_state(inner, slot, ModelState::Loading, None, None);
+        let rss_before = rss_mib();
         let loaded = open_folder(slot)
             .and_then(|folder| Engine::load_folder(&inner.runtime, &slot.config.name, folder, &slot.config.load))
             .and_then(|mut engine| {
@@ -303,7 +315,12 @@ pub(super) fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut
         match loaded {
             Ok(e) => {
                 set_state(inner, slot, ModelState::Ready, Some(e.provider().provider.name().into()), None);
-                slot.status.lock().expect("status").draft_provider = e.draft_provider().map(|p| p.provider.name().to_string());
+                let mut status = slot.status.lock().expect("status");
+                status.draft_provider = e.draft_provider().map(|p| p.provider.name().to_string());
+                // What the load added to the daemon's resident memory (another model loading at
+                // the same time would add to it too: approximate where loads overlap).
+                status.memory_mib = rss_mib().zip(rss_before).map(|(after, before)| after.saturating_sub(before));
+                drop(status);
                 *engine = Some(e);
             }
             Err(e) => {
@@ -376,6 +393,7 @@ pub(super) fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option
             let mut status = slot.status.lock().expect("status");
             status.generated_tokens += outcome.token_ids.len() as u64;
             status.requests += 1;
+            status.tokens_per_s = Some(outcome.stats.decode_tokens_per_s);
             if let Some(spec) = outcome.stats.speculative {
                 status.draft_tokens += spec.draft_tokens as u64;
                 status.accepted_tokens += spec.accepted_tokens as u64;

@@ -431,6 +431,12 @@ impl Daemon {
                     put("accepted_tokens", Value::U64(m.accepted_tokens));
                 }
                 put("generated_tokens", Value::U64(m.generated_tokens));
+                if let Some(mib) = m.memory_mib {
+                    put("memory_mib", Value::U64(mib));
+                }
+                if let Some(tps) = m.tokens_per_s {
+                    put("tokens_per_s", Value::F64(tps));
+                }
                 if let Some(at) = m.unloads_at {
                     // Seconds until an idle model unloads (its keep_alive_s).
                     put("unloads_in_s", Value::F64(at.saturating_duration_since(std::time::Instant::now()).as_secs_f64()));

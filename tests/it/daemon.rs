@@ -922,6 +922,11 @@ fn cli_models_and_status_print_aligned_tables_and_json() {
     assert_eq!(&starts(kjv)[..3], &header[..3], "aligned:\n{text}");
     assert_eq!(kjv[header[1]..].split_whitespace().next(), Some("ready"), "{text}");
     assert_eq!(kjv[header[2]..].split_whitespace().next(), Some("cpu"), "{text}");
+    let column = |name: &str| lines[0].find(name).unwrap_or_else(|| panic!("a {name} column: {text}"));
+    let memory: u64 = kjv[column("MEMORY")..].split_whitespace().next().unwrap().parse().expect("MiB the load added");
+    assert!(memory > 0, "{text}");
+    let speed: f64 = kjv[column("TOK/S")..].split_whitespace().next().unwrap().parse().expect("the last request's tokens/s");
+    assert!(speed > 0.0, "{text}");
 
     let out = daemon.cli(&["models", "--json"]);
     let ours: serde_json::Value = serde_json::from_slice(&out.stdout).expect("models --json is JSON");
@@ -930,9 +935,21 @@ fn cli_models_and_status_print_aligned_tables_and_json() {
         let (name, fields) = (entry[0].as_str().unwrap(), entry[1].as_object().unwrap());
         let mine = ours.as_array().unwrap().iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name} in {ours}"));
         for (key, value) in fields {
-            assert_eq!(&mine[key], &value["data"], "{name}.{key}");
+            match (mine[key].as_f64(), value["data"].as_f64()) {
+                // busctl prints doubles to 17 digits, serde_json to the shortest that round-trips.
+                (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{name}.{key}: {a} against {b}"),
+                _ => assert_eq!(&mine[key], &value["data"], "{name}.{key}"),
+            }
         }
     }
+
+    // `edgellm load` shows the state changes the daemon announces, with the time taken.
+    let out = daemon.cli(&["load", "kjv-draft"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(progress.contains("kjv-draft: loading ("), "the Loading state from ModelStateChanged: {progress:?}");
+    let done = String::from_utf8_lossy(&out.stdout);
+    assert!(done.starts_with("kjv-draft: ready in ") && done.trim_end().ends_with(" s"), "{done:?}");
 
     let out = daemon.cli(&["status"]);
     let text = String::from_utf8(out.stdout).unwrap();
