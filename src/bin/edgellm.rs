@@ -71,13 +71,14 @@ enum Command {
         args: GenArgs,
         prompt: String,
     },
-    /// Stream a chat answer to MESSAGE (with an optional --system message).
+    /// Stream a chat answer to MESSAGE (with an optional --system-prompt), or hold a conversation.
     Chat {
         #[command(flatten)]
         args: GenArgs,
         #[arg(long = "system-prompt")]
         system_prompt: Option<String>,
-        message: String,
+        /// Without one: a conversation, a line of stdin a turn (Ctrl-D ends).
+        message: Option<String>,
     },
     /// Print the whole continuation of PROMPT at once.
     Complete {
@@ -328,11 +329,12 @@ async fn model_ready(proxy: &Daemon1Proxy<'_>, model: &str) -> bool {
 }
 
 /// Starts a request and streams its tokens to stdout; Ctrl-C cancels it.
+/// Streams a request's text to stdout; returns the exit code its end gives and the text.
 async fn stream(
     proxy: &Daemon1Proxy<'_>,
     model: &str,
     start: impl std::future::Future<Output = zbus::Result<u64>>,
-) -> Result<ExitCode, String> {
+) -> Result<(ExitCode, String), String> {
     // Subscribe before calling: the first token may follow the reply at once.
     let mut tokens = proxy.receive_token().await.map_err(|e| e.to_string())?;
     let mut finished = proxy.receive_finished().await.map_err(|e| e.to_string())?;
@@ -341,6 +343,7 @@ async fn stream(
     let started = Instant::now();
     let mut first = true;
     let mut cancelled = false;
+    let mut text = String::new();
     let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
     loop {
         // Biased: the connection dispatches signals in order, so every Token before Finished is
@@ -353,6 +356,7 @@ async fn stream(
                         if first && loading { eprintln!("\r(model loaded in {:.1}s)", started.elapsed().as_secs_f64()); }
                         first = false;
                         print!("{}", args.text);
+                        text.push_str(&args.text);
                         let _ = std::io::stdout().flush();
                     }
                 }
@@ -362,11 +366,12 @@ async fn stream(
                     if args.request_id == id {
                         println!();
                         eprintln!("[{}] {}", args.reason, show_dict(&args.stats));
-                        return Ok(match args.reason.as_str() {
+                        let code = match args.reason.as_str() {
                             "stop" | "length" => ExitCode::SUCCESS,
                             "cancelled" => ExitCode::from(130),
                             _ => ExitCode::FAILURE,
-                        });
+                        };
+                        return Ok((code, text));
                     }
                 }
             }
@@ -382,6 +387,38 @@ async fn stream(
     }
 }
 
+/// `edgellm chat` without a message: a conversation, a line of stdin a turn, each answer
+/// streamed; the history goes with every turn. Ctrl-C cancels an answer (the turn is dropped),
+/// Ctrl-C at the prompt or Ctrl-D ends.
+async fn conversation(proxy: &Daemon1Proxy<'_>, args: &GenArgs, mut history: Vec<(&'static str, String)>) -> Result<ExitCode, String> {
+    use tokio::io::AsyncBufReadExt;
+    eprintln!("chat with {}: a line is a turn; Ctrl-C cancels an answer, Ctrl-D ends", args.model);
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        eprint!("> ");
+        let line = tokio::select! {
+            line = lines.next_line() => line.map_err(|e| format!("stdin: {e}"))?,
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let Some(line) = line else {
+            eprintln!();
+            return Ok(ExitCode::SUCCESS);
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        history.push(("user", line));
+        let messages: Vec<(&str, &str)> = history.iter().map(|(r, c)| (*r, c.as_str())).collect();
+        let (code, answer) = stream(proxy, &args.model, proxy.chat(&args.model, &messages, args.options())).await?;
+        if code == ExitCode::SUCCESS {
+            history.push(("assistant", answer));
+        } else {
+            // A cancelled or failed answer is not part of the conversation, nor is its question.
+            history.pop();
+        }
+    }
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, String> {
     let conn = tokio::time::timeout(Duration::from_secs(30), connect(&cli))
         .await
@@ -389,14 +426,20 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         .map_err(|e| format!("cannot connect to D-Bus: {e}"))?;
     let proxy = Daemon1Proxy::new(&conn).await.map_err(|e| e.to_string())?;
     match &cli.command {
-        Command::Generate { args, prompt } => stream(&proxy, &args.model, proxy.generate(&args.model, prompt, args.options())).await,
+        Command::Generate { args, prompt } => Ok(stream(&proxy, &args.model, proxy.generate(&args.model, prompt, args.options())).await?.0),
         Command::Chat { args, system_prompt, message } => {
-            let mut messages: Vec<(&str, &str)> = Vec::new();
+            let mut history: Vec<(&'static str, String)> = Vec::new();
             if let Some(s) = system_prompt {
-                messages.push(("system", s));
+                history.push(("system", s.clone()));
             }
-            messages.push(("user", message));
-            stream(&proxy, &args.model, proxy.chat(&args.model, &messages, args.options())).await
+            match message {
+                Some(message) => {
+                    history.push(("user", message.clone()));
+                    let messages: Vec<(&str, &str)> = history.iter().map(|(r, c)| (*r, c.as_str())).collect();
+                    Ok(stream(&proxy, &args.model, proxy.chat(&args.model, &messages, args.options())).await?.0)
+                }
+                None => conversation(&proxy, args, history).await,
+            }
         }
         Command::Complete { args, prompt } => {
             let (text, stats) = proxy.complete(&args.model, prompt, args.options()).await.map_err(|e| e.to_string())?;

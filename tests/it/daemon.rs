@@ -173,9 +173,14 @@ fn greedy_options(n: u32) -> HashMap<&'static str, Value<'static>> {
 
 /// Streams one Generate through a zbus client; returns (text, reason, tokens received).
 async fn stream(proxy: &Daemon1Proxy<'_>, prompt: &str, options: HashMap<&str, Value<'_>>) -> (String, String, usize) {
+    stream_request(proxy, proxy.generate("kjv", prompt, options)).await
+}
+
+/// Streams the request that `start` makes (Generate or Chat), subscribed before it is made.
+async fn stream_request(proxy: &Daemon1Proxy<'_>, start: impl std::future::Future<Output = zbus::Result<u64>>) -> (String, String, usize) {
     let mut tokens = proxy.receive_token().await.unwrap();
     let mut finished = proxy.receive_finished().await.unwrap();
-    let id = proxy.generate("kjv", prompt, options).await.unwrap();
+    let id = start.await.unwrap();
     let mut text = String::new();
     let mut count = 0;
     loop {
@@ -989,4 +994,42 @@ fn an_idle_model_unloads_after_its_keep_alive_and_loads_again_on_use() {
     let text = complete(&daemon).unwrap();
     assert!(!text["data"][0].as_str().unwrap().is_empty());
     assert_eq!(state(&daemon).0, "ready", "loaded again on use");
+}
+
+/// `edgellm chat` without a message holds a conversation: a line of stdin a turn, each answer
+/// streamed, the history sent with every turn. Its output equals two Chat calls of a zbus client
+/// with the same history; Ctrl-D (end of input) ends it.
+#[test]
+fn cli_chat_without_a_message_holds_a_conversation() {
+    use std::io::Write;
+    let daemon = Daemon::start("");
+    let questions = ["Who created the heaven and the earth?", "And what did he say?"];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgellm"))
+        .arg("--address")
+        .arg(&daemon.bus.address)
+        .args(["chat", "--max-new-tokens", "12", "--temperature", "0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{}\n{}\n", questions[0], questions[1]).as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (first, second) = rt().block_on(async {
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+        let chat = |messages: Vec<(&'static str, String)>| {
+            let proxy = &proxy;
+            async move {
+                let messages: Vec<(&str, &str)> = messages.iter().map(|(r, c)| (*r, c.as_str())).collect();
+                stream_request(proxy, proxy.chat("kjv", &messages, greedy_options(12))).await.0
+            }
+        };
+        let first = chat(vec![("user", questions[0].to_string())]).await;
+        let second = chat(vec![("user", questions[0].to_string()), ("assistant", first.clone()), ("user", questions[1].to_string())]).await;
+        (first, second)
+    });
+    assert_ne!(first, second, "the second turn answers the second question");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{first}\n{second}\n"));
 }
