@@ -129,6 +129,28 @@ pub(crate) fn drive(
     }
 }
 
+/// The prompt, in chunks; the first token, from the target alone (`None`: cancelled between chunks).
+fn prefill(target: &mut dyn Target, run: &mut Run, cancel: &CancelToken) -> Result<Option<u32>> {
+    let prompt = run.sequence.clone();
+    let chunks = prompt.len().div_ceil(PREFILL_CHUNK);
+    for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+        if i > 0 {
+            cancel.step();
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
+        }
+        let logits = target.forward(chunk, 1)?;
+        run.target_forwards += 1;
+        if i + 1 == chunks {
+            let first = run.sampler.next(logits, &run.sequence);
+            run.sequence.reserve(run.max_new);
+            return Ok(Some(first));
+        }
+    }
+    unreachable!("a prompt has at least one token (checked when it was tokenized)")
+}
+
 fn rounds(
     target: &mut dyn Target,
     proposer: &mut dyn Proposer,
@@ -140,41 +162,7 @@ fn rounds(
 ) -> Result<FinishReason> {
     let params = run.sampler.params().clone();
     let vocab = target.vocab();
-
-    // Prefill, in chunks: the first token comes from the target alone.
-    let prompt = run.sequence.clone();
-    let chunks = prompt.len().div_ceil(PREFILL_CHUNK).max(1);
-    for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
-        if i > 0 {
-            cancel.step();
-            if cancel.is_cancelled() {
-                return Ok(FinishReason::Cancelled);
-            }
-        }
-        let logits = target.forward(chunk, 1)?;
-        run.target_forwards += 1;
-        if i + 1 == chunks {
-            let first = run.sampler.next(logits, &run.sequence);
-            run.sequence.reserve(run.max_new);
-            return decode_from(first, target, proposer, folder, run, cancel, on_text, stats, &params, vocab);
-        }
-    }
-    unreachable!("a prompt has at least one token (checked when it was tokenized)")
-}
-
-#[allow(clippy::too_many_arguments)]
-fn decode_from(
-    mut next: u32,
-    target: &mut dyn Target,
-    proposer: &mut dyn Proposer,
-    folder: &ModelFolder,
-    run: &mut Run,
-    cancel: &CancelToken,
-    on_text: &mut dyn FnMut(&str) -> bool,
-    stats: &mut SpeculativeStats,
-    params: &super::sampler::SamplingParams,
-    vocab: usize,
-) -> Result<FinishReason> {
+    let Some(mut next) = prefill(target, run, cancel)? else { return Ok(FinishReason::Cancelled) };
     let greedy = params.is_greedy();
     // The ids of one forward: reused, so that a plain step does not allocate.
     let mut ids: Vec<u32> = Vec::with_capacity(proposer.max_tokens() + 1);
@@ -194,9 +182,10 @@ fn decode_from(
             Policy::Verify => run.tokens_left().saturating_sub(1).min(run.context_left().saturating_sub(1)),
             Policy::Trust => run.tokens_left().min(run.context_left()),
         };
-        let proposing = Instant::now();
+        // Timed only where the statistics report it: a plain step reads no clock.
+        let proposing = proposer.drafts().then(Instant::now);
         let Proposal { tokens: drafts, q_rows } = proposer.propose(run, target.row_state(), limit)?;
-        if proposer.drafts() {
+        if let Some(proposing) = proposing {
             stats.draft_time += proposing.elapsed();
         }
 
@@ -245,7 +234,7 @@ fn decode_from(
                 GreedyVerdict::NearTie(at) => (at, None),
             }
         } else {
-            let p_rows = row_distributions(&rows, &run.sequence, &drafts, params);
+            let p_rows = row_distributions(&rows, &run.sequence, &drafts, &params);
             let q_rows = if q_rows.len() == drafts.len() { q_rows } else { one_hot_rows(&drafts, vocab) };
             let (accepted, token) = verify_sampled(&p_rows, &q_rows, &drafts, &mut run.sampler);
             (accepted, Some(token))
