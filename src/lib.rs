@@ -1,7 +1,8 @@
 //! edgellm: run int4 ONNX language models on the user's machine and serve them over D-Bus.
 //!
 //! Data flows one way: D-Bus call (`service`) -> validation -> queue (`scheduler`) -> engine thread
-//! (`engine`) -> token events -> the caller. Only `service` and the binaries know zbus. ONNX
+//! (`engine`) -> token events -> the caller. Only `service`, `openai` (the HTTP edge, a D-Bus client of the daemon) and the binaries know
+//! zbus. ONNX
 //! Runtime is known to `runtime` (the library and its sessions), `decode::graph` (the one
 //! execution layer: every graph's runs, names, float32/float16 data), `decode::decoder` (a
 //! decoder's inputs and KV tensors), `multitoken` (its graphs' tensors) and `error` (its error
@@ -22,6 +23,7 @@ pub mod engine;
 pub mod error;
 pub mod model;
 pub mod multitoken;
+pub mod openai;
 pub mod runtime;
 pub mod scheduler;
 pub mod service;

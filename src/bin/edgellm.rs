@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use zbus::zvariant::{OwnedValue, Value};
 
-use edgellm::service::client::Daemon1Proxy;
+use edgellm::service::client::{Bus, Daemon1Proxy};
 
 #[derive(Parser, Debug)]
 #[command(name = "edgellm", version, about = "Talk to edgellmd over D-Bus")]
@@ -101,6 +101,17 @@ enum Command {
         /// JSON for scripts, in place of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve the OpenAI HTTP API (/v1/models, /v1/chat/completions, /v1/completions) through the
+    /// daemon, for tools that speak it.
+    Serve {
+        /// Listen on loopback TCP (e.g. 127.0.0.1:8080) in place of the Unix socket. Every local
+        /// user can reach a TCP port.
+        #[arg(long, conflicts_with = "socket")]
+        listen: Option<std::net::SocketAddr>,
+        /// The Unix socket to listen on (default $XDG_RUNTIME_DIR/edgellm/openai.sock, mode 0600).
+        #[arg(long)]
+        socket: Option<std::path::PathBuf>,
     },
     /// Print the token ids TEXT is fed to the model as (BOS included where the tokenizer adds one).
     Tokenize {
@@ -307,13 +318,11 @@ async fn with_progress<T>(what: &str, done: impl std::future::Future<Output = T>
     out
 }
 
-async fn connect(cli: &Cli) -> zbus::Result<zbus::Connection> {
-    if let Some(address) = &cli.address {
-        zbus::connection::Builder::address(address.as_str())?.build().await
-    } else if cli.system {
-        zbus::Connection::system().await
-    } else {
-        zbus::Connection::session().await
+fn bus(cli: &Cli) -> Bus {
+    match (&cli.address, cli.system) {
+        (Some(address), _) => Bus::Address(address.clone()),
+        (None, true) => Bus::System,
+        (None, false) => Bus::Session,
     }
 }
 
@@ -419,8 +428,35 @@ async fn conversation(proxy: &Daemon1Proxy<'_>, args: &GenArgs, mut history: Vec
     }
 }
 
+/// `edgellm serve`: runs until Ctrl-C or SIGTERM. It needs no daemon to start: requests made
+/// while the daemon is away get 503.
+async fn serve(bus: Bus, listen: Option<std::net::SocketAddr>, socket: Option<std::path::PathBuf>) -> Result<ExitCode, String> {
+    use edgellm::openai::Listen;
+    let listen = match (listen, socket) {
+        (Some(addr), _) => {
+            eprintln!("edgellm serve: warning: every local user can reach http://{addr}; the default Unix socket is yours only");
+            Listen::Tcp(addr)
+        }
+        (None, Some(path)) => Listen::Unix(path),
+        (None, None) => Listen::Unix(Listen::default_socket()?),
+    };
+    match &listen {
+        Listen::Tcp(addr) => eprintln!("edgellm serve: OpenAI API at http://{addr}/v1"),
+        Listen::Unix(path) => eprintln!("edgellm serve: OpenAI API on the Unix socket {} (base URL http://localhost/v1)", path.display()),
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+    };
+    edgellm::openai::serve(listen, bus, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, String> {
-    let conn = tokio::time::timeout(Duration::from_secs(30), connect(&cli))
+    if let Command::Serve { listen, socket } = &cli.command {
+        return serve(bus(&cli), *listen, socket.clone()).await;
+    }
+    let conn = tokio::time::timeout(Duration::from_secs(30), bus(&cli).connect())
         .await
         .map_err(|_| "the D-Bus bus did not answer within 30 s".to_string())?
         .map_err(|e| format!("cannot connect to D-Bus: {e}"))?;
@@ -509,6 +545,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             println!("{}", proxy.detokenize(model, ids).await.map_err(|e| e.to_string())?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve { .. } => unreachable!("served above, without a connection of its own"),
     }
 }
 

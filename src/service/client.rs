@@ -24,3 +24,22 @@ pub trait Daemon1 {
     #[zbus(signal)]
     fn model_state_changed(&self, name: String, state: String) -> zbus::Result<()>;
 }
+
+/// Which bus a client of the daemon talks to.
+#[derive(Debug, Clone)]
+pub enum Bus {
+    Session,
+    System,
+    /// A D-Bus address, e.g. `unix:path=/run/edgellm/bus`.
+    Address(String),
+}
+
+impl Bus {
+    pub async fn connect(&self) -> zbus::Result<zbus::Connection> {
+        match self {
+            Bus::Address(address) => zbus::connection::Builder::address(address.as_str())?.build().await,
+            Bus::System => zbus::Connection::system().await,
+            Bus::Session => zbus::Connection::session().await,
+        }
+    }
+}

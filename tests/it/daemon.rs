@@ -147,6 +147,12 @@ impl Daemon {
         zbus::connection::Builder::address(self.bus.address.as_str()).unwrap().build().await.unwrap()
     }
 
+    /// Kills the daemon and leaves its bus running, for clients that must see it gone.
+    pub fn kill_keeping_bus(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn stop(mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -167,7 +173,7 @@ impl Drop for Daemon {
     }
 }
 
-fn greedy_options(n: u32) -> HashMap<&'static str, Value<'static>> {
+pub fn greedy_options(n: u32) -> HashMap<&'static str, Value<'static>> {
     HashMap::from([("max_new_tokens", Value::U32(n)), ("temperature", Value::F64(0.0))])
 }
 
@@ -177,7 +183,7 @@ async fn stream(proxy: &Daemon1Proxy<'_>, prompt: &str, options: HashMap<&str, V
 }
 
 /// Streams the request that `start` makes (Generate or Chat), subscribed before it is made.
-async fn stream_request(proxy: &Daemon1Proxy<'_>, start: impl std::future::Future<Output = zbus::Result<u64>>) -> (String, String, usize) {
+pub async fn stream_request(proxy: &Daemon1Proxy<'_>, start: impl std::future::Future<Output = zbus::Result<u64>>) -> (String, String, usize) {
     let mut tokens = proxy.receive_token().await.unwrap();
     let mut finished = proxy.receive_finished().await.unwrap();
     let id = start.await.unwrap();

@@ -8,6 +8,7 @@ mod fuzz;
 mod layouts;
 mod load;
 mod multitoken;
+mod openai;
 mod real_models;
 mod scheduler;
 mod speculative;

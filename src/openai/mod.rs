@@ -1,0 +1,453 @@
+//! `edgellm serve`: the OpenAI HTTP API (`/v1/models`, `/v1/chat/completions`,
+//! `/v1/completions`) as a D-Bus client of edgellmd, so the daemon stays the one place that runs
+//! models and its access rules still apply. axum serves HTTP/1.1 on a Unix socket (the default)
+//! or loopback TCP.
+//!
+//! Each HTTP request is its own D-Bus connection: the daemon's per-client limits apply per
+//! request, and a request whose HTTP client goes away is cancelled (explicitly, and by the
+//! daemon when the connection leaves the bus).
+
+pub mod wire;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream, StreamExt};
+use serde_json::{json, Value as Json_};
+use tokio::sync::mpsc;
+use zbus::zvariant::OwnedValue;
+
+use crate::service::client::{Bus, Daemon1Proxy};
+use crate::service::{BUS_NAME, INTERFACE, OBJECT_PATH};
+use wire::{ChatRequest, CompletionRequest, Usage};
+
+/// An error in OpenAI's JSON shape, with its HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<String>,
+    message: String,
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            code: None,
+            param: param.map(str::to_string),
+            message: message.into(),
+        }
+    }
+
+    fn daemon_away(detail: impl std::fmt::Display) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "service_unavailable",
+            code: Some("daemon_unavailable"),
+            param: None,
+            message: format!("edgellmd is not reachable on D-Bus ({detail}); start it (systemctl start edgellm, or edgellmd)"),
+        }
+    }
+
+    /// A failed D-Bus call, by the error name the daemon (or the bus) gave.
+    fn from_dbus(e: zbus::Error) -> ApiError {
+        use zbus::DBusError as _;
+        let (name, message) = match &e {
+            zbus::Error::MethodError(name, message, _) => (name.to_string(), message.clone().unwrap_or_default()),
+            zbus::Error::FDO(fdo) => (fdo.name().to_string(), fdo.description().unwrap_or_default().to_string()),
+            other => (String::new(), other.to_string()),
+        };
+        let short = name.rsplit('.').next().unwrap_or_default();
+        let (status, kind, code) = match (name.starts_with("org.edgellm.Error."), short) {
+            (true, "ModelNotFound") => (StatusCode::NOT_FOUND, "invalid_request_error", Some("model_not_found")),
+            (true, "InvalidArgument") => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            (true, "PromptTooLong") => (StatusCode::BAD_REQUEST, "invalid_request_error", Some("context_length_exceeded")),
+            (true, "Busy") => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("rate_limit_exceeded")),
+            (true, "AccessDenied") => (StatusCode::FORBIDDEN, "permission_error", None),
+            (true, "Timeout") => (StatusCode::GATEWAY_TIMEOUT, "timeout", None),
+            (true, "ModelLoadFailed") => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", Some("model_load_failed")),
+            (false, "ServiceUnknown" | "NameHasNoOwner" | "Disconnected" | "NoReply") => return ApiError::daemon_away(message),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+        };
+        ApiError { status, kind, code, param: None, message: if message.is_empty() { e.to_string() } else { message } }
+    }
+
+    fn internal(message: impl Into<String>) -> ApiError {
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, kind: "server_error", code: None, param: None, message: message.into() }
+    }
+
+    fn body(&self) -> Json_ {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+/// Where `edgellm serve` listens.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl Listen {
+    /// `$XDG_RUNTIME_DIR/edgellm/openai.sock`.
+    pub fn default_socket() -> Result<PathBuf, String> {
+        match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(dir) if !dir.is_empty() => Ok(Path::new(&dir).join("edgellm/openai.sock")),
+            _ => Err("XDG_RUNTIME_DIR is not set, so there is no default socket; give --socket PATH or --listen 127.0.0.1:PORT".into()),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Api {
+    bus: Bus,
+}
+
+/// The routes, answering through the daemon on `bus`.
+pub fn router(bus: Bus) -> Router {
+    Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, kind: "invalid_request_error", code: None, param: None, message: "no such route; edgellm serves /v1/models, /v1/chat/completions and /v1/completions".into() } })
+        .with_state(Api { bus })
+}
+
+/// Serves until `shutdown` resolves. A Unix socket is made mode 0600 in a 0700 directory, and
+/// removed at the end.
+pub async fn serve(listen: Listen, bus: Bus, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), String> {
+    let app = router(bus);
+    match listen {
+        Listen::Tcp(addr) => {
+            if !addr.ip().is_loopback() {
+                return Err(format!("--listen {addr}: edgellm serve listens on loopback only (127.0.0.1 or ::1)"));
+            }
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())
+        }
+        Listen::Unix(path) => {
+            let listener = bind_unix(&path)?;
+            let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
+            let _ = std::fs::remove_file(&path);
+            served
+        }
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let shown = path.display();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    if path.exists() {
+        // A socket nobody answers on is left over from an earlier run; one that answers is in use.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!("{shown}: another edgellm serve is listening there"));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("{shown}: cannot remove the stale socket: {e}"))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| format!("{shown}: {e}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("{shown}: {e}"))?;
+    Ok(listener)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the request body is not valid for this route: {e}"), None))
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+async fn list_models(State(api): State<Api>) -> Result<Json<Json_>, ApiError> {
+    let conn = api.bus.connect().await.map_err(ApiError::daemon_away)?;
+    let proxy = Daemon1Proxy::new(&conn).await.map_err(ApiError::from_dbus)?;
+    let models = proxy.list_models().await.map_err(ApiError::from_dbus)?;
+    let data: Vec<Json_> = models
+        .iter()
+        .map(|(name, d)| {
+            let state = d.get("state").and_then(|s| <&str>::try_from(s).ok()).unwrap_or("unknown");
+            json!({"id": name, "object": "model", "created": 0, "owned_by": "edgellm", "state": state})
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+/// What the daemon is asked to run.
+enum Call {
+    Chat { model: String, messages: Vec<(String, String)> },
+    Generate { model: String, prompt: String },
+}
+
+/// A generation's output as it arrives.
+enum Piece {
+    Text(String),
+    End(Ending),
+}
+
+struct Ending {
+    /// The daemon's reason: stop, length, cancelled, timeout, error.
+    reason: String,
+    usage: Usage,
+    error: Option<String>,
+}
+
+impl Ending {
+    /// OpenAI's `finish_reason`, or the error the request ended with.
+    fn finish_reason(&self) -> Result<&'static str, ApiError> {
+        match self.reason.as_str() {
+            "stop" => Ok("stop"),
+            "length" => Ok("length"),
+            "timeout" => Err(ApiError { status: StatusCode::GATEWAY_TIMEOUT, kind: "timeout", code: None, param: None, message: "the request ran past the daemon's limits.request_timeout_s".into() }),
+            "cancelled" => Err(ApiError::internal("the request was cancelled")),
+            _ => Err(ApiError::internal(self.error.clone().unwrap_or_else(|| "the request failed".into()))),
+        }
+    }
+}
+
+fn stat_u32(stats: &std::collections::HashMap<String, OwnedValue>, key: &str) -> u32 {
+    stats.get(key).and_then(|v| u32::try_from(v).ok()).unwrap_or(0)
+}
+
+/// Starts `call` on its own D-Bus connection and returns its request id and pieces. Dropping the
+/// receiver cancels the request.
+async fn start(bus: &Bus, call: Call, options: std::collections::HashMap<&'static str, zbus::zvariant::Value<'static>>) -> Result<(u64, mpsc::Receiver<Piece>), ApiError> {
+    let conn = bus.connect().await.map_err(ApiError::daemon_away)?;
+    // One stream for both signals keeps them in the order the daemon sent them; it is open before
+    // the call, since the first token may follow the reply at once.
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface(INTERFACE)
+        .and_then(|r| r.path(OBJECT_PATH))
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .build();
+    let mut signals = zbus::MessageStream::for_match_rule(rule, &conn, Some(256)).await.map_err(ApiError::from_dbus)?;
+    let dbus = zbus::fdo::DBusProxy::new(&conn).await.map_err(ApiError::from_dbus)?;
+    let mut owner_changes = dbus.receive_name_owner_changed_with_args(&[(0, BUS_NAME)]).await.map_err(ApiError::from_dbus)?;
+    let proxy = Daemon1Proxy::new(&conn).await.map_err(ApiError::from_dbus)?;
+    let id = match &call {
+        Call::Chat { model, messages } => {
+            let messages: Vec<(&str, &str)> = messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+            proxy.chat(model, &messages, options).await
+        }
+        Call::Generate { model, prompt } => proxy.generate(model, prompt, options).await,
+    }
+    .map_err(ApiError::from_dbus)?;
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let _conn = conn;
+        let ended = |reason: &str, error: String| Piece::End(Ending { reason: reason.into(), usage: Usage { prompt_tokens: 0, completion_tokens: 0 }, error: Some(error) });
+        loop {
+            tokio::select! {
+                _ = tx.closed() => {
+                    // The HTTP client went away.
+                    let _ = proxy.cancel(id).await;
+                    return;
+                }
+                Some(_) = owner_changes.next() => {
+                    let _ = tx.send(ended("error", "edgellmd left the bus during the request".into())).await;
+                    return;
+                }
+                message = signals.next() => {
+                    let Some(Ok(message)) = message else {
+                        let _ = tx.send(ended("error", "the D-Bus connection closed during the request".into())).await;
+                        return;
+                    };
+                    let member = message.header().member().map(|m| m.to_string());
+                    let piece = match member.as_deref() {
+                        Some("Token") => match message.body().deserialize::<(u64, String)>() {
+                            Ok((rid, text)) if rid == id => Piece::Text(text),
+                            _ => continue,
+                        },
+                        Some("Finished") => match message.body().deserialize::<(u64, String, std::collections::HashMap<String, OwnedValue>)>() {
+                            Ok((rid, reason, stats)) if rid == id => Piece::End(Ending {
+                                reason,
+                                usage: Usage { prompt_tokens: stat_u32(&stats, "prompt_tokens"), completion_tokens: stat_u32(&stats, "generated_tokens") },
+                                error: stats.get("error").and_then(|e| <&str>::try_from(e).ok()).map(str::to_string),
+                            }),
+                            _ => continue,
+                        },
+                        _ => continue,
+                    };
+                    let last = matches!(piece, Piece::End(_));
+                    if tx.send(piece).await.is_err() {
+                        let _ = proxy.cancel(id).await;
+                        return;
+                    }
+                    if last {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok((id, rx))
+}
+
+/// Waits for the whole text.
+async fn collect(mut pieces: mpsc::Receiver<Piece>) -> Result<(String, &'static str, Usage), ApiError> {
+    let mut text = String::new();
+    while let Some(piece) = pieces.recv().await {
+        match piece {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::End(end) => return Ok((text, end.finish_reason()?, end.usage)),
+        }
+    }
+    Err(ApiError::internal("the request ended without a result"))
+}
+
+/// How one streamed chunk of a route looks: its text delta or its end.
+trait Chunks: Send + 'static {
+    fn delta(&self, text: &str) -> Json_;
+    fn end(&self, finish_reason: &str) -> Json_;
+    fn usage(&self, usage: &Usage) -> Json_;
+}
+
+fn sse(data: &Json_) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data(data.to_string()))
+}
+
+/// Server-sent events: each piece as a chunk, the end, the usage when asked, then `[DONE]`.
+fn event_stream(pieces: mpsc::Receiver<Piece>, chunks: impl Chunks, first: Option<Json_>, include_usage: bool) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let head = stream::iter(first.map(|f| sse(&f)));
+    let body = stream::unfold((pieces, chunks, false), move |(mut pieces, chunks, done)| async move {
+        if done {
+            return None;
+        }
+        let events: Vec<Result<SseEvent, Infallible>> = match pieces.recv().await {
+            Some(Piece::Text(t)) => vec![sse(&chunks.delta(&t))],
+            Some(Piece::End(end)) => {
+                let mut events = Vec::new();
+                match end.finish_reason() {
+                    Ok(reason) => {
+                        events.push(sse(&chunks.end(reason)));
+                        if include_usage {
+                            events.push(sse(&chunks.usage(&end.usage)));
+                        }
+                    }
+                    Err(e) => events.push(sse(&e.body())),
+                }
+                events.push(Ok(SseEvent::default().data("[DONE]")));
+                return Some((stream::iter(events), (pieces, chunks, true)));
+            }
+            None => vec![sse(&ApiError::internal("the request ended without a result").body()), Ok(SseEvent::default().data("[DONE]"))],
+        };
+        let done = events.len() > 1;
+        Some((stream::iter(events), (pieces, chunks, done)))
+    })
+    .flatten();
+    head.chain(body)
+}
+
+struct ChatChunks {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl ChatChunks {
+    fn chunk(&self, delta: Json_, finish_reason: Option<&str>) -> Json_ {
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+               "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]})
+    }
+}
+
+impl Chunks for ChatChunks {
+    fn delta(&self, text: &str) -> Json_ {
+        self.chunk(json!({"content": text}), None)
+    }
+    fn end(&self, finish_reason: &str) -> Json_ {
+        self.chunk(json!({}), Some(finish_reason))
+    }
+    fn usage(&self, usage: &Usage) -> Json_ {
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [], "usage": usage.json()})
+    }
+}
+
+struct TextChunks {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl TextChunks {
+    fn chunk(&self, text: &str, finish_reason: Option<&str>) -> Json_ {
+        json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+               "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}]})
+    }
+}
+
+impl Chunks for TextChunks {
+    fn delta(&self, text: &str) -> Json_ {
+        self.chunk(text, None)
+    }
+    fn end(&self, finish_reason: &str) -> Json_ {
+        self.chunk("", Some(finish_reason))
+    }
+    fn usage(&self, usage: &Usage) -> Json_ {
+        json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": [], "usage": usage.json()})
+    }
+}
+
+async fn chat_completions(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
+    let request: ChatRequest = parse(&body)?;
+    let options = request.sampling.options(None)?;
+    let messages = request.messages()?;
+    let model = request.sampling.model.clone();
+    let (id, pieces) = start(&api.bus, Call::Chat { model: model.clone(), messages }, options).await?;
+    let (id, created) = (format!("chatcmpl-{id}"), now());
+    if request.sampling.stream {
+        let chunks = ChatChunks { id, created, model };
+        let first = chunks.chunk(json!({"role": "assistant", "content": ""}), None);
+        return Ok(Sse::new(event_stream(pieces, chunks, Some(first), request.sampling.include_usage())).into_response());
+    }
+    let (text, finish_reason, usage) = collect(pieces).await?;
+    Ok(Json(json!({
+        "id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish_reason}],
+        "usage": usage.json(),
+    }))
+    .into_response())
+}
+
+/// OpenAI's default `max_tokens` for text completions.
+const COMPLETIONS_DEFAULT_MAX_TOKENS: u32 = 16;
+
+async fn completions(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
+    let request: CompletionRequest = parse(&body)?;
+    let options = request.sampling.options(Some(COMPLETIONS_DEFAULT_MAX_TOKENS))?;
+    let prompt = request.prompt()?;
+    let model = request.sampling.model.clone();
+    let (id, pieces) = start(&api.bus, Call::Generate { model: model.clone(), prompt }, options).await?;
+    let (id, created) = (format!("cmpl-{id}"), now());
+    if request.sampling.stream {
+        let chunks = TextChunks { id, created, model };
+        return Ok(Sse::new(event_stream(pieces, chunks, None, request.sampling.include_usage())).into_response());
+    }
+    let (text, finish_reason, usage) = collect(pieces).await?;
+    Ok(Json(json!({
+        "id": id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}],
+        "usage": usage.json(),
+    }))
+    .into_response())
+}

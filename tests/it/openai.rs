@@ -1,0 +1,194 @@
+//! `edgellm serve` against the official `openai` Python client (tests/py/openai_client.py):
+//! the same text as the D-Bus API, OpenAI's error shapes, and cancellation by disconnect.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use edgellm::service::client::Daemon1Proxy;
+use serde_json::{json, Value as Json};
+use zbus::zvariant::Value;
+
+use crate::daemon::{greedy_options, rt, stream_request, Daemon};
+use crate::fixtures::python_reference;
+
+/// `edgellm serve` on a Unix socket beside the daemon's private bus; killed on drop.
+struct Serve {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Serve {
+    fn start(daemon: &Daemon) -> Serve {
+        let socket = daemon.bus.dir.path().join("openai/openai.sock");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_edgellm"))
+            .arg("--address")
+            .arg(&daemon.bus.address)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("edgellm serve");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "edgellm serve did not listen on {}", socket.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Serve { child, socket }
+    }
+
+    /// Runs `calls` through the openai client; one result each.
+    fn calls(&self, calls: Json) -> Vec<Json> {
+        let out = python_reference("openai_client.py", &json!({"socket": self.socket, "calls": calls}));
+        out.as_array().expect("a list of results").clone()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const MESSAGE: &str = "Who begat Jacob?";
+const PROMPT: &str = "In the beginning God created";
+
+#[test]
+fn openai_client_gets_the_dbus_text_streamed_and_not() {
+    let daemon = Daemon::start("");
+    let serve = Serve::start(&daemon);
+    let tokens = 24;
+    let (chat_text, generate_text) = rt().block_on(async {
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+        let (chat, reason, _) = stream_request(&proxy, proxy.chat("kjv", &[("user", MESSAGE)], greedy_options(tokens))).await;
+        assert_eq!(reason, "length");
+        let (generated, reason, _) = stream_request(&proxy, proxy.generate("kjv", PROMPT, greedy_options(tokens))).await;
+        assert_eq!(reason, "length");
+        (chat, generated)
+    });
+    assert!(!chat_text.is_empty() && !generate_text.is_empty());
+    let chat = json!({"model": "kjv", "messages": [{"role": "user", "content": MESSAGE}], "max_tokens": tokens, "temperature": 0});
+    let completion = json!({"model": "kjv", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0});
+    let results = serve.calls(json!([
+        {"kind": "models"},
+        {"kind": "chat", "args": chat},
+        {"kind": "chat", "args": chat, "stream": true},
+        {"kind": "completion", "args": completion},
+        {"kind": "completion", "args": completion, "stream": true},
+        // Content as parts, and max_completion_tokens in place of max_tokens.
+        {"kind": "chat", "args": {"model": "kjv", "messages": [{"role": "user", "content": [{"type": "text", "text": MESSAGE}]}], "max_completion_tokens": tokens, "temperature": 0}},
+    ]));
+    let ids: Vec<&str> = results[0]["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(ids, ["kjv", "kjv-draft"]);
+    for (i, want) in [(1, &chat_text), (2, &chat_text), (3, &generate_text), (4, &generate_text), (5, &chat_text)] {
+        assert_eq!(results[i]["text"].as_str(), Some(want.as_str()), "call {i}: {}", results[i]);
+        assert_eq!(results[i]["finish_reason"], "length", "call {i}");
+    }
+    for i in [1, 2, 3] {
+        assert_eq!(results[i]["usage"]["completion_tokens"], tokens, "call {i}: {}", results[i]);
+        let prompt = results[i]["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert!(prompt > 0 && results[i]["usage"]["total_tokens"] == prompt + tokens as u64, "call {i}: {}", results[i]);
+    }
+    assert!(results[2]["chunks"].as_u64().unwrap() > 3, "the chat was not streamed in pieces: {}", results[2]);
+
+    // Text completions default to OpenAI's 16 tokens; a stop string ends with `stop`.
+    let results = serve.calls(json!([
+        {"kind": "completion", "args": {"model": "kjv", "prompt": PROMPT, "temperature": 0}},
+        {"kind": "completion", "args": {"model": "kjv", "prompt": PROMPT, "temperature": 0, "max_tokens": tokens, "stop": [generate_text.split_whitespace().nth(2).unwrap()]}},
+    ]));
+    assert_eq!(results[0]["usage"]["completion_tokens"], 16, "{}", results[0]);
+    assert_eq!(results[1]["finish_reason"], "stop", "{}", results[1]);
+    assert!(generate_text.starts_with(results[1]["text"].as_str().unwrap()), "{}", results[1]);
+}
+
+#[test]
+fn openai_errors_have_openai_shapes_and_codes() {
+    // One request runs and one waits: a third is Busy.
+    let mut daemon = Daemon::start("\n[limits]\nmax_queue = 1\n");
+    let serve = Serve::start(&daemon);
+    let chat = |extra: Json| {
+        let mut args = json!({"model": "kjv", "messages": [{"role": "user", "content": MESSAGE}], "max_tokens": 4});
+        args.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        json!({"kind": "chat", "args": args})
+    };
+    let results = serve.calls(json!([
+        chat(json!({"model": "no-such-model"})),
+        chat(json!({"n": 2})),
+        chat(json!({"temperature": -1})),
+        chat(json!({"messages": [{"role": "tool", "content": "x"}]})),
+        chat(json!({"response_format": {"type": "yaml"}})),
+        {"kind": "completion", "args": {"model": "kjv", "prompt": ["a", "b"]}},
+    ]));
+    let expect = [(404, "model_not_found", None), (400, "", Some("n")), (400, "", None), (400, "", Some("messages[0].role")), (400, "", Some("response_format")), (400, "", Some("prompt"))];
+    for (i, (status, code, param)) in expect.iter().enumerate() {
+        let r = &results[i];
+        assert_eq!(r["status"], *status, "call {i}: {r}");
+        assert!(r["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "call {i}: {r}");
+        assert_eq!(r["error"]["type"], if *status == 404 || *status == 400 { "invalid_request_error" } else { "" }, "call {i}: {r}");
+        if !code.is_empty() {
+            assert_eq!(r["error"]["code"], *code, "call {i}: {r}");
+        }
+        if let Some(param) = param {
+            assert_eq!(r["error"]["param"], *param, "call {i}: {r}");
+        }
+    }
+    assert!(results[2]["error"]["message"].as_str().unwrap().contains("temperature"), "{}", results[2]);
+
+    // Busy: two long requests hold the engine and the queue.
+    let held = rt().block_on(async {
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+        let long = || HashMap::from([("max_new_tokens", Value::U32(1000)), ("temperature", Value::F64(1.0)), ("seed", Value::U64(3))]);
+        let a = proxy.generate("kjv", PROMPT, long()).await.unwrap();
+        let b = proxy.generate("kjv", PROMPT, long()).await.unwrap();
+        (conn, a, b)
+    });
+    let results = serve.calls(json!([chat(json!({}))]));
+    assert_eq!(results[0]["status"], 429, "{}", results[0]);
+    assert_eq!(results[0]["error"]["type"], "rate_limit_error", "{}", results[0]);
+    drop(held);
+
+    // The daemon away: 503, and serve keeps running for when it is back.
+    daemon.kill_keeping_bus();
+    let results = serve.calls(json!([{"kind": "models"}, chat(json!({}))]));
+    for r in &results {
+        assert_eq!(r["status"], 503, "{r}");
+        assert_eq!(r["error"]["code"], "daemon_unavailable", "{r}");
+    }
+}
+
+#[test]
+fn openai_client_that_hangs_up_cancels_its_request() {
+    let daemon = Daemon::start("");
+    let serve = Serve::start(&daemon);
+    let long = json!({"model": "kjv", "prompt": PROMPT, "max_tokens": 1000, "temperature": 1, "seed": 5});
+    let results = serve.calls(json!([{"kind": "disconnect", "args": long, "after_chunks": 3}]));
+    assert_eq!(results[0]["chunks"], 3, "{}", results[0]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = without_colours(&daemon.log_text());
+        if let Some(line) = log.lines().find(|l| l.contains("request finished")) {
+            assert!(line.contains("cancelled"), "the request was not cancelled: {line}");
+            let tokens: u32 = line.split("tokens=").nth(1).and_then(|t| t.split_whitespace().next()).and_then(|t| t.parse().ok()).unwrap();
+            assert!(tokens < 200, "cancelled late: {line}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the request still runs after its client hung up: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The log without its ANSI colour codes (`ESC [ ... m`).
+fn without_colours(log: &str) -> String {
+    let mut parts = log.split('\x1b');
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for part in parts {
+        out.push_str(part.split_once('m').map_or(part, |(_, rest)| rest));
+    }
+    out
+}
