@@ -61,6 +61,12 @@ struct GenArgs {
     /// Multi-token models: at most this many tokens per step.
     #[arg(long)]
     multitoken_max_tokens: Option<u32>,
+    /// The output matches this JSON Schema (the document itself, or @FILE).
+    #[arg(long, conflicts_with = "grammar")]
+    json_schema: Option<String>,
+    /// The output matches this Lark grammar (llguidance's dialect; the text, or @FILE).
+    #[arg(long)]
+    grammar: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -166,7 +172,22 @@ impl GenArgs {
         if let Some(v) = self.multitoken_max_tokens {
             o.insert("multitoken_max_tokens", Value::U32(v));
         }
+        for (name, text) in [("json_schema", &self.json_schema), ("grammar", &self.grammar)] {
+            if let Some(text) = text {
+                o.insert(name, Value::from(text.clone()));
+            }
+        }
         o
+    }
+
+    /// Reads `@FILE` arguments.
+    fn read_files(&mut self) -> Result<(), String> {
+        for (flag, text) in [("--json-schema", &mut self.json_schema), ("--grammar", &mut self.grammar)] {
+            if let Some(path) = text.as_deref().and_then(|t| t.strip_prefix('@')) {
+                *text = Some(std::fs::read_to_string(path).map_err(|e| format!("{flag} @{path}: {e}"))?);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -452,7 +473,10 @@ async fn serve(bus: Bus, listen: Option<std::net::SocketAddr>, socket: Option<st
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(cli: Cli) -> Result<ExitCode, String> {
+async fn run(mut cli: Cli) -> Result<ExitCode, String> {
+    if let Command::Generate { args, .. } | Command::Chat { args, .. } | Command::Complete { args, .. } = &mut cli.command {
+        args.read_files()?;
+    }
     if let Command::Serve { listen, socket } = &cli.command {
         return serve(bus(&cli), *listen, socket.clone()).await;
     }

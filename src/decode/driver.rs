@@ -143,6 +143,7 @@ fn prefill(target: &mut dyn Target, run: &mut Run, cancel: &CancelToken) -> Resu
         let logits = target.forward(chunk, 1)?;
         run.target_forwards += 1;
         if i + 1 == chunks {
+            run.mask(logits, &[])?;
             let first = run.sampler.next(logits, &run.sequence);
             run.sequence.reserve(run.max_new);
             return Ok(Some(first));
@@ -184,7 +185,13 @@ fn rounds(
         };
         // Timed only where the statistics report it: a plain step reads no clock.
         let proposing = proposer.drafts().then(Instant::now);
-        let Proposal { tokens: drafts, q_rows } = proposer.propose(run, target.row_state(), limit)?;
+        let Proposal { tokens: mut drafts, mut q_rows } = proposer.propose(run, target.row_state(), limit)?;
+        if policy == Policy::Verify {
+            // Drafts the output constraint rules out are never accepted: not verified either.
+            let allowed = run.allowed_drafts(&drafts)?;
+            drafts.truncate(allowed);
+            q_rows.truncate(allowed);
+        }
         if let Some(proposing) = proposing {
             stats.draft_time += proposing.elapsed();
         }
@@ -203,6 +210,7 @@ fn rounds(
             let verifying = Instant::now();
             let logits = target.forward_merged(step)?;
             run.target_forwards += 1;
+            run.mask(logits, &[])?;
             next = run.sampler.next(logits, &run.sequence);
             stats.verify_time += verifying.elapsed();
             continue;
@@ -216,6 +224,7 @@ fn rounds(
             // A plain step: the logits are read where ONNX Runtime wrote them.
             let logits = target.forward(&ids, 1)?;
             run.target_forwards += 1;
+            run.mask(logits, &[])?;
             next = run.sampler.next(logits, &run.sequence);
             if proposer.drafts() {
                 proposer.accepted(base + 1, 0, 0)?;
@@ -226,7 +235,8 @@ fn rounds(
         let verifying = Instant::now();
         let flat = target.forward(&ids, ids.len())?;
         run.target_forwards += 1;
-        let rows: Vec<Vec<f32>> = flat.chunks(vocab).map(<[f32]>::to_vec).collect();
+        let mut rows: Vec<Vec<f32>> = flat.chunks(vocab).map(<[f32]>::to_vec).collect();
+        run.mask_rows(&mut rows, &drafts)?;
         let (accepted, decided) = if greedy {
             let rows = penalised_rows(rows, &run.sequence, &drafts, params.repetition_penalty);
             match verify_greedy_guarded(&rows, &drafts, TIE_MARGIN) {
@@ -252,6 +262,7 @@ fn rounds(
                 target.truncate(base + accepted)?;
                 let row = target.forward(&ids[accepted..=accepted], 1)?;
                 run.target_forwards += 1;
+                run.mask(row, &drafts[..accepted])?;
                 stats.near_tie_recomputes += 1;
                 let mut seen = run.sequence.clone();
                 seen.extend_from_slice(&drafts[..accepted]);

@@ -4,6 +4,7 @@
 //! (`text`), the verifier (`verify`) and the one decode loop (`driver`) with the `Target` and
 //! `Proposer` traits that the proposers (`crate::speculative`, `crate::multitoken`) implement.
 
+pub(crate) mod constraint;
 pub mod decoder;
 pub(crate) mod driver;
 pub mod graph;

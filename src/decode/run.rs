@@ -10,6 +10,8 @@ use super::graph::SharedRunOptions;
 use super::sampler::{Sampler, SamplingParams};
 use super::text::{Piece, StopText};
 use crate::error::Result;
+use super::constraint::Constraint;
+use crate::model::grammar::OutputGrammar;
 use crate::model::multitoken::Mode;
 use crate::model::{Detokenizer, ModelFolder};
 use crate::runtime::ProviderReport;
@@ -34,6 +36,8 @@ pub struct GenerateOptions {
     pub multitoken_mode: Option<Mode>,
     pub multitoken_threshold: Option<f32>,
     pub multitoken_max_tokens: Option<usize>,
+    /// The grammar the output must match (`json_schema` or `grammar`).
+    pub grammar: Option<OutputGrammar>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +214,8 @@ pub(crate) struct Run {
     pub(crate) target_forwards: usize,
     pub(crate) speculative: Option<SpeculativeStats>,
     pub(crate) multitoken: Option<MultiTokenStats>,
+    /// The output constraint, advanced with every accepted token.
+    constraint: Option<Constraint>,
 }
 
 impl Run {
@@ -238,6 +244,38 @@ impl Run {
             target_forwards: 0,
             speculative: None,
             multitoken: None,
+            constraint: None,
+        }
+    }
+
+    /// Constrains the output to what `matcher` accepts.
+    pub(crate) fn constrain(&mut self, matcher: llguidance::Matcher) {
+        self.constraint = Some(Constraint::new(matcher));
+    }
+
+    /// Masks the logits of the position after the sequence and then `ahead` (proposed tokens not
+    /// yet accepted) to what the output constraint allows; nothing without one.
+    pub(crate) fn mask(&mut self, logits: &mut [f32], ahead: &[u32]) -> Result<()> {
+        match &mut self.constraint {
+            Some(c) => c.mask(logits, ahead),
+            None => Ok(()),
+        }
+    }
+
+    /// Masks verification rows (row i follows `drafts[..i]`).
+    pub(crate) fn mask_rows(&mut self, rows: &mut [Vec<f32>], drafts: &[u32]) -> Result<()> {
+        match &mut self.constraint {
+            Some(c) => c.mask_rows(rows, drafts),
+            None => Ok(()),
+        }
+    }
+
+    /// How many of `drafts` the output constraint allows (all without one): drafts past that
+    /// could never be accepted, so they are not verified.
+    pub(crate) fn allowed_drafts(&mut self, drafts: &[u32]) -> Result<usize> {
+        match &mut self.constraint {
+            Some(c) => c.allowed_prefix(drafts),
+            None => Ok(drafts.len()),
         }
     }
 
@@ -254,6 +292,9 @@ impl Run {
         if self.eos_ids.contains(&token) {
             self.eos_token = Some(token);
             return Ok(Some(FinishReason::Stop));
+        }
+        if let Some(c) = &mut self.constraint {
+            c.accept(token)?;
         }
         self.generated.push(token);
         self.sequence.push(token);

@@ -239,6 +239,9 @@ impl Engine {
         let max_total = self.folder.config.search.max_length.min(self.context());
         let max_new = options.max_new_tokens.unwrap_or(max_total.saturating_sub(prompt_ids.len())).max(1);
         let mut run = Run::new(&self.folder, prompt_ids, params, options, max_new, self.context());
+        if let Some(grammar) = &options.grammar {
+            run.constrain(self.folder.output_matcher(grammar)?);
+        }
         let speculative = options.speculative.unwrap_or(true);
         let lookup = match options.prompt_lookup {
             Some(true) => Some(self.prompt_lookup.unwrap_or_default()),

@@ -5,6 +5,7 @@
 pub mod chat;
 pub mod files;
 pub mod genai_config;
+pub mod grammar;
 pub mod multitoken;
 pub mod tokenizer;
 
@@ -34,6 +35,8 @@ pub struct ModelFolder {
     pub chat_template: Option<ChatTemplate>,
     /// A HAMburger-style multi-token model's contract (`multitoken_config.json`), if present.
     pub multitoken: Option<multitoken::Contract>,
+    /// Compiles structured-output constraints against this tokenizer.
+    grammar: grammar::GrammarCompiler,
 }
 
 impl ModelFolder {
@@ -48,7 +51,7 @@ impl ModelFolder {
         let multitoken = multitoken::Contract::find(dir)?;
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"))?;
         let chat_template = ChatTemplate::find(dir)?;
-        Ok(ModelFolder { dir: dir.to_path_buf(), config, tokenizer, chat_template, multitoken })
+        Ok(ModelFolder { dir: dir.to_path_buf(), config, tokenizer, chat_template, multitoken, grammar: Default::default() })
     }
 
     /// Prompt token ids (through the chat template for messages), checked to leave room for at
@@ -82,6 +85,12 @@ impl ModelFolder {
             }),
             None => Ok(()),
         }
+    }
+
+    /// A matcher of `grammar` over this model's tokens; a grammar llguidance rejects is
+    /// `InvalidArgument` naming the option.
+    pub fn output_matcher(&self, grammar: &grammar::OutputGrammar) -> Result<llguidance::Matcher> {
+        self.grammar.matcher(grammar, &self.dir.join("tokenizer.json"), &self.config.eos_token_ids, self.config.vocab_size)
     }
 
     pub fn decoder_path(&self) -> PathBuf {

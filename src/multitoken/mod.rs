@@ -418,7 +418,11 @@ impl Proposer for MicroProposer<'_> {
             features = &[];
             let token = match self.settings.mode {
                 // The model's own output in this mode: sampled as the base's tokens are.
-                Mode::Trust => run.sampler.next(&mut logits, &seen),
+                Mode::Trust => {
+                    // Committed unchecked: the output constraint masks it here.
+                    run.mask(&mut logits, &proposal.tokens)?;
+                    run.sampler.next(&mut logits, &seen)
+                }
                 Mode::Verify if params.is_greedy() => penalised_argmax(&logits, &seen, params.repetition_penalty),
                 Mode::Verify => {
                     let q = row_distribution(&logits, &seen, &params);

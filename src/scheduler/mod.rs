@@ -212,6 +212,10 @@ impl Scheduler {
         let slot = self.slot(model)?;
         let folder = self.folder(&slot)?;
         let prompt_ids = folder.prompt_ids(model, prompt)?;
+        if let Some(grammar) = &options.grammar {
+            // Compiled here too, so that a schema llguidance rejects is the caller's error.
+            folder.output_matcher(grammar)?;
+        }
         let limits = self.limits();
         let limit = limits.max_new_tokens;
         match options.max_new_tokens {

@@ -24,7 +24,12 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("multitoken_max_tokens", "u"),
     ("prompt_ids", "au"),
     ("return_token_ids", "b"),
+    ("json_schema", "s"),
+    ("grammar", "s"),
 ];
+
+/// The largest `json_schema` or `grammar` taken: llguidance compiles it on the caller's request.
+const MAX_GRAMMAR_BYTES: usize = 64 * 1024;
 
 /// Parsed options, plus the ones the engine does not take itself.
 #[derive(Debug, Default, Clone)]
@@ -167,6 +172,24 @@ pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Er
                     return Err(invalid(name, "must be at least 1"));
                 }
                 g.multitoken_max_tokens = Some(n as usize);
+            }
+            "json_schema" | "grammar" => {
+                let text = match v {
+                    Value::Str(s) if !s.is_empty() => s.to_string(),
+                    Value::Str(s) if s.len() > MAX_GRAMMAR_BYTES => {
+                        return Err(invalid(name, format!("is {} bytes; at most {MAX_GRAMMAR_BYTES}", s.len())))
+                    }
+                    Value::Str(_) => return Err(invalid(name, "is empty")),
+                    other => return Err(wrong_type(name, "s", other)),
+                };
+                if g.grammar.is_some() {
+                    return Err(invalid(name, "give either json_schema or grammar, not both"));
+                }
+                g.grammar = Some(if name == "json_schema" {
+                    crate::model::grammar::OutputGrammar::JsonSchema(text)
+                } else {
+                    crate::model::grammar::OutputGrammar::Lark(text)
+                });
             }
             other => {
                 let known: Vec<&str> = OPTIONS.iter().map(|(n, _)| *n).collect();

@@ -12,5 +12,6 @@ mod openai;
 mod real_models;
 mod scheduler;
 mod speculative;
+mod structured;
 mod system_bus;
 mod token_api;

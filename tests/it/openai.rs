@@ -104,6 +104,22 @@ fn openai_client_gets_the_dbus_text_streamed_and_not() {
     assert_eq!(results[0]["usage"]["completion_tokens"], 16, "{}", results[0]);
     assert_eq!(results[1]["finish_reason"], "stop", "{}", results[1]);
     assert!(generate_text.starts_with(results[1]["text"].as_str().unwrap()), "{}", results[1]);
+
+    // response_format maps onto the daemon's json_schema option.
+    let schema = json!({"type": "object", "properties": {"tribe": {"enum": ["Judah", "Levi"]}, "verse": {"type": "integer", "minimum": 1, "maximum": 50}},
+                        "required": ["tribe", "verse"], "additionalProperties": false});
+    let sampled = |format: Json| json!({"kind": "chat", "args": {"model": "kjv", "messages": [{"role": "user", "content": MESSAGE}], "max_tokens": 200, "temperature": 1, "seed": 7, "response_format": format}});
+    let results = serve.calls(json!([
+        sampled(json!({"type": "json_schema", "json_schema": {"name": "record", "schema": schema, "strict": true}})),
+        sampled(json!({"type": "json_object"})),
+    ]));
+    let record: Json = serde_json::from_str(results[0]["text"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {}", results[0]));
+    assert!(["Judah", "Levi"].contains(&record["tribe"].as_str().unwrap()) && record["verse"].as_u64().is_some_and(|v| (1..=50).contains(&v)), "{record}");
+    assert_eq!(results[0]["finish_reason"], "stop");
+    if results[1]["finish_reason"] == "stop" {
+        let object: Json = serde_json::from_str(results[1]["text"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {}", results[1]));
+        assert!(object.is_object(), "{object}");
+    }
 }
 
 #[test]
