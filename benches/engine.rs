@@ -8,7 +8,9 @@
 //! cost grows with its positions (what a speculative verify pays), --acceptance A (0.79) for it;
 //! --work-per-token cpu,openvino adds a table of instructions per decoded token under callgrind;
 //! --pair-rounds N (20): rounds of the paired rows, where both engines stay loaded and run each
-//! prompt in turn (0 skips them)
+//! prompt in turn (0 skips them); --streaming CALLS adds streamed Generate against Complete over
+//! D-Bus (the daemon's own engine time, CALLS pairs per variant), --streaming-variants
+//! THREADS:on|off,... (intra-op threads and spinning; default 0:on,0:off,1:on,1:off)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -323,6 +325,10 @@ fn main() {
     if !args.iter().any(|a| a == "--no-multitoken") {
         let thresholds = arg(&args, "--thresholds").unwrap_or_else(|| "0.7,0.5".into());
         multitoken_table(&me, &prompts_file, &new_tokens, &threads, &thresholds);
+    }
+    if let Some(calls) = arg(&args, "--streaming") {
+        let variants = arg(&args, "--streaming-variants").unwrap_or_else(|| "0:on,0:off,1:on,1:off".into());
+        streaming_table(&model, new_tokens.parse().expect("--new-tokens N"), calls.parse().expect("--streaming CALLS"), &variants);
     }
     let _ = std::fs::remove_file(Path::new(&prompts_file));
 }
@@ -739,4 +745,132 @@ fn forward_costs(runtime: &Runtime, dir: &Path, session: &SessionOptions, positi
             t[t.len() / 2]
         })
         .collect()
+}
+
+/// A private dbus-daemon and an edgellmd on it, serving `model` as "kjv" with these intra-op
+/// threads and spinning; both killed on drop.
+struct BenchDaemon {
+    _dir: tempfile::TempDir,
+    address: String,
+    bus: std::process::Child,
+    daemon: std::process::Child,
+}
+
+impl BenchDaemon {
+    fn start(model: &Path, threads: u32, spinning: bool) -> BenchDaemon {
+        use std::process::Stdio;
+        let dir = tempfile::tempdir().unwrap();
+        let address = format!("unix:path={}", dir.path().join("bus").display());
+        let conf = dir.path().join("bus.conf");
+        std::fs::write(&conf, format!(r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>session</type><listen>{address}</listen>
+<policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>"#)).unwrap();
+        let bus = Command::new("dbus-daemon").arg(format!("--config-file={}", conf.display())).arg("--nofork").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dbus-daemon");
+        while !dir.path().join("bus").exists() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let config = dir.path().join("edgellm.toml");
+        std::fs::write(&config, format!("[daemon]\naddress = \"{address}\"\n\n[[model]]\nname = \"kjv\"\npath = \"{}\"\nthreads = {threads}\nspinning = {spinning}\n", model.display())).unwrap();
+        let log = dir.path().join("edgellmd.log");
+        let mut daemon = Command::new(env!("CARGO_BIN_EXE_edgellmd")).arg("--config").arg(&config).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("edgellmd");
+        // Ready when the model answers as loaded.
+        loop {
+            if let Some(status) = daemon.try_wait().unwrap() {
+                panic!("edgellmd exited ({status}): {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            let out = Command::new("busctl").arg(format!("--address={address}")).args(["call", "org.edgellm.Daemon1", "/org/edgellm/Daemon1", "org.edgellm.Daemon1", "ListModels"]).output().unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains("ready") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        BenchDaemon { _dir: dir, address, bus, daemon }
+    }
+}
+
+impl Drop for BenchDaemon {
+    fn drop(&mut self) {
+        for child in [&mut self.daemon, &mut self.bus] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn quartiles(values: &mut [f64]) -> (f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (values[values.len() / 4], values[values.len() * 3 / 4])
+}
+
+/// Streamed `Generate` (a client reading every `Token`) against `Complete` for the same greedy
+/// request, over D-Bus, in alternating pairs: the daemon's own `total_time_ms` of each.
+fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) {
+    use edgellm::service::client::Daemon1Proxy;
+    use futures_util::StreamExt;
+    use std::collections::HashMap;
+    use zbus::zvariant::Value as V;
+    println!("\nstreamed Generate vs Complete over D-Bus | {} | {new_tokens} tokens, greedy | {calls} pairs per variant, order alternating | the daemon's total_time_ms", model.display());
+    println!("{:<8} {:<9} {:>12} {:>13} {:>15} {:>18} {:>12}", "threads", "spinning", "stream ms", "complete ms", "ratio (median)", "pair ratio IQR", "client ms");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    for variant in variants.split(',') {
+        let (threads, spin) = variant.split_once(':').expect("THREADS:on|off");
+        let (threads, spinning): (u32, bool) = (threads.parse().expect("threads"), spin == "on");
+        let daemon = BenchDaemon::start(model, threads, spinning);
+        let (mut streamed, mut completed, mut ratios, mut client) = rt.block_on(async {
+            let conn = zbus::connection::Builder::address(daemon.address.as_str()).unwrap().build().await.unwrap();
+            let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+            let options = || HashMap::from([("max_new_tokens", V::U32(new_tokens)), ("temperature", V::F64(0.0))]);
+            let total = |stats: &HashMap<String, zbus::zvariant::OwnedValue>| f64::try_from(&stats["total_time_ms"]).unwrap();
+            let mut tokens = proxy.receive_token().await.unwrap();
+            let mut finished = proxy.receive_finished().await.unwrap();
+            let prompt = "And it came to pass in those days";
+            let (mut streamed, mut completed, mut ratios, mut client) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for i in 0..calls + 4 {
+                let mut pair = [0.0f64; 2];
+                for half in 0..2 {
+                    // Alternate which comes first, so that drift hits both halves alike.
+                    let stream_now = (half == 0) == (i % 2 == 0);
+                    if stream_now {
+                        let called = Instant::now();
+                        let id = proxy.generate("kjv", prompt, options()).await.unwrap();
+                        let mut pieces = 0usize;
+                        let stats = loop {
+                            tokio::select! {
+                                biased;
+                                Some(t) = tokens.next() => { if t.args().unwrap().request_id == id { pieces += 1; } }
+                                Some(f) = finished.next() => {
+                                    let a = f.args().unwrap();
+                                    if a.request_id == id { break a.stats.clone(); }
+                                }
+                            }
+                        };
+                        assert!(pieces > 0);
+                        pair[0] = total(&stats);
+                        if i >= 4 {
+                            client.push(called.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    } else {
+                        let (_, stats) = proxy.complete("kjv", prompt, options()).await.unwrap();
+                        pair[1] = total(&stats);
+                    }
+                }
+                // The first four pairs warm up.
+                if i >= 4 {
+                    streamed.push(pair[0]);
+                    completed.push(pair[1]);
+                    ratios.push(pair[0] / pair[1]);
+                }
+            }
+            (streamed, completed, ratios, client)
+        });
+        let (s, c) = (median(&mut streamed), median(&mut completed));
+        let (q1, q3) = quartiles(&mut ratios);
+        println!("{threads:<8} {:<9} {s:>12.1} {c:>13.1} {:>15.3} {:>18} {:>12.1}", if spinning { "on" } else { "off" }, s / c, format!("{q1:.3}-{q3:.3}"), median(&mut client));
+        drop(daemon);
+    }
 }

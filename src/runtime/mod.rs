@@ -53,6 +53,8 @@ pub struct SessionOptions {
     pub strict: bool,
     /// Intra-op threads; 0 lets ONNX Runtime choose (one per core).
     pub threads: usize,
+    /// Whether idle intra-op threads spin waiting for work (ONNX Runtime's default) or sleep.
+    pub spinning: bool,
     /// Passed through to the provider that runs (e.g. OpenVINO `device_type`, CUDA `device_id`).
     pub provider_options: Vec<(String, String)>,
     /// How the weights reach ONNX Runtime. Measured by `cargo bench --bench engine` (see the
@@ -76,6 +78,7 @@ impl Default for SessionOptions {
             providers: vec![Provider::Cpu],
             strict: false,
             threads: 0,
+            spinning: true,
             provider_options: Vec::new(),
             weights: WeightLoading::File,
         }
@@ -232,6 +235,9 @@ impl Runtime {
         builder = builder.with_optimization_level(GraphOptimizationLevel::All).map_err(ort::Error::from)?;
         if options.threads > 0 {
             builder = builder.with_intra_threads(options.threads).map_err(ort::Error::from)?;
+        }
+        if !options.spinning {
+            builder = builder.with_intra_op_spinning(false).map_err(ort::Error::from)?;
         }
         // ONNX Runtime's per-node profile, to compare where time goes with onnxruntime-genai's.
         if let Some(prefix) = std::env::var_os("EDGELLM_ORT_PROFILE") {

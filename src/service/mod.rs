@@ -229,9 +229,31 @@ impl Daemon {
                 Ok(e) => e.set_destination(BusName::Unique(dest)),
                 Err(_) => return cancel.cancel(),
             };
-            while let Some(event) = events.recv().await {
+            let mut pending = None;
+            loop {
+                let event = match pending.take() {
+                    Some(event) => event,
+                    None => match events.recv().await {
+                        Some(event) => event,
+                        None => break,
+                    },
+                };
                 let sent = match &event {
-                    Event::Text(text) => Daemon::token(&emitter, id, text).await,
+                    Event::Text(text) => {
+                        // Pieces that queued up while the bus was behind go out as one signal:
+                        // a slow client costs fewer messages, not a slower engine.
+                        let mut text = std::borrow::Cow::Borrowed(text.as_str());
+                        while let Ok(next) = events.try_recv() {
+                            match next {
+                                Event::Text(more) => text.to_mut().push_str(&more),
+                                other => {
+                                    pending = Some(other);
+                                    break;
+                                }
+                            }
+                        }
+                        Daemon::token(&emitter, id, &text).await
+                    }
                     Event::Finished(f) => {
                         let mut stats = finished_stats(f, return_token_ids);
                         if let Some(error) = &f.error {
