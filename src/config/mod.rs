@@ -61,6 +61,7 @@ struct RawLimits {
     max_new_tokens: Option<Spanned<u32>>,
     request_timeout_s: Option<Spanned<u64>>,
     memory_reserve_mib: Option<Spanned<u64>>,
+    background_users: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,6 +120,8 @@ pub struct Limits {
     pub request_timeout: std::time::Duration,
     /// Memory (MiB) a model load must leave available to the rest of the system.
     pub memory_reserve_mib: u64,
+    /// Unix user names whose requests are `background` unless they say otherwise.
+    pub background_users: Vec<String>,
 }
 
 impl Default for Limits {
@@ -130,6 +133,7 @@ impl Default for Limits {
             max_new_tokens: 1024,
             request_timeout: std::time::Duration::from_secs(300),
             memory_reserve_mib: 256,
+            background_users: Vec::new(),
         }
     }
 }
@@ -254,6 +258,7 @@ impl Config {
                 Some(s) => std::time::Duration::from_secs(*s.get_ref()),
             },
             memory_reserve_mib: raw.limits.memory_reserve_mib.as_ref().map(|s| *s.get_ref()).unwrap_or(defaults.memory_reserve_mib),
+            background_users: raw.limits.background_users.clone().unwrap_or_default(),
         };
 
         let mut models: Vec<ModelConfig> = Vec::new();

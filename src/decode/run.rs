@@ -77,6 +77,9 @@ pub struct GenerationStats {
     pub target_forwards: usize,
     pub speculative: Option<SpeculativeStats>,
     pub multitoken: Option<MultiTokenStats>,
+    /// Time in the queue before the engine took the request (the scheduler fills it in; the
+    /// other times start when the engine takes it).
+    pub queued: Duration,
 }
 
 /// Counters of speculative decoding for one request.
@@ -388,6 +391,7 @@ impl Run {
                 target_forwards: self.target_forwards,
                 speculative: self.speculative,
                 multitoken: self.multitoken,
+                queued: Duration::ZERO,
             },
         })
     }

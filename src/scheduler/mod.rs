@@ -31,6 +31,7 @@ use crate::model::ModelFolder;
 use crate::runtime::Runtime;
 use admission::Admission;
 use queue::FairQueue;
+pub use queue::Priority;
 use worker::{engine_thread, finish_unrun, open_folder, Control, Counters, GenerateJob, Inner, ModelSlot};
 
 /// How many text pieces may wait between the engine and the caller's connection.
@@ -187,11 +188,23 @@ impl Scheduler {
     /// Validates and queues a request. Tokenizing here means a prompt that is too long, or a
     /// chat request to a model without a template, is refused before it waits in any queue.
     pub fn submit(&self, client: &str, model: &str, prompt: &Prompt, options: GenerateOptions) -> Result<Submitted, SchedulerError> {
+        self.submit_as(client, model, prompt, options, Priority::Interactive)
+    }
+
+    /// `submit` with a priority: interactive requests go ahead of background ones in the queue.
+    pub fn submit_as(
+        &self,
+        client: &str,
+        model: &str,
+        prompt: &Prompt,
+        options: GenerateOptions,
+        priority: Priority,
+    ) -> Result<Submitted, SchedulerError> {
         // A reload may retire the model's slot while the request is validated; it is then
         // validated again against the slot that replaced it (its folder may differ). Reloads come
         // from SIGHUP, so a few tries always suffice; past them the request is refused as Busy.
         for _ in 0..4 {
-            match self.try_submit(client, model, prompt, options.clone())? {
+            match self.try_submit(client, model, prompt, options.clone(), priority)? {
                 Some(submitted) => return Ok(submitted),
                 None => continue,
             }
@@ -207,6 +220,7 @@ impl Scheduler {
         model: &str,
         prompt: &Prompt,
         mut options: GenerateOptions,
+        priority: Priority,
     ) -> Result<Option<Submitted>, SchedulerError> {
         let drain = self.inner.admission.guard()?;
         let slot = self.slot(model)?;
@@ -279,7 +293,7 @@ impl Scheduler {
                 slot.heartbeat.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
             }
         }));
-        let job = GenerateJob { id, permit, seat, prompt_ids, options, cancel: cancel.clone(), events: tx };
+        let job = GenerateJob { id, permit, seat, prompt_ids, options, cancel: cancel.clone(), events: tx, queued_at: Instant::now() };
         {
             let mut queue = slot.queue.lock().expect("queue");
             if slot.retired.load(Ordering::SeqCst) {
@@ -287,7 +301,7 @@ impl Scheduler {
                 // Dropping the job frees the client's count.
                 return Ok(None);
             }
-            queue.push(client, job);
+            queue.push(client, priority, job);
         }
         slot.wake.notify_one();
         self.inner.counters.total.fetch_add(1, Ordering::Relaxed);

@@ -1,4 +1,5 @@
-//! A model's queue: control work first (load, unload), then requests taken from clients in turn.
+//! A model's queue: control work first (load, unload), then interactive requests, then background
+//! ones; within a priority, clients take turns.
 
 use std::collections::VecDeque;
 
@@ -9,24 +10,69 @@ pub enum Work<J, C> {
     Control(C),
 }
 
+/// A request's place in the queue: the Language-portal design's `interactive` (a person waits
+/// for it) or `background` (an indexer, a batch job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Priority {
+    #[default]
+    Interactive,
+    Background,
+}
+
+impl Priority {
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s {
+            "interactive" => Some(Priority::Interactive),
+            "background" => Some(Priority::Background),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Interactive => "interactive",
+            Priority::Background => "background",
+        }
+    }
+}
+
+/// Clients in the order they get their next turn, each with its waiting requests.
+type Turns<J> = VecDeque<(String, VecDeque<J>)>;
+
 pub struct FairQueue<J, C> {
     control: VecDeque<C>,
-    /// Clients in the order they get their next turn, each with its waiting requests.
-    clients: VecDeque<(String, VecDeque<J>)>,
+    interactive: Turns<J>,
+    background: Turns<J>,
     running: Option<CancelToken>,
 }
 
 impl<J, C> Default for FairQueue<J, C> {
     fn default() -> Self {
-        FairQueue { control: VecDeque::new(), clients: VecDeque::new(), running: None }
+        FairQueue { control: VecDeque::new(), interactive: VecDeque::new(), background: VecDeque::new(), running: None }
     }
 }
 
+fn push_turn<J>(turns: &mut Turns<J>, client: &str, job: J) {
+    match turns.iter_mut().find(|(c, _)| c == client) {
+        Some((_, jobs)) => jobs.push_back(job),
+        None => turns.push_back((client.to_string(), VecDeque::from([job]))),
+    }
+}
+
+fn pop_turn<J>(turns: &mut Turns<J>) -> Option<J> {
+    let (client, mut jobs) = turns.pop_front()?;
+    let job = jobs.pop_front().expect("clients in the queue have jobs");
+    if !jobs.is_empty() {
+        turns.push_back((client, jobs));
+    }
+    Some(job)
+}
+
 impl<J, C> FairQueue<J, C> {
-    pub fn push(&mut self, client: &str, job: J) {
-        match self.clients.iter_mut().find(|(c, _)| c == client) {
-            Some((_, jobs)) => jobs.push_back(job),
-            None => self.clients.push_back((client.to_string(), VecDeque::from([job]))),
+    pub fn push(&mut self, client: &str, priority: Priority, job: J) {
+        match priority {
+            Priority::Interactive => push_turn(&mut self.interactive, client, job),
+            Priority::Background => push_turn(&mut self.background, client, job),
         }
     }
 
@@ -34,40 +80,40 @@ impl<J, C> FairQueue<J, C> {
         self.control.push_back(control);
     }
 
-    /// The next work: a control item, else the first request of the client whose turn it is.
+    /// The next work: a control item, else the first request of the interactive client whose
+    /// turn it is, else of the background one.
     pub fn pop(&mut self) -> Option<Work<J, C>> {
         if let Some(c) = self.control.pop_front() {
             return Some(Work::Control(c));
         }
-        let (client, mut jobs) = self.clients.pop_front()?;
-        let job = jobs.pop_front().expect("clients in the queue have jobs");
-        if !jobs.is_empty() {
-            self.clients.push_back((client, jobs));
-        }
-        Some(Work::Job(job))
+        pop_turn(&mut self.interactive).or_else(|| pop_turn(&mut self.background)).map(Work::Job)
     }
 
     /// The requests waiting (the scheduler counts them daemon-wide itself, at admission).
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.clients.iter().map(|(_, j)| j.len()).sum()
+        self.interactive.iter().chain(&self.background).map(|(_, j)| j.len()).sum()
     }
 
     pub fn remove_client(&mut self, client: &str) -> Vec<J> {
         let mut removed = Vec::new();
-        self.clients.retain_mut(|(c, jobs)| {
-            if c == client {
-                removed.extend(jobs.drain(..));
-                false
-            } else {
-                true
-            }
-        });
+        for turns in [&mut self.interactive, &mut self.background] {
+            turns.retain_mut(|(c, jobs)| {
+                if c == client {
+                    removed.extend(jobs.drain(..));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
         removed
     }
 
     pub fn drain(&mut self) -> Vec<J> {
-        self.clients.drain(..).flat_map(|(_, jobs)| jobs).collect()
+        let mut all: Vec<J> = self.interactive.drain(..).flat_map(|(_, jobs)| jobs).collect();
+        all.extend(self.background.drain(..).flat_map(|(_, jobs)| jobs));
+        all
     }
 
     pub fn set_running(&mut self, cancel: Option<CancelToken>) {
@@ -89,10 +135,10 @@ mod tests {
     fn clients_take_turns() {
         let mut q: FairQueue<J, ()> = FairQueue::default();
         for i in 0..4 {
-            q.push("a", J("a", i));
+            q.push("a", Priority::Interactive, J("a", i));
         }
-        q.push("b", J("b", 0));
-        q.push("c", J("c", 0));
+        q.push("b", Priority::Interactive, J("b", 0));
+        q.push("c", Priority::Interactive, J("c", 0));
         let order: Vec<String> = std::iter::from_fn(|| match q.pop() {
             Some(Work::Job(j)) => Some(format!("{}{}", j.0, j.1)),
             _ => None,
@@ -104,13 +150,29 @@ mod tests {
     #[test]
     fn control_goes_first_and_clients_can_be_removed() {
         let mut q: FairQueue<J, u8> = FairQueue::default();
-        q.push("a", J("a", 0));
-        q.push("b", J("b", 0));
+        q.push("a", Priority::Interactive, J("a", 0));
+        q.push("b", Priority::Interactive, J("b", 0));
         q.push_control(7);
         assert!(matches!(q.pop(), Some(Work::Control(7))));
         assert_eq!(q.remove_client("a").len(), 1);
         assert_eq!(q.len(), 1);
         assert!(matches!(q.pop(), Some(Work::Job(J("b", 0)))));
         assert!(q.pop().is_none());
+    }
+
+    #[test]
+    fn interactive_requests_go_ahead_of_background_ones() {
+        let mut q: FairQueue<J, ()> = FairQueue::default();
+        q.push("indexer", Priority::Background, J("indexer", 0));
+        q.push("indexer", Priority::Background, J("indexer", 1));
+        q.push("chat", Priority::Interactive, J("chat", 0));
+        q.push("other", Priority::Background, J("other", 0));
+        q.push("chat", Priority::Interactive, J("chat", 1));
+        let order: Vec<String> = std::iter::from_fn(|| match q.pop() {
+            Some(Work::Job(j)) => Some(format!("{}{}", j.0, j.1)),
+            _ => None,
+        })
+        .collect();
+        assert_eq!(order, ["chat0", "chat1", "indexer0", "other0", "indexer1"]);
     }
 }

@@ -26,6 +26,7 @@ pub(super) struct GenerateJob {
     pub(super) options: GenerateOptions,
     pub(super) cancel: CancelToken,
     pub(super) events: mpsc::Sender<Event>,
+    pub(super) queued_at: Instant,
 }
 
 pub(super) enum Control {
@@ -366,6 +367,7 @@ impl Drop for Running<'_> {
 }
 
 pub(super) fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: GenerateJob) {
+    let queued = job.queued_at.elapsed();
     let running = Running(inner, slot);
     if job.cancel.is_cancelled() || job.events.is_closed() {
         return finish_unrun(job, FinishReason::Cancelled, None);
@@ -388,7 +390,8 @@ pub(super) fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option
     drop(running);
     drop(job.permit);
     let finished = match result {
-        Ok(outcome) => {
+        Ok(mut outcome) => {
+            outcome.stats.queued = queued;
             inner.counters.generated_tokens.fetch_add(outcome.token_ids.len() as u64, Ordering::Relaxed);
             let mut status = slot.status.lock().expect("status");
             status.generated_tokens += outcome.token_ids.len() as u64;

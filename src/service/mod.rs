@@ -18,7 +18,7 @@ use zbus::Connection;
 use crate::engine::{CancelToken, FinishReason, GenerationStats, Prompt};
 use crate::error::Error;
 use crate::model::ChatMessage;
-use crate::scheduler::{Event, Finished, RequestId, Scheduler, SchedulerError};
+use crate::scheduler::{Event, Finished, Priority, RequestId, Scheduler, SchedulerError};
 
 pub const BUS_NAME: &str = "org.edgellm.Daemon1";
 pub const OBJECT_PATH: &str = "/org/edgellm/Daemon1";
@@ -104,6 +104,7 @@ fn stats_dict(stats: &GenerationStats) -> HashMap<String, OwnedValue> {
     put("decode_tokens_per_s", Value::F64(stats.decode_tokens_per_s));
     put("provider", Value::from(stats.provider.clone()));
     put("target_forwards", Value::U32(stats.target_forwards as u32));
+    put("queued_ms", Value::F64(stats.queued.as_secs_f64() * 1000.0));
     if let Some(spec) = &stats.speculative {
         put("draft_tokens", Value::U32(spec.draft_tokens as u32));
         put("accepted_tokens", Value::U32(spec.accepted_tokens as u32));
@@ -130,6 +131,16 @@ fn finished_stats(f: &Finished, with_token_ids: bool) -> HashMap<String, OwnedVa
 struct Started {
     submitted: crate::scheduler::Submitted,
     return_token_ids: bool,
+    priority: Priority,
+}
+
+/// The uid of a user name, from /etc/passwd.
+fn user_id(name: &str) -> Option<u32> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then(|| fields.nth(1)?.parse().ok()).flatten()
+    })
 }
 
 impl Daemon {
@@ -155,6 +166,7 @@ impl Daemon {
     /// Validates and queues; returns the request id and its event stream.
     async fn start(
         &self,
+        conn: &Connection,
         sender: &str,
         model: &str,
         prompt: Prompt,
@@ -191,11 +203,15 @@ impl Daemon {
         }
         let mut generate = parsed.generate;
         generate.speculative = parsed.speculative;
+        let priority = match parsed.priority {
+            Some(p) => p,
+            None => self.default_priority(conn, sender).await,
+        };
         // Validation tokenizes up to `limits.max_prompt_bytes`, renders chat templates and may open
         // the model's folder: blocking work, kept off the async threads that serve every caller.
         let submitted = {
             let (scheduler, sender, model, prompt) = (self.scheduler.clone(), sender.to_string(), model.to_string(), prompt.clone());
-            tokio::task::spawn_blocking(move || scheduler.submit(&sender, &model, &prompt, generate))
+            tokio::task::spawn_blocking(move || scheduler.submit_as(&sender, &model, &prompt, generate, priority))
                 .await
                 .map_err(|e| DaemonError::Internal(format!("request validation failed: {e}")))??
         };
@@ -207,12 +223,28 @@ impl Daemon {
             .lock()
             .expect("requests")
             .insert(submitted.id, RequestEntry { owner: sender.to_string(), cancel: submitted.cancel.clone() });
-        Ok(Started { submitted, return_token_ids: parsed.return_token_ids })
+        Ok(Started { submitted, return_token_ids: parsed.return_token_ids, priority })
+    }
+
+    /// Background for callers whose uid is one of `limits.background_users`, else interactive.
+    async fn default_priority(&self, conn: &Connection, sender: &str) -> Priority {
+        let users = self.scheduler.limits().background_users;
+        if users.is_empty() {
+            return Priority::Interactive;
+        }
+        let uid = match (zbus::fdo::DBusProxy::new(conn).await, BusName::try_from(sender)) {
+            (Ok(dbus), Ok(name)) => dbus.get_connection_unix_user(name).await.ok(),
+            _ => None,
+        };
+        match uid {
+            Some(uid) if users.iter().any(|user| user_id(user) == Some(uid)) => Priority::Background,
+            _ => Priority::Interactive,
+        }
     }
 
     /// Sends a request's events to its caller only, as `Token` then `Finished` signals.
     fn forward(&self, conn: &Connection, dest: UniqueName<'static>, started: Started, reply_sent: event_listener::EventListener) {
-        let Started { submitted, return_token_ids } = started;
+        let Started { submitted, return_token_ids, priority } = started;
         let conn = conn.clone();
         let requests = self.requests.clone();
         let id = submitted.id;
@@ -256,6 +288,7 @@ impl Daemon {
                     }
                     Event::Finished(f) => {
                         let mut stats = finished_stats(f, return_token_ids);
+                        stats.insert("priority".into(), OwnedValue::try_from(Value::from(priority.as_str())).expect("string"));
                         if let Some(error) = &f.error {
                             stats.insert("error".into(), OwnedValue::try_from(Value::from(error.to_string())).expect("string"));
                         }
@@ -305,12 +338,13 @@ impl Daemon {
 
     async fn complete_inner(
         &self,
+        conn: &Connection,
         sender: &str,
         model: &str,
         prompt: Prompt,
         options: &HashMap<String, OwnedValue>,
     ) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
-        let Started { mut submitted, return_token_ids } = self.start(sender, model, prompt, options).await?;
+        let Started { mut submitted, return_token_ids, priority } = self.start(conn, sender, model, prompt, options).await?;
         let id = submitted.id;
         let mut finished = None;
         while let Some(event) = submitted.events.recv().await {
@@ -329,6 +363,7 @@ impl Daemon {
             FinishReason::Timeout => Err(DaemonError::Timeout(format!("request {id} ran past `limits.request_timeout_s`"))),
             FinishReason::Stop | FinishReason::Length => {
                 let mut stats = finished_stats(&f, return_token_ids);
+                stats.insert("priority".into(), OwnedValue::try_from(Value::from(priority.as_str())).expect("string"));
                 stats.insert("finish_reason".into(), OwnedValue::try_from(Value::from(f.reason.as_str())).expect("string"));
                 Ok((f.text, stats))
             }
@@ -349,7 +384,7 @@ impl Daemon {
         options: HashMap<String, OwnedValue>,
     ) -> Result<ResponseDispatchNotifier<u64>, DaemonError> {
         let sender = Self::sender(&header)?;
-        let started = self.start(&sender, &model, Prompt::Text(prompt), &options).await?;
+        let started = self.start(conn, &sender, &model, Prompt::Text(prompt), &options).await?;
         let (reply, sent) = ResponseDispatchNotifier::new(started.submitted.id);
         self.forward(conn, sender, started, sent);
         Ok(reply)
@@ -368,7 +403,7 @@ impl Daemon {
         let sender = Self::sender(&header)?;
         self.check_text_size("messages", messages.iter().map(|(r, c)| r.len() + c.len()).sum())?;
         let messages = messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect();
-        let started = self.start(&sender, &model, Prompt::Chat(messages), &options).await?;
+        let started = self.start(conn, &sender, &model, Prompt::Chat(messages), &options).await?;
         let (reply, sent) = ResponseDispatchNotifier::new(started.submitted.id);
         self.forward(conn, sender, started, sent);
         Ok(reply)
@@ -379,12 +414,13 @@ impl Daemon {
     async fn complete(
         &self,
         #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
         model: String,
         prompt: String,
         options: HashMap<String, OwnedValue>,
     ) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
         let sender = Self::sender(&header)?;
-        self.complete_inner(&sender, &model, Prompt::Text(prompt), &options).await
+        self.complete_inner(conn, &sender, &model, Prompt::Text(prompt), &options).await
     }
 
     /// The ids a plain prompt is fed to `model` as, its tokenizer's BOS included where it adds

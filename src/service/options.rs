@@ -26,6 +26,7 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("return_token_ids", "b"),
     ("json_schema", "s"),
     ("grammar", "s"),
+    ("priority", "s"),
 ];
 
 /// The largest `json_schema` or `grammar` taken: llguidance compiles it on the caller's request.
@@ -40,6 +41,8 @@ pub struct RequestOptions {
     pub prompt_ids: Option<Vec<u32>>,
     /// Add the generated ids to the stats as `token_ids`.
     pub return_token_ids: bool,
+    /// `interactive` or `background`; the caller's default (`limits.background_users`) if unset.
+    pub priority: Option<crate::scheduler::Priority>,
 }
 
 fn invalid(argument: &str, reason: impl Into<String>) -> Error {
@@ -173,6 +176,15 @@ pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Er
                 }
                 g.multitoken_max_tokens = Some(n as usize);
             }
+            "priority" => match v {
+                Value::Str(s) => {
+                    out.priority = Some(
+                        crate::scheduler::Priority::parse(s.as_str())
+                            .ok_or_else(|| invalid(name, format!("`{s}`; use \"interactive\" or \"background\"")))?,
+                    )
+                }
+                other => return Err(wrong_type(name, "s", other)),
+            },
             "json_schema" | "grammar" => {
                 let text = match v {
                     Value::Str(s) if !s.is_empty() => s.to_string(),

@@ -1042,3 +1042,30 @@ fn cli_chat_without_a_message_holds_a_conversation() {
     assert_ne!(first, second, "the second turn answers the second question");
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{first}\n{second}\n"));
 }
+
+#[test]
+fn priority_option_and_background_users() {
+    let me = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap().trim().to_string();
+    let daemon = Daemon::start(&format!("\n[limits]\nbackground_users = [\"{me}\"]\n"));
+    let priority = |options: &[&str]| -> (String, f64) {
+        let mut args = vec!["kjv", "And God said"];
+        let count = (options.len() / 3 + 1).to_string();
+        args.push(&count);
+        args.extend_from_slice(&["max_new_tokens", "u", "4"]);
+        args.extend_from_slice(options);
+        let out = daemon.call("Complete", "ssa{sv}", &args).unwrap();
+        let stats = &out["data"][1];
+        (stats["priority"]["data"].as_str().unwrap().to_string(), stats["queued_ms"]["data"].as_f64().unwrap())
+    };
+    // This test's user is a background user: its requests default to background.
+    let (p, queued) = priority(&[]);
+    assert_eq!(p, "background");
+    assert!(queued >= 0.0);
+    assert_eq!(priority(&["priority", "s", "interactive"]).0, "interactive");
+    let e = daemon.call("Complete", "ssa{sv}", &["kjv", "x", "1", "priority", "s", "urgent"]).unwrap_err();
+    assert!(e.contains("priority") && e.contains("interactive"), "{e}");
+    // Without background_users, requests are interactive.
+    let plain = Daemon::start("");
+    let out = plain.call("Complete", "ssa{sv}", &["kjv", "And God said", "1", "max_new_tokens", "u", "2"]).unwrap();
+    assert_eq!(out["data"][1]["priority"]["data"], "interactive");
+}

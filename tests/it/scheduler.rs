@@ -300,3 +300,50 @@ fn the_drain_waits_for_every_request_and_its_caller() {
         .unwrap();
     scheduler.shutdown();
 }
+
+/// Interactive requests go ahead of background ones that were queued before them; each reports
+/// how long it waited in the queue.
+#[test]
+fn interactive_requests_overtake_queued_background_ones() {
+    use edgellm::scheduler::Priority;
+    let dir = tempfile::tempdir().unwrap();
+    let scheduler = Scheduler::start(runtime(), &config(dir.path(), 1));
+    let long = GenerateOptions { max_new_tokens: Some(400), temperature: Some(1.0), seed: Some(2), ..Default::default() };
+    let short = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
+    let prompt = Prompt::Text("And God said".into());
+    // One running and two waiting background requests, then an interactive one.
+    let mut jobs = vec![
+        ("background running", scheduler.submit_as("indexer", "kjv", &prompt, long.clone(), Priority::Background).unwrap()),
+        ("background 1", scheduler.submit_as("indexer", "kjv", &prompt, long.clone(), Priority::Background).unwrap()),
+        ("background 2", scheduler.submit_as("indexer2", "kjv", &prompt, long, Priority::Background).unwrap()),
+    ];
+    std::thread::sleep(Duration::from_millis(20));
+    jobs.push(("interactive", scheduler.submit("chat", "kjv", &prompt, short).unwrap()));
+    // Completion order is run order: one engine thread.
+    let order = crate::daemon::rt().block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (name, mut submitted) in jobs {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(event) = submitted.events.recv().await {
+                    if let Event::Finished(f) = event {
+                        let _ = tx.send((name, f.stats.queued));
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut order = Vec::new();
+        while let Some(done) = tokio::time::timeout(Duration::from_secs(120), rx.recv()).await.expect("all finish") {
+            order.push(done);
+        }
+        order
+    });
+    let names: Vec<&str> = order.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["background running", "interactive", "background 1", "background 2"], "{order:?}");
+    let queued: HashMap<&str, Duration> = order.into_iter().collect();
+    assert!(queued["background 2"] > queued["interactive"], "{queued:?}");
+    assert!(queued["interactive"] > Duration::ZERO, "{queued:?}");
+    scheduler.shutdown();
+}
