@@ -10,7 +10,9 @@
 //! --pair-rounds N (20): rounds of the paired rows, where both engines stay loaded and run each
 //! prompt in turn (0 skips them); --streaming CALLS adds streamed Generate against Complete over
 //! D-Bus (the daemon's own engine time, CALLS pairs per variant), --streaming-variants
-//! THREADS:on|off,... (intra-op threads and spinning; default 0:on,0:off,1:on,1:off)
+//! THREADS:on|off,... (intra-op threads and spinning; default 0:on,0:off,1:on,1:off);
+//! --priority ROUNDS adds an interactive streamed request timed by its client on an idle daemon
+//! and beside 4 background clients streaming 256-token generations, in alternating rounds
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -329,6 +331,9 @@ fn main() {
     if let Some(calls) = arg(&args, "--streaming") {
         let variants = arg(&args, "--streaming-variants").unwrap_or_else(|| "0:on,0:off,1:on,1:off".into());
         streaming_table(&model, new_tokens.parse().expect("--new-tokens N"), calls.parse().expect("--streaming CALLS"), &variants);
+    }
+    if let Some(rounds) = arg(&args, "--priority") {
+        priority_table(&model, rounds.parse().expect("--priority ROUNDS"));
     }
     let _ = std::fs::remove_file(Path::new(&prompts_file));
 }
@@ -873,4 +878,118 @@ fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) 
         println!("{threads:<8} {:<9} {s:>12.1} {c:>13.1} {:>15.3} {:>18} {:>12.1}", if spinning { "on" } else { "off" }, s / c, format!("{q1:.3}-{q3:.3}"), median(&mut client));
         drop(daemon);
     }
+}
+
+/// One streamed request as its client sees it: (time to the first `Token`, time to `Finished`,
+/// generated tokens), from the call.
+async fn timed_stream(
+    proxy: &edgellm::service::client::Daemon1Proxy<'_>,
+    prompt: &str,
+    options: std::collections::HashMap<&str, zbus::zvariant::Value<'_>>,
+) -> (f64, f64, u32) {
+    use futures_util::StreamExt;
+    let mut tokens = proxy.receive_token().await.unwrap();
+    let mut finished = proxy.receive_finished().await.unwrap();
+    let called = Instant::now();
+    let id = proxy.generate("kjv", prompt, options).await.unwrap();
+    let mut first = None;
+    loop {
+        tokio::select! {
+            biased;
+            Some(t) = tokens.next() => {
+                if t.args().unwrap().request_id == id && first.is_none() {
+                    first = Some(called.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            Some(f) = finished.next() => {
+                let a = f.args().unwrap();
+                if a.request_id == id {
+                    let generated = u32::try_from(&a.stats["generated_tokens"]).unwrap();
+                    let total = called.elapsed().as_secs_f64() * 1000.0;
+                    return (first.unwrap_or(total), total, generated);
+                }
+            }
+            // The connection closed (the daemon stopped at the end of the bench).
+            else => return (0.0, 0.0, 0),
+        }
+    }
+}
+
+/// An interactive streamed `Generate` of 32 tokens, timed by its client, on an idle daemon and
+/// beside four background clients that stream 256-token generations without pause; rounds
+/// alternate the two, so that the machine's drift hits both alike.
+fn priority_table(model: &Path, rounds: usize) {
+    use edgellm::service::client::Daemon1Proxy;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    use zbus::zvariant::Value as V;
+    let daemon = BenchDaemon::start(model, 0, true);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (idle, loaded, background_tps) = rt.block_on(async {
+        let connect = || async { zbus::connection::Builder::address(daemon.address.as_str()).unwrap().build().await.unwrap() };
+        let conn = connect().await;
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+        let interactive = || HashMap::from([("max_new_tokens", V::U32(32)), ("temperature", V::F64(0.0)), ("priority", V::from("interactive"))]);
+        let running = Arc::new(AtomicBool::new(false));
+        let (tokens, busy_ms) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        for client in 0..4u64 {
+            let (running, tokens, conn) = (running.clone(), tokens.clone(), connect().await);
+            tokio::spawn(async move {
+                let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+                let mut seed = client * 1000;
+                loop {
+                    if !running.load(Ordering::SeqCst) {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    seed += 1;
+                    let options = HashMap::from([("max_new_tokens", V::U32(256)), ("temperature", V::F64(1.0)), ("seed", V::U64(seed)), ("priority", V::from("background"))]);
+                    let (_, _, generated) = timed_stream(&proxy, "And it came to pass", options).await;
+                    tokens.fetch_add(generated as u64, Ordering::SeqCst);
+                }
+            });
+        }
+        let (mut idle, mut loaded) = (Vec::new(), Vec::new());
+        for round in 0..rounds + 1 {
+            // Idle: no background request left in the daemon.
+            running.store(false, Ordering::SeqCst);
+            loop {
+                let status = proxy.status().await.unwrap();
+                if u32::try_from(&status["requests_in_flight"]).unwrap() + u32::try_from(&status["requests_queued"]).unwrap() == 0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            let quiet = timed_stream(&proxy, "In the beginning God created", interactive()).await;
+            running.store(true, Ordering::SeqCst);
+            let loaded_from = Instant::now();
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let busy = timed_stream(&proxy, "In the beginning God created", interactive()).await;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            busy_ms.fetch_add(loaded_from.elapsed().as_millis() as u64, Ordering::SeqCst);
+            // The first round warms up.
+            if round > 0 {
+                idle.push(quiet);
+                loaded.push(busy);
+            }
+        }
+        running.store(false, Ordering::SeqCst);
+        let tps = tokens.load(Ordering::SeqCst) as f64 / (busy_ms.load(Ordering::SeqCst) as f64 / 1000.0);
+        (idle, loaded, tps)
+    });
+    rt.shutdown_background();
+    let column = |rows: &[(f64, f64, u32)], f: fn(&(f64, f64, u32)) -> f64| -> Vec<f64> { rows.iter().map(f).collect() };
+    println!("\ninteractive streamed Generate (32 tokens, greedy), timed by its client | {} | {rounds} rounds, idle and loaded alternating", model.display());
+    println!("{:<40} {:>12} {:>16} {:>12} {:>16}", "", "TTFT ms", "TTFT IQR", "total ms", "total IQR");
+    let mut medians = Vec::new();
+    for (label, rows) in [("idle daemon", &idle), ("beside 4 background clients (256 tok)", &loaded)] {
+        let (mut ttft, mut total) = (column(rows, |r| r.0), column(rows, |r| r.1));
+        let (m1, m2) = (median(&mut ttft), median(&mut total));
+        let ((a, b), (c, d)) = (quartiles(&mut ttft), quartiles(&mut total));
+        println!("{label:<40} {m1:>12.1} {:>16} {m2:>12.1} {:>16}", format!("{a:.1}-{b:.1}"), format!("{c:.1}-{d:.1}"));
+        medians.push((m1, m2));
+    }
+    println!("ratio loaded / idle: TTFT {:.2}x, total {:.2}x (goal <= 2x each) | background throughput while loaded: about {background_tps:.0} tokens/s (their tokens over the loaded windows)", medians[1].0 / medians[0].0, medians[1].1 / medians[0].1);
+    drop(daemon);
 }
