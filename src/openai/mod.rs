@@ -1,4 +1,4 @@
-//! `edgellm serve`: the OpenAI HTTP API (`/v1/models`, `/v1/chat/completions`,
+//! `edgellm serve`: the OpenAI HTTP API (`/v1/models[/{id}]`, `/v1/chat/completions`,
 //! `/v1/completions`) as a D-Bus client of edgellmd, so the daemon stays the one place that runs
 //! models and its access rules still apply. axum serves HTTP/1.1 on a Unix socket (the default)
 //! or loopback TCP.
@@ -125,9 +125,10 @@ struct Api {
 pub fn router(bus: Bus) -> Router {
     Router::new()
         .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
-        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, kind: "invalid_request_error", code: None, param: None, message: "no such route; edgellm serves /v1/models, /v1/chat/completions and /v1/completions".into() } })
+        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, kind: "invalid_request_error", code: None, param: None, message: "no such route; edgellm serves /v1/models, /v1/models/{id}, /v1/chat/completions and /v1/completions".into() } })
         .with_state(Api { bus })
 }
 
@@ -178,18 +179,32 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-async fn list_models(State(api): State<Api>) -> Result<Json<Json_>, ApiError> {
+/// The daemon's models as OpenAI model objects (with edgellm's `state`).
+async fn models(api: &Api) -> Result<Vec<Json_>, ApiError> {
     let conn = api.bus.connect().await.map_err(ApiError::daemon_away)?;
     let proxy = Daemon1Proxy::new(&conn).await.map_err(ApiError::from_dbus)?;
     let models = proxy.list_models().await.map_err(ApiError::from_dbus)?;
-    let data: Vec<Json_> = models
+    Ok(models
         .iter()
         .map(|(name, d)| {
             let state = d.get("state").and_then(|s| <&str>::try_from(s).ok()).unwrap_or("unknown");
             json!({"id": name, "object": "model", "created": 0, "owned_by": "edgellm", "state": state})
         })
-        .collect();
-    Ok(Json(json!({"object": "list", "data": data})))
+        .collect())
+}
+
+async fn list_models(State(api): State<Api>) -> Result<Json<Json_>, ApiError> {
+    Ok(Json(json!({"object": "list", "data": models(&api).await?})))
+}
+
+async fn model(State(api): State<Api>, axum::extract::Path(id): axum::extract::Path<String>) -> Result<Json<Json_>, ApiError> {
+    models(&api).await?.into_iter().find(|m| m["id"] == id.as_str()).map(Json).ok_or_else(|| ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        code: Some("model_not_found"),
+        param: Some("model".into()),
+        message: format!("the model `{id}` does not exist; GET /v1/models lists them"),
+    })
 }
 
 /// What the daemon is asked to run.

@@ -76,6 +76,8 @@ fn openai_client_gets_the_dbus_text_streamed_and_not() {
     let completion = json!({"model": "kjv", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0});
     let results = serve.calls(json!([
         {"kind": "models"},
+        {"kind": "model", "args": {"id": "kjv"}},
+        {"kind": "model", "args": {"id": "no-such-model"}},
         {"kind": "chat", "args": chat},
         {"kind": "chat", "args": chat, "stream": true},
         {"kind": "completion", "args": completion},
@@ -85,6 +87,9 @@ fn openai_client_gets_the_dbus_text_streamed_and_not() {
     ]));
     let ids: Vec<&str> = results[0]["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(ids, ["kjv", "kjv-draft"]);
+    assert_eq!(results[1]["id"], "kjv", "{}", results[1]);
+    assert_eq!((&results[2]["status"], &results[2]["error"]["code"]), (&json!(404), &json!("model_not_found")), "{}", results[2]);
+    let results: Vec<Json> = [&results[..1], &results[3..]].concat();
     for (i, want) in [(1, &chat_text), (2, &chat_text), (3, &generate_text), (4, &generate_text), (5, &chat_text)] {
         assert_eq!(results[i]["text"].as_str(), Some(want.as_str()), "call {i}: {}", results[i]);
         assert_eq!(results[i]["finish_reason"], "length", "call {i}");

@@ -27,6 +27,8 @@ def run(client, call):
     try:
         if kind == "models":
             return {"ids": [m.id for m in client.models.list().data]}
+        if kind == "model":
+            return {"id": client.models.retrieve(args["id"]).id}
         if kind == "chat" and not stream:
             r = client.chat.completions.create(**args)
             return {"text": r.choices[0].message.content, "finish_reason": r.choices[0].finish_reason,
