@@ -25,7 +25,7 @@ daemon=$!
 cleanup() { if [ "${KEEP:-0}" != 1 ]; then kill "$daemon" 2>/dev/null || true; wait "$daemon" 2>/dev/null || true; kill "$(cat "$run/bus.pid")" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 for _ in $(seq 100); do
-  target/release/edgellm --address "$address" models 2>/dev/null | grep -q "^kjv.*state=ready" && break
+  target/release/edgellm --address "$address" models 2>/dev/null | grep -q "^kjv  *ready" && break
   sleep 0.2
 done
 echo "--- edgellmd is serving org.edgellm.Daemon1 on $address"
