@@ -726,7 +726,7 @@ fn forward_costs(runtime: &Runtime, dir: &Path, session: &SessionOptions, positi
     const PAST: usize = 64;
     const ROUNDS: usize = 40;
     let folder = edgellm::model::ModelFolder::open(dir).expect("model folder");
-    let mut decoder = Decoder::load(runtime, dir, &folder.config, session).expect("load");
+    let decoder = Decoder::load(runtime, dir, &folder.config, session).expect("load");
     let layout = if folder.config.search.past_present_share_buffer { KvLayout::Shared } else { KvLayout::Growing };
     let mut cache = decoder.new_cache(layout, PAST + 16).expect("cache");
     // Any ids will do: only the time is measured.

@@ -62,6 +62,7 @@ struct RawLimits {
     request_timeout_s: Option<Spanned<u64>>,
     memory_reserve_mib: Option<Spanned<u64>>,
     background_users: Option<Vec<String>>,
+    background_min_share: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,6 +123,9 @@ pub struct Limits {
     pub memory_reserve_mib: u64,
     /// Unix user names whose requests are `background` unless they say otherwise.
     pub background_users: Vec<String>,
+    /// The share of the engine's time a paused background request keeps while interactive work
+    /// is continuous.
+    pub background_min_share: f64,
 }
 
 impl Default for Limits {
@@ -134,6 +138,7 @@ impl Default for Limits {
             request_timeout: std::time::Duration::from_secs(300),
             memory_reserve_mib: 256,
             background_users: Vec::new(),
+            background_min_share: 0.1,
         }
     }
 }
@@ -259,6 +264,11 @@ impl Config {
             },
             memory_reserve_mib: raw.limits.memory_reserve_mib.as_ref().map(|s| *s.get_ref()).unwrap_or(defaults.memory_reserve_mib),
             background_users: raw.limits.background_users.clone().unwrap_or_default(),
+            background_min_share: match &raw.limits.background_min_share {
+                None => defaults.background_min_share,
+                Some(s) if s.get_ref().is_finite() && *s.get_ref() > 0.0 && *s.get_ref() <= 1.0 => *s.get_ref(),
+                Some(s) => return Err(err(s.span(), format!("field `limits.background_min_share`: {} is out of range: use a share in (0, 1]", s.get_ref()))),
+            },
         };
 
         let mut models: Vec<ModelConfig> = Vec::new();

@@ -420,7 +420,7 @@ impl Decoder {
 
     /// Runs `ids` after what the cache holds. Returns the logits of the last `rows` positions,
     /// row-major `rows x vocab`, as float32.
-    pub fn forward(&mut self, cache: &mut KvCache, ids: &[u32], rows: usize) -> Result<Vec<f32>> {
+    pub fn forward(&self, cache: &mut KvCache, ids: &[u32], rows: usize) -> Result<Vec<f32>> {
         let allocated = self.run(cache, ids)?;
         let mut logits = Vec::new();
         self.read_rows(allocated.as_ref().unwrap_or(&cache.step_logits), ids.len(), rows, &mut logits)?;
@@ -430,7 +430,7 @@ impl Decoder {
     /// `forward`, with the logits left in the cache until its next forward: a one-token step of a
     /// float32 model hands out the very buffer ONNX Runtime wrote, so the decode loop neither
     /// allocates nor copies its logits.
-    pub fn forward_in_cache<'c>(&mut self, cache: &'c mut KvCache, ids: &[u32], rows: usize) -> Result<&'c mut [f32]> {
+    pub fn forward_in_cache<'c>(&self, cache: &'c mut KvCache, ids: &[u32], rows: usize) -> Result<&'c mut [f32]> {
         let allocated = self.run(cache, ids)?;
         if allocated.is_none() && self.logits_precision == Precision::F32 {
             let range = self.row_range(ids.len(), rows);
@@ -460,7 +460,7 @@ impl Decoder {
     /// One forward pass of `ids` after what the cache holds, appending to its KV. Returns the
     /// logits output when ONNX Runtime allocated it (several positions); a one-token step writes
     /// them into `cache.step_logits`.
-    fn run(&mut self, cache: &mut KvCache, ids: &[u32]) -> Result<Option<DynValue>> {
+    fn run(&self, cache: &mut KvCache, ids: &[u32]) -> Result<Option<DynValue>> {
         cache.states.check_owner(&self.graph)?;
         let n = ids.len();
         let total = cache.states.len() + n;

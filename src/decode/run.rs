@@ -80,6 +80,8 @@ pub struct GenerationStats {
     /// Time in the queue before the engine took the request (the scheduler fills it in; the
     /// other times start when the engine takes it).
     pub queued: Duration,
+    /// Time a background request spent paused for interactive ones (the scheduler fills it in).
+    pub paused: Duration,
 }
 
 /// Counters of speculative decoding for one request.
@@ -392,6 +394,7 @@ impl Run {
                 speculative: self.speculative,
                 multitoken: self.multitoken,
                 queued: Duration::ZERO,
+                paused: Duration::ZERO,
             },
         })
     }

@@ -228,7 +228,7 @@ impl Engine {
     /// `on_text` returns false when nobody listens any more, which cancels the request.
     /// With a draft attached (and `options.speculative` not false) it decodes speculatively.
     pub fn generate(
-        &mut self,
+        &self,
         prompt: &Prompt,
         options: &GenerateOptions,
         cancel: &CancelToken,
@@ -249,7 +249,7 @@ impl Engine {
             None => self.prompt_lookup,
         };
         let mut stats = SpeculativeStats::default();
-        let reason = match (&mut self.core, &mut self.draft, speculative) {
+        let reason = match (&self.core, &self.draft, speculative) {
             (Core::MultiToken(model, defaults), _, _) => {
                 let settings = checked_multitoken(
                     model,
@@ -324,14 +324,14 @@ fn checked_multitoken(model: &MultiTokenModel, settings: MultiTokenSettings) -> 
 
 /// A decoder graph with this request's KV cache, as the decode driver's target.
 struct DecoderTarget<'d> {
-    decoder: &'d mut Decoder,
+    decoder: &'d Decoder,
     cache: KvCache,
 }
 
 impl<'d> DecoderTarget<'d> {
     /// A cache with room for the request's tokens and one proposal past them; its runs are
     /// terminated with `cancel`.
-    fn new(decoder: &'d mut Decoder, layout: KvLayout, run: &Run, lookahead: usize, cancel: &CancelToken) -> Result<Self> {
+    fn new(decoder: &'d Decoder, layout: KvLayout, run: &Run, lookahead: usize, cancel: &CancelToken) -> Result<Self> {
         let extra = if lookahead > 0 { lookahead + 1 } else { 0 };
         let cache = decoder.new_cache(layout, run.prompt_len + run.max_new + extra)?;
         cancel.attach(cache.run_options());

@@ -66,8 +66,6 @@ struct MicroGraph {
     head_size: usize,
     /// Rows F of tapped states it takes.
     features: usize,
-    /// Width D of one tapped state, learnt from the first features seen.
-    hidden: usize,
 }
 
 pub struct MultiTokenModel {
@@ -168,7 +166,6 @@ impl MultiTokenModel {
                 kv_heads: contract.micro_kv_heads,
                 head_size: contract.micro_head_size,
                 features: contract.features,
-                hidden: 0,
             },
             contract: contract.clone(),
             provider,
@@ -202,12 +199,12 @@ impl MultiTokenModel {
     /// The request's two halves for the decode driver: the base as its target (with a KV cache
     /// for this request) and the micro decoder as its proposer, in `settings.mode`. Their runs
     /// are terminated with `cancel`.
-    pub(crate) fn split(&mut self, settings: Settings, cancel: &CancelToken) -> Result<(BaseTarget<'_>, MicroProposer<'_>)> {
+    pub(crate) fn split(&self, settings: Settings, cancel: &CancelToken) -> Result<(BaseTarget<'_>, MicroProposer<'_>)> {
         let options = SharedRunOptions::new()?;
         cancel.attach(&options);
         let kv = self.graphs.new_kv()?;
         let target = BaseTarget {
-            graphs: &mut self.graphs,
+            graphs: &self.graphs,
             kv,
             next_position: 0,
             merged: false,
@@ -216,7 +213,7 @@ impl MultiTokenModel {
             options: options.clone(),
             time: Duration::ZERO,
         };
-        let proposer = MicroProposer { micro: &mut self.micro, settings, options, forwards: 0, time: Duration::ZERO };
+        let proposer = MicroProposer { micro: &self.micro, settings, options, forwards: 0, time: Duration::ZERO, hidden: 0 };
         Ok((target, proposer))
     }
 }
@@ -229,7 +226,7 @@ impl BaseGraphs {
     }
 
     /// Embeddings of `steps` (each 1..=max tokens), `[1, steps, D]`.
-    fn embed(&mut self, steps: &[&[u32]], run: &SharedRunOptions) -> Result<DynValue> {
+    fn embed(&self, steps: &[&[u32]], run: &SharedRunOptions) -> Result<DynValue> {
         let width = steps.iter().map(|s| s.len()).max().unwrap_or(1);
         let mut ids = vec![0i64; steps.len() * width];
         for (row, step) in steps.iter().enumerate() {
@@ -246,7 +243,7 @@ impl BaseGraphs {
     /// One base forward over `steps` (each becomes one KV entry) at `positions`; returns the
     /// last `rows` rows.
     fn forward(
-        &mut self,
+        &self,
         kv: &mut KvStates,
         steps: &[&[u32]],
         positions: &[usize],
@@ -288,14 +285,15 @@ impl MicroGraph {
 
     /// One micro step: appends `features` (first call of a step; empty later) and `token` to
     /// the micro decoder's KV; returns the logits of the next token and its stop logit.
-    fn forward(&mut self, kv: &mut KvStates, features: &[f32], token: u32, run: &SharedRunOptions) -> Result<(Vec<f32>, f32)> {
+    /// `hidden` is the width D of one tapped state, learnt from the first features seen.
+    fn forward(&self, kv: &mut KvStates, features: &[f32], token: u32, run: &SharedRunOptions, hidden: &mut usize) -> Result<(Vec<f32>, f32)> {
         let rows = if features.is_empty() { 0 } else { self.features };
         // Every step's first micro call carries the features, so the width is known by the
         // calls that carry none.
         if let Some(width) = features.len().checked_div(rows) {
-            self.hidden = width;
+            *hidden = width;
         }
-        let width = self.hidden;
+        let width = *hidden;
         let features = float_tensor(self.features_precision, vec![1, rows, width], features)?;
         let token = Tensor::from_array(([1, 1], vec![token as i64]))?.into_dyn();
         let mut inputs: Vec<&DynValue> = vec![&features, &token];
@@ -315,7 +313,7 @@ impl MicroGraph {
 /// The base as the decode driver's target: one KV entry per step, a step being one token
 /// (the prompt, verified drafts) or a merged trusted step.
 pub(crate) struct BaseTarget<'m> {
-    graphs: &'m mut BaseGraphs,
+    graphs: &'m BaseGraphs,
     kv: KvStates,
     /// The sequence position of the next token: a merged step of n tokens takes n positions
     /// and one KV entry.
@@ -383,11 +381,13 @@ impl Target for BaseTarget<'_> {
 /// The micro decoder as a proposer: in trust mode its tokens are the step's own (HAMburger),
 /// in verify mode drafts the base checks (as Medusa or EAGLE heads).
 pub(crate) struct MicroProposer<'m> {
-    micro: &'m mut MicroGraph,
+    micro: &'m MicroGraph,
     settings: Settings,
     options: SharedRunOptions,
     pub(crate) forwards: usize,
     pub(crate) time: Duration,
+    /// The width of one tapped state, learnt from the first features of the request.
+    hidden: usize,
 }
 
 impl Proposer for MicroProposer<'_> {
@@ -413,7 +413,7 @@ impl Proposer for MicroProposer<'_> {
         let mut seen = run.sequence.clone();
         let mut proposal = Proposal::default();
         while proposal.tokens.len() < want {
-            let (mut logits, stop) = self.micro.forward(&mut kv, features, last, &self.options)?;
+            let (mut logits, stop) = self.micro.forward(&mut kv, features, last, &self.options, &mut self.hidden)?;
             self.forwards += 1;
             features = &[];
             let token = match self.settings.mode {

@@ -293,7 +293,7 @@ impl Scheduler {
                 slot.heartbeat.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
             }
         }));
-        let job = GenerateJob { id, permit, seat, prompt_ids, options, cancel: cancel.clone(), events: tx, queued_at: Instant::now() };
+        let job = GenerateJob { id, permit, seat, prompt_ids, options, cancel: cancel.clone(), events: tx, queued_at: Instant::now(), priority };
         {
             let mut queue = slot.queue.lock().expect("queue");
             if slot.retired.load(Ordering::SeqCst) {
@@ -409,7 +409,7 @@ impl Scheduler {
             for job in jobs {
                 finish_unrun(job, FinishReason::Cancelled, None);
             }
-            if let Some(running) = slot.queue.lock().expect("queue").running_cancel() {
+            for running in slot.queue.lock().expect("queue").running_cancels() {
                 running.cancel();
             }
             slot.wake.notify_all();

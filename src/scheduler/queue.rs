@@ -43,12 +43,14 @@ pub struct FairQueue<J, C> {
     control: VecDeque<C>,
     interactive: Turns<J>,
     background: Turns<J>,
-    running: Option<CancelToken>,
+    /// The requests running, innermost last: interactive requests run inside a paused
+    /// background one.
+    running: Vec<CancelToken>,
 }
 
 impl<J, C> Default for FairQueue<J, C> {
     fn default() -> Self {
-        FairQueue { control: VecDeque::new(), interactive: VecDeque::new(), background: VecDeque::new(), running: None }
+        FairQueue { control: VecDeque::new(), interactive: VecDeque::new(), background: VecDeque::new(), running: Vec::new() }
     }
 }
 
@@ -89,6 +91,15 @@ impl<J, C> FairQueue<J, C> {
         pop_turn(&mut self.interactive).or_else(|| pop_turn(&mut self.background)).map(Work::Job)
     }
 
+    /// The next interactive request, for a running background request to pause for.
+    pub fn pop_interactive(&mut self) -> Option<J> {
+        pop_turn(&mut self.interactive)
+    }
+
+    pub fn has_interactive(&self) -> bool {
+        !self.interactive.is_empty()
+    }
+
     /// The requests waiting (the scheduler counts them daemon-wide itself, at admission).
     #[cfg(test)]
     pub fn len(&self) -> usize {
@@ -116,11 +127,16 @@ impl<J, C> FairQueue<J, C> {
         all
     }
 
-    pub fn set_running(&mut self, cancel: Option<CancelToken>) {
-        self.running = cancel;
+    pub fn push_running(&mut self, cancel: CancelToken) {
+        self.running.push(cancel);
     }
 
-    pub fn running_cancel(&self) -> Option<CancelToken> {
+    /// The innermost running request ended.
+    pub fn pop_running(&mut self) {
+        self.running.pop();
+    }
+
+    pub fn running_cancels(&self) -> Vec<CancelToken> {
         self.running.clone()
     }
 }

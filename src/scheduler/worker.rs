@@ -27,6 +27,7 @@ pub(super) struct GenerateJob {
     pub(super) cancel: CancelToken,
     pub(super) events: mpsc::Sender<Event>,
     pub(super) queued_at: Instant,
+    pub(super) priority: super::queue::Priority,
 }
 
 pub(super) enum Control {
@@ -156,7 +157,7 @@ pub(super) fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                     // model's load included: shutdown waits for it and can cancel it.
                     if let queue::Work::Job(job) = &mut work {
                         job.seat = None;
-                        queue.set_running(Some(job.cancel.clone()));
+                        queue.push_running(job.cancel.clone());
                         inner.counters.in_flight.fetch_add(1, Ordering::SeqCst);
                     }
                     break work;
@@ -362,18 +363,14 @@ pub(super) struct Running<'a>(&'a Inner, &'a ModelSlot);
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.counters.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.1.queue.lock().expect("queue").set_running(None);
+        self.1.queue.lock().expect("queue").pop_running();
     }
 }
 
 pub(super) fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: GenerateJob) {
-    let queued = job.queued_at.elapsed();
     let running = Running(inner, slot);
     if job.cancel.is_cancelled() || job.events.is_closed() {
         return finish_unrun(job, FinishReason::Cancelled, None);
-    }
-    if job.options.deadline.is_some_and(|d| Instant::now() >= d) {
-        return finish_unrun(job, FinishReason::Timeout, None);
     }
     let engine = match ensure_loaded(inner, slot, engine) {
         Ok(e) => e,
@@ -382,16 +379,105 @@ pub(super) fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option
             return finish_unrun(job, FinishReason::Error, Some(error));
         }
     };
+    run_on(inner, slot, engine, job, running);
+}
+
+/// A background request's share of the engine while interactive work pauses it: within one
+/// stretch of waiting interactive work it keeps at least `min_share` of the time.
+struct Share {
+    min_share: f64,
+    ran: std::time::Duration,
+    paused: std::time::Duration,
+    /// Over the whole request, for its stats.
+    paused_total: std::time::Duration,
+    last: Instant,
+}
+
+impl Share {
+    fn new(min_share: f64) -> Share {
+        let z = std::time::Duration::ZERO;
+        Share { min_share, ran: z, paused: z, paused_total: z, last: Instant::now() }
+    }
+}
+
+/// Between two steps of a running background request: runs the interactive requests waiting for
+/// this model, one at a time on this thread, while the background request keeps its share (its
+/// run, KV included, waits on the stack above).
+fn pause_for_interactive(inner: &Inner, slot: &ModelSlot, engine: &Engine, share: &mut Share) {
+    let now = Instant::now();
+    share.ran += now - share.last;
+    loop {
+        let job = {
+            let mut queue = slot.queue.lock().expect("queue");
+            if !queue.has_interactive() {
+                // The stretch ended: the next one counts afresh.
+                share.ran = std::time::Duration::ZERO;
+                share.paused = std::time::Duration::ZERO;
+                break;
+            }
+            let total = (share.ran + share.paused).as_secs_f64();
+            if share.ran.as_secs_f64() < share.min_share * total {
+                break;
+            }
+            let mut job = queue.pop_interactive().expect("checked above");
+            job.seat = None;
+            queue.push_running(job.cancel.clone());
+            inner.counters.in_flight.fetch_add(1, Ordering::SeqCst);
+            job
+        };
+        let started = Instant::now();
+        let events = job.events.clone();
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_on(inner, slot, engine, job, Running(inner, slot))));
+        if let Err(panic) = run {
+            // This request ends with the error; the paused one, and the engine, go the way of
+            // an engine panic (the engine thread's handler).
+            let _ = events.try_send(Event::Finished(Finished {
+                reason: FinishReason::Error,
+                error: Some(SchedulerError::Request(Error::Inference("the engine panicked".into()))),
+                text: String::new(),
+                token_ids: Vec::new(),
+                stats: GenerationStats::default(),
+            }));
+            std::panic::resume_unwind(panic);
+        }
+        share.paused += started.elapsed();
+        share.paused_total += started.elapsed();
+    }
+    share.last = Instant::now();
+}
+
+/// Runs `job` on a loaded engine; a background job pauses for interactive ones between steps.
+fn run_on(inner: &Inner, slot: &ModelSlot, engine: &Engine, job: GenerateJob, running: Running<'_>) {
+    let queued = job.queued_at.elapsed();
+    if job.cancel.is_cancelled() || job.events.is_closed() {
+        drop(running);
+        return finish_unrun(job, FinishReason::Cancelled, None);
+    }
+    if job.options.deadline.is_some_and(|d| Instant::now() >= d) {
+        drop(running);
+        return finish_unrun(job, FinishReason::Timeout, None);
+    }
     fail::fail_point!("scheduler::generate", slot.config.name.contains("failpoint"), |_| ());
     let events = job.events.clone();
-    // The heartbeat comes from the job's cancel token at every engine step (see `submit`).
-    let mut on_text = |text: &str| events.blocking_send(Event::Text(text.to_string())).is_ok();
+    let background = job.priority == super::queue::Priority::Background;
+    let mut share = Share::new(inner.limits.read().expect("limits").background_min_share);
+    // The heartbeat comes from the job's cancel token at every engine step (see `submit`). Text
+    // is released between engine steps: that is where a background request pauses.
+    let mut on_text = |text: &str| {
+        let sent = events.blocking_send(Event::Text(text.to_string())).is_ok();
+        if background {
+            pause_for_interactive(inner, slot, engine, &mut share);
+        }
+        sent
+    };
     let result = engine.generate(&Prompt::Tokens(job.prompt_ids.clone()), &job.options, &job.cancel, &mut on_text);
+    let paused = share.paused_total;
     drop(running);
     drop(job.permit);
     let finished = match result {
         Ok(mut outcome) => {
             outcome.stats.queued = queued;
+            outcome.stats.paused = paused;
             inner.counters.generated_tokens.fetch_add(outcome.token_ids.len() as u64, Ordering::Relaxed);
             let mut status = slot.status.lock().expect("status");
             status.generated_tokens += outcome.token_ids.len() as u64;

@@ -105,6 +105,7 @@ fn stats_dict(stats: &GenerationStats) -> HashMap<String, OwnedValue> {
     put("provider", Value::from(stats.provider.clone()));
     put("target_forwards", Value::U32(stats.target_forwards as u32));
     put("queued_ms", Value::F64(stats.queued.as_secs_f64() * 1000.0));
+    put("paused_ms", Value::F64(stats.paused.as_secs_f64() * 1000.0));
     if let Some(spec) = &stats.speculative {
         put("draft_tokens", Value::U32(spec.draft_tokens as u32));
         put("accepted_tokens", Value::U32(spec.accepted_tokens as u32));

@@ -113,13 +113,13 @@ impl AdaptiveK {
 
 /// The draft model as a proposer, with its own KV cache for this request.
 pub(crate) struct DraftProposer<'d> {
-    draft: &'d mut Draft,
+    draft: &'d Draft,
     cache: KvCache,
     length: AdaptiveK,
 }
 
 impl<'d> DraftProposer<'d> {
-    pub(crate) fn new(draft: &'d mut Draft, positions: usize, cancel: &CancelToken) -> Result<Self> {
+    pub(crate) fn new(draft: &'d Draft, positions: usize, cancel: &CancelToken) -> Result<Self> {
         let cache = draft.decoder.new_cache(draft.layout, positions + draft.settings.max_tokens + 1)?;
         // The draft's runs are terminated with the target's: its first catch-up is a prefill.
         cancel.attach(cache.run_options());

@@ -133,9 +133,9 @@ fn openvino_provider_matches_onnxruntime_genai_on_openvino() {
 
 #[test]
 fn sampling_with_a_seed_repeats_and_differs_across_seeds() {
-    let mut engine = load("kjv-target", LoadOptions::default());
+    let engine = load("kjv-target", LoadOptions::default());
     let prompt = Prompt::Text("And the LORD said".into());
-    let mut run = |seed| {
+    let run = |seed| {
         let options =
             GenerateOptions { max_new_tokens: Some(40), temperature: Some(1.0), top_p: Some(0.95), seed: Some(seed), ..Default::default() };
         engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap().text
@@ -152,7 +152,7 @@ fn stop_string_ends_output_before_it() {
     // Stop at a word from the middle of the reference continuation.
     let stop = case.text[20..].split_whitespace().find(|w| w.len() >= 4).expect("a word").to_string();
     let expected = &case.text[..case.text.find(&stop).unwrap()];
-    let mut engine = load("kjv-target", LoadOptions::default());
+    let engine = load("kjv-target", LoadOptions::default());
     let options = GenerateOptions { max_new_tokens: Some(64), temperature: Some(0.0), stop: vec![stop.clone()], ..Default::default() };
     let mut streamed = String::new();
     let outcome = engine
@@ -168,7 +168,7 @@ fn stop_string_ends_output_before_it() {
 
 #[test]
 fn max_new_tokens_and_cancel_end_generation() {
-    let mut engine = load("kjv-target", LoadOptions::default());
+    let engine = load("kjv-target", LoadOptions::default());
     let prompt = Prompt::Text("In the beginning".into());
     let options = GenerateOptions { max_new_tokens: Some(5), temperature: Some(0.0), ..Default::default() };
     let outcome = engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap();
@@ -260,7 +260,7 @@ fn missing_weights_and_corrupt_config_are_named() {
 /// token comes out (a finished prefill always yields one before the cancel is looked at).
 #[test]
 fn a_cancel_interrupts_the_prefill() {
-    let mut engine = load("kjv-target", LoadOptions::default());
+    let engine = load("kjv-target", LoadOptions::default());
     let context = engine.folder.config.context_length;
     let prompt = Prompt::Tokens((0..context as u32 - 8).map(|i| 100 + i % 1000).collect());
     let options = GenerateOptions { max_new_tokens: Some(1), temperature: Some(0.0), ..Default::default() };
@@ -339,8 +339,8 @@ fn a_kv_cache_is_refused_by_a_decoder_that_did_not_make_it() {
         let layout = decoder.choose_layout(&folder.config, None).unwrap();
         (decoder, layout)
     };
-    let (mut target, target_layout) = decoder("kjv-target");
-    let (mut draft, draft_layout) = decoder("kjv-draft");
+    let (target, target_layout) = decoder("kjv-target");
+    let (draft, draft_layout) = decoder("kjv-draft");
     let mut draft_cache = draft.new_cache(draft_layout, 16).unwrap();
     let e = target.forward(&mut draft_cache, &[1, 2, 3], 1).unwrap_err().to_string();
     assert!(e.contains("other than the one that made it"), "{e}");

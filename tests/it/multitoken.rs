@@ -186,7 +186,7 @@ fn sampled_steps_are_seeded_and_cancellable() {
 
 #[test]
 fn step_options_are_checked_against_the_contract() {
-    let mut engine = engine();
+    let engine = engine();
     let ids = reference().cases[0].prompt_ids.clone();
     let mut too_many = options(Mode::Trust, 0.9, 8);
     too_many.multitoken_max_tokens = Some(reference().max_tokens_per_step + 1);
@@ -222,10 +222,10 @@ fn a_corrupt_contract_names_the_file_and_field() {
 /// 0 in place of verify mode gave a total variation of 0.99 at position 3 (measured).
 #[test]
 fn sampled_verify_follows_the_base_distribution() {
-    let mut engine = engine();
+    let engine = engine();
     let prompt = Prompt::Text("And the LORD said unto".into());
     let seeds = 500u64;
-    let mut sample = |mode: Mode, threshold: f32| {
+    let sample = |mode: Mode, threshold: f32| {
         let mut counts = [std::collections::HashMap::<u32, usize>::new(), std::collections::HashMap::new()];
         let mut drafted = 0;
         for seed in 0..seeds {

@@ -301,8 +301,8 @@ fn the_drain_waits_for_every_request_and_its_caller() {
     scheduler.shutdown();
 }
 
-/// Interactive requests go ahead of background ones that were queued before them; each reports
-/// how long it waited in the queue.
+/// Interactive requests go ahead of background ones that were queued before them (and of the
+/// one running); each reports how long it waited in the queue.
 #[test]
 fn interactive_requests_overtake_queued_background_ones() {
     use edgellm::scheduler::Priority;
@@ -341,9 +341,105 @@ fn interactive_requests_overtake_queued_background_ones() {
         order
     });
     let names: Vec<&str> = order.iter().map(|(n, _)| *n).collect();
-    assert_eq!(names, ["background running", "interactive", "background 1", "background 2"], "{order:?}");
+    // The running background request pauses for the interactive one, which ends first.
+    assert_eq!(names, ["interactive", "background running", "background 1", "background 2"], "{order:?}");
     let queued: HashMap<&str, Duration> = order.into_iter().collect();
     assert!(queued["background 2"] > queued["interactive"], "{queued:?}");
     assert!(queued["interactive"] > Duration::ZERO, "{queued:?}");
+    scheduler.shutdown();
+}
+
+/// What a request sent, with the time of each text piece.
+struct Seen {
+    text: String,
+    pieces: Vec<std::time::Instant>,
+    finished: edgellm::scheduler::Finished,
+    at: std::time::Instant,
+}
+
+async fn collect(mut submitted: edgellm::scheduler::Submitted) -> Seen {
+    let (mut text, mut pieces) = (String::new(), Vec::new());
+    while let Some(event) = submitted.events.recv().await {
+        match event {
+            Event::Text(t) => {
+                text.push_str(&t);
+                pieces.push(std::time::Instant::now());
+            }
+            Event::Finished(finished) => return Seen { text, pieces, finished, at: std::time::Instant::now() },
+        }
+    }
+    panic!("no Finished")
+}
+
+fn scheduler_with(dir: &std::path::Path, limits: &str) -> Scheduler {
+    let text = format!("[limits]\n{limits}\n[[model]]\nname = \"kjv\"\npath = \"{}\"\nthreads = 1\n", model_dir("kjv-target").display());
+    Scheduler::start(runtime(), &Config::parse(&dir.join("edgellm.toml"), &text).unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// A running background request pauses between engine steps for an interactive one, which
+/// finishes first; the background request then goes on with its KV, and its greedy output is
+/// the one it gives alone.
+#[test]
+fn a_running_background_request_pauses_for_an_interactive_one() {
+    use edgellm::scheduler::Priority;
+    let dir = tempfile::tempdir().unwrap();
+    let scheduler = scheduler_with(dir.path(), "");
+    let prompt = Prompt::Text("And God said".into());
+    let long = GenerateOptions { max_new_tokens: Some(300), temperature: Some(0.0), ..Default::default() };
+    let short = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
+    let rt = crate::daemon::rt();
+    let alone = rt.block_on(collect(scheduler.submit_as("indexer", "kjv", &prompt, long.clone(), Priority::Background).unwrap()));
+    assert_eq!(alone.finished.stats.paused, Duration::ZERO);
+    let (background, interactive) = rt.block_on(async {
+        let mut submitted = scheduler.submit_as("indexer", "kjv", &prompt, long, Priority::Background).unwrap();
+        // Running: its first text is out.
+        let first = match submitted.events.recv().await.unwrap() {
+            Event::Text(t) => t,
+            Event::Finished(f) => panic!("ended at once: {:?}", f.reason),
+        };
+        let background = tokio::spawn(async move {
+            let mut rest = collect(submitted).await;
+            rest.text.insert_str(0, &first);
+            rest
+        });
+        let interactive = collect(scheduler.submit("chat", "kjv", &prompt, short).unwrap()).await;
+        (background.await.unwrap(), interactive)
+    });
+    assert!(interactive.at < background.at, "the interactive request waited for the background one to end");
+    assert!(background.finished.stats.paused > Duration::ZERO, "{:?}", background.finished.stats);
+    assert_eq!(background.text, alone.text, "paused and resumed, the background output is its own");
+    assert_eq!(background.finished.token_ids, alone.finished.token_ids);
+    scheduler.shutdown();
+}
+
+/// Under continuous interactive work, a paused background request still gets steps: at least
+/// `background_min_share` of the time.
+#[test]
+fn background_work_keeps_its_share_under_continuous_interactive_work() {
+    use edgellm::scheduler::Priority;
+    let dir = tempfile::tempdir().unwrap();
+    let scheduler = scheduler_with(dir.path(), "background_min_share = 0.3\nmax_per_client = 16\n");
+    let prompt = Prompt::Text("And God said".into());
+    let long = GenerateOptions { max_new_tokens: Some(600), temperature: Some(0.0), ..Default::default() };
+    let short = GenerateOptions { max_new_tokens: Some(24), temperature: Some(0.0), ..Default::default() };
+    let rt = crate::daemon::rt();
+    let (background, interactive) = rt.block_on(async {
+        let mut submitted = scheduler.submit_as("indexer", "kjv", &prompt, long, Priority::Background).unwrap();
+        assert!(matches!(submitted.events.recv().await, Some(Event::Text(_))));
+        let background = tokio::spawn(collect(submitted));
+        // Twelve interactive requests at once: interactive work for the whole stretch.
+        let waiting: Vec<_> = (0..12).map(|_| scheduler.submit("chat", "kjv", &prompt, short.clone()).unwrap()).collect();
+        let mut done = Vec::new();
+        for s in waiting {
+            done.push(collect(s).await);
+        }
+        (background.await.unwrap(), done)
+    });
+    let first = interactive.iter().map(|s| s.pieces[0]).min().unwrap();
+    let last = interactive.iter().map(|s| s.at).max().unwrap();
+    let during = background.pieces.iter().filter(|&&t| t > first && t < last).count();
+    eprintln!("background pieces during the interactive stretch: {during}; paused {:?}", background.finished.stats.paused);
+    assert!(during > 0, "the background request got no step while interactive work went on");
+    assert!(background.finished.stats.paused > Duration::ZERO);
     scheduler.shutdown();
 }

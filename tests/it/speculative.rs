@@ -136,7 +136,7 @@ fn prompt_len(prompt: &Prompt) -> usize {
 /// that the draft's prefill takes as long as the target's.
 #[test]
 fn a_cancel_interrupts_the_drafts_prefill() {
-    let mut engine = pair("kjv-target", KvLayout::Growing, 4);
+    let engine = pair("kjv-target", KvLayout::Growing, 4);
     let context = engine.folder.config.context_length;
     let prompt = Prompt::Tokens((0..context as u32 - 32).map(|i| 100 + i % 1000).collect());
     let options = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
