@@ -61,6 +61,9 @@ struct GenArgs {
     /// Multi-token models: at most this many tokens per step.
     #[arg(long)]
     multitoken_max_tokens: Option<u32>,
+    /// "interactive" (the default) or "background": background work waits for interactive work.
+    #[arg(long)]
+    priority: Option<String>,
     /// The output matches this JSON Schema (the document itself, or @FILE).
     #[arg(long, conflicts_with = "grammar")]
     json_schema: Option<String>,
@@ -172,7 +175,7 @@ impl GenArgs {
         if let Some(v) = self.multitoken_max_tokens {
             o.insert("multitoken_max_tokens", Value::U32(v));
         }
-        for (name, text) in [("json_schema", &self.json_schema), ("grammar", &self.grammar)] {
+        for (name, text) in [("json_schema", &self.json_schema), ("grammar", &self.grammar), ("priority", &self.priority)] {
             if let Some(text) = text {
                 o.insert(name, Value::from(text.clone()));
             }

@@ -1064,6 +1064,9 @@ fn priority_option_and_background_users() {
     assert_eq!(priority(&["priority", "s", "interactive"]).0, "interactive");
     let e = daemon.call("Complete", "ssa{sv}", &["kjv", "x", "1", "priority", "s", "urgent"]).unwrap_err();
     assert!(e.contains("priority") && e.contains("interactive"), "{e}");
+    // The CLI's flag.
+    let out = daemon.cli(&["complete", "--max-new-tokens", "2", "--priority", "interactive", "And God said"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("priority=interactive"), "{out:?}");
     // Without background_users, requests are interactive.
     let plain = Daemon::start("");
     let out = plain.call("Complete", "ssa{sv}", &["kjv", "And God said", "1", "max_new_tokens", "u", "2"]).unwrap();
