@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
-use serde_json::{json, Value as Json_};
+use serde_json::{json, Value as JsonValue};
 use tokio::sync::mpsc;
 use zbus::zvariant::OwnedValue;
 
@@ -88,7 +88,7 @@ impl ApiError {
         ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, kind: "server_error", code: None, param: None, message: message.into() }
     }
 
-    fn body(&self) -> Json_ {
+    fn body(&self) -> JsonValue {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
 }
@@ -180,7 +180,7 @@ fn now() -> u64 {
 }
 
 /// The daemon's models as OpenAI model objects (with edgellm's `state`).
-async fn models(api: &Api) -> Result<Vec<Json_>, ApiError> {
+async fn models(api: &Api) -> Result<Vec<JsonValue>, ApiError> {
     let conn = api.bus.connect().await.map_err(ApiError::daemon_away)?;
     let proxy = Daemon1Proxy::new(&conn).await.map_err(ApiError::from_dbus)?;
     let models = proxy.list_models().await.map_err(ApiError::from_dbus)?;
@@ -193,11 +193,11 @@ async fn models(api: &Api) -> Result<Vec<Json_>, ApiError> {
         .collect())
 }
 
-async fn list_models(State(api): State<Api>) -> Result<Json<Json_>, ApiError> {
+async fn list_models(State(api): State<Api>) -> Result<Json<JsonValue>, ApiError> {
     Ok(Json(json!({"object": "list", "data": models(&api).await?})))
 }
 
-async fn model(State(api): State<Api>, axum::extract::Path(id): axum::extract::Path<String>) -> Result<Json<Json_>, ApiError> {
+async fn model(State(api): State<Api>, axum::extract::Path(id): axum::extract::Path<String>) -> Result<Json<JsonValue>, ApiError> {
     models(&api).await?.into_iter().find(|m| m["id"] == id.as_str()).map(Json).ok_or_else(|| ApiError {
         status: StatusCode::NOT_FOUND,
         kind: "invalid_request_error",
@@ -332,17 +332,17 @@ async fn collect(mut pieces: mpsc::Receiver<Piece>) -> Result<(String, &'static 
 
 /// How one streamed chunk of a route looks: its text delta or its end.
 trait Chunks: Send + 'static {
-    fn delta(&self, text: &str) -> Json_;
-    fn end(&self, finish_reason: &str) -> Json_;
-    fn usage(&self, usage: &Usage) -> Json_;
+    fn delta(&self, text: &str) -> JsonValue;
+    fn end(&self, finish_reason: &str) -> JsonValue;
+    fn usage(&self, usage: &Usage) -> JsonValue;
 }
 
-fn sse(data: &Json_) -> Result<SseEvent, Infallible> {
+fn sse(data: &JsonValue) -> Result<SseEvent, Infallible> {
     Ok(SseEvent::default().data(data.to_string()))
 }
 
 /// Server-sent events: each piece as a chunk, the end, the usage when asked, then `[DONE]`.
-fn event_stream(pieces: mpsc::Receiver<Piece>, chunks: impl Chunks, first: Option<Json_>, include_usage: bool) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+fn event_stream(pieces: mpsc::Receiver<Piece>, chunks: impl Chunks, first: Option<JsonValue>, include_usage: bool) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let head = stream::iter(first.map(|f| sse(&f)));
     let body = stream::unfold((pieces, chunks, false), move |(mut pieces, chunks, done)| async move {
         if done {
@@ -380,20 +380,20 @@ struct ChatChunks {
 }
 
 impl ChatChunks {
-    fn chunk(&self, delta: Json_, finish_reason: Option<&str>) -> Json_ {
+    fn chunk(&self, delta: JsonValue, finish_reason: Option<&str>) -> JsonValue {
         json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]})
     }
 }
 
 impl Chunks for ChatChunks {
-    fn delta(&self, text: &str) -> Json_ {
+    fn delta(&self, text: &str) -> JsonValue {
         self.chunk(json!({"content": text}), None)
     }
-    fn end(&self, finish_reason: &str) -> Json_ {
+    fn end(&self, finish_reason: &str) -> JsonValue {
         self.chunk(json!({}), Some(finish_reason))
     }
-    fn usage(&self, usage: &Usage) -> Json_ {
+    fn usage(&self, usage: &Usage) -> JsonValue {
         json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [], "usage": usage.json()})
     }
 }
@@ -405,20 +405,20 @@ struct TextChunks {
 }
 
 impl TextChunks {
-    fn chunk(&self, text: &str, finish_reason: Option<&str>) -> Json_ {
+    fn chunk(&self, text: &str, finish_reason: Option<&str>) -> JsonValue {
         json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}]})
     }
 }
 
 impl Chunks for TextChunks {
-    fn delta(&self, text: &str) -> Json_ {
+    fn delta(&self, text: &str) -> JsonValue {
         self.chunk(text, None)
     }
-    fn end(&self, finish_reason: &str) -> Json_ {
+    fn end(&self, finish_reason: &str) -> JsonValue {
         self.chunk("", Some(finish_reason))
     }
-    fn usage(&self, usage: &Usage) -> Json_ {
+    fn usage(&self, usage: &Usage) -> JsonValue {
         json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": [], "usage": usage.json()})
     }
 }

@@ -379,7 +379,7 @@ pub(super) fn run_job_inner(inner: &Inner, slot: &ModelSlot, engine: &mut Option
             return finish_unrun(job, FinishReason::Error, Some(error));
         }
     };
-    run_on(inner, slot, engine, job, running);
+    run_loaded(inner, slot, engine, job, running);
 }
 
 /// A background request's share of the engine while interactive work pauses it: within one
@@ -427,7 +427,7 @@ fn pause_for_interactive(inner: &Inner, slot: &ModelSlot, engine: &Engine, share
         };
         let started = Instant::now();
         let events = job.events.clone();
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_on(inner, slot, engine, job, Running(inner, slot))));
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loaded(inner, slot, engine, job, Running(inner, slot))));
         if let Err(panic) = run {
             // This request ends with the error; the paused one, and the engine, go the way of
             // an engine panic (the engine thread's handler).
@@ -447,7 +447,7 @@ fn pause_for_interactive(inner: &Inner, slot: &ModelSlot, engine: &Engine, share
 }
 
 /// Runs `job` on a loaded engine; a background job pauses for interactive ones between steps.
-fn run_on(inner: &Inner, slot: &ModelSlot, engine: &Engine, job: GenerateJob, running: Running<'_>) {
+fn run_loaded(inner: &Inner, slot: &ModelSlot, engine: &Engine, job: GenerateJob, running: Running<'_>) {
     let queued = job.queued_at.elapsed();
     if job.cancel.is_cancelled() || job.events.is_closed() {
         drop(running);
