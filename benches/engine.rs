@@ -11,6 +11,8 @@
 //! prompt in turn (0 skips them); --streaming CALLS adds streamed Generate against Complete over
 //! D-Bus (the daemon's own engine time, CALLS pairs per variant), --streaming-variants
 //! THREADS:on|off,... (intra-op threads and spinning; default 0:on,0:off,1:on,1:off);
+//! --bandwidth adds the physical limit of plain decoding on --model: the machine's read
+//! bandwidth, the weight bytes a token reads, and each engine's fraction of the bound;
 //! --priority ROUNDS adds an interactive streamed request timed by its client on an idle daemon
 //! and beside 4 background clients streaming 256-token generations, in alternating rounds
 
@@ -331,6 +333,9 @@ fn main() {
     if let Some(calls) = arg(&args, "--streaming") {
         let variants = arg(&args, "--streaming-variants").unwrap_or_else(|| "0:on,0:off,1:on,1:off".into());
         streaming_table(&model, new_tokens.parse().expect("--new-tokens N"), calls.parse().expect("--streaming CALLS"), &variants);
+    }
+    if args.iter().any(|a| a == "--bandwidth") {
+        bandwidth_table(&me, &python, &model, &new_tokens, &threads, &prompts_file);
     }
     if let Some(rounds) = arg(&args, "--priority") {
         priority_table(&model, rounds.parse().expect("--priority ROUNDS"));
@@ -992,4 +997,49 @@ fn priority_table(model: &Path, rounds: usize) {
     }
     println!("ratio loaded / idle: TTFT {:.2}x, total {:.2}x (goal <= 2x each) | background throughput while loaded: about {background_tps:.0} tokens/s (their tokens over the loaded windows)", medians[1].0 / medians[0].0, medians[1].1 / medians[0].1);
     drop(daemon);
+}
+
+/// The machine's read bandwidth in bytes/s: every core sums its share of a 1 GiB buffer (far
+/// larger than the caches); the best of five passes.
+fn read_bandwidth() -> (f64, usize) {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let words = (1usize << 30) / 8;
+    let buffer: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(threads);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let parts: Vec<_> = buffer.chunks(chunk).map(|part| s.spawn(move || part.iter().fold(0u64, |a, &b| a.wrapping_add(b)))).collect();
+            parts.into_iter().map(|p| p.join().unwrap()).fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    ((words * 8) as f64 / best, threads)
+}
+
+/// Plain decoding against the memory bound: weight bytes per token x tokens/s / bandwidth, for
+/// edgellm and onnxruntime-genai on the same folder (median of three interleaved runs each).
+fn bandwidth_table(me: &Path, python: &Path, model: &Path, new_tokens: &str, threads: &str, prompts: &Path) {
+    let (bandwidth, cores) = read_bandwidth();
+    let out = Command::new(python).arg(root().join("benches/weight_bytes.py")).arg(model).output().expect("python");
+    assert!(out.status.success(), "weight_bytes.py: {}", String::from_utf8_lossy(&out.stderr));
+    let bytes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let per_token = bytes["per_token_bytes"].as_f64().unwrap();
+    println!(
+        "\nphysical limit | {} | read bandwidth {:.1} GB/s ({cores} threads over 1 GiB, best of 5) | weights read per token {:.1} MB (model.onnx.data {:.1} MB)",
+        model.display(),
+        bandwidth / 1e9,
+        per_token / 1e6,
+        bytes["file_bytes"].as_f64().unwrap() / 1e6
+    );
+    let work = Workload::on_cpu(model, new_tokens, threads, prompts);
+    let mut results = run_interleaved(vec![work.genai(Command::new(python)), work.edgellm(Command::new(me), "file")]).into_iter();
+    let (genai, edgellm) = (results.next().unwrap(), results.next().unwrap());
+    println!("{:<18} {:>11} {:>14} {:>20}", "engine", "decode t/s", "weight GB/s", "fraction of bound");
+    for (label, r) in [("onnxruntime-genai", &genai), ("edgellm", &edgellm)] {
+        let tps = r["decode_tps"].as_f64().unwrap();
+        println!("{label:<18} {tps:>11.1} {:>14.2} {:>20.3}", per_token * tps / 1e9, per_token * tps / bandwidth);
+    }
 }
