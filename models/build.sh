@@ -4,9 +4,15 @@
 # then runs models/build.py. Extra arguments go to build.py (e.g. --stages reference).
 # `models/build.sh --hamburger [ARGS]` instead makes models/kjv-hamburger from kjv-target as of
 # commit 4f5e589 (models/hamburger.py, about 50 minutes), then its reference outputs.
+# `models/build.sh --xl` makes .edgellm/models/kjv-target-xl, kjv-target's memory-bound twin
+# (models/xl_twin.py: about a minute, its check included; not committed).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+if [ "${1:-}" = "--xl" ]; then
+  bash scripts/setup-runtime.sh >/dev/null
+  exec .edgellm/venv/bin/python models/xl_twin.py models/kjv-target .edgellm/models/kjv-target-xl
+fi
 if ! command -v bible >/dev/null; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq bible-kjv bible-kjv-text >/dev/null
