@@ -48,11 +48,7 @@ fn notify(state: &[sd_notify::NotifyState]) {
 
 /// The gid of a group named in the config, from /etc/group.
 fn group_id(name: &str) -> Option<u32> {
-    let groups = std::fs::read_to_string("/etc/group").ok()?;
-    groups.lines().find_map(|line| {
-        let mut fields = line.split(':');
-        (fields.next()? == name).then(|| fields.nth(1)?.parse().ok()).flatten()
-    })
+    edgellm::service::account_id("/etc/group", name)
 }
 
 fn main() -> ExitCode {

@@ -135,10 +135,11 @@ struct Started {
     priority: Priority,
 }
 
-/// The uid of a user name, from /etc/passwd.
-fn user_id(name: &str) -> Option<u32> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
+/// The id of `name` in an account database with /etc/passwd's and /etc/group's layout
+/// (`name:password:id:...`).
+pub fn account_id(database: &str, name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(database).ok()?;
+    text.lines().find_map(|line| {
         let mut fields = line.split(':');
         (fields.next()? == name).then(|| fields.nth(1)?.parse().ok()).flatten()
     })
@@ -238,7 +239,7 @@ impl Daemon {
             _ => None,
         };
         match uid {
-            Some(uid) if users.iter().any(|user| user_id(user) == Some(uid)) => Priority::Background,
+            Some(uid) if users.iter().any(|user| account_id("/etc/passwd", user) == Some(uid)) => Priority::Background,
             _ => Priority::Interactive,
         }
     }
