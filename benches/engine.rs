@@ -775,20 +775,36 @@ impl BenchDaemon {
         std::fs::write(&conf, format!(r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN" "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig><type>session</type><listen>{address}</listen>
 <policy context="default"><allow send_destination="*" eavesdrop="true"/><allow eavesdrop="true"/><allow own="*"/></policy></busconfig>"#)).unwrap();
-        let bus = Command::new("dbus-daemon").arg(format!("--config-file={}", conf.display())).arg("--nofork").stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dbus-daemon");
+        let bus = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .arg("--nofork")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon");
         while !dir.path().join("bus").exists() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let config = dir.path().join("edgellm.toml");
         std::fs::write(&config, format!("[daemon]\naddress = \"{address}\"\n\n[[model]]\nname = \"kjv\"\npath = \"{}\"\nthreads = {threads}\nspinning = {spinning}\n", model.display())).unwrap();
         let log = dir.path().join("edgellmd.log");
-        let mut daemon = Command::new(env!("CARGO_BIN_EXE_edgellmd")).arg("--config").arg(&config).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("edgellmd");
+        let mut daemon = Command::new(env!("CARGO_BIN_EXE_edgellmd"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("edgellmd");
         // Ready when the model answers as loaded.
         loop {
             if let Some(status) = daemon.try_wait().unwrap() {
                 panic!("edgellmd exited ({status}): {}", std::fs::read_to_string(&log).unwrap_or_default());
             }
-            let out = Command::new("busctl").arg(format!("--address={address}")).args(["call", "org.edgellm.Daemon1", "/org/edgellm/Daemon1", "org.edgellm.Daemon1", "ListModels"]).output().unwrap();
+            let out = Command::new("busctl")
+                .arg(format!("--address={address}"))
+                .args(["call", "org.edgellm.Daemon1", "/org/edgellm/Daemon1", "org.edgellm.Daemon1", "ListModels"])
+                .output()
+                .unwrap();
             if String::from_utf8_lossy(&out.stdout).contains("ready") {
                 break;
             }
@@ -825,7 +841,10 @@ fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) 
     use std::collections::HashMap;
     use zbus::zvariant::Value as V;
     println!("\nstreamed Generate vs Complete over D-Bus | {} | {new_tokens} tokens, greedy | {calls} pairs per variant, order alternating | the daemon's total_time_ms", model.display());
-    println!("{:<8} {:<9} {:>12} {:>13} {:>15} {:>18} {:>12}", "threads", "spinning", "stream ms", "complete ms", "ratio (median)", "pair ratio IQR", "client ms");
+    println!(
+        "{:<8} {:<9} {:>12} {:>13} {:>15} {:>18} {:>12}",
+        "threads", "spinning", "stream ms", "complete ms", "ratio (median)", "pair ratio IQR", "client ms"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     for variant in variants.split(',') {
         let (threads, spin) = variant.split_once(':').expect("THREADS:on|off");
@@ -880,7 +899,13 @@ fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) 
         });
         let (s, c) = (median(&mut streamed), median(&mut completed));
         let (q1, q3) = quartiles(&mut ratios);
-        println!("{threads:<8} {:<9} {s:>12.1} {c:>13.1} {:>15.3} {:>18} {:>12.1}", if spinning { "on" } else { "off" }, s / c, format!("{q1:.3}-{q3:.3}"), median(&mut client));
+        println!(
+            "{threads:<8} {:<9} {s:>12.1} {c:>13.1} {:>15.3} {:>18} {:>12.1}",
+            if spinning { "on" } else { "off" },
+            s / c,
+            format!("{q1:.3}-{q3:.3}"),
+            median(&mut client)
+        );
         drop(daemon);
     }
 }
@@ -935,7 +960,8 @@ fn priority_table(model: &Path, rounds: usize) {
         let connect = || async { zbus::connection::Builder::address(daemon.address.as_str()).unwrap().build().await.unwrap() };
         let conn = connect().await;
         let proxy = Daemon1Proxy::new(&conn).await.unwrap();
-        let interactive = || HashMap::from([("max_new_tokens", V::U32(32)), ("temperature", V::F64(0.0)), ("priority", V::from("interactive"))]);
+        let interactive =
+            || HashMap::from([("max_new_tokens", V::U32(32)), ("temperature", V::F64(0.0)), ("priority", V::from("interactive"))]);
         let running = Arc::new(AtomicBool::new(false));
         let (tokens, busy_ms) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         for client in 0..4u64 {
@@ -949,7 +975,12 @@ fn priority_table(model: &Path, rounds: usize) {
                         continue;
                     }
                     seed += 1;
-                    let options = HashMap::from([("max_new_tokens", V::U32(256)), ("temperature", V::F64(1.0)), ("seed", V::U64(seed)), ("priority", V::from("background"))]);
+                    let options = HashMap::from([
+                        ("max_new_tokens", V::U32(256)),
+                        ("temperature", V::F64(1.0)),
+                        ("seed", V::U64(seed)),
+                        ("priority", V::from("background")),
+                    ]);
                     let (_, _, generated) = timed_stream(&proxy, "And it came to pass", options).await;
                     tokens.fetch_add(generated as u64, Ordering::SeqCst);
                 }
@@ -985,7 +1016,10 @@ fn priority_table(model: &Path, rounds: usize) {
     });
     rt.shutdown_background();
     let column = |rows: &[(f64, f64, u32)], f: fn(&(f64, f64, u32)) -> f64| -> Vec<f64> { rows.iter().map(f).collect() };
-    println!("\ninteractive streamed Generate (32 tokens, greedy), timed by its client | {} | {rounds} rounds, idle and loaded alternating", model.display());
+    println!(
+        "\ninteractive streamed Generate (32 tokens, greedy), timed by its client | {} | {rounds} rounds, idle and loaded alternating",
+        model.display()
+    );
     println!("{:<40} {:>12} {:>16} {:>12} {:>16}", "", "TTFT ms", "TTFT IQR", "total ms", "total IQR");
     let mut medians = Vec::new();
     for (label, rows) in [("idle daemon", &idle), ("beside 4 background clients (256 tok)", &loaded)] {
@@ -1010,7 +1044,8 @@ fn read_bandwidth() -> (f64, usize) {
     for _ in 0..5 {
         let started = Instant::now();
         let total: u64 = std::thread::scope(|s| {
-            let parts: Vec<_> = buffer.chunks(chunk).map(|part| s.spawn(move || part.iter().fold(0u64, |a, &b| a.wrapping_add(b)))).collect();
+            let parts: Vec<_> =
+                buffer.chunks(chunk).map(|part| s.spawn(move || part.iter().fold(0u64, |a, &b| a.wrapping_add(b)))).collect();
             parts.into_iter().map(|p| p.join().unwrap()).fold(0u64, u64::wrapping_add)
         });
         std::hint::black_box(total);

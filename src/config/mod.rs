@@ -63,6 +63,8 @@ struct RawLimits {
     memory_reserve_mib: Option<Spanned<u64>>,
     background_users: Option<Vec<String>>,
     background_min_share: Option<Spanned<f64>>,
+    kv_cache_mib: Option<Spanned<u64>>,
+    kv_cache_idle_s: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +128,11 @@ pub struct Limits {
     /// The share of the engine's time a paused background request keeps while interactive work
     /// is continuous.
     pub background_min_share: f64,
+    /// Memory (MiB) that the KV kept between requests may hold, all clients together (0: none
+    /// is kept).
+    pub kv_cache_mib: u64,
+    /// Kept KV unused for this long is freed.
+    pub kv_cache_idle: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -139,6 +146,8 @@ impl Default for Limits {
             memory_reserve_mib: 256,
             background_users: Vec::new(),
             background_min_share: 0.1,
+            kv_cache_mib: 256,
+            kv_cache_idle: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -267,7 +276,23 @@ impl Config {
             background_min_share: match &raw.limits.background_min_share {
                 None => defaults.background_min_share,
                 Some(s) if s.get_ref().is_finite() && *s.get_ref() > 0.0 && *s.get_ref() <= 1.0 => *s.get_ref(),
-                Some(s) => return Err(err(s.span(), format!("field `limits.background_min_share`: {} is out of range: use a share in (0, 1]", s.get_ref()))),
+                Some(s) => {
+                    return Err(err(
+                        s.span(),
+                        format!("field `limits.background_min_share`: {} is out of range: use a share in (0, 1]", s.get_ref()),
+                    ))
+                }
+            },
+            kv_cache_mib: raw.limits.kv_cache_mib.as_ref().map(|s| *s.get_ref()).unwrap_or(defaults.kv_cache_mib),
+            kv_cache_idle: match &raw.limits.kv_cache_idle_s {
+                None => defaults.kv_cache_idle,
+                Some(s) if *s.get_ref() == 0 => {
+                    return Err(err(
+                        s.span(),
+                        "field `limits.kv_cache_idle_s`: must be at least 1 (to keep no KV, set `kv_cache_mib = 0`)".into(),
+                    ))
+                }
+                Some(s) => std::time::Duration::from_secs(*s.get_ref()),
             },
         };
 

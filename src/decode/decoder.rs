@@ -199,6 +199,33 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         self.states.truncate(len, self.layout == KvLayout::Growing)
     }
+
+    /// Bytes the cache holds: its KV (a shared layout's whole buffers) and its logits buffer.
+    pub fn bytes(&self) -> usize {
+        self.states.bytes() + super::graph::value_bytes(&self.step_logits)
+    }
+
+    /// Fresh run options, for a cache kept from an earlier request (whose options that
+    /// request's cancel may have terminated).
+    pub fn renew_run_options(&mut self) -> Result<()> {
+        self.run_options = SharedRunOptions::new()?;
+        Ok(())
+    }
+
+    /// Room for `positions` in all: a shared buffer sized for an earlier, shorter request is
+    /// reallocated with what it holds copied (a growing cache has room for anything).
+    pub fn reserve(&mut self, positions: usize, context: usize) -> Result<()> {
+        let capacity = positions.clamp(1, context);
+        if capacity <= self.capacity {
+            return Ok(());
+        }
+        if self.layout == KvLayout::Shared {
+            self.states.widen(capacity)?;
+        }
+        self.ones.set(std::iter::repeat_n(1, capacity));
+        self.capacity = capacity;
+        Ok(())
+    }
 }
 
 fn kv_tensor(precision: Precision, shape: Vec<usize>) -> Result<DynValue> {

@@ -129,9 +129,10 @@ pub(crate) fn drive(
     }
 }
 
-/// The prompt, in chunks; the first token, from the target alone (`None`: cancelled between chunks).
+/// The prompt, in chunks, after what the target's cache holds already (kept from an earlier
+/// request); the first token, from the target alone (`None`: cancelled between chunks).
 fn prefill(target: &mut dyn Target, run: &mut Run, cancel: &CancelToken) -> Result<Option<u32>> {
-    let prompt = run.sequence.clone();
+    let prompt = run.sequence[target.len()..].to_vec();
     let chunks = prompt.len().div_ceil(PREFILL_CHUNK);
     for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
         if i > 0 {

@@ -224,6 +224,22 @@ impl KvStates {
         }
     }
 
+    /// Bytes the state values hold (a shared layout's whole buffers).
+    pub fn bytes(&self) -> usize {
+        self.values.iter().map(value_bytes).sum()
+    }
+
+    /// Reallocates buffers sized ahead (a shared layout) to `capacity` positions, keeping the
+    /// positions they hold.
+    pub(crate) fn widen(&mut self, capacity: usize) -> Result<()> {
+        for (value, axis) in self.values.iter_mut().zip(&self.seq_axes) {
+            if let Some(axis) = *axis {
+                *value = widen_positions(value, axis, self.len, capacity)?;
+            }
+        }
+        Ok(())
+    }
+
     /// A run appended `n` positions.
     pub(crate) fn grew(&mut self, n: usize) {
         self.len += n;
@@ -251,6 +267,44 @@ impl KvStates {
         }
         self.len = len;
         Ok(())
+    }
+}
+
+/// Bytes of a float tensor's data.
+pub(crate) fn value_bytes(value: &DynValue) -> usize {
+    let elements: usize = value.dtype().tensor_shape().map(|s| s.iter().map(|&d| d.max(0) as usize).product()).unwrap_or(0);
+    let size = match value.dtype().tensor_type() {
+        Some(TensorElementType::Float16) => 2,
+        _ => 4,
+    };
+    elements * size
+}
+
+/// `value` with its `axis` widened to `capacity`, the first `len` positions copied and the rest
+/// zero: a buffer sized ahead, grown for a longer sequence than it was made for.
+pub(crate) fn widen_positions(value: &DynValue, axis: usize, len: usize, capacity: usize) -> Result<DynValue> {
+    fn widen<T: ort::value::PrimitiveTensorElementType + Copy + Default + std::fmt::Debug + 'static>(
+        value: &DynValue,
+        axis: usize,
+        len: usize,
+        capacity: usize,
+    ) -> Result<DynValue> {
+        let (shape, data) = value.try_extract_tensor::<T>()?;
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let outer: usize = dims[..axis].iter().product();
+        let inner: usize = dims[axis + 1..].iter().product();
+        let t = dims[axis];
+        let mut out = vec![T::default(); outer * capacity * inner];
+        for o in 0..outer {
+            out[o * capacity * inner..(o * capacity + len) * inner].copy_from_slice(&data[o * t * inner..(o * t + len) * inner]);
+        }
+        let mut new_dims = dims;
+        new_dims[axis] = capacity;
+        Ok(Tensor::from_array((new_dims, out))?.into_dyn())
+    }
+    match value.dtype().tensor_type() {
+        Some(TensorElementType::Float16) => widen::<f16>(value, axis, len, capacity),
+        _ => widen::<f32>(value, axis, len, capacity),
     }
 }
 

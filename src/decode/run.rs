@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::constraint::Constraint;
 use super::graph::SharedRunOptions;
 use super::sampler::{Sampler, SamplingParams};
 use super::text::{Piece, StopText};
 use crate::error::Result;
-use super::constraint::Constraint;
 use crate::model::grammar::OutputGrammar;
 use crate::model::multitoken::Mode;
 use crate::model::{Detokenizer, ModelFolder};
@@ -82,6 +82,8 @@ pub struct GenerationStats {
     pub queued: Duration,
     /// Time a background request spent paused for interactive ones (the scheduler fills it in).
     pub paused: Duration,
+    /// Prompt tokens whose KV was kept from an earlier request and not prefilled again.
+    pub cached_prompt_tokens: usize,
 }
 
 /// Counters of speculative decoding for one request.
@@ -221,6 +223,8 @@ pub(crate) struct Run {
     pub(crate) multitoken: Option<MultiTokenStats>,
     /// The output constraint, advanced with every accepted token.
     constraint: Option<Constraint>,
+    /// Prompt positions the target's cache held from an earlier request.
+    pub(crate) cached_prompt_tokens: usize,
 }
 
 impl Run {
@@ -250,6 +254,7 @@ impl Run {
             speculative: None,
             multitoken: None,
             constraint: None,
+            cached_prompt_tokens: 0,
         }
     }
 
@@ -395,6 +400,7 @@ impl Run {
                 multitoken: self.multitoken,
                 queued: Duration::ZERO,
                 paused: Duration::ZERO,
+                cached_prompt_tokens: self.cached_prompt_tokens,
             },
         })
     }

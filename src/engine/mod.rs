@@ -4,11 +4,14 @@
 //! here).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use crate::decode::decoder::{Decoder, KvCache, KvLayout, LoadOptions};
 use crate::decode::driver;
+pub use crate::decode::reuse::PromptCache;
+use crate::decode::reuse::{reusable_prefix, CachedKv};
 use crate::decode::run::Run;
 pub use crate::decode::run::{CancelToken, FinishReason, GenerateOptions, GenerationStats, MultiTokenStats, Outcome, SpeculativeStats};
 pub use crate::decode::sampler::{Sampler, SamplingParams};
@@ -38,7 +41,11 @@ pub struct Engine {
     /// Prompt lookup settings where the model's config turns it on.
     prompt_lookup: Option<LookupSettings>,
     pub load_time: Duration,
+    /// Unique per load: a kept cache is only fed back to the engine that made it.
+    id: u64,
 }
+
+static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Engine {
     pub fn load(runtime: &Runtime, name: &str, dir: &Path, options: &LoadOptions) -> Result<Engine> {
@@ -68,7 +75,16 @@ impl Engine {
                 (Core::Decoder(decoder), kv_layout)
             }
         };
-        let engine = Engine { name: name.into(), folder, core, kv_layout, draft: None, prompt_lookup: None, load_time: started.elapsed() };
+        let engine = Engine {
+            name: name.into(),
+            folder,
+            core,
+            kv_layout,
+            draft: None,
+            prompt_lookup: None,
+            load_time: started.elapsed(),
+            id: NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed),
+        };
         tracing::info!(
             model = name,
             provider = engine.provider().provider.name(),
@@ -234,6 +250,21 @@ impl Engine {
         cancel: &CancelToken,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Outcome> {
+        self.generate_cached(prompt, options, cancel, on_text, None).map(|(outcome, _)| outcome)
+    }
+
+    /// `generate`, reusing `cache` (what an earlier request of the same caller left) for the
+    /// longest common prefix of the prompt with it, and returning what this request leaves for
+    /// the next one. Greedy output is the same as without it: the kept positions hold what a
+    /// prefill of them would compute.
+    pub fn generate_cached(
+        &self,
+        prompt: &Prompt,
+        options: &GenerateOptions,
+        cancel: &CancelToken,
+        on_text: &mut dyn FnMut(&str) -> bool,
+        cache: Option<PromptCache>,
+    ) -> Result<(Outcome, Option<PromptCache>)> {
         let prompt_ids = self.folder.prompt_ids(&self.name, prompt)?;
         let params = self.sampling_params(options);
         let max_total = self.folder.config.search.max_length.min(self.context());
@@ -242,14 +273,28 @@ impl Engine {
         if let Some(grammar) = &options.grammar {
             run.constrain(self.folder.output_matcher(grammar)?);
         }
+        // A cache from another engine (the model was reloaded since) belongs to other sessions.
+        let (cached_tokens, cached_kv) = match cache.filter(|c| c.engine == self.id) {
+            Some(PromptCache { tokens, kv, .. }) => (tokens, Some(kv)),
+            None => (Vec::new(), None),
+        };
+        let keep = reusable_prefix(&cached_tokens, &run.sequence);
         let speculative = options.speculative.unwrap_or(true);
         let lookup = match options.prompt_lookup {
             Some(true) => Some(self.prompt_lookup.unwrap_or_default()),
             Some(false) => None,
             None => self.prompt_lookup,
         };
+        let (kept_target, kept_draft, kept_base) = match cached_kv {
+            Some(CachedKv::Decoder { target, draft }) => (cut(target, keep), draft.and_then(|d| cut(d, keep)), None),
+            Some(CachedKv::Base(mut kv)) => {
+                let kv = (kv.truncate(keep.min(kv.len()), true).is_ok()).then_some(kv);
+                (None, None, kv)
+            }
+            None => (None, None, None),
+        };
         let mut stats = SpeculativeStats::default();
-        let reason = match (&self.core, &self.draft, speculative) {
+        let (reason, left) = match (&self.core, &self.draft, speculative) {
             (Core::MultiToken(model, defaults), _, _) => {
                 let settings = checked_multitoken(
                     model,
@@ -259,7 +304,8 @@ impl Engine {
                         max_tokens: options.multitoken_max_tokens.unwrap_or(defaults.max_tokens),
                     },
                 )?;
-                let (mut target, mut proposer) = model.split(settings, cancel)?;
+                let (mut target, mut proposer) = model.split(settings, cancel, kept_base)?;
+                run.cached_prompt_tokens = driver::Target::len(&target);
                 let reason = driver::drive(&mut target, &mut proposer, &self.folder, &mut run, cancel, on_text, &mut stats)?;
                 let verify = settings.mode == MultiTokenMode::Verify;
                 run.multitoken = Some(MultiTokenStats {
@@ -272,14 +318,15 @@ impl Engine {
                     base_time: target.time,
                     micro_time: proposer.time,
                 });
-                reason
+                (reason, target.into_kv().map(CachedKv::Base))
             }
             (Core::Decoder(decoder), Some(draft), true) => {
-                let mut proposer = crate::speculative::DraftProposer::new(draft, run.prompt_len + run.max_new, cancel)?;
-                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, proposer.max_tokens(), cancel)?;
+                let mut proposer = crate::speculative::DraftProposer::new(draft, run.prompt_len + run.max_new, cancel, kept_draft)?;
+                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, proposer.max_tokens(), cancel, kept_target)?;
+                run.cached_prompt_tokens = target.cache.len();
                 let reason = driver::drive(&mut target, &mut proposer, &self.folder, &mut run, cancel, on_text, &mut stats)?;
                 run.speculative = Some(stats);
-                reason
+                (reason, Some(CachedKv::Decoder { target: target.cache, draft: Some(proposer.into_cache()) }))
             }
             (Core::Decoder(decoder), None, _) if lookup.is_some() => {
                 let settings = lookup.expect("matched");
@@ -290,18 +337,49 @@ impl Engine {
                     });
                 }
                 let mut proposer = PromptLookup::new(settings);
-                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, proposer.max_tokens(), cancel)?;
+                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, proposer.max_tokens(), cancel, kept_target)?;
+                run.cached_prompt_tokens = target.cache.len();
                 let reason = driver::drive(&mut target, &mut proposer, &self.folder, &mut run, cancel, on_text, &mut stats)?;
                 run.speculative = Some(stats);
-                reason
+                (reason, Some(CachedKv::Decoder { target: target.cache, draft: kept_draft }))
             }
             (Core::Decoder(decoder), _, _) => {
-                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, 0, cancel)?;
-                driver::drive(&mut target, &mut driver::NoProposer, &self.folder, &mut run, cancel, on_text, &mut stats)?
+                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, 0, cancel, kept_target)?;
+                run.cached_prompt_tokens = target.cache.len();
+                let reason = driver::drive(&mut target, &mut driver::NoProposer, &self.folder, &mut run, cancel, on_text, &mut stats)?;
+                (reason, Some(CachedKv::Decoder { target: target.cache, draft: kept_draft }))
             }
         };
-        run.end(&self.folder, reason, on_text, self.provider())
+        let left = left.map(|kv| self.left_for_next(kv, &run.sequence));
+        Ok((run.end(&self.folder, reason, on_text, self.provider())?, left))
     }
+
+    /// What a finished request leaves: its caches with the tokens they hold, a draft's cut to
+    /// the target's length (it may hold a draft the run did not keep).
+    fn left_for_next(&self, kv: CachedKv, sequence: &[u32]) -> PromptCache {
+        let (kv, len) = match kv {
+            CachedKv::Decoder { target, draft } => {
+                let len = target.len();
+                let draft = draft.and_then(|d| cut(d, len));
+                (CachedKv::Decoder { target, draft }, len)
+            }
+            CachedKv::Base(kv) => {
+                let len = kv.len();
+                (CachedKv::Base(kv), len)
+            }
+        };
+        PromptCache { engine: self.id, tokens: sequence[..len].to_vec(), kv }
+    }
+}
+
+/// `cache` cut to its first `keep` positions (it keeps fewer where it holds fewer), or `None`
+/// where it cannot be rolled back that far (recurrent states).
+fn cut(mut cache: KvCache, keep: usize) -> Option<KvCache> {
+    if keep < cache.len() && !cache.can_roll_back() {
+        return None;
+    }
+    cache.truncate(keep).ok()?;
+    Some(cache)
 }
 
 /// The request's multi-token settings against what the model's contract allows.
@@ -331,9 +409,25 @@ struct DecoderTarget<'d> {
 impl<'d> DecoderTarget<'d> {
     /// A cache with room for the request's tokens and one proposal past them; its runs are
     /// terminated with `cancel`.
-    fn new(decoder: &'d Decoder, layout: KvLayout, run: &Run, lookahead: usize, cancel: &CancelToken) -> Result<Self> {
+    /// `kept`: a cache from an earlier request, holding a prefix of the prompt.
+    fn new(
+        decoder: &'d Decoder,
+        layout: KvLayout,
+        run: &Run,
+        lookahead: usize,
+        cancel: &CancelToken,
+        kept: Option<KvCache>,
+    ) -> Result<Self> {
         let extra = if lookahead > 0 { lookahead + 1 } else { 0 };
-        let cache = decoder.new_cache(layout, run.prompt_len + run.max_new + extra)?;
+        let positions = run.prompt_len + run.max_new + extra;
+        let cache = match kept {
+            Some(mut cache) => {
+                cache.renew_run_options()?;
+                cache.reserve(positions, decoder.context())?;
+                cache
+            }
+            None => decoder.new_cache(layout, positions)?,
+        };
         cancel.attach(cache.run_options());
         Ok(DecoderTarget { decoder, cache })
     }

@@ -65,7 +65,13 @@ impl GrammarCompiler {
 
     /// A fresh matcher of `grammar`; a grammar or schema llguidance rejects is `InvalidArgument`
     /// with its message.
-    pub fn matcher(&self, grammar: &OutputGrammar, tokenizer_json: &std::path::Path, eos_ids: &[u32], vocab_size: usize) -> Result<Matcher> {
+    pub fn matcher(
+        &self,
+        grammar: &OutputGrammar,
+        tokenizer_json: &std::path::Path,
+        eos_ids: &[u32],
+        vocab_size: usize,
+    ) -> Result<Matcher> {
         let factory = self.factory(tokenizer_json, eos_ids, vocab_size)?;
         let invalid = |reason: String| Error::InvalidArgument { argument: grammar.option().into(), reason };
         let top = match grammar {

@@ -199,15 +199,25 @@ impl MultiTokenModel {
     /// The request's two halves for the decode driver: the base as its target (with a KV cache
     /// for this request) and the micro decoder as its proposer, in `settings.mode`. Their runs
     /// are terminated with `cancel`.
-    pub(crate) fn split(&self, settings: Settings, cancel: &CancelToken) -> Result<(BaseTarget<'_>, MicroProposer<'_>)> {
+    /// `kept`: the base's KV from an earlier request, one entry per token of a prefix of the
+    /// prompt.
+    pub(crate) fn split(
+        &self,
+        settings: Settings,
+        cancel: &CancelToken,
+        kept: Option<KvStates>,
+    ) -> Result<(BaseTarget<'_>, MicroProposer<'_>)> {
         let options = SharedRunOptions::new()?;
         cancel.attach(&options);
-        let kv = self.graphs.new_kv()?;
+        let kv = match kept {
+            Some(kv) => kv,
+            None => self.graphs.new_kv()?,
+        };
         let target = BaseTarget {
             graphs: &self.graphs,
+            next_position: kv.len(),
             kv,
-            next_position: 0,
-            merged: false,
+            merged_from: None,
             out: BaseOut { logits: Vec::new(), features: Vec::new(), stop_logits: Vec::new() },
             selected: 0,
             options: options.clone(),
@@ -242,14 +252,7 @@ impl BaseGraphs {
 
     /// One base forward over `steps` (each becomes one KV entry) at `positions`; returns the
     /// last `rows` rows.
-    fn forward(
-        &self,
-        kv: &mut KvStates,
-        steps: &[&[u32]],
-        positions: &[usize],
-        rows: usize,
-        run: &SharedRunOptions,
-    ) -> Result<BaseOut> {
+    fn forward(&self, kv: &mut KvStates, steps: &[&[u32]], positions: &[usize], rows: usize, run: &SharedRunOptions) -> Result<BaseOut> {
         let embeds = self.embed(steps, run)?;
         let n = steps.len();
         kv.check_owner(&self.base)?;
@@ -286,7 +289,14 @@ impl MicroGraph {
     /// One micro step: appends `features` (first call of a step; empty later) and `token` to
     /// the micro decoder's KV; returns the logits of the next token and its stop logit.
     /// `hidden` is the width D of one tapped state, learnt from the first features seen.
-    fn forward(&self, kv: &mut KvStates, features: &[f32], token: u32, run: &SharedRunOptions, hidden: &mut usize) -> Result<(Vec<f32>, f32)> {
+    fn forward(
+        &self,
+        kv: &mut KvStates,
+        features: &[f32],
+        token: u32,
+        run: &SharedRunOptions,
+        hidden: &mut usize,
+    ) -> Result<(Vec<f32>, f32)> {
         let rows = if features.is_empty() { 0 } else { self.features };
         // Every step's first micro call carries the features, so the width is known by the
         // calls that carry none.
@@ -318,8 +328,9 @@ pub(crate) struct BaseTarget<'m> {
     /// The sequence position of the next token: a merged step of n tokens takes n positions
     /// and one KV entry.
     next_position: usize,
-    /// Whether a merged step was taken (KV entries no longer match positions: no rollback).
-    merged: bool,
+    /// KV entries before the first merged step of several tokens: past it, entries no longer
+    /// match positions (no rollback there, and nothing kept for the next request).
+    merged_from: Option<usize>,
     out: BaseOut,
     selected: usize,
     options: SharedRunOptions,
@@ -334,6 +345,16 @@ impl BaseTarget<'_> {
         self.time += started.elapsed();
         self.selected = self.out.stop_logits.len() - 1;
         Ok(&mut self.out.logits)
+    }
+}
+
+impl BaseTarget<'_> {
+    /// Its KV up to the first merged step, for the next request of the same caller: there each
+    /// entry is one token at its position, as a prefill computes it.
+    pub(crate) fn into_kv(mut self) -> Option<KvStates> {
+        let keep = self.merged_from.unwrap_or(self.kv.len());
+        self.kv.truncate(keep, true).ok()?;
+        Some(self.kv)
     }
 }
 
@@ -353,18 +374,22 @@ impl Target for BaseTarget<'_> {
     fn forward_merged(&mut self, ids: &[u32]) -> Result<&mut [f32]> {
         // The whole step as one embedding, one KV entry, at the position of its last token (the
         // reference's training path).
+        // A one-token step is the token's plain embedding at its own position, as `forward`.
         let position = self.next_position + ids.len() - 1;
         self.next_position += ids.len();
-        self.merged = true;
+        if ids.len() > 1 && self.merged_from.is_none() {
+            self.merged_from = Some(self.kv.len());
+        }
         self.run(&[ids], &[position], 1)
     }
     fn truncate(&mut self, len: usize) -> Result<()> {
-        if self.merged {
-            return Err(Error::Inference("a KV cache with merged steps cannot be rolled back".into()));
+        if self.merged_from.is_some_and(|from| len > from) {
+            return Err(Error::Inference("a KV cache cannot be rolled back into merged steps".into()));
         }
         if len < self.kv.len() {
             self.kv.truncate(len, true)?;
             self.next_position = len;
+            self.merged_from = None;
         }
         Ok(())
     }

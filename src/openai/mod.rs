@@ -128,7 +128,15 @@ pub fn router(bus: Bus) -> Router {
         .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
-        .fallback(|| async { ApiError { status: StatusCode::NOT_FOUND, kind: "invalid_request_error", code: None, param: None, message: "no such route; edgellm serves /v1/models, /v1/models/{id}, /v1/chat/completions and /v1/completions".into() } })
+        .fallback(|| async {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                code: None,
+                param: None,
+                message: "no such route; edgellm serves /v1/models, /v1/models/{id}, /v1/chat/completions and /v1/completions".into(),
+            }
+        })
         .with_state(Api { bus })
 }
 
@@ -232,7 +240,13 @@ impl Ending {
         match self.reason.as_str() {
             "stop" => Ok("stop"),
             "length" => Ok("length"),
-            "timeout" => Err(ApiError { status: StatusCode::GATEWAY_TIMEOUT, kind: "timeout", code: None, param: None, message: "the request ran past the daemon's limits.request_timeout_s".into() }),
+            "timeout" => Err(ApiError {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                kind: "timeout",
+                code: None,
+                param: None,
+                message: "the request ran past the daemon's limits.request_timeout_s".into(),
+            }),
             "cancelled" => Err(ApiError::internal("the request was cancelled")),
             _ => Err(ApiError::internal(self.error.clone().unwrap_or_else(|| "the request failed".into()))),
         }
@@ -245,7 +259,11 @@ fn stat_u32(stats: &std::collections::HashMap<String, OwnedValue>, key: &str) ->
 
 /// Starts `call` on its own D-Bus connection and returns its request id and pieces. Dropping the
 /// receiver cancels the request.
-async fn start(bus: &Bus, call: Call, options: std::collections::HashMap<&'static str, zbus::zvariant::Value<'static>>) -> Result<(u64, mpsc::Receiver<Piece>), ApiError> {
+async fn start(
+    bus: &Bus,
+    call: Call,
+    options: std::collections::HashMap<&'static str, zbus::zvariant::Value<'static>>,
+) -> Result<(u64, mpsc::Receiver<Piece>), ApiError> {
     let conn = bus.connect().await.map_err(ApiError::daemon_away)?;
     // One stream for both signals keeps them in the order the daemon sent them; it is open before
     // the call, since the first token may follow the reply at once.
@@ -270,7 +288,9 @@ async fn start(bus: &Bus, call: Call, options: std::collections::HashMap<&'stati
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         let _conn = conn;
-        let ended = |reason: &str, error: String| Piece::End(Ending { reason: reason.into(), usage: Usage { prompt_tokens: 0, completion_tokens: 0 }, error: Some(error) });
+        let ended = |reason: &str, error: String| {
+            Piece::End(Ending { reason: reason.into(), usage: Usage { prompt_tokens: 0, completion_tokens: 0 }, error: Some(error) })
+        };
         loop {
             tokio::select! {
                 _ = tx.closed() => {
@@ -342,7 +362,12 @@ fn sse(data: &JsonValue) -> Result<SseEvent, Infallible> {
 }
 
 /// Server-sent events: each piece as a chunk, the end, the usage when asked, then `[DONE]`.
-fn event_stream(pieces: mpsc::Receiver<Piece>, chunks: impl Chunks, first: Option<JsonValue>, include_usage: bool) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+fn event_stream(
+    pieces: mpsc::Receiver<Piece>,
+    chunks: impl Chunks,
+    first: Option<JsonValue>,
+    include_usage: bool,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let head = stream::iter(first.map(|f| sse(&f)));
     let body = stream::unfold((pieces, chunks, false), move |(mut pieces, chunks, done)| async move {
         if done {

@@ -12,6 +12,7 @@
 
 mod admission;
 mod events;
+mod kv_store;
 mod queue;
 mod worker;
 
@@ -23,6 +24,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 pub use admission::DrainGuard;
 pub use events::{ClientId, Event, Finished, ModelInfo, ModelState, RequestId, SchedulerError};
+pub use kv_store::CacheKey;
 
 use crate::config::{Config, Limits, ModelConfig};
 use crate::engine::{CancelToken, FinishReason, GenerateOptions, Prompt};
@@ -68,8 +70,15 @@ impl Scheduler {
             counters: Counters { in_flight: AtomicU64::new(0), total: AtomicU64::new(0), generated_tokens: AtomicU64::new(0) },
             admission: Admission::new(),
             states,
+            kv: kv_store::KvStore::default(),
         });
         let scheduler = Scheduler { inner, threads: Arc::new(Mutex::new(Vec::new())) };
+        let sweeper = scheduler.inner.clone();
+        let handle = std::thread::Builder::new()
+            .name("kv-sweeper".into())
+            .spawn(move || sweeper.kv.sweep_until_stopped(|| sweeper.limits.read().expect("limits").kv_cache_idle))
+            .expect("spawn the kv sweeper");
+        scheduler.threads.lock().expect("threads").push(handle);
         let slots: Vec<Arc<ModelSlot>> = config.models.iter().map(|m| scheduler.spawn_slot(m)).collect();
         *scheduler.inner.models.write().expect("models") = slots;
         scheduler
@@ -117,6 +126,7 @@ impl Scheduler {
     pub fn reload(&self, config: &Config) -> Vec<String> {
         let mut changes = Vec::new();
         *self.inner.limits.write().expect("limits") = config.limits.clone();
+        self.inner.kv.limits_changed();
         let old: Vec<Arc<ModelSlot>> = self.inner.models.read().expect("models").clone();
         let mut next = Vec::new();
         for m in &config.models {
@@ -200,11 +210,25 @@ impl Scheduler {
         options: GenerateOptions,
         priority: Priority,
     ) -> Result<Submitted, SchedulerError> {
+        self.submit_keyed(client, model, prompt, options, priority, CacheKey::connection(client))
+    }
+
+    /// `submit_as`, keeping the request's KV under `cache` (the client's connection, or one of
+    /// its sessions) for the next request with that key, and reusing what it holds.
+    pub fn submit_keyed(
+        &self,
+        client: &str,
+        model: &str,
+        prompt: &Prompt,
+        options: GenerateOptions,
+        priority: Priority,
+        cache: CacheKey,
+    ) -> Result<Submitted, SchedulerError> {
         // A reload may retire the model's slot while the request is validated; it is then
         // validated again against the slot that replaced it (its folder may differ). Reloads come
         // from SIGHUP, so a few tries always suffice; past them the request is refused as Busy.
         for _ in 0..4 {
-            match self.try_submit(client, model, prompt, options.clone(), priority)? {
+            match self.try_submit(client, model, prompt, options.clone(), priority, &cache)? {
                 Some(submitted) => return Ok(submitted),
                 None => continue,
             }
@@ -221,6 +245,7 @@ impl Scheduler {
         prompt: &Prompt,
         mut options: GenerateOptions,
         priority: Priority,
+        cache: &CacheKey,
     ) -> Result<Option<Submitted>, SchedulerError> {
         let drain = self.inner.admission.guard()?;
         let slot = self.slot(model)?;
@@ -293,7 +318,18 @@ impl Scheduler {
                 slot.heartbeat.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
             }
         }));
-        let job = GenerateJob { id, permit, seat, prompt_ids, options, cancel: cancel.clone(), events: tx, queued_at: Instant::now(), priority };
+        let job = GenerateJob {
+            id,
+            permit,
+            seat,
+            prompt_ids,
+            options,
+            cancel: cancel.clone(),
+            events: tx,
+            queued_at: Instant::now(),
+            priority,
+            cache: cache.clone(),
+        };
         {
             let mut queue = slot.queue.lock().expect("queue");
             if slot.retired.load(Ordering::SeqCst) {
@@ -308,8 +344,20 @@ impl Scheduler {
         Ok(Some(Submitted { id, events: rx, cancel, drain }))
     }
 
-    /// Cancels every request of a client that went away, queued or running.
+    /// Frees the KV kept under `key` (a session closed).
+    pub fn forget_cache(&self, key: &CacheKey) {
+        self.inner.kv.forget(key);
+    }
+
+    /// Bytes of KV kept between requests, and how many caches hold it.
+    pub fn kv_cache_usage(&self) -> (usize, usize) {
+        self.inner.kv.usage()
+    }
+
+    /// Cancels every request of a client that went away, queued or running, and frees the KV
+    /// kept for it.
     pub fn cancel_client(&self, client: &str) {
+        self.inner.kv.forget_owner(client);
         for slot in self.inner.every() {
             let removed = slot.queue.lock().expect("queue").remove_client(client);
             for job in removed {
@@ -404,6 +452,7 @@ impl Scheduler {
     pub fn shutdown(&self) {
         self.stop_accepting();
         self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.kv.stop();
         for slot in self.inner.every() {
             let jobs = slot.queue.lock().expect("queue").drain();
             for job in jobs {

@@ -28,6 +28,8 @@ pub(super) struct GenerateJob {
     pub(super) events: mpsc::Sender<Event>,
     pub(super) queued_at: Instant,
     pub(super) priority: super::queue::Priority,
+    /// Where its KV is kept for the next request (and what it reuses).
+    pub(super) cache: super::kv_store::CacheKey,
 }
 
 pub(super) enum Control {
@@ -69,6 +71,8 @@ pub(super) struct Inner {
     pub(super) counters: Counters,
     pub(super) admission: Admission,
     pub(super) states: broadcast::Sender<(String, ModelState)>,
+    /// KV kept between requests, for all models.
+    pub(super) kv: super::kv_store::KvStore,
 }
 
 impl Inner {
@@ -116,17 +120,21 @@ pub(super) fn finish_unrun(job: GenerateJob, reason: FinishReason, error: Option
     }));
 }
 
+/// ONNX Runtime frees a session's memory to malloc; this hands it back to the system so that
+/// unloading shows in RSS (glibc keeps freed heap otherwise).
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Drops the engine and gives its memory back to the system.
 fn unload(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, why: &str) {
     if let Some(unloaded) = engine.take() {
         drop(unloaded);
-        // ONNX Runtime frees the session's memory to malloc; hand it back to the system so that
-        // unloading shows in RSS (glibc keeps freed heap otherwise).
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        trim_heap();
         {
             let mut status = slot.status.lock().expect("status");
             status.unloads_at = None;
@@ -252,8 +260,16 @@ pub(super) fn check_memory(inner: &Inner, slot: &ModelSlot) -> Result<(), String
         }
     }
     let need_mib = (weights as f64 * LOAD_OVERHEAD / (1024.0 * 1024.0)).ceil() as u64;
+    let reserve = inner.limits.read().expect("limits").memory_reserve_mib;
+    if mem_available_mib().is_some_and(|available| need_mib + reserve > available) {
+        // Kept KV never stands in the way: it goes first.
+        let freed = inner.kv.clear();
+        if freed > 0 {
+            trim_heap();
+            tracing::info!(freed_mib = freed / (1024 * 1024), "kept KV freed to make room for a model load");
+        }
+    }
     if let Some(available) = mem_available_mib() {
-        let reserve = inner.limits.read().expect("limits").memory_reserve_mib;
         if need_mib + reserve > available {
             return Err(format!(
                 "not enough memory: loading needs about {need_mib} MiB and {reserve} MiB must stay free (`limits.memory_reserve_mib`), but only {available} MiB are available"
@@ -470,12 +486,17 @@ fn run_loaded(inner: &Inner, slot: &ModelSlot, engine: &Engine, job: GenerateJob
         }
         sent
     };
-    let result = engine.generate(&Prompt::Tokens(job.prompt_ids.clone()), &job.options, &job.cancel, &mut on_text);
+    let kv_bytes = inner.limits.read().expect("limits").kv_cache_mib as usize * 1024 * 1024;
+    let kept = if kv_bytes > 0 { inner.kv.take(&job.cache, &slot.config.name) } else { None };
+    let result = engine.generate_cached(&Prompt::Tokens(job.prompt_ids.clone()), &job.options, &job.cancel, &mut on_text, kept);
     let paused = share.paused_total;
     drop(running);
     drop(job.permit);
     let finished = match result {
-        Ok(mut outcome) => {
+        Ok((mut outcome, left)) => {
+            if let Some(left) = left.filter(|_| kv_bytes > 0) {
+                inner.kv.put(job.cache.clone(), &slot.config.name, left, kv_bytes);
+            }
             outcome.stats.queued = queued;
             outcome.stats.paused = paused;
             inner.counters.generated_tokens.fetch_add(outcome.token_ids.len() as u64, Ordering::Relaxed);

@@ -18,11 +18,15 @@ use zbus::Connection;
 use crate::engine::{CancelToken, FinishReason, GenerationStats, Prompt};
 use crate::error::Error;
 use crate::model::ChatMessage;
-use crate::scheduler::{Event, Finished, Priority, RequestId, Scheduler, SchedulerError};
+use crate::scheduler::{CacheKey, Event, Finished, Priority, RequestId, Scheduler, SchedulerError};
 
 pub const BUS_NAME: &str = "org.edgellm.Daemon1";
 pub const OBJECT_PATH: &str = "/org/edgellm/Daemon1";
 pub const INTERFACE: &str = "org.edgellm.Daemon1";
+/// Sessions are object paths under this one.
+pub const SESSION_PATH: &str = "/org/edgellm/Daemon1/session";
+/// Open sessions one connection may hold.
+pub const MAX_SESSIONS_PER_CLIENT: usize = 64;
 
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "org.edgellm.Error")]
@@ -75,6 +79,12 @@ struct RequestEntry {
     cancel: CancelToken,
 }
 
+/// A session a caller opened: its KV is kept apart from the caller's other requests.
+struct SessionEntry {
+    owner: String,
+    model: String,
+}
+
 /// Who may call the admin methods (LoadModel, UnloadModel), from the caller's credentials as
 /// the bus reports them: root, the user the daemon runs as (the owner of a session daemon), and
 /// members of `admin_group`.
@@ -87,6 +97,10 @@ pub struct AdminPolicy {
 pub struct Daemon {
     scheduler: Scheduler,
     requests: Arc<Mutex<HashMap<RequestId, RequestEntry>>>,
+    /// By object path.
+    sessions: Mutex<HashMap<String, SessionEntry>>,
+    /// Session numbers, from a random offset so that paths are not guessable between runs.
+    next_session: std::sync::atomic::AtomicU64,
     started: Instant,
     admin: AdminPolicy,
     log_text: bool,
@@ -106,6 +120,7 @@ fn stats_dict(stats: &GenerationStats) -> HashMap<String, OwnedValue> {
     put("target_forwards", Value::U32(stats.target_forwards as u32));
     put("queued_ms", Value::F64(stats.queued.as_secs_f64() * 1000.0));
     put("paused_ms", Value::F64(stats.paused.as_secs_f64() * 1000.0));
+    put("cached_prompt_tokens", Value::U32(stats.cached_prompt_tokens as u32));
     if let Some(spec) = &stats.speculative {
         put("draft_tokens", Value::U32(spec.draft_tokens as u32));
         put("accepted_tokens", Value::U32(spec.accepted_tokens as u32));
@@ -147,7 +162,15 @@ pub fn account_id(database: &str, name: &str) -> Option<u32> {
 
 impl Daemon {
     pub fn new(scheduler: Scheduler, admin: AdminPolicy, log_text: bool) -> Daemon {
-        Daemon { scheduler, requests: Arc::new(Mutex::new(HashMap::new())), started: Instant::now(), admin, log_text }
+        Daemon {
+            scheduler,
+            requests: Arc::new(Mutex::new(HashMap::new())),
+            sessions: Mutex::new(HashMap::new()),
+            next_session: std::sync::atomic::AtomicU64::new(rand::random::<u32>() as u64),
+            started: Instant::now(),
+            admin,
+            log_text,
+        }
     }
 
     fn sender(header: &Header<'_>) -> Result<UniqueName<'static>, DaemonError> {
@@ -209,11 +232,15 @@ impl Daemon {
             Some(p) => p,
             None => self.default_priority(conn, sender).await,
         };
+        let cache = match &parsed.session {
+            None => CacheKey::connection(sender),
+            Some(path) => self.session_key(sender, path, Some(model))?,
+        };
         // Validation tokenizes up to `limits.max_prompt_bytes`, renders chat templates and may open
         // the model's folder: blocking work, kept off the async threads that serve every caller.
         let submitted = {
             let (scheduler, sender, model, prompt) = (self.scheduler.clone(), sender.to_string(), model.to_string(), prompt.clone());
-            tokio::task::spawn_blocking(move || scheduler.submit_as(&sender, &model, &prompt, generate, priority))
+            tokio::task::spawn_blocking(move || scheduler.submit_keyed(&sender, &model, &prompt, generate, priority, cache))
                 .await
                 .map_err(|e| DaemonError::Internal(format!("request validation failed: {e}")))??
         };
@@ -226,6 +253,25 @@ impl Daemon {
             .expect("requests")
             .insert(submitted.id, RequestEntry { owner: sender.to_string(), cancel: submitted.cancel.clone() });
         Ok(Started { submitted, return_token_ids: parsed.return_token_ids, priority })
+    }
+
+    /// The cache key of the session at `path`, if it is `sender`'s (and for `model`, if given).
+    fn session_key(&self, sender: &str, path: &str, model: Option<&str>) -> Result<CacheKey, DaemonError> {
+        let sessions = self.sessions.lock().expect("sessions");
+        match sessions.get(path) {
+            None => Err(Error::InvalidArgument {
+                argument: "session".into(),
+                reason: format!("{path} is not an open session (CreateSession opens one)"),
+            }
+            .into()),
+            Some(s) if s.owner != sender => Err(DaemonError::AccessDenied(format!("session {path} belongs to another connection"))),
+            Some(s) if model.is_some_and(|m| m != s.model) => Err(Error::InvalidArgument {
+                argument: "session".into(),
+                reason: format!("{path} is a session of model `{}`, not `{}`", s.model, model.unwrap_or_default()),
+            }
+            .into()),
+            Some(_) => Ok(CacheKey { owner: sender.to_string(), name: path.to_string() }),
+        }
     }
 
     /// Background for callers whose uid is one of `limits.background_users`, else interactive.
@@ -316,6 +362,7 @@ impl Daemon {
         }
         requests.retain(|_, e| e.owner != client);
         drop(requests);
+        self.sessions.lock().expect("sessions").retain(|_, s| s.owner != client);
         self.scheduler.cancel_client(client);
     }
 
@@ -463,6 +510,39 @@ impl Daemon {
         }
     }
 
+    /// Opens a session on `model`: requests that pass its path as the option `session` keep
+    /// their KV apart from the caller's others, until `CloseSession` or the caller leaves.
+    #[zbus(out_args("session"))]
+    async fn create_session(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        model: String,
+    ) -> Result<zbus::zvariant::OwnedObjectPath, DaemonError> {
+        let sender = Self::sender(&header)?;
+        if self.scheduler.model_config(&model).is_none() {
+            return Err(SchedulerError::ModelNotFound(model).into());
+        }
+        let mut sessions = self.sessions.lock().expect("sessions");
+        if sessions.values().filter(|s| s.owner == sender.as_str()).count() >= MAX_SESSIONS_PER_CLIENT {
+            return Err(DaemonError::Busy(format!(
+                "this connection has {MAX_SESSIONS_PER_CLIENT} open sessions, the most it may hold: close one (CloseSession)"
+            )));
+        }
+        let n = self.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = format!("{SESSION_PATH}/s{n}");
+        sessions.insert(path.clone(), SessionEntry { owner: sender.to_string(), model });
+        zbus::zvariant::OwnedObjectPath::try_from(path).map_err(|e| DaemonError::Internal(e.to_string()))
+    }
+
+    /// Closes a session of the caller's and frees its KV.
+    async fn close_session(&self, #[zbus(header)] header: Header<'_>, session: zbus::zvariant::ObjectPath<'_>) -> Result<(), DaemonError> {
+        let sender = Self::sender(&header)?;
+        let key = self.session_key(&sender, session.as_str(), None)?;
+        self.sessions.lock().expect("sessions").remove(session.as_str());
+        self.scheduler.forget_cache(&key);
+        Ok(())
+    }
+
     /// Every configured model with its state, provider, draft and error.
     #[zbus(out_args("models"))]
     async fn list_models(&self) -> Vec<(String, HashMap<String, OwnedValue>)> {
@@ -543,6 +623,9 @@ impl Daemon {
         put("requests_queued", Value::U32(self.scheduler.queued() as u32));
         put("requests_total", Value::U64(self.scheduler.requests_total()));
         put("generated_tokens_total", Value::U64(self.scheduler.generated_tokens_total()));
+        let (kv_bytes, kv_caches) = self.scheduler.kv_cache_usage();
+        put("kv_cache_mib", Value::F64(kv_bytes as f64 / (1024.0 * 1024.0)));
+        put("kv_caches", Value::U32(kv_caches as u32));
         // Running totals of speculative decoding per model with a draft: name -> (drafted, accepted).
         let speculative: HashMap<String, (u64, u64)> = self
             .scheduler

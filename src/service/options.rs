@@ -27,6 +27,7 @@ pub const OPTIONS: &[(&str, &str)] = &[
     ("json_schema", "s"),
     ("grammar", "s"),
     ("priority", "s"),
+    ("session", "o"),
 ];
 
 /// The largest `json_schema` or `grammar` taken: llguidance compiles it on the caller's request.
@@ -43,6 +44,8 @@ pub struct RequestOptions {
     pub return_token_ids: bool,
     /// `interactive` or `background`; the caller's default (`limits.background_users`) if unset.
     pub priority: Option<crate::scheduler::Priority>,
+    /// A session of the caller's (`CreateSession`) whose KV the request reuses and keeps.
+    pub session: Option<String>,
 }
 
 fn invalid(argument: &str, reason: impl Into<String>) -> Error {
@@ -176,6 +179,10 @@ pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Er
                 }
                 g.multitoken_max_tokens = Some(n as usize);
             }
+            "session" => match v {
+                Value::ObjectPath(path) => out.session = Some(path.to_string()),
+                other => return Err(wrong_type(name, "o", other)),
+            },
             "priority" => match v {
                 Value::Str(s) => {
                     out.priority = Some(

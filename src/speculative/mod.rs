@@ -119,12 +119,28 @@ pub(crate) struct DraftProposer<'d> {
 }
 
 impl<'d> DraftProposer<'d> {
-    pub(crate) fn new(draft: &'d Draft, positions: usize, cancel: &CancelToken) -> Result<Self> {
-        let cache = draft.decoder.new_cache(draft.layout, positions + draft.settings.max_tokens + 1)?;
+    /// `kept`: the draft's cache from an earlier request, holding a prefix of the prompt.
+    pub(crate) fn new(draft: &'d Draft, positions: usize, cancel: &CancelToken, kept: Option<KvCache>) -> Result<Self> {
+        let positions = positions + draft.settings.max_tokens + 1;
+        let cache = match kept {
+            Some(mut cache) => {
+                cache.renew_run_options()?;
+                cache.reserve(positions, draft.decoder.context())?;
+                cache
+            }
+            None => draft.decoder.new_cache(draft.layout, positions)?,
+        };
         // The draft's runs are terminated with the target's: its first catch-up is a prefill.
         cancel.attach(cache.run_options());
         let length = AdaptiveK::new(draft.settings.min_tokens, draft.settings.max_tokens);
         Ok(DraftProposer { draft, cache, length })
+    }
+}
+
+impl DraftProposer<'_> {
+    /// Its cache, for the next request of the same caller.
+    pub(crate) fn into_cache(self) -> KvCache {
+        self.cache
     }
 }
 

@@ -183,7 +183,10 @@ async fn stream(proxy: &Daemon1Proxy<'_>, prompt: &str, options: HashMap<&str, V
 }
 
 /// Streams the request that `start` makes (Generate or Chat), subscribed before it is made.
-pub async fn stream_request(proxy: &Daemon1Proxy<'_>, start: impl std::future::Future<Output = zbus::Result<u64>>) -> (String, String, usize) {
+pub async fn stream_request(
+    proxy: &Daemon1Proxy<'_>,
+    start: impl std::future::Future<Output = zbus::Result<u64>>,
+) -> (String, String, usize) {
     let mut tokens = proxy.receive_token().await.unwrap();
     let mut finished = proxy.receive_finished().await.unwrap();
     let id = start.await.unwrap();

@@ -16,7 +16,7 @@ use crate::fixtures::{genai_outputs, model_dir, runtime, shared_reference};
 /// A model folder for `model`: the shared folder itself when it has a tokenizer, otherwise a
 /// scratch folder of links to its files plus gpt2-fp32's tokenizer (upstream ships none; the ids
 /// under test do not depend on it). `config` rewrites genai_config.json in the scratch folder.
-fn folder(model: &str, config: Option<&dyn Fn(&mut serde_json::Value)>) -> (PathBuf, Option<tempfile::TempDir>) {
+pub(crate) fn folder(model: &str, config: Option<&dyn Fn(&mut serde_json::Value)>) -> (PathBuf, Option<tempfile::TempDir>) {
     let source = shared_reference(&format!("genai-test-models/{model}"));
     if source.join("tokenizer.json").exists() && config.is_none() {
         return (source, None);

@@ -10,6 +10,7 @@ mod load;
 mod multitoken;
 mod openai;
 mod real_models;
+mod reuse;
 mod scheduler;
 mod speculative;
 mod structured;

@@ -119,7 +119,10 @@ fn openai_client_gets_the_dbus_text_streamed_and_not() {
         sampled(json!({"type": "json_object"})),
     ]));
     let record: Json = serde_json::from_str(results[0]["text"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {}", results[0]));
-    assert!(["Judah", "Levi"].contains(&record["tribe"].as_str().unwrap()) && record["verse"].as_u64().is_some_and(|v| (1..=50).contains(&v)), "{record}");
+    assert!(
+        ["Judah", "Levi"].contains(&record["tribe"].as_str().unwrap()) && record["verse"].as_u64().is_some_and(|v| (1..=50).contains(&v)),
+        "{record}"
+    );
     assert_eq!(results[0]["finish_reason"], "stop");
     if results[1]["finish_reason"] == "stop" {
         let object: Json = serde_json::from_str(results[1]["text"].as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {}", results[1]));
@@ -145,7 +148,14 @@ fn openai_errors_have_openai_shapes_and_codes() {
         chat(json!({"response_format": {"type": "yaml"}})),
         {"kind": "completion", "args": {"model": "kjv", "prompt": ["a", "b"]}},
     ]));
-    let expect = [(404, "model_not_found", None), (400, "", Some("n")), (400, "", None), (400, "", Some("messages[0].role")), (400, "", Some("response_format")), (400, "", Some("prompt"))];
+    let expect = [
+        (404, "model_not_found", None),
+        (400, "", Some("n")),
+        (400, "", None),
+        (400, "", Some("messages[0].role")),
+        (400, "", Some("response_format")),
+        (400, "", Some("prompt")),
+    ];
     for (i, (status, code, param)) in expect.iter().enumerate() {
         let r = &results[i];
         assert_eq!(r["status"], *status, "call {i}: {r}");

@@ -30,7 +30,12 @@ fn schemas() -> Vec<Json> {
 }
 
 /// `Complete` with `options`; (text, finish_reason) or the D-Bus error.
-async fn complete(proxy: &Daemon1Proxy<'_>, model: &str, prompt: &str, options: HashMap<&str, Value<'_>>) -> Result<(String, String), String> {
+async fn complete(
+    proxy: &Daemon1Proxy<'_>,
+    model: &str,
+    prompt: &str,
+    options: HashMap<&str, Value<'_>>,
+) -> Result<(String, String), String> {
     let (text, stats): (String, HashMap<String, OwnedValue>) = proxy.complete(model, prompt, options).await.map_err(|e| e.to_string())?;
     let reason = stats.get("finish_reason").and_then(|r| <&str>::try_from(r).ok()).unwrap_or_default().to_string();
     Ok((text, reason))

@@ -1,0 +1,160 @@
+//! KV kept between requests: a request that continues an earlier one's sequence reuses the KV
+//! of their common prefix, in every decoding mode and both KV layouts, and its greedy ids are
+//! the ones a fresh request gives (near-tie rule: ONNX Runtime's CPU kernels are not
+//! batch-invariant, and a prefill split at the reused prefix is a different batch).
+
+use edgellm::engine::{CancelToken, Engine, GenerateOptions, KvLayout, LoadOptions, Outcome, Prompt, PromptCache};
+use edgellm::model::ModelFolder;
+use edgellm::multitoken::Mode;
+use edgellm::speculative::lookup::LookupSettings;
+
+use crate::fixtures::{model_dir, references, runtime, same_or_near_tie};
+
+const NEW_TOKENS: usize = 24;
+
+fn greedy() -> GenerateOptions {
+    GenerateOptions { max_new_tokens: Some(NEW_TOKENS), temperature: Some(0.0), ..Default::default() }
+}
+
+fn with_eos(out: &Outcome) -> Vec<u32> {
+    let mut ids = out.token_ids.clone();
+    ids.extend(out.eos_token);
+    ids
+}
+
+fn run(engine: &Engine, ids: &[u32], options: &GenerateOptions, cache: Option<PromptCache>) -> (Outcome, Option<PromptCache>) {
+    engine.generate_cached(&Prompt::Tokens(ids.to_vec()), options, &CancelToken::new(), &mut |_| true, cache).unwrap()
+}
+
+/// Three turns of a conversation, each prompt the previous prompt and answer plus the next
+/// reference prompt, run with the KV kept from turn to turn and afresh; then a prompt that
+/// shares only part of the kept tokens (the cache is cut back). Returns the turns whose ids were
+/// identical and how many prompt tokens were reused in all. `near_tie_rule`: a difference must
+/// follow a near tie of the model alone (not for multi-token trust mode, whose output is not the
+/// base's alone: there a flipped near tie moves a step boundary and everything after it).
+fn conversation(engine: &mut Engine, options: &GenerateOptions, what: &str, near_tie_rule: bool) -> (usize, usize) {
+    let refs = references();
+    let cases = &refs.models["kjv-target"];
+    let mut prompt: Vec<u32> = Vec::new();
+    let mut cache: Option<PromptCache> = None;
+    let (mut identical, mut reused_total) = (0, 0);
+    for (turn, case) in cases.iter().take(3).enumerate() {
+        prompt.extend_from_slice(&case.prompt_ids);
+        let held = cache.as_ref().map_or(0, PromptCache::len);
+        let (kept, left) = run(engine, &prompt, options, cache.take());
+        let (fresh, _) = run(engine, &prompt, options, None);
+        // Every kept token continues this prompt, so all are reused, less the last prompt position.
+        assert_eq!(kept.stats.cached_prompt_tokens, held.min(prompt.len() - 1), "{what}: turn {turn} reuses what the cache held");
+        assert_eq!(fresh.stats.cached_prompt_tokens, 0);
+        if turn > 0 {
+            assert!(kept.stats.cached_prompt_tokens > 0, "{what}: turn {turn} reused nothing");
+        }
+        reused_total += kept.stats.cached_prompt_tokens;
+        if same(engine, &format!("{what} turn {turn}"), &prompt, &kept, &fresh, near_tie_rule) {
+            identical += 1;
+        }
+        prompt.extend_from_slice(&kept.token_ids);
+        cache = left;
+    }
+    // A prompt that departs from the kept tokens part way: only the common part is reused.
+    let cache = cache.expect("a cache is left");
+    let common = cases[0].prompt_ids.len() + 2;
+    let mut departing = prompt[..common].to_vec();
+    departing.extend_from_slice(&cases[3].prompt_ids);
+    let (kept, _) = run(engine, &departing, options, Some(cache));
+    let (fresh, _) = run(engine, &departing, options, None);
+    assert_eq!(kept.stats.cached_prompt_tokens, common, "{what}: the common prefix of a departing prompt");
+    if same(engine, &format!("{what} departing"), &departing, &kept, &fresh, near_tie_rule) {
+        identical += 1;
+    }
+    (identical, reused_total)
+}
+
+fn same(engine: &mut Engine, label: &str, prompt: &[u32], kept: &Outcome, fresh: &Outcome, near_tie_rule: bool) -> bool {
+    if near_tie_rule {
+        same_or_near_tie(engine, label, prompt, &with_eos(kept), &with_eos(fresh), label)
+    } else {
+        with_eos(kept) == with_eos(fresh)
+    }
+}
+
+fn target(layout: KvLayout) -> Engine {
+    let options = LoadOptions { kv_layout: Some(layout), ..Default::default() };
+    Engine::load(&runtime(), "kjv", &model_dir("kjv-target"), &options).unwrap()
+}
+
+#[test]
+fn plain_decoding_reuses_the_kv_in_both_layouts() {
+    for layout in [KvLayout::Shared, KvLayout::Growing] {
+        let mut engine = target(layout);
+        let (identical, reused) = conversation(&mut engine, &greedy(), &format!("plain {layout:?}"), true);
+        eprintln!("plain {layout:?}: {identical}/4 identical, {reused} prompt tokens reused");
+        assert!(identical >= 3, "plain {layout:?}: only {identical} of 4 identical");
+    }
+}
+
+#[test]
+fn speculative_decoding_reuses_the_target_and_draft_kv() {
+    for layout in [KvLayout::Shared, KvLayout::Growing] {
+        let options = LoadOptions { kv_layout: Some(layout), ..Default::default() };
+        let mut engine = target(layout);
+        let draft = ModelFolder::open(&model_dir("kjv-draft")).unwrap();
+        engine.attach_draft(&runtime(), &draft, &options, Default::default()).unwrap();
+        let (identical, _) = conversation(&mut engine, &greedy(), &format!("speculative {layout:?}"), true);
+        assert!(identical >= 3, "speculative {layout:?}: only {identical} of 4 identical");
+    }
+}
+
+#[test]
+fn prompt_lookup_reuses_the_kv() {
+    let mut engine = target(KvLayout::Shared);
+    engine.enable_prompt_lookup(LookupSettings::default()).unwrap();
+    let (identical, _) = conversation(&mut engine, &greedy(), "prompt lookup", true);
+    assert!(identical >= 3, "prompt lookup: only {identical} of 4 identical");
+}
+
+#[test]
+fn multitoken_trust_and_verify_reuse_the_base_kv() {
+    let mut engine = Engine::load(&runtime(), "kjv-hamburger", &model_dir("kjv-hamburger"), &LoadOptions::default()).unwrap();
+    for mode in [Mode::Verify, Mode::Trust] {
+        let options = GenerateOptions { multitoken_mode: Some(mode), ..greedy() };
+        let (identical, reused) = conversation(&mut engine, &options, &format!("multitoken {mode:?}"), mode == Mode::Verify);
+        eprintln!("multitoken {mode:?}: {identical}/4 identical, {reused} reused");
+        assert!(identical >= 3, "multitoken {mode:?}: only {identical} of 4 identical");
+    }
+}
+
+#[test]
+fn a_kept_cache_is_not_fed_to_another_engine() {
+    let first = target(KvLayout::Shared);
+    let second = target(KvLayout::Shared);
+    let prompt = &references().models["kjv-target"][0].prompt_ids;
+    let (_, left) = run(&first, prompt, &greedy(), None);
+    let mut longer = prompt.clone();
+    longer.push(prompt[0]);
+    let (out, _) = run(&second, &longer, &greedy(), left);
+    assert_eq!(out.stats.cached_prompt_tokens, 0, "another engine's sessions made that cache");
+}
+
+#[test]
+fn recurrent_states_are_reused_when_extended_and_dropped_when_the_prompt_departs() {
+    let (dir, _keep) = crate::layouts::folder("tiny-random-lfm2-fp32", None);
+    let engine = Engine::load(&runtime(), "lfm2", &dir, &LoadOptions::default()).unwrap();
+    let options = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
+    let prompt: Vec<u32> = vec![0, 0, 195, 731, 12, 77];
+    let (first, left) = run(&engine, &prompt, &options, None);
+    let left = left.expect("a cache is left");
+    let mut extended = prompt.clone();
+    extended.extend(&first.token_ids);
+    extended.extend([5, 6, 7]);
+    let held = left.len();
+    let (kept, left) = run(&engine, &extended, &options, Some(left));
+    let (fresh, _) = run(&engine, &extended, &options, None);
+    assert_eq!(kept.stats.cached_prompt_tokens, held);
+    assert_eq!(with_eos(&kept), with_eos(&fresh), "an extended prompt on kept convolution states");
+    // A departing prompt would need the convolution state rolled back: the cache is not used.
+    let (departed, _) = run(&engine, &[0, 0, 9, 9], &options, left);
+    assert_eq!(departed.stats.cached_prompt_tokens, 0);
+    let (fresh, _) = run(&engine, &[0, 0, 9, 9], &options, None);
+    assert_eq!(with_eos(&departed), with_eos(&fresh));
+}
