@@ -14,7 +14,10 @@
 //! --bandwidth adds the physical limit of plain decoding on --model: the machine's read
 //! bandwidth, the weight bytes a token reads, and each engine's fraction of the bound;
 //! --priority ROUNDS adds an interactive streamed request timed by its client on an idle daemon
-//! and beside 4 background clients streaming 256-token generations, in alternating rounds
+//! and beside 4 background clients streaming 256-token generations, in alternating rounds;
+//! --chat-reuse ROUNDS adds the last turn of a 4-turn chat (about 800 tokens of history), timed by
+//! its client to the first `Token`, on the connection that ran the earlier turns (KV kept) and on
+//! a fresh one, in alternating pairs
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -339,6 +342,9 @@ fn main() {
     }
     if let Some(rounds) = arg(&args, "--priority") {
         priority_table(&model, rounds.parse().expect("--priority ROUNDS"));
+    }
+    if let Some(rounds) = arg(&args, "--chat-reuse") {
+        chat_reuse_table(&model, rounds.parse().expect("--chat-reuse ROUNDS"));
     }
     let _ = std::fs::remove_file(Path::new(&prompts_file));
 }
@@ -1030,6 +1036,113 @@ fn priority_table(model: &Path, rounds: usize) {
         medians.push((m1, m2));
     }
     println!("ratio loaded / idle: TTFT {:.2}x, total {:.2}x (goal <= 2x each) | background throughput while loaded: about {background_tps:.0} tokens/s (their tokens over the loaded windows)", medians[1].0 / medians[0].0, medians[1].1 / medians[0].1);
+    drop(daemon);
+}
+
+/// A streamed `Chat` as its client sees it: (ms to the first `Token`, the `Finished` stats, text).
+async fn timed_chat(
+    proxy: &edgellm::service::client::Daemon1Proxy<'_>,
+    messages: &[(String, String)],
+    new_tokens: u32,
+) -> (f64, std::collections::HashMap<String, zbus::zvariant::OwnedValue>, String) {
+    use futures_util::StreamExt;
+    use zbus::zvariant::Value as V;
+    let mut tokens = proxy.receive_token().await.unwrap();
+    let mut finished = proxy.receive_finished().await.unwrap();
+    let options = std::collections::HashMap::from([("max_new_tokens", V::U32(new_tokens)), ("temperature", V::F64(0.0))]);
+    let messages: Vec<(&str, &str)> = messages.iter().map(|(r, c)| (r.as_str(), c.as_str())).collect();
+    let called = Instant::now();
+    let id = proxy.chat("kjv", &messages, options).await.unwrap();
+    let (mut first, mut text) = (None, String::new());
+    loop {
+        tokio::select! {
+            biased;
+            Some(t) = tokens.next() => {
+                let a = t.args().unwrap();
+                if a.request_id == id {
+                    first.get_or_insert_with(|| called.elapsed().as_secs_f64() * 1000.0);
+                    text.push_str(&a.text);
+                }
+            }
+            Some(f) = finished.next() => {
+                let a = f.args().unwrap();
+                if a.request_id == id {
+                    let total = called.elapsed().as_secs_f64() * 1000.0;
+                    return (first.unwrap_or(total), a.stats.clone(), text);
+                }
+            }
+        }
+    }
+}
+
+/// The last turn of a 4-turn chat, its client's time to the first `Token`: on the connection
+/// that ran turns 1-3 (their KV kept) against a fresh connection sending the same messages, in
+/// pairs whose order alternates.
+fn chat_reuse_table(model: &Path, rounds: usize) {
+    use edgellm::service::client::Daemon1Proxy;
+    let daemon = BenchDaemon::start(model, 0, true);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    // Each user turn quotes a few verses: about 800 tokens of history before the last turn.
+    let verses = [
+        "In the beginning God created the heaven and the earth. And the earth was without form, and void; and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters.",
+        "And God said, Let there be light: and there was light. And God saw the light, that it was good: and God divided the light from the darkness. And God called the light Day, and the darkness he called Night.",
+        "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures: he leadeth me beside the still waters. He restoreth my soul: he leadeth me in the paths of righteousness for his name's sake.",
+        "Blessed are the poor in spirit: for theirs is the kingdom of heaven. Blessed are they that mourn: for they shall be comforted. Blessed are the meek: for they shall inherit the earth.",
+    ];
+    let user = |turn: usize| format!("Read this and go on: {} {} {}", verses[turn % 4], verses[(turn + 1) % 4], verses[(turn + 2) % 4]);
+    let connect = || async { zbus::connection::Builder::address(daemon.address.as_str()).unwrap().build().await.unwrap() };
+    let (reused, fresh, cached, prompt_tokens, ratios) = rt.block_on(async {
+        // The conversation, once: greedy, so every round replays the same turns.
+        let conn = connect().await;
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+        let mut history: Vec<(String, String)> = Vec::new();
+        for turn in 0..3 {
+            history.push(("user".into(), user(turn)));
+            let (_, _, answer) = timed_chat(&proxy, &history, 64).await;
+            history.push(("assistant".into(), answer));
+        }
+        history.push(("user".into(), user(3)));
+        drop(proxy);
+        drop(conn);
+        let (mut reused, mut fresh, mut cached, mut prompt_tokens, mut ratios) = (Vec::new(), Vec::new(), 0u32, 0u32, Vec::new());
+        for round in 0..rounds + 2 {
+            let mut pair = [0.0; 2];
+            for half in 0..2 {
+                let with_reuse = (half == 0) == (round % 2 == 0);
+                let conn = connect().await;
+                let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+                if with_reuse {
+                    for turn in 0..3 {
+                        timed_chat(&proxy, &history[..turn * 2 + 1], 64).await;
+                    }
+                }
+                let (ttft, stats, _) = timed_chat(&proxy, &history, 32).await;
+                if with_reuse {
+                    cached = u32::try_from(&stats["cached_prompt_tokens"]).unwrap();
+                    prompt_tokens = u32::try_from(&stats["prompt_tokens"]).unwrap();
+                }
+                pair[usize::from(!with_reuse)] = ttft;
+            }
+            // The first two rounds warm up.
+            if round >= 2 {
+                reused.push(pair[0]);
+                fresh.push(pair[1]);
+                ratios.push(pair[0] / pair[1]);
+            }
+        }
+        (reused, fresh, cached, prompt_tokens, ratios)
+    });
+    let (r, f) = (median(&mut reused.clone()), median(&mut fresh.clone()));
+    let ((a, b), (c, d), (q1, q3)) = (quartiles(&mut reused), quartiles(&mut fresh), quartiles(&mut ratios));
+    println!(
+        "\nlast turn of a 4-turn chat (Chat, streamed, greedy), client's time to the first Token | {} | {rounds} pairs, order alternating",
+        model.display()
+    );
+    println!("prompt {prompt_tokens} tokens, {cached} of them reused from the connection's kept KV");
+    println!("{:<34} {:>10} {:>14}", "", "TTFT ms", "IQR");
+    println!("{:<34} {r:>10.1} {:>14}", "KV kept (same connection)", format!("{a:.1}-{b:.1}"));
+    println!("{:<34} {f:>10.1} {:>14}", "no reuse (fresh connection)", format!("{c:.1}-{d:.1}"));
+    println!("ratio kept / fresh: {:.3}x median of pairs (IQR {q1:.3}-{q3:.3}; goal <= 0.25x)", median(&mut ratios));
     drop(daemon);
 }
 

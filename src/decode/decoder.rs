@@ -212,6 +212,19 @@ impl KvCache {
         Ok(())
     }
 
+    /// Gives back the room past what the cache holds (a shared buffer is reallocated to its
+    /// length): a cache kept between requests holds its positions only.
+    pub fn shrink_to_fit(&mut self) -> Result<()> {
+        let len = self.len().max(1);
+        if self.layout == KvLayout::Shared && len < self.capacity {
+            self.states.widen(len)?;
+            self.capacity = len;
+            self.ones.set(std::iter::repeat_n(1, len));
+        }
+        self.scratch = Vec::new();
+        Ok(())
+    }
+
     /// Room for `positions` in all: a shared buffer sized for an earlier, shorter request is
     /// reallocated with what it holds copied (a growing cache has room for anything).
     pub fn reserve(&mut self, positions: usize, context: usize) -> Result<()> {

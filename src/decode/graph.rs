@@ -229,8 +229,8 @@ impl KvStates {
         self.values.iter().map(value_bytes).sum()
     }
 
-    /// Reallocates buffers sized ahead (a shared layout) to `capacity` positions, keeping the
-    /// positions they hold.
+    /// Reallocates buffers sized ahead (a shared layout) to `capacity` positions (at least
+    /// their length), keeping the positions they hold.
     pub(crate) fn widen(&mut self, capacity: usize) -> Result<()> {
         for (value, axis) in self.values.iter_mut().zip(&self.seq_axes) {
             if let Some(axis) = *axis {
@@ -280,8 +280,9 @@ pub(crate) fn value_bytes(value: &DynValue) -> usize {
     elements * size
 }
 
-/// `value` with its `axis` widened to `capacity`, the first `len` positions copied and the rest
-/// zero: a buffer sized ahead, grown for a longer sequence than it was made for.
+/// `value` with its `axis` resized to `capacity` (>= `len`), the first `len` positions copied and
+/// the rest zero: a buffer sized ahead, grown for a longer sequence than it was made for, or
+/// shrunk to what it holds.
 pub(crate) fn widen_positions(value: &DynValue, axis: usize, len: usize, capacity: usize) -> Result<DynValue> {
     fn widen<T: ort::value::PrimitiveTensorElementType + Copy + Default + std::fmt::Debug + 'static>(
         value: &DynValue,

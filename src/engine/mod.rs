@@ -350,17 +350,22 @@ impl Engine {
                 (reason, Some(CachedKv::Decoder { target: target.cache, draft: kept_draft }))
             }
         };
-        let left = left.map(|kv| self.left_for_next(kv, &run.sequence));
+        let left = left.and_then(|kv| self.left_for_next(kv, &run.sequence));
         Ok((run.end(&self.folder, reason, on_text, self.provider())?, left))
     }
 
     /// What a finished request leaves: its caches with the tokens they hold, a draft's cut to
     /// the target's length (it may hold a draft the run did not keep).
-    fn left_for_next(&self, kv: CachedKv, sequence: &[u32]) -> PromptCache {
+    fn left_for_next(&self, kv: CachedKv, sequence: &[u32]) -> Option<PromptCache> {
         let (kv, len) = match kv {
-            CachedKv::Decoder { target, draft } => {
+            CachedKv::Decoder { mut target, draft } => {
                 let len = target.len();
-                let draft = draft.and_then(|d| cut(d, len));
+                let mut draft = draft.and_then(|d| cut(d, len));
+                // Kept, a cache holds its positions only (the next request widens it again).
+                target.shrink_to_fit().ok()?;
+                if let Some(d) = &mut draft {
+                    d.shrink_to_fit().ok()?;
+                }
                 (CachedKv::Decoder { target, draft }, len)
             }
             CachedKv::Base(kv) => {
@@ -368,7 +373,7 @@ impl Engine {
                 (CachedKv::Base(kv), len)
             }
         };
-        PromptCache { engine: self.id, tokens: sequence[..len].to_vec(), kv }
+        Some(PromptCache { engine: self.id, tokens: sequence[..len].to_vec(), kv })
     }
 }
 

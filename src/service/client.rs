@@ -17,6 +17,8 @@ pub trait Daemon1 {
     fn load_model(&self, name: &str) -> zbus::Result<()>;
     fn unload_model(&self, name: &str) -> zbus::Result<()>;
     fn status(&self) -> zbus::Result<HashMap<String, OwnedValue>>;
+    fn create_session(&self, model: &str) -> zbus::Result<zbus::zvariant::OwnedObjectPath>;
+    fn close_session(&self, session: &zbus::zvariant::ObjectPath<'_>) -> zbus::Result<()>;
     #[zbus(signal)]
     fn token(&self, request_id: u64, text: String) -> zbus::Result<()>;
     #[zbus(signal)]

@@ -114,7 +114,8 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn eight_clients_with_cancels_and_disconnects() {
     let seconds: u64 = std::env::var("EDGELLM_LOAD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);
-    let daemon = Daemon::start("\n[limits]\nmax_per_client = 4\n");
+    // Kept KV bound small, so that it fills and evicts during the run.
+    let daemon = Daemon::start("\n[limits]\nmax_per_client = 4\nkv_cache_mib = 2\n");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let address = daemon.bus.address.clone();
     // Warm-up with the same shape of load, so that ONNX Runtime's arenas have grown.
@@ -123,7 +124,21 @@ fn eight_clients_with_cancels_and_disconnects() {
     let rss_warm = rss_kib(daemon.pid());
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
-    let reports = run_clients(&rt, &address, until, 0);
+    // Kept KV over the run, as `Status` reports it: it fills its bound and stays within it.
+    let kept_mib = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut most = 0.0f64;
+            while Instant::now() < until {
+                let status = daemon.call("Status", "", &[]).unwrap();
+                most = most.max(status["data"][0]["kv_cache_mib"]["data"].as_f64().unwrap());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            most
+        });
+        let reports = run_clients(&rt, &address, until, 0);
+        (sampler.join().unwrap(), reports)
+    });
+    let (kept_mib, reports) = kept_mib;
     let elapsed = started.elapsed().as_secs_f64();
     // Nothing left behind.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -154,4 +169,7 @@ fn eight_clients_with_cancels_and_disconnects() {
     );
     assert!(finished > 0 && cancelled > 0, "the mix must include finished and cancelled requests");
     assert!((rss_after as f64) < rss_warm as f64 * 1.10, "RSS grew from {rss_warm} to {rss_after} KiB");
+    eprintln!("kept KV: at most {kept_mib:.2} MiB of the 2 MiB bound");
+    assert!(kept_mib <= 2.0, "kept KV over its bound: {kept_mib} MiB");
+    assert!(kept_mib > 1.0, "the kept KV never came near its bound ({kept_mib} MiB): the run did not fill it");
 }

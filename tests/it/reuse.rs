@@ -158,3 +158,132 @@ fn recurrent_states_are_reused_when_extended_and_dropped_when_the_prompt_departs
     let (fresh, _) = run(&engine, &[0, 0, 9, 9], &options, None);
     assert_eq!(with_eos(&departed), with_eos(&fresh));
 }
+
+mod over_dbus {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use edgellm::service::client::Daemon1Proxy;
+    use zbus::zvariant::{OwnedValue, Value};
+
+    use crate::daemon::{rt, Daemon};
+    use crate::fixtures::references;
+
+    async fn complete(proxy: &Daemon1Proxy<'_>, prompt: &str, session: Option<&str>) -> Result<(String, u32), String> {
+        let mut options: HashMap<&str, Value<'_>> = HashMap::from([("max_new_tokens", Value::U32(24)), ("temperature", Value::F64(0.0))]);
+        if let Some(path) = session {
+            options.insert("session", Value::ObjectPath(path.try_into().unwrap()));
+        }
+        let (text, stats): (String, HashMap<String, OwnedValue>) =
+            proxy.complete("kjv", prompt, options).await.map_err(|e| e.to_string())?;
+        Ok((text, u32::try_from(&stats["cached_prompt_tokens"]).unwrap()))
+    }
+
+    async fn kv_caches(proxy: &Daemon1Proxy<'_>) -> (u32, f64) {
+        let status = proxy.status().await.unwrap();
+        (u32::try_from(&status["kv_caches"]).unwrap(), f64::try_from(&status["kv_cache_mib"]).unwrap())
+    }
+
+    /// Polls `Status` until `kv_caches` is `want` (a client's leaving reaches the daemon as a
+    /// bus signal, a moment later).
+    async fn wait_for_caches(proxy: &Daemon1Proxy<'_>, want: u32) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while kv_caches(proxy).await.0 != want {
+            assert!(Instant::now() < deadline, "kv_caches stayed at {} (want {want})", kv_caches(proxy).await.0);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[test]
+    fn reuse_is_per_connection_sessions_are_the_callers_and_leaving_frees_them() {
+        let daemon = Daemon::start("");
+        let case = &references().models["kjv-target"][0];
+        rt().block_on(async {
+            let (a_conn, b_conn, watcher_conn) = (daemon.connect().await, daemon.connect().await, daemon.connect().await);
+            let a = Daemon1Proxy::new(&a_conn).await.unwrap();
+            let b = Daemon1Proxy::new(&b_conn).await.unwrap();
+            let watcher = Daemon1Proxy::new(&watcher_conn).await.unwrap();
+            let (first, cached) = complete(&a, &case.prompt, None).await.unwrap();
+            assert_eq!(cached, 0);
+            // The next turn continues the first: its prompt and answer are reused on A's connection.
+            let next = format!("{}{first} And the", case.prompt);
+            let (a_text, a_cached) = complete(&a, &next, None).await.unwrap();
+            assert!(a_cached as usize > case.prompt_ids.len(), "A reused its own history: {a_cached}");
+            // Another connection with the same prompt reuses nothing, and gets the same text.
+            let (b_text, b_cached) = complete(&b, &next, None).await.unwrap();
+            assert_eq!(b_cached, 0, "a second connection never gets the first one's KV");
+            assert_eq!(a_text, b_text, "reuse gives the text a fresh prefill gives");
+
+            // A session starts apart from the connection's cache, and keeps its own.
+            let session = a.create_session("kjv").await.unwrap();
+            let path = session.as_str();
+            assert_eq!(complete(&a, &next, Some(path)).await.unwrap().1, 0, "a new session holds nothing yet");
+            let (_, again) = complete(&a, &next, Some(path)).await.unwrap();
+            assert!(again > 0, "the session reused its own request");
+            // Only its owner may use or close it.
+            let e = complete(&b, &next, Some(path)).await.unwrap_err();
+            assert!(e.contains("org.edgellm.Error.AccessDenied"), "{e}");
+            let e = b.close_session(&session.as_ref()).await.unwrap_err().to_string();
+            assert!(e.contains("org.edgellm.Error.AccessDenied"), "{e}");
+            let e = a.create_session("no-such-model").await.unwrap_err().to_string();
+            assert!(e.contains("org.edgellm.Error.ModelNotFound"), "{e}");
+            let draft_session = a.create_session("kjv-draft").await.unwrap();
+            let e = complete(&a, &next, Some(draft_session.as_str())).await.unwrap_err();
+            assert!(e.contains("InvalidArgument") && e.contains("kjv-draft"), "a session of another model: {e}");
+            // A's connection cache, its session's and B's.
+            assert_eq!(kv_caches(&watcher).await.0, 3);
+            a.close_session(&session.as_ref()).await.unwrap();
+            assert_eq!(kv_caches(&watcher).await.0, 2, "closing the session freed its KV");
+            let e = complete(&a, &next, Some(path)).await.unwrap_err();
+            assert!(e.contains("InvalidArgument") && e.contains("not an open session"), "{e}");
+            // Leaving the bus frees the rest of A's.
+            drop(a);
+            drop(a_conn);
+            wait_for_caches(&watcher, 1).await;
+            drop(b);
+            drop(b_conn);
+            wait_for_caches(&watcher, 0).await;
+        });
+    }
+
+    #[test]
+    fn kept_kv_stays_within_kv_cache_mib_least_recently_used_first_and_goes_when_idle() {
+        let daemon = Daemon::start("\n[limits]\nkv_cache_mib = 1\nkv_cache_idle_s = 2\n");
+        let cases = &references().models["kjv-target"];
+        rt().block_on(async {
+            let (a_conn, b_conn) = (daemon.connect().await, daemon.connect().await);
+            let a = Daemon1Proxy::new(&a_conn).await.unwrap();
+            let b = Daemon1Proxy::new(&b_conn).await.unwrap();
+            // Prompts of about 110 tokens: with 24 new ones, a cache of 0.8-0.9 MiB.
+            let mut prompts = Vec::new();
+            for start in [0, 5] {
+                let mut prompt = String::new();
+                for case in cases.iter().cycle().skip(start) {
+                    if a.tokenize("kjv", &prompt).await.unwrap().len() >= 110 {
+                        break;
+                    }
+                    prompt.push(' ');
+                    prompt.push_str(&case.prompt);
+                }
+                prompts.push(prompt);
+            }
+            let (a_prompt, b_prompt) = (prompts[0].clone(), prompts[1].clone());
+            let (a_first, _) = complete(&a, &a_prompt, None).await.unwrap();
+            let (count, a_mib) = kv_caches(&a).await;
+            assert_eq!(count, 1);
+            let (b_first, _) = complete(&b, &b_prompt, None).await.unwrap();
+            let (count, b_mib) = kv_caches(&a).await;
+            assert!(a_mib > 0.5 && b_mib > 0.5, "the test needs caches of over half the bound: {a_mib:.2} and {b_mib:.2} MiB");
+            assert_eq!(count, 1, "B's cache evicted A's, the least recently used");
+            assert!(b_mib <= 1.0);
+            // A's next turn is prefilled afresh (and still served); B's reuses its cache.
+            assert_eq!(complete(&a, &format!("{a_prompt}{a_first} And"), None).await.unwrap().1, 0);
+            assert_eq!(kv_caches(&a).await.0, 1, "A's new cache in turn evicted B's");
+            assert_eq!(complete(&b, &format!("{b_prompt}{b_first} And"), None).await.unwrap().1, 0, "B's was evicted by A's");
+            // Unused for kv_cache_idle_s, kept KV is freed.
+            let idle_from = Instant::now();
+            wait_for_caches(&a, 0).await;
+            assert!(idle_from.elapsed() >= Duration::from_millis(1500), "freed before it was idle for 2 s");
+        });
+    }
+}
