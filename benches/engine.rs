@@ -1091,7 +1091,7 @@ fn chat_reuse_table(model: &Path, rounds: usize) {
     ];
     let user = |turn: usize| format!("Read this and go on: {} {} {}", verses[turn % 4], verses[(turn + 1) % 4], verses[(turn + 2) % 4]);
     let connect = || async { zbus::connection::Builder::address(daemon.address.as_str()).unwrap().build().await.unwrap() };
-    let (reused, fresh, cached, prompt_tokens, ratios) = rt.block_on(async {
+    let (mut reused, mut fresh, cached, prompt_tokens, mut ratios) = rt.block_on(async {
         // The conversation, once: greedy, so every round replays the same turns.
         let conn = connect().await;
         let proxy = Daemon1Proxy::new(&conn).await.unwrap();
