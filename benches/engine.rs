@@ -313,7 +313,7 @@ fn main() {
         }
     }
     if !args.iter().any(|a| a == "--no-speculative") {
-        speculative_table(&me, &python, &prompts_file, &new_tokens, &threads);
+        speculative_table(&me, &python, &model, &prompts_file, &new_tokens, &threads);
     }
     if !args.iter().any(|a| a == "--no-prompt-lookup") {
         prompt_lookup_rows(&me, &model, &prompts, &new_tokens, &threads, pair_rounds.max(1));
@@ -636,10 +636,16 @@ fn multitoken_table(me: &Path, prompts_file: &Path, new_tokens: &str, threads: &
 }
 
 /// Plain and speculative decoding of the committed pair, ours and onnxruntime-genai's.
-fn speculative_table(me: &Path, python: &Path, prompts_file: &Path, new_tokens: &str, threads: &str) {
-    let target = root().join("models/kjv-target");
+/// `target` with kjv-draft: kjv-target, or its memory-bound twin (`models/build.sh --xl` writes
+/// the twin and onnxruntime-genai's folder of the pair, kjv-speculative-xl, beside it).
+fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Path, new_tokens: &str, threads: &str) {
+    let target = target.to_path_buf();
     let draft = root().join("models/kjv-draft");
-    let pair = root().join("models/kjv-speculative");
+    let pair = if target.ends_with("kjv-target-xl") {
+        target.with_file_name("kjv-speculative-xl")
+    } else {
+        root().join("models/kjv-speculative")
+    };
     let ours = |draft: Option<&Path>, k: &str| {
         let mut cmd = Workload::on_cpu(&target, new_tokens, threads, prompts_file).edgellm(Command::new(me), "file");
         cmd.args(["--k", k]);
@@ -660,7 +666,7 @@ fn speculative_table(me: &Path, python: &Path, prompts_file: &Path, new_tokens: 
     let rows: Vec<(&str, Value)> = labels.into_iter().zip(run_interleaved(cmds)).collect();
     let plain = rows[0].1.clone();
     println!();
-    println!("speculative decoding, kjv-target with kjv-draft, cpu, greedy");
+    println!("speculative decoding, {} with kjv-draft, cpu, greedy", target.file_name().unwrap().to_string_lossy());
     println!(
         "{:<20} {:>11} {:>10} {:>14} {:>12} {:>12} {:>10}",
         "engine", "decode t/s", "accept", "tok/target fwd", "x our plain", "x genai spec", "identical"
@@ -714,7 +720,8 @@ fn forward_cost_table(models: &[PathBuf], threads: usize, acceptance: f64) {
     for model in models {
         let costs = forward_costs(&runtime, model, &session, &positions);
         let one = costs[0];
-        let draft = if model.ends_with("kjv-target") { draft_one } else { one / 8.0 };
+        // kjv-draft drafts for kjv-target and its memory-bound twin.
+        let draft = if model.to_string_lossy().contains("kjv-target") { draft_one } else { one / 8.0 };
         let ceiling = |k: i32, verify: f64| tokens_per_verify(k) * one / (verify + k as f64 * draft);
         println!(
             "{:<28} {:>9.3} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>11.2} {:>11.2}",

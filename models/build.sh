@@ -5,13 +5,31 @@
 # `models/build.sh --hamburger [ARGS]` instead makes models/kjv-hamburger from kjv-target as of
 # commit 4f5e589 (models/hamburger.py, about 50 minutes), then its reference outputs.
 # `models/build.sh --xl` makes .edgellm/models/kjv-target-xl, kjv-target's memory-bound twin
-# (models/xl_twin.py: about a minute, its check included; not committed).
+# and kjv-speculative-xl, the pair with kjv-draft for onnxruntime-genai (models/xl_twin.py: about
+# 20 seconds on a 2-core AMD EPYC, its check included; not committed).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 if [ "${1:-}" = "--xl" ]; then
   bash scripts/setup-runtime.sh >/dev/null
-  exec .edgellm/venv/bin/python models/xl_twin.py models/kjv-target .edgellm/models/kjv-target-xl
+  .edgellm/venv/bin/python models/xl_twin.py models/kjv-target .edgellm/models/kjv-target-xl
+  # onnxruntime-genai's folder of the speculative pair (kjv-draft drafting for the twin), for the
+  # bench's speculative rows.
+  pair=.edgellm/models/kjv-speculative-xl
+  rm -rf "$pair" && mkdir -p "$pair"
+  ln -s ../kjv-target-xl "$pair/target"
+  ln -s "$root/models/kjv-draft" "$pair/draft"
+  ln -s target/tokenizer.json "$pair/tokenizer.json"
+  exec .edgellm/venv/bin/python - "$pair" <<'PY'
+import json, sys
+pair = sys.argv[1]
+config = json.load(open("models/kjv-speculative/genai_config.json"))
+twin = json.load(open(pair + "/target/genai_config.json"))["model"]["decoder"]
+for key in ("head_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads"):
+    config["model"]["decoder"][key] = twin[key]
+json.dump(config, open(pair + "/genai_config.json", "w"), indent=4)
+print(f"xl: {pair}: onnxruntime-genai's speculative pair")
+PY
 fi
 if ! command -v bible >/dev/null; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
