@@ -74,7 +74,8 @@ fn child(args: &[String]) {
     if let Some(draft) = arg(args, "--draft") {
         let folder = edgellm::model::ModelFolder::open(Path::new(&draft)).expect("draft folder");
         let k: usize = arg(args, "--k").map(|k| k.parse().unwrap()).unwrap_or(8);
-        let settings = edgellm::speculative::Settings { min_tokens: 1, max_tokens: k, min_confidence: 0.0 };
+        let cost_aware = args.iter().any(|a| a == "--by-cost");
+        let settings = edgellm::speculative::Settings { min_tokens: 1, max_tokens: k, min_confidence: 0.0, cost_aware };
         engine.attach_draft(&runtime, &folder, &options, settings).expect("draft");
     }
     let load_s = started.elapsed().as_secs_f64();
@@ -641,14 +642,14 @@ fn multitoken_table(me: &Path, prompts_file: &Path, new_tokens: &str, threads: &
 fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Path, new_tokens: &str, threads: &str) {
     let target = target.to_path_buf();
     let draft = root().join("models/kjv-draft");
-    let pair = if target.ends_with("kjv-target-xl") {
-        target.with_file_name("kjv-speculative-xl")
-    } else {
-        root().join("models/kjv-speculative")
-    };
+    let pair =
+        if target.ends_with("kjv-target-xl") { target.with_file_name("kjv-speculative-xl") } else { root().join("models/kjv-speculative") };
     let ours = |draft: Option<&Path>, k: &str| {
         let mut cmd = Workload::on_cpu(&target, new_tokens, threads, prompts_file).edgellm(Command::new(me), "file");
-        cmd.args(["--k", k]);
+        cmd.args(["--k", k.trim_end_matches("cost")]);
+        if k.ends_with("cost") {
+            cmd.arg("--by-cost");
+        }
         if let Some(d) = draft {
             cmd.arg("--draft").arg(d);
         }
@@ -661,8 +662,16 @@ fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Pat
         }
         cmd
     };
-    let labels = ["edgellm plain", "edgellm spec k<=8", "edgellm spec k<=4", "genai plain", "genai spec k=4"];
-    let cmds = vec![ours(None, "8"), ours(Some(&draft), "8"), ours(Some(&draft), "4"), genai(&target, false), genai(&pair, true)];
+    // Draft lengths from acceptance (the default), or from the measured verify cost ("by cost").
+    let labels = ["edgellm plain", "edgellm spec k<=8", "edgellm k<=8 by cost", "edgellm spec k<=4", "genai plain", "genai spec k=4"];
+    let cmds = vec![
+        ours(None, "8"),
+        ours(Some(&draft), "8"),
+        ours(Some(&draft), "8cost"),
+        ours(Some(&draft), "4"),
+        genai(&target, false),
+        genai(&pair, true),
+    ];
     let rows: Vec<(&str, Value)> = labels.into_iter().zip(run_interleaved(cmds)).collect();
     let plain = rows[0].1.clone();
     println!();
@@ -671,7 +680,7 @@ fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Pat
         "{:<20} {:>11} {:>10} {:>14} {:>12} {:>12} {:>10}",
         "engine", "decode t/s", "accept", "tok/target fwd", "x our plain", "x genai spec", "identical"
     );
-    let genai_spec = rows[4].1["decode_tps"].as_f64().unwrap();
+    let genai_spec = rows[5].1["decode_tps"].as_f64().unwrap();
     for (label, r) in &rows {
         let tps = r["decode_tps"].as_f64().unwrap();
         println!(
@@ -686,7 +695,7 @@ fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Pat
         );
     }
     println!("where the time of our speculative runs goes (share of total generation time):");
-    for (label, r) in rows.iter().filter(|(l, _)| l.starts_with("edgellm spec")) {
+    for (label, r) in rows.iter().filter(|(l, _)| l.starts_with("edgellm") && *l != "edgellm plain") {
         let total = r["total_ms"].as_f64().unwrap();
         let (draft, verify) = (r["draft_ms"].as_f64().unwrap(), r["verify_ms"].as_f64().unwrap());
         println!(

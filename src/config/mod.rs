@@ -84,6 +84,7 @@ struct RawModel {
     speculative_min_tokens: Option<Spanned<u32>>,
     speculative_max_tokens: Option<Spanned<u32>>,
     speculative_min_confidence: Option<Spanned<f64>>,
+    speculative_cost_aware: Option<bool>,
     multitoken_mode: Option<Spanned<String>>,
     multitoken_threshold: Option<Spanned<f64>>,
     multitoken_max_tokens: Option<Spanned<u32>>,
@@ -157,6 +158,7 @@ pub struct SpeculativeConfig {
     pub min_tokens: usize,
     pub max_tokens: usize,
     pub min_confidence: f32,
+    pub cost_aware: bool,
 }
 
 /// Overrides of a multi-token model's defaults (its multitoken_config.json); checked against
@@ -437,7 +439,12 @@ impl Config {
                     0 => None,
                     s => Some(std::time::Duration::from_secs(s)),
                 },
-                speculative: SpeculativeConfig { min_tokens: min_k, max_tokens: max_k, min_confidence },
+                speculative: SpeculativeConfig {
+                    min_tokens: min_k,
+                    max_tokens: max_k,
+                    min_confidence,
+                    cost_aware: m.speculative_cost_aware.unwrap_or(false),
+                },
                 multitoken: MultiTokenConfig { mode, threshold, max_tokens: max_step },
             });
         }

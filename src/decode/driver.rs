@@ -83,6 +83,8 @@ pub(crate) trait Proposer {
     /// own length control may propose fewer, or none. `row` is the target's state of the row
     /// that decided the last token.
     fn propose(&mut self, run: &mut Run, row: Option<RowState<'_>>, limit: usize) -> Result<Proposal>;
+    /// A target forward over `positions` (the last token and the drafts) took `took`.
+    fn verified(&mut self, _positions: usize, _took: std::time::Duration) {}
     /// The target kept the first `len` positions, `accepted` of the `proposed` tokens.
     fn accepted(&mut self, _len: usize, _proposed: usize, _accepted: usize) -> Result<()> {
         Ok(())
@@ -223,7 +225,11 @@ fn rounds(
         ids.extend_from_slice(&drafts);
         if drafts.is_empty() {
             // A plain step: the logits are read where ONNX Runtime wrote them.
+            let stepping = proposer.drafts().then(Instant::now);
             let logits = target.forward(&ids, 1)?;
+            if let Some(stepping) = stepping {
+                proposer.verified(1, stepping.elapsed());
+            }
             run.target_forwards += 1;
             run.mask(logits, &[])?;
             next = run.sampler.next(logits, &run.sequence);
@@ -236,6 +242,7 @@ fn rounds(
         let verifying = Instant::now();
         let flat = target.forward(&ids, ids.len())?;
         run.target_forwards += 1;
+        proposer.verified(ids.len(), verifying.elapsed());
         let mut rows: Vec<Vec<f32>> = flat.chunks(vocab).map(<[f32]>::to_vec).collect();
         run.mask_rows(&mut rows, &drafts)?;
         let (accepted, decided) = if greedy {

@@ -303,6 +303,7 @@ pub(super) fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut
                         min_tokens: s.min_tokens,
                         max_tokens: s.max_tokens,
                         min_confidence: s.min_confidence,
+                        cost_aware: s.cost_aware,
                     };
                     engine.attach_draft(&inner.runtime, &folder, &draft.config.load, settings)?;
                 }

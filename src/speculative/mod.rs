@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::ModelFolder;
 use crate::runtime::{ProviderReport, Runtime};
 
+pub(crate) mod cost;
 pub mod lookup;
 
 /// Draft length bounds and the confidence cut-off (the target's `[[model]]` keys).
@@ -26,11 +27,14 @@ pub struct Settings {
     pub max_tokens: usize,
     /// Stop drafting when the draft's own probability of its token falls under this (0: off).
     pub min_confidence: f32,
+    /// Choose each draft's length from this request's measured verify cost by positions, draft
+    /// cost and acceptance (`cost::CostModel`); false: from acceptance alone (`AdaptiveK`).
+    pub cost_aware: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { min_tokens: 1, max_tokens: 8, min_confidence: 0.0 }
+        Settings { min_tokens: 1, max_tokens: 8, min_confidence: 0.0, cost_aware: false }
     }
 }
 
@@ -116,6 +120,7 @@ pub(crate) struct DraftProposer<'d> {
     draft: &'d Draft,
     cache: KvCache,
     length: AdaptiveK,
+    cost: cost::CostModel,
 }
 
 impl<'d> DraftProposer<'d> {
@@ -133,7 +138,7 @@ impl<'d> DraftProposer<'d> {
         // The draft's runs are terminated with the target's: its first catch-up is a prefill.
         cancel.attach(cache.run_options());
         let length = AdaptiveK::new(draft.settings.min_tokens, draft.settings.max_tokens);
-        Ok(DraftProposer { draft, cache, length })
+        Ok(DraftProposer { draft, cache, length, cost: cost::CostModel::new() })
     }
 }
 
@@ -149,7 +154,13 @@ impl Proposer for DraftProposer<'_> {
         let params = run.sampler.params().clone();
         let greedy = params.is_greedy();
         let min_confidence = self.draft.settings.min_confidence;
-        let (k, min) = (self.length.now(limit), self.length.min());
+        let by_acceptance = self.length.now(limit);
+        let by_cost =
+            if self.draft.settings.cost_aware { self.cost.best_length(self.length.min(), self.draft.settings.max_tokens) } else { None };
+        let (k, min) = (by_cost.map_or(by_acceptance, |k| k.min(limit)), self.length.min());
+        let started = std::time::Instant::now();
+        // The first catch-up is the prompt's prefill: not a draft token's cost.
+        let timed = self.cache.len() + 2 >= run.sequence.len();
         let mut tokens: Vec<u32> = Vec::with_capacity(k);
         let mut q_rows: Vec<Vec<f32>> = Vec::new();
         // The draft first catches up with what it has not seen (1 or 2 tokens; the prompt at first).
@@ -180,11 +191,19 @@ impl Proposer for DraftProposer<'_> {
                 break;
             }
         }
+        if timed {
+            self.cost.drafted(tokens.len(), started.elapsed());
+        }
         Ok(Proposal { tokens, q_rows })
+    }
+
+    fn verified(&mut self, positions: usize, took: std::time::Duration) {
+        self.cost.forward(positions, took);
     }
 
     fn accepted(&mut self, len: usize, proposed: usize, accepted: usize) -> Result<()> {
         self.length.update(proposed, accepted);
+        self.cost.judged(proposed, accepted);
         // The draft keeps no more than the target did (it may not have seen the last draft).
         let keep = len.min(self.cache.len());
         self.cache.truncate(keep)

@@ -11,7 +11,9 @@ fn pair(draft: &str, layout: KvLayout, max_tokens: usize) -> Engine {
     let options = LoadOptions { kv_layout: Some(layout), ..Default::default() };
     let mut engine = Engine::load(&runtime(), "kjv", &model_dir("kjv-target"), &options).unwrap();
     let folder = ModelFolder::open(&model_dir(draft)).unwrap();
-    engine.attach_draft(&runtime(), &folder, &options, Settings { min_tokens: 1, max_tokens, min_confidence: 0.0 }).unwrap();
+    engine
+        .attach_draft(&runtime(), &folder, &options, Settings { min_tokens: 1, max_tokens, min_confidence: 0.0, cost_aware: false })
+        .unwrap();
     engine
 }
 
