@@ -4,15 +4,17 @@
 # then runs models/build.py. Extra arguments go to build.py (e.g. --stages reference).
 # `models/build.sh --hamburger [ARGS]` instead makes models/kjv-hamburger from kjv-target as of
 # commit 4f5e589 (models/hamburger.py, about 50 minutes), then its reference outputs.
-# `models/build.sh --xl` makes .edgellm/models/kjv-target-xl, kjv-target's memory-bound twin
-# and kjv-speculative-xl, the pair with kjv-draft for onnxruntime-genai (models/xl_twin.py: about
-# 20 seconds on a 2-core AMD EPYC, its check included; not committed).
+# `models/build.sh --xl` makes .edgellm/models/kjv-target-xl and kjv-hamburger-xl, the memory-bound
+# twins of kjv-target and kjv-hamburger, and kjv-speculative-xl, the pair with kjv-draft for
+# onnxruntime-genai (models/xl_twin.py: about a minute on a 2-core AMD EPYC, the checks included;
+# not committed).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 if [ "${1:-}" = "--xl" ]; then
   bash scripts/setup-runtime.sh >/dev/null
   .edgellm/venv/bin/python models/xl_twin.py models/kjv-target .edgellm/models/kjv-target-xl
+  .edgellm/venv/bin/python models/xl_twin.py models/kjv-hamburger .edgellm/models/kjv-hamburger-xl
   # onnxruntime-genai's folder of the speculative pair (kjv-draft drafting for the twin), for the
   # bench's speculative rows.
   pair=.edgellm/models/kjv-speculative-xl
