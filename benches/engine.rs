@@ -3,14 +3,16 @@
 //! time, load RSS, time to first token and decode speed, with ratios (edgellm / genai).
 //!
 //! Options: --model DIR (default models/kjv-target), --new-tokens N (128), --providers cpu,openvino,
-//! --threads N, --no-speculative, --no-multitoken, --thresholds 0.7,0.5 (multi-token table);
+//! --threads N, --no-speculative, --no-multitoken, --thresholds 0.7,0.5 (multi-token table),
+//! --hamburger DIR (its model: models/kjv-hamburger; its plain row is --model's);
 //! --providers none skips the first table; --forward-cost DIR,DIR adds a table of how a forward's
 //! cost grows with its positions (what a speculative verify pays), --acceptance A (0.79) for it;
 //! --work-per-token cpu,openvino adds a table of instructions per decoded token under callgrind;
 //! --pair-rounds N (20): rounds of the paired rows, where both engines stay loaded and run each
 //! prompt in turn (0 skips them); --streaming CALLS adds streamed Generate against Complete over
 //! D-Bus (the daemon's own engine time, CALLS pairs per variant), --streaming-variants
-//! THREADS:on|off,... (intra-op threads and spinning; default 0:on,0:off,1:on,1:off);
+//! THREADS:on|runs|off,... (intra-op threads and spinning: on, only during a run
+//! (spin_between_runs = false), off; default 0:on,0:runs,0:off,1:on,1:off);
 //! --bandwidth adds the physical limit of plain decoding on --model: the machine's read
 //! bandwidth, the weight bytes a token reads, and each engine's fraction of the bound;
 //! --priority ROUNDS adds an interactive streamed request timed by its client on an idle daemon
@@ -67,7 +69,15 @@ fn child(args: &[String]) {
     let started = Instant::now();
     let threads: usize = arg(args, "--threads").map(|t| t.parse().unwrap()).unwrap_or(0);
     let options = LoadOptions {
-        session: SessionOptions { providers: vec![provider], strict: true, weights, threads, ..Default::default() },
+        // EDGELLM_BENCH_SPIN_BETWEEN_RUNS=1: ONNX Runtime's default spinning after each run.
+        session: SessionOptions {
+            providers: vec![provider],
+            strict: true,
+            weights,
+            threads,
+            spin_between_runs: std::env::var_os("EDGELLM_BENCH_SPIN_BETWEEN_RUNS").is_some_and(|v| v == "1"),
+            ..Default::default()
+        },
         kv_layout,
     };
     let mut engine = Engine::load(&runtime, "bench", &model, &options).expect("load");
@@ -332,10 +342,11 @@ fn main() {
     }
     if !args.iter().any(|a| a == "--no-multitoken") {
         let thresholds = arg(&args, "--thresholds").unwrap_or_else(|| "0.7,0.5".into());
-        multitoken_table(&me, &prompts_file, &new_tokens, &threads, &thresholds);
+        let hamburger = arg(&args, "--hamburger").map(PathBuf::from).unwrap_or_else(|| root().join("models/kjv-hamburger"));
+        multitoken_table(&me, &model, &hamburger, &prompts_file, &new_tokens, &threads, &thresholds);
     }
     if let Some(calls) = arg(&args, "--streaming") {
-        let variants = arg(&args, "--streaming-variants").unwrap_or_else(|| "0:on,0:off,1:on,1:off".into());
+        let variants = arg(&args, "--streaming-variants").unwrap_or_else(|| "0:on,0:runs,0:off,1:on,1:off".into());
         streaming_table(&model, new_tokens.parse().expect("--new-tokens N"), calls.parse().expect("--streaming CALLS"), &variants);
     }
     if args.iter().any(|a| a == "--bandwidth") {
@@ -586,11 +597,10 @@ fn work_per_token_table(me: &Path, python: &Path, model: &Path, providers: &str,
     }
 }
 
-/// The HAMburger-style model in both modes at two thresholds, against plain decoding of its own
-/// base (one token per step) and of the committed target.
-fn multitoken_table(me: &Path, prompts_file: &Path, new_tokens: &str, threads: &str, thresholds: &str) {
-    let hamburger = root().join("models/kjv-hamburger");
-    let target = root().join("models/kjv-target");
+/// The HAMburger-style model (`--hamburger`: kjv-hamburger, or its memory-bound twin) in both
+/// modes at two thresholds, against plain decoding of its own base (one token per step) and of
+/// `--model`.
+fn multitoken_table(me: &Path, target: &Path, hamburger: &Path, prompts_file: &Path, new_tokens: &str, threads: &str, thresholds: &str) {
     let ours = |model: &Path, multitoken: Option<&str>| {
         let mut cmd = Workload::on_cpu(model, new_tokens, threads, prompts_file).edgellm(Command::new(me), "file");
         cmd.args(["--nll", "1"]);
@@ -599,18 +609,19 @@ fn multitoken_table(me: &Path, prompts_file: &Path, new_tokens: &str, threads: &
         }
         cmd
     };
-    let mut labels = vec!["kjv-target plain".to_string(), "base alone (1 token/step)".to_string()];
-    let mut cmds = vec![ours(&target, None), ours(&hamburger, Some("trust:1"))];
+    let target_name = target.file_name().unwrap().to_string_lossy().to_string();
+    let mut labels = vec![format!("{target_name} plain"), "base alone (1 token/step)".to_string()];
+    let mut cmds = vec![ours(target, None), ours(hamburger, Some("trust:1"))];
     for threshold in thresholds.split(',') {
         for mode in ["trust", "verify"] {
             labels.push(format!("{mode} @ {threshold}"));
-            cmds.push(ours(&hamburger, Some(&format!("{mode}:{threshold}"))));
+            cmds.push(ours(hamburger, Some(&format!("{mode}:{threshold}"))));
         }
     }
     let rows: Vec<(String, Value)> = labels.into_iter().zip(run_interleaved(cmds)).collect();
     let (target_plain, base_plain) = (rows[0].1.clone(), rows[1].1.clone());
     println!();
-    println!("multi-token steps, kjv-hamburger (base = its own base, one token per step), cpu, greedy");
+    println!("multi-token steps, {} (base = its own base, one token per step), cpu, greedy", hamburger.file_name().unwrap().to_string_lossy());
     println!(
         "{:<26} {:>11} {:>13} {:>12} {:>10} {:>11} {:>13} {:>10} {:>7}",
         "decoding", "decode t/s", "tok/base fwd", "KV/token", "x base", "x target", "base nll", "same text", "micro%"
@@ -633,7 +644,7 @@ fn multitoken_table(me: &Path, prompts_file: &Path, new_tokens: &str, threads: &
             100.0 * r["micro_ms"].as_f64().unwrap_or(0.0) / total
         );
     }
-    println!("base nll: the model's own loss (nats/token) on the text it generated; kjv-target's row is under kjv-target");
+    println!("base nll: the model's own loss (nats/token) on the text it generated; {target_name}'s row is under {target_name}");
 }
 
 /// Plain and speculative decoding of the committed pair, ours and onnxruntime-genai's.
@@ -789,7 +800,8 @@ struct BenchDaemon {
 }
 
 impl BenchDaemon {
-    fn start(model: &Path, threads: u32, spinning: bool) -> BenchDaemon {
+    /// `spin`: "on", "runs" (only during a run) or "off"; None leaves the daemon's defaults.
+    fn start(model: &Path, threads: u32, spin: Option<&str>) -> BenchDaemon {
         use std::process::Stdio;
         let dir = tempfile::tempdir().unwrap();
         let address = format!("unix:path={}", dir.path().join("bus").display());
@@ -808,7 +820,10 @@ impl BenchDaemon {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let config = dir.path().join("edgellm.toml");
-        std::fs::write(&config, format!("[daemon]\naddress = \"{address}\"\n\n[[model]]\nname = \"kjv\"\npath = \"{}\"\nthreads = {threads}\nspinning = {spinning}\n", model.display())).unwrap();
+        // The daemon reads a relative path against its config's folder.
+        let model = &std::path::absolute(model).expect("model path");
+        let spinning = spin.map(|s| format!("spinning = {}\nspin_between_runs = {}\n", s != "off", s == "on")).unwrap_or_default();
+        std::fs::write(&config, format!("[daemon]\naddress = \"{address}\"\n\n[[model]]\nname = \"kjv\"\npath = \"{}\"\nthreads = {threads}\n{spinning}", model.display())).unwrap();
         let log = dir.path().join("edgellmd.log");
         let mut daemon = Command::new(env!("CARGO_BIN_EXE_edgellmd"))
             .arg("--config")
@@ -827,9 +842,11 @@ impl BenchDaemon {
                 .args(["call", "org.edgellm.Daemon1", "/org/edgellm/Daemon1", "org.edgellm.Daemon1", "ListModels"])
                 .output()
                 .unwrap();
-            if String::from_utf8_lossy(&out.stdout).contains("ready") {
+            let listed = String::from_utf8_lossy(&out.stdout);
+            if listed.contains("ready") {
                 break;
             }
+            assert!(!listed.contains("failed"), "edgellmd could not load {}: {}", model.display(), std::fs::read_to_string(&log).unwrap_or_default());
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         BenchDaemon { _dir: dir, address, bus, daemon }
@@ -869,9 +886,10 @@ fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) 
     );
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     for variant in variants.split(',') {
-        let (threads, spin) = variant.split_once(':').expect("THREADS:on|off");
-        let (threads, spinning): (u32, bool) = (threads.parse().expect("threads"), spin == "on");
-        let daemon = BenchDaemon::start(model, threads, spinning);
+        let (threads, spin) = variant.split_once(':').expect("THREADS:on|runs|off");
+        let threads: u32 = threads.parse().expect("threads");
+        assert!(["on", "runs", "off"].contains(&spin), "--streaming-variants: spinning on, runs or off");
+        let daemon = BenchDaemon::start(model, threads, Some(spin));
         let (mut streamed, mut completed, mut ratios, mut client) = rt.block_on(async {
             let conn = zbus::connection::Builder::address(daemon.address.as_str()).unwrap().build().await.unwrap();
             let proxy = Daemon1Proxy::new(&conn).await.unwrap();
@@ -923,7 +941,7 @@ fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) 
         let (q1, q3) = quartiles(&mut ratios);
         println!(
             "{threads:<8} {:<9} {s:>12.1} {c:>13.1} {:>15.3} {:>18} {:>12.1}",
-            if spinning { "on" } else { "off" },
+            spin,
             s / c,
             format!("{q1:.3}-{q3:.3}"),
             median(&mut client)
@@ -976,7 +994,7 @@ fn priority_table(model: &Path, rounds: usize) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     use zbus::zvariant::Value as V;
-    let daemon = BenchDaemon::start(model, 0, true);
+    let daemon = BenchDaemon::start(model, 0, None);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (idle, loaded, background_tps) = rt.block_on(async {
         let connect = || async { zbus::connection::Builder::address(daemon.address.as_str()).unwrap().build().await.unwrap() };
@@ -1096,7 +1114,7 @@ async fn timed_chat(
 /// pairs whose order alternates.
 fn chat_reuse_table(model: &Path, rounds: usize) {
     use edgellm::service::client::Daemon1Proxy;
-    let daemon = BenchDaemon::start(model, 0, true);
+    let daemon = BenchDaemon::start(model, 0, None);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     // Each user turn quotes a few verses: about 800 tokens of history before the last turn.
     let verses = [

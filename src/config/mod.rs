@@ -76,6 +76,7 @@ struct RawModel {
     strict: Option<bool>,
     threads: Option<u32>,
     spinning: Option<bool>,
+    spin_between_runs: Option<bool>,
     provider_options: Option<Spanned<BTreeMap<String, toml::Value>>>,
     kv_layout: Option<Spanned<String>>,
     draft: Option<Spanned<String>>,
@@ -427,6 +428,7 @@ impl Config {
                         strict: m.strict.unwrap_or(false),
                         threads: m.threads.unwrap_or(0) as usize,
                         spinning: m.spinning.unwrap_or(true),
+                        spin_between_runs: m.spin_between_runs.unwrap_or(false),
                         provider_options,
                         weights: Default::default(),
                     },
@@ -500,6 +502,15 @@ mod tests {
         assert!(e.contains(":4:") && e.contains("model.draft"), "{e}");
         let e = parse("[limits]\nmax_queue = -1\n").unwrap_err().to_string();
         assert!(e.contains(":2:"), "{e}");
+    }
+
+    #[test]
+    fn spinning_keys_and_their_defaults() {
+        let session = |text: &str| parse(text).unwrap().models[0].load.session.clone();
+        let default = session("[[model]]\nname = \"a\"\npath = \"x\"\n");
+        assert!(default.spinning && !default.spin_between_runs);
+        let set = session("[[model]]\nname = \"a\"\npath = \"x\"\nspinning = false\nspin_between_runs = true\n");
+        assert!(!set.spinning && set.spin_between_runs);
     }
 
     #[test]
