@@ -19,7 +19,8 @@
 //! and beside 4 background clients streaming 256-token generations, in alternating rounds;
 //! --chat-reuse ROUNDS adds the last turn of a 4-turn chat (about 800 tokens of history), timed by
 //! its client to the first `Token`, on the connection that ran the earlier turns (KV kept) and on
-//! a fresh one, in alternating pairs
+//! a fresh one, in alternating pairs. EDGELLM_BENCH_SPIN_BETWEEN_RUNS=1 gives the engine children
+//! ONNX Runtime's default of spinning on after each run (edgellm's default stops it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
