@@ -14,7 +14,8 @@
 //! THREADS:on|runs|off,... (intra-op threads and spinning: on, only during a run
 //! (spin_between_runs = false), off; default 0:on,0:runs,0:off,1:on,1:off);
 //! --bandwidth adds the physical limit of plain decoding on --model: the machine's read
-//! bandwidth, the weight bytes a token reads, and each engine's fraction of the bound;
+//! bandwidth, the weight bytes a token reads, and each engine's fraction of the bound (paired
+//! rounds: --pair-rounds, at least 2);
 //! --priority ROUNDS adds an interactive streamed request timed by its client on an idle daemon
 //! and beside 4 background clients streaming 256-token generations, in alternating rounds;
 //! --chat-reuse ROUNDS adds the last turn of a 4-turn chat (about 800 tokens of history), timed by
@@ -351,7 +352,7 @@ fn main() {
         streaming_table(&model, new_tokens.parse().expect("--new-tokens N"), calls.parse().expect("--streaming CALLS"), &variants);
     }
     if args.iter().any(|a| a == "--bandwidth") {
-        bandwidth_table(&me, &python, &model, &new_tokens, &threads, &prompts_file);
+        bandwidth_table(&me, &python, &model, &new_tokens, &threads, &prompts_file, prompts.len(), pair_rounds.max(2));
     }
     if let Some(rounds) = arg(&args, "--priority") {
         priority_table(&model, rounds.parse().expect("--priority ROUNDS"));
@@ -396,7 +397,11 @@ impl Server {
 /// Decode speed and time to first token measured in pairs: both engines load once, then run the
 /// same prompt one right after the other, alternating which goes first. Load on this shared
 /// machine moves single runs by 10-30% over seconds; within a pair it hits both engines alike.
-fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds: usize) {
+/// The pause before each half of a pair (see paired_rows).
+const PAIR_GAP: std::time::Duration = std::time::Duration::from_millis(150);
+
+/// Returns each engine's decode speed over all its tokens: [onnxruntime-genai, edgellm].
+fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds: usize) -> [f64; 2] {
     let mut servers = [work.genai(Command::new(python)), work.edgellm(Command::new(me), "file")].map(Server::start);
     let (mut decode, mut ttft, mut same) = (Vec::new(), Vec::new(), true);
     let (mut decode_s, mut decoded) = ([0.0f64; 2], [0u64; 2]);
@@ -406,7 +411,9 @@ fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds
             let first = (round + prompt) % 2;
             for engine in [first, 1 - first] {
                 // Let the other engine's ONNX Runtime pool stop spinning before this one starts.
-                std::thread::sleep(std::time::Duration::from_millis(10));
+                // onnxruntime-genai's spins on after its run: with 10 ms here, edgellm's TTFT
+                // on the memory-bound twin measured 1.25x genai's in pairs, with 150 ms 0.95x.
+                std::thread::sleep(PAIR_GAP);
                 replies[engine] = servers[engine].run(prompt);
             }
             let f = |r: &Value, k: &str| r[k].as_f64().unwrap();
@@ -439,6 +446,7 @@ fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds
         decode.len(),
         100.0 * faster
     );
+    [decoded[0] as f64 / decode_s[0], decoded[1] as f64 / decode_s[1]]
 }
 
 /// Prompt lookup against plain decoding of the same model, in paired alternating rounds (both
@@ -1204,7 +1212,7 @@ fn read_bandwidth() -> (f64, usize) {
 
 /// Plain decoding against the memory bound: weight bytes per token x tokens/s / bandwidth, for
 /// edgellm and onnxruntime-genai on the same folder (median of three interleaved runs each).
-fn bandwidth_table(me: &Path, python: &Path, model: &Path, new_tokens: &str, threads: &str, prompts: &Path) {
+fn bandwidth_table(me: &Path, python: &Path, model: &Path, new_tokens: &str, threads: &str, prompts: &Path, prompt_count: usize, rounds: usize) {
     let (bandwidth, cores) = read_bandwidth();
     let out = Command::new(python).arg(root().join("benches/weight_bytes.py")).arg(model).output().expect("python");
     assert!(out.status.success(), "weight_bytes.py: {}", String::from_utf8_lossy(&out.stderr));
@@ -1218,11 +1226,10 @@ fn bandwidth_table(me: &Path, python: &Path, model: &Path, new_tokens: &str, thr
         bytes["file_bytes"].as_f64().unwrap() / 1e6
     );
     let work = Workload::on_cpu(model, new_tokens, threads, prompts);
-    let mut results = run_interleaved(vec![work.genai(Command::new(python)), work.edgellm(Command::new(me), "file")]).into_iter();
-    let (genai, edgellm) = (results.next().unwrap(), results.next().unwrap());
-    println!("{:<18} {:>11} {:>14} {:>20}", "engine", "decode t/s", "weight GB/s", "fraction of bound");
-    for (label, r) in [("onnxruntime-genai", &genai), ("edgellm", &edgellm)] {
-        let tps = r["decode_tps"].as_f64().unwrap();
+    // Paired rounds, so that a change of load on this shared machine hits both engines alike.
+    let paired = paired_rows(&work, me, python, prompt_count, rounds);
+    println!("{:<18} {:>11} {:>14} {:>20}   ({rounds} paired rounds of {prompt_count} prompts, all tokens)", "engine", "decode t/s", "weight GB/s", "fraction of bound");
+    for (label, tps) in ["onnxruntime-genai", "edgellm"].into_iter().zip(paired) {
         println!("{label:<18} {tps:>11.1} {:>14.2} {:>20.3}", per_token * tps / 1e9, per_token * tps / bandwidth);
     }
 }
