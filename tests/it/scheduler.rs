@@ -311,9 +311,14 @@ fn interactive_requests_overtake_queued_background_ones() {
     let long = GenerateOptions { max_new_tokens: Some(400), temperature: Some(1.0), seed: Some(2), ..Default::default() };
     let short = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
     let prompt = Prompt::Text("And God said".into());
-    // One running and two waiting background requests, then an interactive one.
+    // One running and two waiting background requests, then an interactive one. The first is
+    // running (its first token is out) before the others queue: queued together, the per-client
+    // turns would put indexer2's request before indexer's second, as a clean-clone run once did.
+    let mut running = scheduler.submit_as("indexer", "kjv", &prompt, long.clone(), Priority::Background).unwrap();
+    let first = crate::daemon::rt().block_on(async { tokio::time::timeout(Duration::from_secs(60), running.events.recv()).await });
+    assert!(matches!(first, Ok(Some(Event::Text(_)))), "the first background request runs");
     let mut jobs = vec![
-        ("background running", scheduler.submit_as("indexer", "kjv", &prompt, long.clone(), Priority::Background).unwrap()),
+        ("background running", running),
         ("background 1", scheduler.submit_as("indexer", "kjv", &prompt, long.clone(), Priority::Background).unwrap()),
         ("background 2", scheduler.submit_as("indexer2", "kjv", &prompt, long, Priority::Background).unwrap()),
     ];
