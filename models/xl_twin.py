@@ -105,6 +105,16 @@ def pad_matmuls_and_norms(g, inits, new_inits, d, hq, hkv, hs) -> None:
             new_inits[node.input[1]] = np.array([HQ * hs, HKV * hs, HKV * hs], dtype=inits[node.input[1]].dtype)
 
 
+def clone_initializers(node, clone, inits, new_inits, copied) -> None:
+    """The initializers of a cloned layer's node: `copied` ones (norms, split sizes) as they are,
+    int4 weights as random nibbles (their scales are zero), the rest zero. Shared initializers
+    (the rotary caches) keep the one name and copy."""
+    for i, o in zip(node.input, clone.input):
+        if o != i and (i in new_inits or i in inits):
+            arr = new_inits.get(i, inits.get(i))
+            new_inits[o] = arr.copy() if copied(i) else noise(arr.shape) if "Q4" in i else np.zeros_like(arr)
+
+
 def kv_io(values, prefix: str) -> list:
     """The KV inputs or outputs for every layer of the twin, with its KV head count."""
     template = [v for v in values if v.name.startswith(prefix)]
@@ -189,16 +199,7 @@ def main(src: Path, out: Path) -> None:
             c.name = rename(n.name)
             c.input[:] = [rename(i) for i in n.input]
             c.output[:] = [rename(o) for o in n.output]
-            for i, o in zip(n.input, c.input):
-                # Shared initializers (the rotary caches) keep their one copy.
-                if o != i and (i in new_inits or i in inits):
-                    src_arr = new_inits.get(i, inits.get(i))
-                    if "layernorm" in i:
-                        new_inits[o] = src_arr.copy()
-                    elif "Q4" in i:
-                        new_inits[o] = noise(src_arr.shape)
-                    else:
-                        new_inits[o] = np.zeros_like(src_arr)
+            clone_initializers(n, c, inits, new_inits, copied=lambda name: "layernorm" in name)
             extra.append(c)
     f = final[0]
     f.input[0] = f.input[0].replace(f"{last}/", f"layers.{LAYERS - 1}/")
@@ -274,15 +275,7 @@ def twin_hamburger(src: Path, out: Path) -> None:
             c.output[:] = [rename(o) if o else o for o in n.output]
             if n is enter:
                 c.input[0], c.input[1] = prev
-            for i, o in zip(n.input, c.input):
-                if o != i and (i in inits or i in new_inits):
-                    arr = new_inits.get(i, inits.get(i))
-                    if i.endswith("norm") or i.endswith("qkv_sizes"):
-                        new_inits[o] = arr.copy()
-                    elif "Q4" in i:
-                        new_inits[o] = noise(arr.shape)
-                    else:
-                        new_inits[o] = np.zeros_like(arr)
+            clone_initializers(n, c, inits, new_inits, copied=lambda name: name.endswith("norm") or name.endswith("qkv_sizes"))
             extra.append(c)
         prev = (rename(final.input[0]), rename(final.input[1]))
     final.input[0], final.input[1] = prev
