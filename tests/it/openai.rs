@@ -176,7 +176,18 @@ fn openai_errors_have_openai_shapes_and_codes() {
         let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         let long = || HashMap::from([("max_new_tokens", Value::U32(1000)), ("temperature", Value::F64(1.0)), ("seed", Value::U64(3))]);
         let a = proxy.generate("kjv", PROMPT, long()).await.unwrap();
-        let b = proxy.generate("kjv", PROMPT, long()).await.unwrap();
+        // The second waits in the queue once the first has left it for the engine: until then the
+        // queue of one is full (a clean-clone run once saw Busy here).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let b = loop {
+            match proxy.generate("kjv", PROMPT, long()).await {
+                Ok(b) => break b,
+                Err(e) if e.to_string().contains("Busy") && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("the second long request: {e}"),
+            }
+        };
         (conn, a, b)
     });
     let results = serve.calls(json!([chat(json!({}))]));
