@@ -11,8 +11,9 @@
 //! --pair-rounds N (20): rounds of the paired rows, where both engines stay loaded and run each
 //! prompt in turn (0 skips them); --streaming CALLS adds streamed Generate against Complete over
 //! D-Bus (the daemon's own engine time, CALLS pairs per variant), --streaming-variants
-//! THREADS:on|runs|off,... (intra-op threads and spinning: on, only during a run
-//! (spin_between_runs = false), off; default 0:on,0:runs,0:off,1:on,1:off);
+//! THREADS:on|runs|off[:MS],... (intra-op threads and spinning: on, only during a run
+//! (spin_between_runs = false), off; MS the daemon's token_interval_ms, its default when left
+//! out; default 0:runs:0,0:runs,0:on,1:on);
 //! --bandwidth adds the physical limit of plain decoding on --model: the machine's read
 //! bandwidth, the weight bytes a token reads, and each engine's fraction of the bound (paired
 //! rounds: --pair-rounds, at least 2);
@@ -348,7 +349,7 @@ fn main() {
         multitoken_table(&me, &model, &hamburger, &prompts_file, &new_tokens, &threads, &thresholds);
     }
     if let Some(calls) = arg(&args, "--streaming") {
-        let variants = arg(&args, "--streaming-variants").unwrap_or_else(|| "0:on,0:runs,0:off,1:on,1:off".into());
+        let variants = arg(&args, "--streaming-variants").unwrap_or_else(|| "0:runs:0,0:runs,0:on,1:on".into());
         streaming_table(&model, new_tokens.parse().expect("--new-tokens N"), calls.parse().expect("--streaming CALLS"), &variants);
     }
     if args.iter().any(|a| a == "--bandwidth") {
@@ -811,6 +812,11 @@ struct BenchDaemon {
 impl BenchDaemon {
     /// `spin`: "on", "runs" (only during a run) or "off"; None leaves the daemon's defaults.
     fn start(model: &Path, threads: u32, spin: Option<&str>) -> BenchDaemon {
+        Self::start_with(model, threads, spin, None)
+    }
+
+    /// `token_interval_ms`: the daemon's `[daemon]` key; None leaves its default.
+    fn start_with(model: &Path, threads: u32, spin: Option<&str>, token_interval_ms: Option<u64>) -> BenchDaemon {
         use std::process::Stdio;
         let dir = tempfile::tempdir().unwrap();
         let address = format!("unix:path={}", dir.path().join("bus").display());
@@ -832,7 +838,8 @@ impl BenchDaemon {
         // The daemon reads a relative path against its config's folder.
         let model = &std::path::absolute(model).expect("model path");
         let spinning = spin.map(|s| format!("spinning = {}\nspin_between_runs = {}\n", s != "off", s == "on")).unwrap_or_default();
-        std::fs::write(&config, format!("[daemon]\naddress = \"{address}\"\n\n[[model]]\nname = \"kjv\"\npath = \"{}\"\nthreads = {threads}\n{spinning}", model.display())).unwrap();
+        let interval = token_interval_ms.map(|ms| format!("token_interval_ms = {ms}\n")).unwrap_or_default();
+        std::fs::write(&config, format!("[daemon]\naddress = \"{address}\"\n{interval}\n[[model]]\nname = \"kjv\"\npath = \"{}\"\nthreads = {threads}\n{spinning}", model.display())).unwrap();
         let log = dir.path().join("edgellmd.log");
         let mut daemon = Command::new(env!("CARGO_BIN_EXE_edgellmd"))
             .arg("--config")
@@ -890,16 +897,18 @@ fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) 
     use zbus::zvariant::Value as V;
     println!("\nstreamed Generate vs Complete over D-Bus | {} | {new_tokens} tokens, greedy | {calls} pairs per variant, order alternating | the daemon's total_time_ms", model.display());
     println!(
-        "{:<8} {:<9} {:>12} {:>13} {:>15} {:>18} {:>12}",
-        "threads", "spinning", "stream ms", "complete ms", "ratio (median)", "pair ratio IQR", "client ms"
+        "{:<8} {:<9} {:>11} {:>12} {:>13} {:>15} {:>18} {:>12} {:>8}",
+        "threads", "spinning", "interval ms", "stream ms", "complete ms", "ratio (median)", "pair ratio IQR", "client ms", "signals"
     );
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     for variant in variants.split(',') {
-        let (threads, spin) = variant.split_once(':').expect("THREADS:on|runs|off");
+        let mut parts = variant.split(':');
+        let (threads, spin, interval) = (parts.next().unwrap(), parts.next().expect("THREADS:on|runs|off[:MS]"), parts.next());
         let threads: u32 = threads.parse().expect("threads");
         assert!(["on", "runs", "off"].contains(&spin), "--streaming-variants: spinning on, runs or off");
-        let daemon = BenchDaemon::start(model, threads, Some(spin));
-        let (mut streamed, mut completed, mut ratios, mut client) = rt.block_on(async {
+        let interval: Option<u64> = interval.map(|ms| ms.parse().expect("token_interval_ms"));
+        let daemon = BenchDaemon::start_with(model, threads, Some(spin), interval);
+        let (mut streamed, mut completed, mut ratios, mut client, mut signals) = rt.block_on(async {
             let conn = zbus::connection::Builder::address(daemon.address.as_str()).unwrap().build().await.unwrap();
             let proxy = Daemon1Proxy::new(&conn).await.unwrap();
             let options = || HashMap::from([("max_new_tokens", V::U32(new_tokens)), ("temperature", V::F64(0.0))]);
@@ -907,7 +916,7 @@ fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) 
             let mut tokens = proxy.receive_token().await.unwrap();
             let mut finished = proxy.receive_finished().await.unwrap();
             let prompt = "And it came to pass in those days";
-            let (mut streamed, mut completed, mut ratios, mut client) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut streamed, mut completed, mut ratios, mut client, mut signals) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for i in 0..calls + 4 {
                 let mut pair = [0.0f64; 2];
                 for half in 0..2 {
@@ -931,6 +940,7 @@ fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) 
                         pair[0] = total(&stats);
                         if i >= 4 {
                             client.push(called.elapsed().as_secs_f64() * 1000.0);
+                            signals.push(pieces as f64);
                         }
                     } else {
                         let (_, stats) = proxy.complete("kjv", prompt, options()).await.unwrap();
@@ -944,16 +954,18 @@ fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) 
                     ratios.push(pair[0] / pair[1]);
                 }
             }
-            (streamed, completed, ratios, client)
+            (streamed, completed, ratios, client, signals)
         });
         let (s, c) = (median(&mut streamed), median(&mut completed));
         let (q1, q3) = quartiles(&mut ratios);
+        let interval = interval.map_or(format!("{} (default)", edgellm::config::DEFAULT_TOKEN_INTERVAL.as_millis()), |ms| ms.to_string());
         println!(
-            "{threads:<8} {:<9} {s:>12.1} {c:>13.1} {:>15.3} {:>18} {:>12.1}",
+            "{threads:<8} {:<9} {interval:>11} {s:>12.1} {c:>13.1} {:>15.3} {:>18} {:>12.1} {:>8.0}",
             spin,
             s / c,
             format!("{q1:.3}-{q3:.3}"),
-            median(&mut client)
+            median(&mut client),
+            median(&mut signals)
         );
         drop(daemon);
     }

@@ -90,7 +90,7 @@ async fn run(config: Config) -> Result<(), String> {
     if let (Some(name), None) = (&config.daemon.admin_group, admin.admin_gid) {
         tracing::warn!(group = %name, "daemon.admin_group names no group in /etc/group");
     }
-    let daemon = Daemon::new(scheduler.clone(), admin, config.daemon.log_text);
+    let daemon = Daemon::new(scheduler.clone(), admin, config.daemon.log_text, config.daemon.token_interval);
     let builder = match &config.daemon.bus {
         Bus::Session => zbus::connection::Builder::session(),
         Bus::System => zbus::connection::Builder::system(),

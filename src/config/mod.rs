@@ -44,6 +44,7 @@ struct RawDaemon {
     admin_group: Option<String>,
     log_text: Option<bool>,
     shutdown_grace_s: Option<Spanned<u64>>,
+    token_interval_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -114,7 +115,13 @@ pub struct DaemonConfig {
     /// Log prompts and generated text (debug only; off by default).
     pub log_text: bool,
     pub shutdown_grace: std::time::Duration,
+    /// The shortest time between two `Token` signals of one request; the text made meanwhile
+    /// goes in the next one.
+    pub token_interval: std::time::Duration,
 }
+
+/// `[daemon] token_interval_ms` when unset.
+pub const DEFAULT_TOKEN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -249,11 +256,19 @@ impl Config {
             Some(g) => *g.get_ref(),
             None => 10,
         };
+        let token_interval = match &raw.daemon.token_interval_ms {
+            Some(t) if *t.get_ref() > 60_000 => {
+                return Err(err(t.span(), "field `daemon.token_interval_ms`: at most 60000 milliseconds (0 sends every piece as it comes)".into()))
+            }
+            Some(t) => std::time::Duration::from_millis(*t.get_ref()),
+            None => DEFAULT_TOKEN_INTERVAL,
+        };
         let daemon = DaemonConfig {
             bus,
             admin_group: raw.daemon.admin_group.clone(),
             log_text: raw.daemon.log_text.unwrap_or(false),
             shutdown_grace: std::time::Duration::from_secs(grace),
+            token_interval,
         };
 
         let defaults = Limits::default();
@@ -511,6 +526,15 @@ mod tests {
         assert!(default.spinning && !default.spin_between_runs);
         let set = session("[[model]]\nname = \"a\"\npath = \"x\"\nspinning = false\nspin_between_runs = true\n");
         assert!(!set.spinning && set.spin_between_runs);
+    }
+
+    #[test]
+    fn token_interval_key_its_default_and_bound() {
+        assert_eq!(parse("").unwrap().daemon.token_interval, DEFAULT_TOKEN_INTERVAL);
+        let c = parse("[daemon]\ntoken_interval_ms = 0\n").unwrap();
+        assert_eq!(c.daemon.token_interval, std::time::Duration::ZERO);
+        let e = parse("[daemon]\ntoken_interval_ms = 60001\n").unwrap_err().to_string();
+        assert!(e.contains(":2:") && e.contains("daemon.token_interval_ms"), "{e}");
     }
 
     #[test]

@@ -20,10 +20,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 
 pub use admission::DrainGuard;
-pub use events::{ClientId, Event, Finished, ModelInfo, ModelState, RequestId, SchedulerError};
+pub use events::{ClientId, Event, EventSender, EventStream, Finished, ModelInfo, ModelState, RequestId, SchedulerError};
 pub use kv_store::CacheKey;
 
 use crate::config::{Config, Limits, ModelConfig};
@@ -36,12 +36,9 @@ use queue::FairQueue;
 pub use queue::Priority;
 use worker::{engine_thread, finish_unrun, open_folder, Control, Counters, GenerateJob, Inner, ModelSlot};
 
-/// How many text pieces may wait between the engine and the caller's connection.
-const EVENT_BUFFER: usize = 64;
-
 pub struct Submitted {
     pub id: RequestId,
-    pub events: mpsc::Receiver<Event>,
+    pub events: EventStream,
     pub cancel: CancelToken,
     /// Held by whoever relays the events, until the caller has them all.
     pub drain: DrainGuard,
@@ -310,7 +307,7 @@ impl Scheduler {
         // Where a submitting thread may be preempted between admission and the push (tests widen it).
         fail::fail_point!("scheduler::admitted", model.contains("failpoint"), |_| Err(SchedulerError::ShuttingDown));
         let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let (tx, rx) = events::event_stream();
         // The watchdog's heartbeat, at every engine step (not only when text is released).
         let (heart, started) = (Arc::downgrade(&slot), self.inner.started);
         let cancel = CancelToken::with_progress(Arc::new(move || {

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 
 use super::admission::{Admission, ClientPermit, QueueSeat};
-use super::events::{Event, Finished, ModelInfo, ModelState, RequestId, SchedulerError};
+use super::events::{EventSender, Finished, ModelInfo, ModelState, RequestId, SchedulerError};
 use super::queue::{self, FairQueue};
 use crate::config::{Limits, ModelConfig};
 use crate::engine::{CancelToken, Engine, FinishReason, GenerateOptions, GenerationStats, Prompt};
@@ -25,7 +25,7 @@ pub(super) struct GenerateJob {
     pub(super) prompt_ids: Vec<u32>,
     pub(super) options: GenerateOptions,
     pub(super) cancel: CancelToken,
-    pub(super) events: mpsc::Sender<Event>,
+    pub(super) events: EventSender,
     pub(super) queued_at: Instant,
     pub(super) priority: super::queue::Priority,
     /// Where its KV is kept for the next request (and what it reuses).
@@ -111,13 +111,13 @@ pub(super) fn set_state(inner: &Inner, slot: &ModelSlot, state: ModelState, prov
 pub(super) fn finish_unrun(job: GenerateJob, reason: FinishReason, error: Option<SchedulerError>) {
     // The count is freed before the caller hears of the end, so that it may submit again at once.
     drop(job.permit);
-    let _ = job.events.try_send(Event::Finished(Finished {
+    job.events.finish(Finished {
         reason,
         error,
         text: String::new(),
         token_ids: Vec::new(),
         stats: GenerationStats::default(),
-    }));
+    });
 }
 
 /// ONNX Runtime frees a session's memory to malloc; this hands it back to the system so that
@@ -215,13 +215,13 @@ pub(super) fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                     slot.busy.store(false, Ordering::SeqCst);
                     let error = format!("the engine panicked: {message}");
                     set_state(&inner, &slot, ModelState::Failed, None, Some(format!("{error} (it loads again on the next request)")));
-                    let _ = events.try_send(Event::Finished(Finished {
+                    events.finish(Finished {
                         reason: FinishReason::Error,
                         error: Some(SchedulerError::Request(Error::Inference(error))),
                         text: String::new(),
                         token_ids: Vec::new(),
                         stats: GenerationStats::default(),
-                    }));
+                    });
                 }
             }
         }
@@ -448,13 +448,13 @@ fn pause_for_interactive(inner: &Inner, slot: &ModelSlot, engine: &Engine, share
         if let Err(panic) = run {
             // This request ends with the error; the paused one, and the engine, go the way of
             // an engine panic (the engine thread's handler).
-            let _ = events.try_send(Event::Finished(Finished {
+            events.finish(Finished {
                 reason: FinishReason::Error,
                 error: Some(SchedulerError::Request(Error::Inference("the engine panicked".into()))),
                 text: String::new(),
                 token_ids: Vec::new(),
                 stats: GenerationStats::default(),
-            }));
+            });
             std::panic::resume_unwind(panic);
         }
         share.paused += started.elapsed();
@@ -481,7 +481,7 @@ fn run_loaded(inner: &Inner, slot: &ModelSlot, engine: &Engine, job: GenerateJob
     // The heartbeat comes from the job's cancel token at every engine step (see `submit`). Text
     // is released between engine steps: that is where a background request pauses.
     let mut on_text = |text: &str| {
-        let sent = events.blocking_send(Event::Text(text.to_string())).is_ok();
+        let sent = events.text(text);
         if background {
             pause_for_interactive(inner, slot, engine, &mut share);
         }
@@ -523,5 +523,5 @@ fn run_loaded(inner: &Inner, slot: &ModelSlot, engine: &Engine, job: GenerateJob
             }
         }
     };
-    let _ = job.events.blocking_send(Event::Finished(finished));
+    job.events.finish(finished);
 }

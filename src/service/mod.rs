@@ -104,6 +104,8 @@ pub struct Daemon {
     started: Instant,
     admin: AdminPolicy,
     log_text: bool,
+    /// The shortest time between two Token signals of one request (`[daemon] token_interval_ms`).
+    token_interval: std::time::Duration,
 }
 
 fn stats_dict(stats: &GenerationStats) -> HashMap<String, OwnedValue> {
@@ -161,7 +163,7 @@ pub fn account_id(database: &str, name: &str) -> Option<u32> {
 }
 
 impl Daemon {
-    pub fn new(scheduler: Scheduler, admin: AdminPolicy, log_text: bool) -> Daemon {
+    pub fn new(scheduler: Scheduler, admin: AdminPolicy, log_text: bool, token_interval: std::time::Duration) -> Daemon {
         Daemon {
             scheduler,
             requests: Arc::new(Mutex::new(HashMap::new())),
@@ -170,6 +172,7 @@ impl Daemon {
             started: Instant::now(),
             admin,
             log_text,
+            token_interval,
         }
     }
 
@@ -298,6 +301,7 @@ impl Daemon {
         let id = submitted.id;
         let mut events = submitted.events;
         let cancel = submitted.cancel;
+        let token_interval = self.token_interval;
         // Shutdown's drain waits for this task: it ends after the caller's last signal.
         let drain = submitted.drain;
         tokio::spawn(async move {
@@ -309,33 +313,25 @@ impl Daemon {
                 Ok(e) => e.set_destination(BusName::Unique(dest)),
                 Err(_) => return cancel.cancel(),
             };
-            let mut pending = None;
+            // No Token signal before this: what the engine makes meanwhile joins the next one.
+            // Each signal costs dbus-daemon and the client about as much CPU as a token of a
+            // small model takes to make (README, "Streaming"); the end never waits.
+            let mut quiet_until: Option<Instant> = None;
             loop {
-                let event = match pending.take() {
-                    Some(event) => event,
-                    None => match events.recv().await {
-                        Some(event) => event,
-                        None => break,
-                    },
-                };
-                let sent = match &event {
+                if let Some(due) = quiet_until.take().filter(|&due| due > Instant::now()) {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due.into()) => {}
+                        _ = events.ended() => {}
+                    }
+                }
+                let Some(event) = events.recv().await else { break };
+                let sent = match event {
                     Event::Text(text) => {
-                        // Pieces that queued up while the bus was behind go out as one signal:
-                        // a slow client costs fewer messages, not a slower engine.
-                        let mut text = std::borrow::Cow::Borrowed(text.as_str());
-                        while let Ok(next) = events.try_recv() {
-                            match next {
-                                Event::Text(more) => text.to_mut().push_str(&more),
-                                other => {
-                                    pending = Some(other);
-                                    break;
-                                }
-                            }
-                        }
+                        quiet_until = Some(Instant::now() + token_interval);
                         Daemon::token(&emitter, id, &text).await
                     }
                     Event::Finished(f) => {
-                        let mut stats = finished_stats(f, return_token_ids);
+                        let mut stats = finished_stats(&f, return_token_ids);
                         stats.insert("priority".into(), OwnedValue::try_from(Value::from(priority.as_str())).expect("string"));
                         if let Some(error) = &f.error {
                             stats.insert("error".into(), OwnedValue::try_from(Value::from(error.to_string())).expect("string"));
@@ -395,6 +391,8 @@ impl Daemon {
     ) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
         let Started { mut submitted, return_token_ids, priority } = self.start(conn, sender, model, prompt, options).await?;
         let id = submitted.id;
+        // The text comes whole in the end: the engine need not wake this task for its pieces.
+        submitted.events.end_only();
         let mut finished = None;
         while let Some(event) = submitted.events.recv().await {
             if let Event::Finished(f) = event {

@@ -64,11 +64,16 @@ pub struct Daemon {
 
 /// The config the tests run: the bundled models, with `extra` appended.
 pub fn test_config(bus: &PrivateBus, extra: &str) -> PathBuf {
+    test_config_with(bus, "", extra)
+}
+
+/// `test_config` with `daemon_keys` in its `[daemon]` table.
+pub fn test_config_with(bus: &PrivateBus, daemon_keys: &str, extra: &str) -> PathBuf {
     let path = bus.dir.path().join("edgellm.toml");
     std::fs::write(
         &path,
         format!(
-            "[daemon]\naddress = \"{}\"\nshutdown_grace_s = 2\n\n[[model]]\nname = \"kjv\"\npath = \"{}\"\n\n[[model]]\nname = \"kjv-draft\"\npath = \"{}\"\npreload = false\n{extra}",
+            "[daemon]\naddress = \"{}\"\nshutdown_grace_s = 2\n{daemon_keys}\n[[model]]\nname = \"kjv\"\npath = \"{}\"\n\n[[model]]\nname = \"kjv-draft\"\npath = \"{}\"\npreload = false\n{extra}",
             bus.address,
             model_dir("kjv-target").display(),
             model_dir("kjv-draft").display()
@@ -80,8 +85,13 @@ pub fn test_config(bus: &PrivateBus, extra: &str) -> PathBuf {
 
 impl Daemon {
     pub fn start(extra: &str) -> Daemon {
+        Daemon::start_with("", extra)
+    }
+
+    /// `start` with `daemon_keys` in the config's `[daemon]` table.
+    pub fn start_with(daemon_keys: &str, extra: &str) -> Daemon {
         let bus = PrivateBus::start();
-        let config = test_config(&bus, extra);
+        let config = test_config_with(&bus, daemon_keys, extra);
         let log = bus.dir.path().join("edgellmd.log");
         let child = crate::fixtures::command(env!("CARGO_BIN_EXE_edgellmd"))
             .arg("--config")
@@ -244,6 +254,28 @@ fn streamed_text_equals_complete_and_cli_and_reference() {
     let status = daemon.call("Status", "", &[]).unwrap();
     assert!(status["data"][0]["requests_total"]["data"].as_u64().unwrap() >= 3, "{status}");
     assert_eq!(daemon.stop().code(), Some(0), "SIGTERM exits 0");
+}
+
+/// `token_interval_ms`: one Token signal per interval at most, the text made meanwhile in the
+/// next, and the end sent as soon as it is there. With 10 s between signals, a 64-token stream
+/// of the fast bundled model comes as its first piece and the rest with the end, and it does
+/// not wait out the interval.
+#[test]
+fn token_signals_keep_their_interval_and_the_end_does_not_wait() {
+    let daemon = Daemon::start_with("token_interval_ms = 10000\n", "");
+    let case = &references().models["kjv-target"][0];
+    let (streamed, reason, signals, took) = rt().block_on(async {
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+        let started = Instant::now();
+        let (text, reason, count) = stream(&proxy, &case.prompt, greedy_options(64)).await;
+        (text, reason, count, started.elapsed())
+    });
+    assert_eq!(streamed, case.text, "the streamed text equals onnxruntime-genai's greedy text");
+    assert!(reason == "length" || reason == "stop", "{reason}");
+    // One signal when the request ended before the relay's first read, else two.
+    assert!((1..=2).contains(&signals), "{signals} Token signals for 64 tokens with 10 s between signals");
+    assert!(took < Duration::from_secs(5), "the end waited for the interval: {took:?}");
 }
 
 #[test]

@@ -191,7 +191,7 @@ fn slow_validation_does_not_hold_up_other_callers() {
     let scheduler = Scheduler::start(runtime(), &Config::parse(&dir.path().join("edgellm.toml"), &text).unwrap());
     let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let _server = server_rt.block_on(async {
-        let daemon = Daemon::new(scheduler.clone(), AdminPolicy { daemon_uid: 0, admin_gid: None }, false);
+        let daemon = Daemon::new(scheduler.clone(), AdminPolicy { daemon_uid: 0, admin_gid: None }, false, edgellm::config::DEFAULT_TOKEN_INTERVAL);
         zbus::connection::Builder::address(bus.address.as_str())
             .unwrap()
             .serve_at(OBJECT_PATH, daemon)
@@ -252,9 +252,9 @@ fn an_engine_holding_back_text_is_not_a_stall() {
     let (mut readings, mut stalled, mut texts) = (0, 0, 0);
     let finished = loop {
         match submitted.events.try_recv() {
-            Ok(Event::Finished(f)) => break f,
-            Ok(Event::Text(_)) => texts += 1,
-            Err(_) => {
+            Some(Event::Finished(f)) => break f,
+            Some(Event::Text(_)) => texts += 1,
+            None => {
                 readings += 1;
                 stalled += !scheduler.engines_alive(stall) as usize;
                 std::thread::sleep(Duration::from_millis(2));
