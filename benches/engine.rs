@@ -631,7 +631,10 @@ fn multitoken_table(me: &Path, target: &Path, hamburger: &Path, prompts_file: &P
     let rows: Vec<(String, Value)> = labels.into_iter().zip(run_interleaved(cmds)).collect();
     let (target_plain, base_plain) = (rows[0].1.clone(), rows[1].1.clone());
     println!();
-    println!("multi-token steps, {} (base = its own base, one token per step), cpu, greedy", hamburger.file_name().unwrap().to_string_lossy());
+    println!(
+        "multi-token steps, {} (base = its own base, one token per step), cpu, greedy",
+        hamburger.file_name().unwrap().to_string_lossy()
+    );
     println!(
         "{:<26} {:>11} {:>13} {:>12} {:>10} {:>11} {:>13} {:>10} {:>7}",
         "decoding", "decode t/s", "tok/base fwd", "KV/token", "x base", "x target", "base nll", "same text", "micro%"
@@ -839,7 +842,14 @@ impl BenchDaemon {
         let model = &std::path::absolute(model).expect("model path");
         let spinning = spin.map(|s| format!("spinning = {}\nspin_between_runs = {}\n", s != "off", s == "on")).unwrap_or_default();
         let interval = token_interval_ms.map(|ms| format!("token_interval_ms = {ms}\n")).unwrap_or_default();
-        std::fs::write(&config, format!("[daemon]\naddress = \"{address}\"\n{interval}\n[[model]]\nname = \"kjv\"\npath = \"{}\"\nthreads = {threads}\n{spinning}", model.display())).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\naddress = \"{address}\"\n{interval}\n[[model]]\nname = \"kjv\"\npath = \"{}\"\nthreads = {threads}\n{spinning}",
+                model.display()
+            ),
+        )
+        .unwrap();
         let log = dir.path().join("edgellmd.log");
         let mut daemon = Command::new(env!("CARGO_BIN_EXE_edgellmd"))
             .arg("--config")
@@ -862,7 +872,12 @@ impl BenchDaemon {
             if listed.contains("ready") {
                 break;
             }
-            assert!(!listed.contains("failed"), "edgellmd could not load {}: {}", model.display(), std::fs::read_to_string(&log).unwrap_or_default());
+            assert!(
+                !listed.contains("failed"),
+                "edgellmd could not load {}: {}",
+                model.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         BenchDaemon { _dir: dir, address, bus, daemon }
@@ -916,7 +931,8 @@ fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) 
             let mut tokens = proxy.receive_token().await.unwrap();
             let mut finished = proxy.receive_finished().await.unwrap();
             let prompt = "And it came to pass in those days";
-            let (mut streamed, mut completed, mut ratios, mut client, mut signals) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut streamed, mut completed, mut ratios, mut client, mut signals) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for i in 0..calls + 4 {
                 let mut pair = [0.0f64; 2];
                 for half in 0..2 {
@@ -1224,7 +1240,16 @@ fn read_bandwidth() -> (f64, usize) {
 
 /// Plain decoding against the memory bound: weight bytes per token x tokens/s / bandwidth, for
 /// edgellm and onnxruntime-genai on the same folder (median of three interleaved runs each).
-fn bandwidth_table(me: &Path, python: &Path, model: &Path, new_tokens: &str, threads: &str, prompts: &Path, prompt_count: usize, rounds: usize) {
+fn bandwidth_table(
+    me: &Path,
+    python: &Path,
+    model: &Path,
+    new_tokens: &str,
+    threads: &str,
+    prompts: &Path,
+    prompt_count: usize,
+    rounds: usize,
+) {
     let (bandwidth, cores) = read_bandwidth();
     let out = Command::new(python).arg(root().join("benches/weight_bytes.py")).arg(model).output().expect("python");
     assert!(out.status.success(), "weight_bytes.py: {}", String::from_utf8_lossy(&out.stderr));
@@ -1240,7 +1265,10 @@ fn bandwidth_table(me: &Path, python: &Path, model: &Path, new_tokens: &str, thr
     let work = Workload::on_cpu(model, new_tokens, threads, prompts);
     // Paired rounds, so that a change of load on this shared machine hits both engines alike.
     let paired = paired_rows(&work, me, python, prompt_count, rounds);
-    println!("{:<18} {:>11} {:>14} {:>20}   ({rounds} paired rounds of {prompt_count} prompts, all tokens)", "engine", "decode t/s", "weight GB/s", "fraction of bound");
+    println!(
+        "{:<18} {:>11} {:>14} {:>20}   ({rounds} paired rounds of {prompt_count} prompts, all tokens)",
+        "engine", "decode t/s", "weight GB/s", "fraction of bound"
+    );
     for (label, tps) in ["onnxruntime-genai", "edgellm"].into_iter().zip(paired) {
         println!("{label:<18} {tps:>11.1} {:>14.2} {:>20.3}", per_token * tps / 1e9, per_token * tps / bandwidth);
     }

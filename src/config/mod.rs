@@ -258,7 +258,10 @@ impl Config {
         };
         let token_interval = match &raw.daemon.token_interval_ms {
             Some(t) if *t.get_ref() > 60_000 => {
-                return Err(err(t.span(), "field `daemon.token_interval_ms`: at most 60000 milliseconds (0 sends every piece as it comes)".into()))
+                return Err(err(
+                    t.span(),
+                    "field `daemon.token_interval_ms`: at most 60000 milliseconds (0 sends every piece as it comes)".into(),
+                ))
             }
             Some(t) => std::time::Duration::from_millis(*t.get_ref()),
             None => DEFAULT_TOKEN_INTERVAL,

@@ -267,13 +267,7 @@ mod tests {
     use std::time::Duration;
 
     fn end(text: &str) -> Finished {
-        Finished {
-            reason: FinishReason::Length,
-            error: None,
-            text: text.into(),
-            token_ids: Vec::new(),
-            stats: GenerationStats::default(),
-        }
+        Finished { reason: FinishReason::Length, error: None, text: text.into(), token_ids: Vec::new(), stats: GenerationStats::default() }
     }
 
     #[test]

@@ -111,13 +111,7 @@ pub(super) fn set_state(inner: &Inner, slot: &ModelSlot, state: ModelState, prov
 pub(super) fn finish_unrun(job: GenerateJob, reason: FinishReason, error: Option<SchedulerError>) {
     // The count is freed before the caller hears of the end, so that it may submit again at once.
     drop(job.permit);
-    job.events.finish(Finished {
-        reason,
-        error,
-        text: String::new(),
-        token_ids: Vec::new(),
-        stats: GenerationStats::default(),
-    });
+    job.events.finish(Finished { reason, error, text: String::new(), token_ids: Vec::new(), stats: GenerationStats::default() });
 }
 
 /// ONNX Runtime frees a session's memory to malloc; this hands it back to the system so that

@@ -191,7 +191,8 @@ fn slow_validation_does_not_hold_up_other_callers() {
     let scheduler = Scheduler::start(runtime(), &Config::parse(&dir.path().join("edgellm.toml"), &text).unwrap());
     let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let _server = server_rt.block_on(async {
-        let daemon = Daemon::new(scheduler.clone(), AdminPolicy { daemon_uid: 0, admin_gid: None }, false, edgellm::config::DEFAULT_TOKEN_INTERVAL);
+        let daemon =
+            Daemon::new(scheduler.clone(), AdminPolicy { daemon_uid: 0, admin_gid: None }, false, edgellm::config::DEFAULT_TOKEN_INTERVAL);
         zbus::connection::Builder::address(bus.address.as_str())
             .unwrap()
             .serve_at(OBJECT_PATH, daemon)
