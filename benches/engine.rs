@@ -21,7 +21,10 @@
 //! and beside 4 background clients streaming 256-token generations, in alternating rounds;
 //! --chat-reuse ROUNDS adds the last turn of a 4-turn chat (about 800 tokens of history), timed by
 //! its client to the first `Token`, on the connection that ran the earlier turns (KV kept) and on
-//! a fresh one, in alternating pairs. EDGELLM_BENCH_SPIN_BETWEEN_RUNS=1 gives the engine children
+//! a fresh one, in alternating pairs; --load-rounds N adds loading alone (a new process per load,
+//! N rounds): time and peak RSS of edgellm (its own map of the weights), edgellm with ONNX
+//! Runtime reading the file (--weights file in the children), and onnxruntime-genai.
+//! EDGELLM_BENCH_SPIN_BETWEEN_RUNS=1 gives the engine children
 //! ONNX Runtime's default of spinning on after each run (edgellm's default stops it).
 
 use std::path::{Path, PathBuf};
@@ -61,7 +64,11 @@ fn child(args: &[String]) {
     let new_tokens: usize = arg(args, "--new-tokens").unwrap().parse().unwrap();
     let prompts: Vec<Vec<u32>> = serde_json::from_str(&std::fs::read_to_string(arg(args, "--prompts").unwrap()).unwrap()).unwrap();
     let provider = Provider::parse(&arg(args, "--provider").unwrap()).unwrap();
-    let weights = if arg(args, "--weights").as_deref() == Some("mmap") { WeightLoading::Mmap } else { WeightLoading::File };
+    let weights = match arg(args, "--weights").as_deref() {
+        Some("file") => WeightLoading::File,
+        Some("mapped") => WeightLoading::Mapped,
+        _ => WeightLoading::default(),
+    };
     let runtime = Runtime::load(None).expect("runtime");
     let kv_layout = match arg(args, "--kv").as_deref() {
         Some("growing") => Some(edgellm::engine::KvLayout::Growing),
@@ -93,6 +100,13 @@ fn child(args: &[String]) {
     }
     let load_s = started.elapsed().as_secs_f64();
     let rss_load_mib = (rss_kib("VmHWM") - rss_before) as f64 / 1024.0;
+    if args.iter().any(|a| a == "--load-only") {
+        println!(
+            "{}",
+            json!({"load_s": load_s, "rss_load_mib": rss_load_mib, "rss_now_mib": (rss_kib("VmRSS") - rss_before) as f64 / 1024.0})
+        );
+        return;
+    }
     let mut gen = GenerateOptions { max_new_tokens: Some(new_tokens), temperature: Some(0.0), ..Default::default() };
     if args.iter().any(|a| a == "--prompt-lookup") {
         gen.prompt_lookup = Some(true);
@@ -155,6 +169,8 @@ fn child(args: &[String]) {
         "engine": "edgellm",
         "load_s": load_s,
         "rss_load_mib": rss_load_mib,
+        // After every run: the load's peak or the runs', whichever is higher (KV, activations).
+        "rss_peak_mib": (rss_kib("VmHWM") - rss_before) as f64 / 1024.0,
         "ttft_ms": 1000.0 * outcomes.iter().map(|o| o.stats.time_to_first_token.as_secs_f64()).sum::<f64>() / outcomes.len() as f64,
         "decode_tps": outcomes.iter().map(|o| (o.token_ids.len() + o.eos_token.is_some() as usize).saturating_sub(1)).sum::<usize>() as f64 / decode_s,
         "e2e_tps": tokens as f64 / total_s,
@@ -270,9 +286,20 @@ fn main() {
         prompts.len(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
+    // The weights on disk, against which resident memory is told.
+    let weight_bytes: u64 = std::fs::read_dir(&model)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".onnx.data"))
+                .map(|e| e.metadata().map_or(0, |m| m.len()))
+                .sum()
+        })
+        .unwrap_or(0);
+    let weight_mib = weight_bytes as f64 / (1024.0 * 1024.0);
     println!(
-        "{:<10} {:<18} {:>8} {:>12} {:>9} {:>11} {:>9}",
-        "provider", "engine", "load s", "load RSS MiB", "TTFT ms", "decode t/s", "e2e t/s"
+        "{:<10} {:<18} {:>8} {:>12} {:>9} {:>11} {:>9} {:>13} {:>10}",
+        "provider", "engine", "load s", "load RSS MiB", "TTFT ms", "decode t/s", "e2e t/s", "peak RSS MiB", "x weights"
     );
     for provider in providers.split(',').filter(|p| !p.is_empty() && *p != "none") {
         if provider == "openvino" {
@@ -286,28 +313,31 @@ fn main() {
             }
         }
         let work = Workload { model: &model, provider, new_tokens: &new_tokens, threads: &threads, prompts: &prompts_file };
-        let mut cmds = vec![work.genai(Command::new(&python)), work.edgellm(Command::new(&me), "file")];
+        let mut cmds = vec![work.genai(Command::new(&python)), work.edgellm(Command::new(&me), "default")];
         if provider == "cpu" {
-            cmds.push(work.edgellm(Command::new(&me), "mmap"));
+            cmds.push(work.edgellm(Command::new(&me), "file"));
         }
         let mut results = run_interleaved(cmds).into_iter();
-        let (genai, edgellm, mapped) = (results.next().unwrap(), results.next().unwrap(), results.next());
+        let (genai, edgellm, ort_file) = (results.next().unwrap(), results.next().unwrap(), results.next());
         let row = |label: &str, r: &Value| {
             println!(
-                "{:<10} {:<18} {:>8.3} {:>12.1} {:>9.2} {:>11.1} {:>9.1}",
+                "{:<10} {:<18} {:>8.3} {:>12.1} {:>9.2} {:>11.1} {:>9.1} {:>13.1} {:>10}",
                 provider,
                 label,
                 r["load_s"].as_f64().unwrap(),
                 r["rss_load_mib"].as_f64().unwrap(),
                 r["ttft_ms"].as_f64().unwrap(),
                 r["decode_tps"].as_f64().unwrap(),
-                r["e2e_tps"].as_f64().unwrap()
+                r["e2e_tps"].as_f64().unwrap(),
+                r["rss_peak_mib"].as_f64().unwrap(),
+                // Load RSS against the weight files (model.onnx.data) on disk.
+                if weight_mib > 0.0 { format!("{:.3}", r["rss_load_mib"].as_f64().unwrap() / weight_mib) } else { "-".into() }
             );
         };
         row("onnxruntime-genai", &genai);
         row("edgellm", &edgellm);
-        if let Some(m) = &mapped {
-            row("edgellm (mmap)", m);
+        if let Some(m) = &ort_file {
+            row("edgellm (ORT file)", m);
         }
         let ratio = |k: &str| edgellm[k].as_f64().unwrap() / genai[k].as_f64().unwrap();
         println!(
@@ -347,6 +377,9 @@ fn main() {
         let thresholds = arg(&args, "--thresholds").unwrap_or_else(|| "0.7,0.5".into());
         let hamburger = arg(&args, "--hamburger").map(PathBuf::from).unwrap_or_else(|| root().join("models/kjv-hamburger"));
         multitoken_table(&me, &model, &hamburger, &prompts_file, &new_tokens, &threads, &thresholds);
+    }
+    if let Some(rounds) = arg(&args, "--load-rounds") {
+        load_table(&me, &python, &model, &threads, &prompts_file, rounds.parse().expect("--load-rounds N"));
     }
     if let Some(calls) = arg(&args, "--streaming") {
         let variants = arg(&args, "--streaming-variants").unwrap_or_else(|| "0:runs:0,0:runs,0:on,1:on".into());
@@ -403,7 +436,7 @@ const PAIR_GAP: std::time::Duration = std::time::Duration::from_millis(150);
 
 /// Returns each engine's decode speed over all its tokens: [onnxruntime-genai, edgellm].
 fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds: usize) -> [f64; 2] {
-    let mut servers = [work.genai(Command::new(python)), work.edgellm(Command::new(me), "file")].map(Server::start);
+    let mut servers = [work.genai(Command::new(python)), work.edgellm(Command::new(me), "default")].map(Server::start);
     let (mut decode, mut ttft, mut same) = (Vec::new(), Vec::new(), true);
     let (mut decode_s, mut decoded) = ([0.0f64; 2], [0u64; 2]);
     for round in 0..rounds {
@@ -469,9 +502,9 @@ fn prompt_lookup_rows(me: &Path, model: &Path, reference: &[Value], new_tokens: 
     let prompts_file = std::env::temp_dir().join(format!("edgellm-bench-lookup-{}.json", std::process::id()));
     std::fs::write(&prompts_file, serde_json::to_string(&all).unwrap()).unwrap();
     let work = Workload::on_cpu(model, new_tokens, threads, &prompts_file);
-    let mut lookup = work.edgellm(Command::new(me), "file");
+    let mut lookup = work.edgellm(Command::new(me), "default");
     lookup.arg("--prompt-lookup");
-    let mut servers = [work.edgellm(Command::new(me), "file"), lookup].map(Server::start);
+    let mut servers = [work.edgellm(Command::new(me), "default"), lookup].map(Server::start);
     // Per prompt: speed ratios over rounds, and the lookup run's drafts, accepted, tokens, forwards.
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
     let mut counts = vec![[0u64; 4]; all.len()];
@@ -581,7 +614,7 @@ fn work_per_token_table(me: &Path, python: &Path, model: &Path, providers: &str,
                         python.env("OPENBLAS_NUM_THREADS", "1"); // numpy's BLAS pool would spin under valgrind
                         work.genai(python)
                     } else {
-                        work.edgellm(callgrind(me), "file")
+                        work.edgellm(callgrind(me), "default")
                     }
                 };
                 // Both lengths at once (valgrind keeps to one core), WORK_REPEATS times; the
@@ -612,7 +645,7 @@ fn work_per_token_table(me: &Path, python: &Path, model: &Path, providers: &str,
 /// `--model`.
 fn multitoken_table(me: &Path, target: &Path, hamburger: &Path, prompts_file: &Path, new_tokens: &str, threads: &str, thresholds: &str) {
     let ours = |model: &Path, multitoken: Option<&str>| {
-        let mut cmd = Workload::on_cpu(model, new_tokens, threads, prompts_file).edgellm(Command::new(me), "file");
+        let mut cmd = Workload::on_cpu(model, new_tokens, threads, prompts_file).edgellm(Command::new(me), "default");
         cmd.args(["--nll", "1"]);
         if let Some(m) = multitoken {
             cmd.args(["--multitoken", m]);
@@ -669,7 +702,7 @@ fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Pat
     let pair =
         if target.ends_with("kjv-target-xl") { target.with_file_name("kjv-speculative-xl") } else { root().join("models/kjv-speculative") };
     let ours = |draft: Option<&Path>, k: &str| {
-        let mut cmd = Workload::on_cpu(&target, new_tokens, threads, prompts_file).edgellm(Command::new(me), "file");
+        let mut cmd = Workload::on_cpu(&target, new_tokens, threads, prompts_file).edgellm(Command::new(me), "default");
         cmd.args(["--k", k.trim_end_matches("cost")]);
         if k.ends_with("cost") {
             cmd.arg("--by-cost");
@@ -905,6 +938,55 @@ fn quartiles(values: &mut [f64]) -> (f64, f64) {
 
 /// Streamed `Generate` (a client reading every `Token`) against `Complete` for the same greedy
 /// request, over D-Bus, in alternating pairs: the daemon's own `total_time_ms` of each.
+/// Loading alone, each engine in a new process per load: edgellm (its default, edgellm's own map
+/// of the weights), edgellm with ONNX Runtime reading the file, and onnxruntime-genai, in
+/// `rounds` rounds whose order rotates. Medians of the time to a loaded model and of the peak
+/// resident memory the load added (VmHWM), against the weight files on disk.
+fn load_table(me: &Path, python: &Path, model: &Path, threads: &str, prompts: &Path, rounds: usize) {
+    let work = Workload::on_cpu(model, "1", threads, prompts);
+    let mut cmds = [work.edgellm(Command::new(me), "default"), work.edgellm(Command::new(me), "file"), work.genai(Command::new(python))];
+    for cmd in &mut cmds {
+        cmd.arg("--load-only");
+    }
+    let labels = ["edgellm", "edgellm (ORT file)", "onnxruntime-genai"];
+    let mut runs: Vec<Vec<Value>> = vec![Vec::new(); cmds.len()];
+    let n = cmds.len();
+    for round in 0..rounds {
+        for i in (0..n).map(|i| (i + round) % n) {
+            runs[i].push(run_once(&mut cmds[i]));
+        }
+    }
+    let weight_mib: f64 = std::fs::read_dir(model)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".onnx.data"))
+                .map(|e| e.metadata().map_or(0, |m| m.len()))
+                .sum::<u64>()
+        })
+        .unwrap_or(0) as f64
+        / (1024.0 * 1024.0);
+    let column = |runs: &[Value], key: &str| -> Vec<f64> { runs.iter().map(|r| r[key].as_f64().unwrap()).collect() };
+    println!(
+        "\nloading | {} | {rounds} rounds, order rotating, a new process per load | weight files {weight_mib:.1} MiB",
+        model.display()
+    );
+    println!("{:<20} {:>8} {:>14} {:>13} {:>10} {:>17}", "engine", "load s", "load s IQR", "peak RSS MiB", "x weights", "x genai load s");
+    let genai_load = median(&mut column(&runs[2], "load_s"));
+    for (label, runs) in labels.iter().zip(&runs) {
+        let mut load = column(runs, "load_s");
+        let (q1, q3) = quartiles(&mut load.clone());
+        let load = median(&mut load);
+        let peak = median(&mut column(runs, "rss_load_mib"));
+        println!(
+            "{label:<20} {load:>8.3} {:>14} {peak:>13.1} {:>10.3} {:>17.3}",
+            format!("{q1:.3}-{q3:.3}"),
+            peak / weight_mib,
+            load / genai_load
+        );
+    }
+}
+
 fn streaming_table(model: &Path, new_tokens: u32, calls: usize, variants: &str) {
     use edgellm::service::client::Daemon1Proxy;
     use futures_util::StreamExt;

@@ -14,12 +14,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use half::f16;
-use ort::session::{RunOptions, Session};
+use ort::session::RunOptions;
 use ort::sys::OrtValue;
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use ort::AsPointer;
 
 use crate::error::{Error, Result};
+use crate::runtime::LoadedSession;
 
 /// The run options of one sequence, shared with its `CancelToken`: another thread may only call
 /// `terminate`, which sets ONNX Runtime's atomic terminate flag (made for exactly this) and our
@@ -110,14 +111,14 @@ impl RunNames {
 /// A session and the names of what it is fed and fetched, in the order `run` takes them.
 pub struct Graph {
     /// Shared with the KV caches of this graph: the values its allocator made outlive it.
-    session: Arc<Session>,
+    session: Arc<LoadedSession>,
     names: RunNames,
 }
 
 impl Graph {
     /// `session` fed `inputs` and fetched `outputs`: each must be one of the graph's (the error
     /// names `file`, the graph file, and the missing name).
-    pub(crate) fn new(session: Session, file: &Path, inputs: &[&str], outputs: &[&str]) -> Result<Graph> {
+    pub(crate) fn new(session: LoadedSession, file: &Path, inputs: &[&str], outputs: &[&str]) -> Result<Graph> {
         for name in inputs {
             if !session.inputs().iter().any(|i| i.name() == *name) {
                 return Err(Error::ModelFile { path: file.to_path_buf(), reason: format!("the graph has no input named `{name}`") });
@@ -194,7 +195,7 @@ impl Graph {
 /// base's, a micro decoder's). It holds the session of the graph that made it: the values that
 /// session's allocator made outlive it, and a run of another graph refuses them.
 pub struct KvStates {
-    session: Arc<Session>,
+    session: Arc<LoadedSession>,
     pub(crate) values: Vec<DynValue>,
     /// Each value's sequence axis; `None` for a recurrent state, which cannot be rolled back.
     seq_axes: Vec<Option<usize>>,

@@ -350,3 +350,48 @@ fn a_kv_cache_is_refused_by_a_decoder_that_did_not_make_it() {
     assert_eq!(target_cache.len(), 3, "the cache outlives its decoder");
     draft.forward(&mut draft_cache, &[1, 2, 3], 1).expect("the draft's own cache");
 }
+
+/// KiB of this process's maps of `file` that are resident, and KiB mapped (/proc/self/smaps).
+fn resident_and_mapped_kib(file: &std::path::Path) -> (u64, u64) {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+    let (mut resident, mut mapped, mut ours) = (0, 0, false);
+    for line in smaps.lines() {
+        let field = |l: &str| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        if line.starts_with("Size:") && ours {
+            mapped += field(line);
+        } else if line.starts_with("Rss:") && ours {
+            resident += field(line);
+        } else if line.split_whitespace().next().is_some_and(|range| range.contains('-') && !range.ends_with(':')) {
+            ours = line.ends_with(&*file.to_string_lossy());
+        }
+    }
+    (resident, mapped)
+}
+
+/// edgellm maps the external data itself and hands ONNX Runtime each initializer in place; the
+/// pages ONNX Runtime does not read once it has repacked the weights leave the resident set. On a
+/// copy of its own (no other test's maps of the file count): the whole file is mapped, almost
+/// none of it resident after the load and after a run, and the run decodes as onnxruntime-genai.
+#[test]
+fn mapped_weights_stay_out_of_the_resident_set_and_decode_as_onnxruntime_genai() {
+    let dir = copy_model("kjv-target");
+    let data = dir.path().join("model.onnx.data");
+    let file_kib = std::fs::metadata(&data).unwrap().len() / 1024;
+    let options = LoadOptions {
+        session: SessionOptions { weights: edgellm::runtime::WeightLoading::Mapped, ..Default::default() },
+        ..Default::default()
+    };
+    let mut engine = Engine::load(&runtime(), "kjv-target", dir.path(), &options).expect("load");
+    let (resident, mapped) = resident_and_mapped_kib(&data);
+    assert!(mapped >= file_kib, "the data file is mapped by edgellm: {mapped} KiB mapped of {file_kib}");
+    assert!(resident * 50 < file_kib, "{resident} KiB of the {file_kib} KiB file resident after the load");
+    let refs = references();
+    let case = &refs.models["kjv-target"][0];
+    let genai = genai_outputs(&model_dir("kjv-target"), "cpu", &[case.prompt_ids.clone()], refs.new_tokens);
+    let (outcome, _) = greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
+    assert_eq!(with_eos(&outcome), genai[0], "greedy ids over mapped weights");
+    // What a run reads again comes back, no more: the pages of the embedding's rows of these
+    // tokens (half the file is the embedding; 1.2 MiB measured after this run) and the norms.
+    let (resident, _) = resident_and_mapped_kib(&data);
+    assert!(resident * 4 < file_kib, "{resident} KiB of the {file_kib} KiB file resident after a run");
+}

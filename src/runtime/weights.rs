@@ -1,0 +1,380 @@
+//! Weights that edgellm maps itself: every initializer of a graph that lives in an external data
+//! file is handed to ONNX Runtime in place, as a tensor over edgellm's read-only map of that file
+//! (`AddInitializer`: ONNX Runtime takes it as it is, without a copy).
+//!
+//! Why: on the CPU, ONNX Runtime repacks the int4 MatMulNBits weights into its own layout at
+//! load. It releases the file's copy of the packed data, but keeps the scales that MLAS's
+//! int8-compute kernel also copies into its packed buffer and never reads again (measured on the
+//! memory-bound twin: 73 MiB of the 388 MiB file stayed resident for nothing, 1.36x the weight
+//! bytes in all). Here the map's pages leave the resident set while the session is built and once
+//! it is built (`MADV_DONTNEED`); a later read fills a page again from the page cache, so what
+//! stays resident is what runs read: the packed weights, and the rows of the embedding and the
+//! norms that decoding touches.
+
+use std::ffi::{c_void, CString};
+use std::fs::File;
+use std::path::{Component, Path};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ort::memory::MemoryInfo;
+use ort::session::builder::SessionBuilder;
+use ort::sys::{ONNXTensorElementDataType as ElementType, OrtValue};
+use ort::AsPointer;
+
+use crate::error::{Error, Result};
+
+/// One initializer stored outside the graph file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ExternalTensor {
+    pub name: String,
+    /// ONNX's `TensorProto.DataType` (ONNX Runtime's element types use the same numbers).
+    pub data_type: i32,
+    pub dims: Vec<i64>,
+    pub location: String,
+    pub offset: u64,
+    /// `None`: to the end of the file.
+    pub length: Option<u64>,
+}
+
+/// ONNX Runtime's element type and its bytes for the ONNX data types that are handed over in
+/// place; `None` for the rest (strings, sub-byte and 8-bit float types), which ONNX Runtime loads
+/// itself.
+fn element_type(data_type: i32) -> Option<(ElementType, usize)> {
+    use ElementType::*;
+    Some(match data_type {
+        1 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 4),
+        2 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, 1),
+        3 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, 1),
+        4 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16, 2),
+        5 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16, 2),
+        6 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, 4),
+        7 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, 8),
+        9 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL, 1),
+        10 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16, 2),
+        11 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE, 8),
+        12 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32, 4),
+        13 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64, 8),
+        16 => (ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, 2),
+        _ => return None,
+    })
+}
+
+/// The protobuf wire format, as far as reading a ModelProto's initializers needs it.
+struct Wire<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+enum Field<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+impl<'a> Wire<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Wire { buf, pos: 0 }
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *self.buf.get(self.pos)?;
+            self.pos += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    /// The next field's number and value; `None` at the end (or on a malformed message).
+    fn next(&mut self) -> Option<(u64, Field<'a>)> {
+        if self.pos >= self.buf.len() {
+            return None;
+        }
+        let key = self.varint()?;
+        let field = match key & 7 {
+            0 => Field::Varint(self.varint()?),
+            1 => {
+                self.pos = self.pos.checked_add(8).filter(|&p| p <= self.buf.len())?;
+                Field::Fixed
+            }
+            2 => {
+                let len = usize::try_from(self.varint()?).ok()?;
+                let end = self.pos.checked_add(len).filter(|&e| e <= self.buf.len())?;
+                let bytes = &self.buf[self.pos..end];
+                self.pos = end;
+                Field::Bytes(bytes)
+            }
+            5 => {
+                self.pos = self.pos.checked_add(4).filter(|&p| p <= self.buf.len())?;
+                Field::Fixed
+            }
+            _ => return None,
+        };
+        Some((key >> 3, field))
+    }
+}
+
+/// The initializers of the model's main graph that are stored in external data files, read from
+/// the ModelProto bytes (ModelProto.graph = 7, GraphProto.initializer = 5).
+pub(crate) fn external_tensors(model: &[u8]) -> Vec<ExternalTensor> {
+    let mut found = Vec::new();
+    let mut top = Wire::new(model);
+    while let Some((number, field)) = top.next() {
+        let (7, Field::Bytes(graph)) = (number, field) else { continue };
+        let mut graph = Wire::new(graph);
+        while let Some((number, field)) = graph.next() {
+            if let (5, Field::Bytes(tensor)) = (number, field) {
+                found.extend(external_tensor(tensor));
+            }
+        }
+    }
+    found
+}
+
+/// TensorProto: dims = 1, data_type = 2, name = 8, external_data = 13 (key = 1, value = 2),
+/// data_location = 14 (1: external).
+fn external_tensor(bytes: &[u8]) -> Option<ExternalTensor> {
+    let mut tensor =
+        ExternalTensor { name: String::new(), data_type: 0, dims: Vec::new(), location: String::new(), offset: 0, length: None };
+    let mut external = false;
+    let mut wire = Wire::new(bytes);
+    while let Some((number, field)) = wire.next() {
+        match (number, field) {
+            (1, Field::Varint(d)) => tensor.dims.push(d as i64),
+            (1, Field::Bytes(packed)) => {
+                let mut dims = Wire::new(packed);
+                while dims.pos < packed.len() {
+                    tensor.dims.push(dims.varint()? as i64);
+                }
+            }
+            (2, Field::Varint(t)) => tensor.data_type = t as i32,
+            (8, Field::Bytes(name)) => tensor.name = String::from_utf8(name.to_vec()).ok()?,
+            (14, Field::Varint(location)) => external = location == 1,
+            (13, Field::Bytes(entry)) => {
+                let (mut key, mut value) = ("", "");
+                let mut entry = Wire::new(entry);
+                while let Some((number, field)) = entry.next() {
+                    match (number, field) {
+                        (1, Field::Bytes(k)) => key = std::str::from_utf8(k).ok()?,
+                        (2, Field::Bytes(v)) => value = std::str::from_utf8(v).ok()?,
+                        _ => {}
+                    }
+                }
+                match key {
+                    "location" => tensor.location = value.to_string(),
+                    "offset" => tensor.offset = value.parse().ok()?,
+                    "length" => tensor.length = Some(value.parse().ok()?),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    (external && !tensor.location.is_empty()).then_some(tensor)
+}
+
+/// The maps of a graph's external data files and the tensors over them, which must outlive the
+/// session they were given to (`LoadedSession` drops the session first).
+pub(crate) struct MappedWeights {
+    maps: Arc<Vec<memmap2::Mmap>>,
+    values: Vec<NonNull<OrtValue>>,
+}
+
+// SAFETY: the values are tensors over read-only maps; ONNX Runtime's values may be released from
+// any thread, and nothing here writes to them.
+unsafe impl Send for MappedWeights {}
+unsafe impl Sync for MappedWeights {}
+
+impl Drop for MappedWeights {
+    fn drop(&mut self) {
+        for value in &self.values {
+            // SAFETY: each value was made by CreateTensorWithDataAsOrtValue and is released once;
+            // the session that used them is gone (`LoadedSession`'s field order).
+            unsafe { (ort::api().ReleaseValue)(value.as_ptr()) };
+        }
+    }
+}
+
+impl MappedWeights {
+    /// Maps the external data files of `model_file` and hands every initializer stored there to
+    /// `builder` in place. Tensors that cannot be handed over as they are (a type without a
+    /// whole byte size, an offset off the element's alignment, a location outside the model's
+    /// folder) are left to ONNX Runtime, which reads them itself.
+    pub(crate) fn attach(builder: &mut SessionBuilder, model_file: &Path) -> Result<MappedWeights> {
+        let file_error = |path: &Path, e: std::io::Error| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() };
+        let graph = std::fs::read(model_file).map_err(|e| file_error(model_file, e))?;
+        let dir = model_file.parent().unwrap_or(Path::new("."));
+        let tensors = external_tensors(&graph);
+        let mut locations: Vec<&str> = Vec::new();
+        let mut maps = Vec::new();
+        for tensor in &tensors {
+            let inside = Path::new(&tensor.location).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+            if inside && !locations.contains(&tensor.location.as_str()) {
+                let path = dir.join(&tensor.location);
+                let file = File::open(&path).map_err(|e| file_error(&path, e))?;
+                // SAFETY: the map is only read. A model file rewritten in place while it is served
+                // changes what later reads see, as it would under ONNX Runtime's own map.
+                maps.push(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_error(&path, e))?);
+                locations.push(&tensor.location);
+            }
+        }
+        let memory = MemoryInfo::default();
+        let mut values = Vec::new();
+        for tensor in &tensors {
+            let (Some(index), Some((element, size))) =
+                (locations.iter().position(|l| *l == tensor.location), element_type(tensor.data_type))
+            else {
+                continue;
+            };
+            let map = &maps[index];
+            let elements: Option<u64> = tensor.dims.iter().try_fold(1u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?));
+            let Some(bytes) = elements.and_then(|n| n.checked_mul(size as u64)) else { continue };
+            let fits = tensor.offset.checked_add(bytes).is_some_and(|end| end <= map.len() as u64);
+            if !fits || tensor.length.is_some_and(|l| l != bytes) || tensor.offset % size as u64 != 0 {
+                continue;
+            }
+            let Ok(name) = CString::new(tensor.name.as_str()) else { continue };
+            let data = map[tensor.offset as usize..].as_ptr().cast_mut().cast::<c_void>();
+            let mut value: *mut OrtValue = ptr::null_mut();
+            // SAFETY: `data` points at `bytes` bytes inside a map that outlives the value (see
+            // `MappedWeights`); ONNX Runtime only reads an initializer's data.
+            let status = unsafe {
+                (ort::api().CreateTensorWithDataAsOrtValue)(
+                    memory.ptr(),
+                    data,
+                    bytes as usize,
+                    tensor.dims.as_ptr(),
+                    tensor.dims.len(),
+                    element,
+                    &mut value,
+                )
+            };
+            // SAFETY: a status just returned by ONNX Runtime, owned here.
+            unsafe { ort::Error::result_from_status(status) }.map_err(Error::from)?;
+            let value = NonNull::new(value).expect("CreateTensorWithDataAsOrtValue gave a value");
+            values.push(value);
+            // SAFETY: the options and the value are alive; ONNX Runtime keeps the pointer, not a copy.
+            let status = unsafe { (ort::api().AddInitializer)(builder.ptr_mut(), name.as_ptr(), value.as_ptr()) };
+            // SAFETY: as above.
+            unsafe { ort::Error::result_from_status(status) }.map_err(Error::from)?;
+        }
+        Ok(MappedWeights { maps: Arc::new(maps), values })
+    }
+
+    /// Drops the maps' pages from the resident set every few milliseconds while `build` runs
+    /// (ONNX Runtime repacks and copies what it keeps meanwhile), and once after it.
+    pub(crate) fn while_building<T>(&self, build: impl FnOnce() -> T) -> T {
+        let done = Arc::new(AtomicBool::new(false));
+        let (maps, stop) = (Arc::clone(&self.maps), Arc::clone(&done));
+        let reaper = std::thread::Builder::new()
+            .name("weights-reaper".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    release(&maps);
+                    std::thread::park_timeout(Duration::from_millis(5));
+                }
+            })
+            .ok();
+        let built = build();
+        done.store(true, Ordering::Release);
+        if let Some(reaper) = reaper {
+            reaper.thread().unpark();
+            let _ = reaper.join();
+        }
+        release(&self.maps);
+        built
+    }
+}
+
+/// Takes the maps' pages out of the resident set.
+fn release(maps: &[memmap2::Mmap]) {
+    for map in maps {
+        // SAFETY: a read-only shared map of a file: a page dropped here is read again from the
+        // file's page cache by the next access, with the same bytes. No reference into the map
+        // is invalidated (the memory stays mapped).
+        let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    fn bytes(number: u64, data: &[u8], out: &mut Vec<u8>) {
+        varint(number << 3 | 2, out);
+        varint(data.len() as u64, out);
+        out.extend_from_slice(data);
+    }
+
+    fn entry(key: &str, value: &str) -> Vec<u8> {
+        let mut e = Vec::new();
+        bytes(1, key.as_bytes(), &mut e);
+        bytes(2, value.as_bytes(), &mut e);
+        e
+    }
+
+    #[test]
+    fn reads_external_initializers_with_packed_and_unpacked_dims() {
+        let mut external = Vec::new();
+        let mut dims = Vec::new();
+        varint(2560, &mut dims);
+        varint(48, &mut dims);
+        bytes(1, &dims, &mut external); // packed dims
+        varint(2 << 3, &mut external);
+        varint(2, &mut external); // uint8
+        bytes(8, b"w_Q4", &mut external);
+        bytes(13, &entry("location", "model.onnx.data"), &mut external);
+        bytes(13, &entry("offset", "4096"), &mut external);
+        bytes(13, &entry("length", "122880"), &mut external);
+        varint(14 << 3, &mut external);
+        varint(1, &mut external);
+        let mut inline = Vec::new();
+        varint(1 << 3, &mut inline);
+        varint(3, &mut inline); // one unpacked dim
+        varint(2 << 3, &mut inline);
+        varint(1, &mut inline);
+        bytes(8, b"norm", &mut inline);
+        bytes(9, &[0; 12], &mut inline); // raw_data: not external
+        let mut graph = Vec::new();
+        bytes(1, b"a node we skip", &mut graph);
+        bytes(5, &external, &mut graph);
+        bytes(5, &inline, &mut graph);
+        let mut model = Vec::new();
+        varint(1 << 3, &mut model);
+        varint(8, &mut model); // ir_version
+        bytes(7, &graph, &mut model);
+        let found = external_tensors(&model);
+        assert_eq!(
+            found,
+            vec![ExternalTensor {
+                name: "w_Q4".into(),
+                data_type: 2,
+                dims: vec![2560, 48],
+                location: "model.onnx.data".into(),
+                offset: 4096,
+                length: Some(122880)
+            }]
+        );
+        // A message cut short yields what was read before it, and no panic.
+        assert!(external_tensors(&model[..model.len() - 3]).is_empty());
+    }
+}
