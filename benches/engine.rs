@@ -94,7 +94,7 @@ fn child(args: &[String]) {
     if let Some(draft) = arg(args, "--draft") {
         let folder = edgellm::model::ModelFolder::open(Path::new(&draft)).expect("draft folder");
         let k: usize = arg(args, "--k").map(|k| k.parse().unwrap()).unwrap_or(8);
-        let cost_aware = args.iter().any(|a| a == "--by-cost");
+        let cost_aware = !args.iter().any(|a| a == "--by-acceptance");
         let settings = edgellm::speculative::Settings { min_tokens: 1, max_tokens: k, min_confidence: 0.0, cost_aware };
         engine.attach_draft(&runtime, &folder, &options, settings).expect("draft");
     }
@@ -147,6 +147,7 @@ fn child(args: &[String]) {
     let acceptance = if judged == 0 { 0.0 } else { accepted as f64 / judged as f64 };
     let draft_ms: f64 = outcomes.iter().filter_map(|o| o.stats.speculative).map(|s| s.draft_time.as_secs_f64() * 1000.0).sum();
     let verify_ms: f64 = outcomes.iter().filter_map(|o| o.stats.speculative).map(|s| s.verify_time.as_secs_f64() * 1000.0).sum();
+    let near_ties: usize = outcomes.iter().filter_map(|o| o.stats.speculative).map(|s| s.near_tie_recomputes).sum();
     let per_forward = tokens as f64 / outcomes.iter().map(|o| o.stats.target_forwards).sum::<usize>() as f64;
     // Multi-token models: KV entries stored per generated token, and the base's own loss on the
     // generated text (nats per token).
@@ -180,6 +181,8 @@ fn child(args: &[String]) {
         "tokens_per_target_forward": per_forward,
         "draft_ms": draft_ms,
         "verify_ms": verify_ms,
+        "near_tie_recomputes": near_ties,
+        "target_forwards": outcomes.iter().map(|o| o.stats.target_forwards).sum::<usize>(),
         "total_ms": total_s * 1000.0,
         "kv_per_token": kv_generated as f64 / tokens as f64,
         "micro_ms": micro_ms,
@@ -701,11 +704,13 @@ fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Pat
     let draft = root().join("models/kjv-draft");
     let pair =
         if target.ends_with("kjv-target-xl") { target.with_file_name("kjv-speculative-xl") } else { root().join("models/kjv-speculative") };
+    // k: the most drafts a round holds; "acceptance": lengths by acceptance alone (AdaptiveK)
+    // instead of edgellm's default, by what drafts are worth here (cost::CostModel).
     let ours = |draft: Option<&Path>, k: &str| {
         let mut cmd = Workload::on_cpu(&target, new_tokens, threads, prompts_file).edgellm(Command::new(me), "default");
-        cmd.args(["--k", k.trim_end_matches("cost")]);
-        if k.ends_with("cost") {
-            cmd.arg("--by-cost");
+        cmd.args(["--k", k.trim_end_matches("acceptance")]);
+        if k.ends_with("acceptance") {
+            cmd.arg("--by-acceptance");
         }
         if let Some(d) = draft {
             cmd.arg("--draft").arg(d);
@@ -719,13 +724,21 @@ fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Pat
         }
         cmd
     };
-    // Draft lengths from acceptance (the default), or from the measured verify cost ("by cost").
-    let labels = ["edgellm plain", "edgellm spec k<=8", "edgellm k<=8 by cost", "edgellm spec k<=4", "genai plain", "genai spec k=4"];
+    let labels = [
+        "edgellm plain",
+        "edgellm spec k<=8",
+        "edgellm k<=16",
+        "by acceptance k<=8",
+        "by acceptance k<=4",
+        "genai plain",
+        "genai spec k=4",
+    ];
     let cmds = vec![
         ours(None, "8"),
         ours(Some(&draft), "8"),
-        ours(Some(&draft), "8cost"),
-        ours(Some(&draft), "4"),
+        ours(Some(&draft), "16"),
+        ours(Some(&draft), "8acceptance"),
+        ours(Some(&draft), "4acceptance"),
         genai(&target, false),
         genai(&pair, true),
     ];
@@ -737,7 +750,7 @@ fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Pat
         "{:<20} {:>11} {:>10} {:>14} {:>12} {:>12} {:>10}",
         "engine", "decode t/s", "accept", "tok/target fwd", "x our plain", "x genai spec", "identical"
     );
-    let genai_spec = rows[5].1["decode_tps"].as_f64().unwrap();
+    let genai_spec = rows[6].1["decode_tps"].as_f64().unwrap();
     for (label, r) in &rows {
         let tps = r["decode_tps"].as_f64().unwrap();
         println!(
@@ -752,14 +765,16 @@ fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Pat
         );
     }
     println!("where the time of our speculative runs goes (share of total generation time):");
-    for (label, r) in rows.iter().filter(|(l, _)| l.starts_with("edgellm") && *l != "edgellm plain") {
+    for (label, r) in rows.iter().filter(|(l, _)| !l.starts_with("genai") && *l != "edgellm plain") {
         let total = r["total_ms"].as_f64().unwrap();
         let (draft, verify) = (r["draft_ms"].as_f64().unwrap(), r["verify_ms"].as_f64().unwrap());
         println!(
-            "{label:<20} draft forwards {:.0}%, target verify {:.0}%, prefill, sampling and bookkeeping {:.0}%",
+            "{label:<20} draft forwards {:.0}%, target verify {:.0}%, prefill, sampling and bookkeeping {:.0}%; near-tie re-decisions {} of {} target forwards",
             100.0 * draft / total,
             100.0 * verify / total,
-            100.0 * (total - draft - verify) / total
+            100.0 * (total - draft - verify) / total,
+            r["near_tie_recomputes"],
+            r["target_forwards"]
         );
     }
 }

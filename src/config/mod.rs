@@ -463,7 +463,7 @@ impl Config {
                     min_tokens: min_k,
                     max_tokens: max_k,
                     min_confidence,
-                    cost_aware: m.speculative_cost_aware.unwrap_or(false),
+                    cost_aware: m.speculative_cost_aware.unwrap_or(true),
                 },
                 multitoken: MultiTokenConfig { mode, threshold, max_tokens: max_step },
             });

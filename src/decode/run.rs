@@ -96,7 +96,8 @@ pub struct SpeculativeStats {
     pub evaluated_tokens: usize,
     /// Draft tokens the target accepted.
     pub accepted_tokens: usize,
-    /// Wall time in draft forwards and in target verification forwards.
+    /// Wall time in draft forwards and in target forwards after the prefill (verifications, and
+    /// steps the proposer left to the target alone).
     pub draft_time: Duration,
     pub verify_time: Duration,
     /// Rounds by how many drafts were accepted (index = accepted count, up to 16).

@@ -1,8 +1,17 @@
-//! Draft length from what verification costs here: the time of a target forward by its number
-//! of positions (measured on this request, as it runs), the draft's time per token, and the
-//! acceptance so far. Where a forward of more positions costs nearly what one costs (a
-//! memory-bound target, on a kernel that shares the weight loads) long drafts pay; where it costs
-//! nearly k times as much (a compute-bound one) they do not, whatever the acceptance.
+//! Draft length from what drafts are worth here. A draft token is worth verifying when the
+//! chance that it and every draft before it are accepted (one more token) pays for the time it
+//! adds to the verify forward, at the rate decoding already reaches: with `chain` that chance,
+//! `rate` the tokens per millisecond so far, and `forward(n)` a forward's time over n positions,
+//! keep draft j while `chain >= rate * (forward(j + 1) - forward(j) + draft time)`. (The rule of
+//! a renewal process: a round's extra work is worth doing while its yield per millisecond beats
+//! the long-run rate.)
+//!
+//! All of it is measured on this engine, as it decodes: the forward time by positions (a
+//! memory-bound target's extra positions cost little, a compute-bound one's nearly a step each),
+//! the draft's time per token, the rate, and how often a draft token is accepted given the
+//! draft's own probability of it. That last one is what lets a round stop where the draft is
+//! unsure and run long where it is sure: on kjv-target's prompts, a kjv-draft token with
+//! probability over 0.5 was accepted 99% of the time, one under 0.2 45% of the time.
 
 use std::time::Duration;
 
@@ -10,23 +19,41 @@ use std::time::Duration;
 const POSITIONS: usize = 18;
 /// Weight of a new measurement in a running mean.
 const NEW: f64 = 0.2;
+/// Confidence bins of the acceptance estimate: [0, 0.1), [0.1, 0.2), ... [0.9, 1].
+const BINS: usize = 10;
+/// Pseudo-counts of the prior in each bin, which says a draft token of probability p is
+/// accepted with probability p (a calibrated draft) until the bin has data of its own.
+const PRIOR: f64 = 4.0;
 
-/// Running means of forward time by positions, draft time per token, and per-token acceptance.
+/// Running means of forward time by positions and of the draft's time per token, acceptance by
+/// the draft's confidence, and the decoding rate.
 pub(crate) struct CostModel {
     forward_ms: [Option<f64>; POSITIONS],
     draft_ms: Option<f64>,
-    /// Accepted drafts and judged ones (accepted, and the first rejected of a round), decayed.
-    accepted: f64,
-    judged: f64,
+    accepted: [f64; BINS],
+    judged: [f64; BINS],
+    /// Tokens per millisecond of whole rounds (drafting and verifying).
+    rate: Option<f64>,
 }
 
 fn mean(old: Option<f64>, new: f64) -> f64 {
     old.map_or(new, |old| old + NEW * (new - old))
 }
 
+fn bin(confidence: f32) -> usize {
+    ((confidence.clamp(0.0, 1.0) * BINS as f32) as usize).min(BINS - 1)
+}
+
 impl CostModel {
     pub(crate) fn new() -> CostModel {
-        CostModel { forward_ms: [None; POSITIONS], draft_ms: None, accepted: 0.0, judged: 0.0 }
+        let mid = |b: usize| (b as f64 + 0.5) / BINS as f64;
+        CostModel {
+            forward_ms: [None; POSITIONS],
+            draft_ms: None,
+            accepted: std::array::from_fn(|b| mid(b) * PRIOR),
+            judged: [PRIOR; BINS],
+            rate: None,
+        }
     }
 
     /// A target forward over `positions` took `took`.
@@ -36,26 +63,42 @@ impl CostModel {
         }
     }
 
-    /// The draft proposed `tokens` in `took`.
+    /// The draft made `tokens` in `took`.
     pub(crate) fn drafted(&mut self, tokens: usize, took: Duration) {
         if tokens > 0 {
             self.draft_ms = Some(mean(self.draft_ms, took.as_secs_f64() * 1000.0 / tokens as f64));
         }
     }
 
-    /// A round: `accepted` of `proposed` drafts.
-    pub(crate) fn judged(&mut self, proposed: usize, accepted: usize) {
-        if proposed == 0 {
-            return;
+    /// A round: the drafts' confidences in order, `accepted` of them accepted, `took` for the
+    /// whole round (drafting and verifying; `None` when it included a prefill). Drafts after the
+    /// first rejected one were not judged.
+    pub(crate) fn judged(&mut self, confidences: &[f32], accepted: usize, took: Option<Duration>) {
+        for (i, &confidence) in confidences.iter().enumerate().take(accepted + 1) {
+            self.observe(confidence, i < accepted);
         }
-        let judged = (accepted + 1).min(proposed) as f64;
-        // Rounds decay as the means do, so that acceptance follows the text.
-        self.accepted = self.accepted * (1.0 - NEW) + accepted as f64;
-        self.judged = self.judged * (1.0 - NEW) + judged;
+        let ms = took.map_or(0.0, |t| t.as_secs_f64() * 1000.0);
+        if ms > 0.0 {
+            self.rate = Some(mean(self.rate, (accepted + 1) as f64 / ms));
+        }
     }
 
-    /// Forward time over `positions`: measured, or on the line through the measured ones
-    /// (least squares; `None` until two position counts are measured).
+    /// A draft token of this confidence that was not sent would have been accepted, or not.
+    pub(crate) fn observe(&mut self, confidence: f32, accepted: bool) {
+        let b = bin(confidence);
+        self.judged[b] += 1.0;
+        self.accepted[b] += accepted as u8 as f64;
+    }
+
+    /// How often a draft token of this confidence has been accepted.
+    fn acceptance(&self, confidence: f32) -> f64 {
+        let b = bin(confidence);
+        self.accepted[b] / self.judged[b]
+    }
+
+    /// Forward time over `positions`: measured; else on the segment between the nearest measured
+    /// counts below and above it; else, past the measured ones, along the least-squares line
+    /// through them. `None` until two position counts are measured.
     fn forward_at(&self, positions: usize) -> Option<f64> {
         if let Some(Some(ms)) = self.forward_ms.get(positions) {
             return Some(*ms);
@@ -64,32 +107,40 @@ impl CostModel {
         if known.len() < 2 {
             return None;
         }
+        let x = positions as f64;
+        let below = known.iter().rev().find(|p| p.0 < x);
+        let above = known.iter().find(|p| p.0 > x);
+        if let (Some(&(x0, y0)), Some(&(x1, y1))) = (below, above) {
+            return Some(y0 + (y1 - y0) * (x - x0) / (x1 - x0));
+        }
         let count = known.len() as f64;
         let (mx, my) = (known.iter().map(|p| p.0).sum::<f64>() / count, known.iter().map(|p| p.1).sum::<f64>() / count);
         let sxx: f64 = known.iter().map(|p| (p.0 - mx).powi(2)).sum();
-        let slope = known.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / sxx;
-        Some((my + slope * (positions as f64 - mx)).max(f64::MIN_POSITIVE))
+        // Never cheaper with more positions.
+        let slope = (known.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>() / sxx).max(0.0);
+        let &(x0, y0) = below.or(above)?;
+        Some((y0 + slope * (x - x0)).max(f64::MIN_POSITIVE))
     }
 
-    /// The draft length in `min..=max` that gives the most tokens per millisecond, or `None`
-    /// while the costs are not known yet (the caller's own rule explores meanwhile).
-    pub(crate) fn best_length(&self, min: usize, max: usize) -> Option<usize> {
-        let draft_ms = self.draft_ms?;
-        if self.judged < 4.0 {
-            return None;
+    /// Whether the costs are known well enough to decide draft lengths by them.
+    pub(crate) fn ready(&self) -> bool {
+        self.draft_ms.is_some() && self.rate.is_some() && self.forward_ms.iter().filter(|ms| ms.is_some()).count() >= 2
+    }
+
+    /// Whether the draft token that would be the `index`-th of this round (from 0), drawn with
+    /// probability `confidence`, is worth verifying; `chain` is the chance that every draft
+    /// before it is accepted, and becomes the chance including it. `None` while not `ready`.
+    pub(crate) fn worth(&self, index: usize, confidence: f32, chain: &mut f64) -> Option<bool> {
+        let (rate, draft_ms) = (self.rate?, self.draft_ms?);
+        // The verify runs the last decided token and the drafts: index + 1 positions without
+        // this one, index + 2 with it.
+        let added = self.forward_at(index + 2)? - self.forward_at(index + 1)? + draft_ms;
+        let with = *chain * self.acceptance(confidence);
+        if with < rate * added {
+            return Some(false);
         }
-        // Per-token acceptance, kept off 0 and 1 so that the expectation stays finite.
-        let p = (self.accepted / self.judged).clamp(0.01, 0.99);
-        let tokens = |k: usize| (1.0 - p.powi(k as i32 + 1)) / (1.0 - p);
-        let rate = |k: usize| Some(tokens(k) / (self.forward_at(k + 1)? + k as f64 * draft_ms));
-        let mut best: Option<(usize, f64)> = None;
-        for k in min.max(1)..=max {
-            let r = rate(k)?;
-            if best.is_none_or(|(_, b)| r > b) {
-                best = Some((k, r));
-            }
-        }
-        best.map(|(k, _)| k)
+        *chain = with;
+        Some(true)
     }
 }
 
@@ -101,43 +152,68 @@ mod tests {
         Duration::from_secs_f64(v / 1000.0)
     }
 
-    fn model(costs: &[(usize, f64)], draft: f64, accepted: usize, proposed: usize) -> CostModel {
+    /// Measured forwards by positions, a draft cost, and `rounds` rounds in which a draft of
+    /// `confidence` was accepted `accepted` of `of` times, at `rate` tokens per ms.
+    fn model(costs: &[(usize, f64)], confidence: f32, accepted: usize, of: usize, rate: f64) -> CostModel {
         let mut m = CostModel::new();
         for &(n, c) in costs {
             m.forward(n, ms(c));
         }
-        m.drafted(1, ms(draft));
-        for _ in 0..10 {
-            m.judged(proposed, accepted);
+        m.drafted(1, ms(0.1));
+        for i in 0..of {
+            let ok = (i < accepted) as usize;
+            m.judged(&[confidence], ok, Some(ms((ok + 1) as f64 / rate)));
         }
         m
     }
 
-    #[test]
-    fn long_drafts_where_positions_are_nearly_free_short_ones_where_they_cost() {
-        // Memory-bound: 9 positions cost 1.2x one; acceptance about 0.8.
-        let flat = model(&[(1, 10.0), (9, 12.0)], 0.1, 4, 5);
-        assert_eq!(flat.best_length(1, 8), Some(8));
-        // Compute-bound: cost grows with every position.
-        let steep = model(&[(1, 10.0), (9, 90.0)], 0.1, 4, 5);
-        assert_eq!(steep.best_length(1, 8), Some(1));
-        // The measured XL curve (1, 1.14, 1.45, 2.05, 3.29 x 16 ms) at acceptance 0.77: 2 or 3.
-        let xl = model(&[(1, 16.0), (2, 18.2), (3, 23.2), (5, 32.8), (9, 52.6)], 0.07, 3, 4);
-        let k = xl.best_length(1, 8).unwrap();
-        assert!((2..=3).contains(&k), "{k}");
+    fn length(m: &CostModel, confidences: &[f32]) -> usize {
+        let mut chain = 1.0;
+        confidences.iter().enumerate().take_while(|&(i, &c)| m.worth(i, c, &mut chain).unwrap()).count()
     }
 
     #[test]
-    fn unknown_until_two_position_counts_and_a_few_rounds() {
+    fn long_drafts_where_positions_are_nearly_free_short_ones_where_they_cost() {
+        // Memory-bound: 9 positions cost 1.2x one; drafts at 0.8 confidence accepted 4 in 5.
+        let flat = model(&[(1, 10.0), (9, 12.0)], 0.85, 40, 50, 0.15);
+        assert_eq!(length(&flat, &[0.85; 8]), 8);
+        // Compute-bound: every position costs nearly a step.
+        let steep = model(&[(1, 10.0), (9, 90.0)], 0.85, 40, 50, 0.15);
+        assert!(length(&steep, &[0.85; 8]) <= 1);
+    }
+
+    #[test]
+    fn a_round_stops_where_the_draft_is_unsure() {
+        // The twin's measured curve (1, 1.21, 1.50, 2.08, 3.28 x 17.8 ms) at its rate of about
+        // 1.5 tokens per step.
+        let mut m = model(&[(1, 17.8), (2, 21.5), (3, 26.7), (5, 37.0), (9, 58.4)], 0.95, 50, 50, 1.5 / 17.8);
+        // Unsure drafts were accepted 2 times in 10.
+        for i in 0..40 {
+            m.judged(&[0.15], (i % 5 == 0) as usize, Some(ms(17.8)));
+        }
+        assert_eq!(length(&m, &[0.95, 0.95, 0.95, 0.15, 0.95]), 3, "sure drafts go on, an unsure one ends the round");
+        assert_eq!(length(&m, &[0.15, 0.95]), 0, "an unsure first draft: a plain step");
+    }
+
+    #[test]
+    fn unknown_until_costs_and_a_round_are_measured() {
         let mut m = CostModel::new();
         m.forward(5, ms(30.0));
         m.drafted(4, ms(1.0));
-        for _ in 0..10 {
-            m.judged(4, 3);
-        }
-        assert_eq!(m.best_length(1, 8), None, "one position count measured");
+        m.judged(&[0.9, 0.9, 0.9, 0.9], 3, Some(ms(31.0)));
+        assert!(!m.ready() && m.worth(0, 0.9, &mut 1.0).is_none(), "one position count measured");
         m.forward(3, ms(20.0));
-        assert!(m.best_length(1, 8).is_some());
-        assert_eq!(model(&[(1, 10.0), (9, 12.0)], 0.1, 0, 0).best_length(1, 8), None, "no round judged");
+        assert!(m.ready() && m.worth(0, 0.9, &mut 1.0).is_some());
+    }
+
+    #[test]
+    fn acceptance_starts_at_the_confidence_and_follows_what_is_seen() {
+        let mut m = CostModel::new();
+        assert!((m.acceptance(0.55) - 0.55).abs() < 1e-9, "the prior: a calibrated draft");
+        for _ in 0..100 {
+            m.judged(&[0.55], 1, Some(ms(1.0)));
+        }
+        assert!(m.acceptance(0.55) > 0.95, "{}", m.acceptance(0.55));
+        assert!((m.acceptance(0.05) - 0.05).abs() < 1e-9, "other bins keep their prior");
     }
 }

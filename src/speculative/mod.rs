@@ -27,14 +27,15 @@ pub struct Settings {
     pub max_tokens: usize,
     /// Stop drafting when the draft's own probability of its token falls under this (0: off).
     pub min_confidence: f32,
-    /// Choose each draft's length from this request's measured verify cost by positions, draft
-    /// cost and acceptance (`cost::CostModel`); false: from acceptance alone (`AdaptiveK`).
+    /// Choose each draft's length from what drafts are worth on this engine: the measured verify
+    /// cost by positions, the draft's cost, the decoding rate, and the acceptance of draft tokens
+    /// by the draft's confidence (`cost::CostModel`); false: from acceptance alone (`AdaptiveK`).
     pub cost_aware: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { min_tokens: 1, max_tokens: 8, min_confidence: 0.0, cost_aware: false }
+        Settings { min_tokens: 1, max_tokens: 8, min_confidence: 0.0, cost_aware: true }
     }
 }
 
@@ -43,6 +44,8 @@ pub struct Draft {
     decoder: Decoder,
     layout: KvLayout,
     settings: Settings,
+    /// What drafts cost and are worth on this engine, learnt over its requests (one at a time).
+    costs: std::sync::Mutex<cost::CostModel>,
 }
 
 impl Draft {
@@ -79,7 +82,7 @@ impl Draft {
             ));
         }
         let layout = decoder.choose_layout(&draft.config, options.kv_layout)?;
-        Ok(Draft { decoder, layout, settings })
+        Ok(Draft { decoder, layout, settings, costs: std::sync::Mutex::new(cost::CostModel::new()) })
     }
 
     pub fn provider(&self) -> &ProviderReport {
@@ -120,7 +123,15 @@ pub(crate) struct DraftProposer<'d> {
     draft: &'d Draft,
     cache: KvCache,
     length: AdaptiveK,
-    cost: cost::CostModel,
+    /// The draft's probability of each token of the last proposal, and when its round began
+    /// (`None` for a round that began with the draft's prefill of the prompt: not a round's cost).
+    confidences: Vec<f32>,
+    round: Option<std::time::Instant>,
+    /// A draft made but not proposed (not worth its verify cost): where it would have gone, the
+    /// token and its confidence. Once the target decides that position after accepting every
+    /// proposed draft, it shows whether the draft would have been accepted: what the draft is
+    /// worth at confidences it is rarely sent with is learnt without sending it.
+    withheld: Option<(usize, u32, f32)>,
 }
 
 impl<'d> DraftProposer<'d> {
@@ -138,7 +149,7 @@ impl<'d> DraftProposer<'d> {
         // The draft's runs are terminated with the target's: its first catch-up is a prefill.
         cancel.attach(cache.run_options());
         let length = AdaptiveK::new(draft.settings.min_tokens, draft.settings.max_tokens);
-        Ok(DraftProposer { draft, cache, length, cost: cost::CostModel::new() })
+        Ok(DraftProposer { draft, cache, length, confidences: Vec::new(), round: None, withheld: None })
     }
 }
 
@@ -153,57 +164,84 @@ impl Proposer for DraftProposer<'_> {
     fn propose(&mut self, run: &mut Run, _row: Option<RowState<'_>>, limit: usize) -> Result<Proposal> {
         let params = run.sampler.params().clone();
         let greedy = params.is_greedy();
-        let min_confidence = self.draft.settings.min_confidence;
-        let by_acceptance = self.length.now(limit);
-        let by_cost =
-            if self.draft.settings.cost_aware { self.cost.best_length(self.length.min(), self.draft.settings.max_tokens) } else { None };
-        let (k, min) = (by_cost.map_or(by_acceptance, |k| k.min(limit)), self.length.min());
+        let settings = self.draft.settings;
+        let mut costs = self.draft.costs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((position, token, confidence)) = self.withheld.take() {
+            if let Some(&decided) = run.sequence.get(position) {
+                costs.observe(confidence, decided == token);
+            }
+        }
+        // By what drafts are worth once their costs are known; by acceptance until then.
+        let by_cost = settings.cost_aware && costs.ready();
+        let (k, min) = if by_cost { (settings.max_tokens.min(limit), 0) } else { (self.length.now(limit), self.length.min()) };
         let started = std::time::Instant::now();
         // The first catch-up is the prompt's prefill: not a draft token's cost.
         let timed = self.cache.len() + 2 >= run.sequence.len();
+        self.round = timed.then_some(started);
         let mut tokens: Vec<u32> = Vec::with_capacity(k);
         let mut q_rows: Vec<Vec<f32>> = Vec::new();
+        self.confidences.clear();
+        let mut chain = 1.0;
+        let mut drafted = 0;
         // The draft first catches up with what it has not seen (1 or 2 tokens; the prompt at first).
         let mut feed: Vec<u32> = run.sequence[self.cache.len()..].to_vec();
         while tokens.len() < k {
             let row = self.draft.decoder.forward(&mut self.cache, &feed, 1)?;
+            drafted += 1;
             // What the repetition penalty looks at; only built when there is a penalty.
             let seen: Vec<u32> =
                 if params.repetition_penalty == 1.0 { Vec::new() } else { run.sequence.iter().chain(&tokens).copied().collect() };
-            let (token, confidence) = if greedy {
+            // `peak`: the draft's probability of its likeliest token, known before a sampled
+            // token is drawn. Whether this position gets a draft may depend on it, never on the
+            // token drawn: that would bend the sampled law the verifier restores.
+            let (token, confidence, peak, q) = if greedy {
                 let t = penalised_argmax(&row, &seen, params.repetition_penalty);
-                let confidence = if min_confidence > 0.0 {
+                let confidence = if settings.min_confidence > 0.0 || settings.cost_aware {
                     row_distribution(&row, &seen, &SamplingParams { temperature: 1.0, ..params.clone() })[t as usize]
                 } else {
                     1.0
                 };
-                (t, confidence)
+                (t, confidence, confidence, None)
             } else {
                 let q = row_distribution(&row, &seen, &params);
+                let peak = q.iter().copied().fold(0.0, f32::max);
                 let t = run.sampler.draw(&q) as u32;
-                let confidence = q[t as usize];
-                q_rows.push(q);
-                (t, confidence)
+                (t, q[t as usize], peak, Some(q))
             };
+            if by_cost && costs.worth(tokens.len(), peak, &mut chain) == Some(false) {
+                // (Sampled, a draft is accepted with probability min(1, p/q): the target's own
+                // draw says nothing of that.)
+                self.withheld = greedy.then_some((run.sequence.len() + tokens.len(), token, confidence));
+                break;
+            }
             tokens.push(token);
+            q_rows.extend(q);
+            self.confidences.push(peak);
             feed = vec![token];
-            if run.is_eos(token) || (confidence < min_confidence && tokens.len() >= min) {
+            if run.is_eos(token) || (confidence < settings.min_confidence && tokens.len() >= min) {
                 break;
             }
         }
+        drop(costs);
         if timed {
-            self.cost.drafted(tokens.len(), started.elapsed());
+            self.draft.costs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).drafted(drafted, started.elapsed());
         }
         Ok(Proposal { tokens, q_rows })
     }
 
     fn verified(&mut self, positions: usize, took: std::time::Duration) {
-        self.cost.forward(positions, took);
+        self.draft.costs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).forward(positions, took);
     }
 
     fn accepted(&mut self, len: usize, proposed: usize, accepted: usize) -> Result<()> {
         self.length.update(proposed, accepted);
-        self.cost.judged(proposed, accepted);
+        if accepted < proposed {
+            // The withheld draft followed a rejected one: nothing to learn from its position.
+            self.withheld = None;
+        }
+        let confidences = &self.confidences[..proposed.min(self.confidences.len())];
+        let took = self.round.map(|started| started.elapsed());
+        self.draft.costs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).judged(confidences, accepted, took);
         // The draft keeps no more than the target did (it may not have seen the last draft).
         let keep = len.min(self.cache.len());
         self.cache.truncate(keep)

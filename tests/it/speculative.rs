@@ -7,19 +7,29 @@ use edgellm::speculative::Settings;
 
 use crate::fixtures::{model_dir, references, runtime};
 
-fn pair(draft: &str, layout: KvLayout, max_tokens: usize) -> Engine {
+/// kjv-target with `draft`; draft lengths by acceptance alone, or (`cost_aware`) by what drafts
+/// are worth on this engine.
+fn pair_with(draft: &str, layout: KvLayout, max_tokens: usize, cost_aware: bool) -> Engine {
     let options = LoadOptions { kv_layout: Some(layout), ..Default::default() };
     let mut engine = Engine::load(&runtime(), "kjv", &model_dir("kjv-target"), &options).unwrap();
     let folder = ModelFolder::open(&model_dir(draft)).unwrap();
-    engine
-        .attach_draft(&runtime(), &folder, &options, Settings { min_tokens: 1, max_tokens, min_confidence: 0.0, cost_aware: false })
-        .unwrap();
+    engine.attach_draft(&runtime(), &folder, &options, Settings { min_tokens: 1, max_tokens, min_confidence: 0.0, cost_aware }).unwrap();
     engine
 }
 
+fn pair(draft: &str, layout: KvLayout, max_tokens: usize) -> Engine {
+    pair_with(draft, layout, max_tokens, false)
+}
+
 fn greedy_lossless(layout: KvLayout) {
+    greedy_lossless_with(pair("kjv-draft", layout, 6), layout, true);
+}
+
+/// `every_position`: rounds ended at every draft position up to the longest accepted (with
+/// lengths by acceptance, which tries every length; by cost, lengths follow the draft's
+/// confidence, and the first three positions are checked).
+fn greedy_lossless_with(mut engine: Engine, layout: KvLayout, every_position: bool) {
     let refs = references();
-    let mut engine = pair("kjv-draft", layout, 6);
     let mut per_round = [0usize; 17];
     let (mut proposed, mut accepted) = (0, 0);
     let (mut identical, mut near_ties) = (0, 0);
@@ -53,7 +63,8 @@ fn greedy_lossless(layout: KvLayout) {
     // Rejections happened at every draft position 0..k (and so did rollbacks), output unchanged.
     let k_seen = per_round.iter().rposition(|&n| n > 0).unwrap();
     assert!(k_seen >= 3, "drafts of several tokens were accepted: {per_round:?}");
-    assert!(per_round[..k_seen].iter().all(|&n| n > 0), "a rejection at every position 0..{k_seen}: {per_round:?}");
+    let checked = if every_position { k_seen } else { 3 };
+    assert!(per_round[..checked].iter().all(|&n| n > 0), "a rejection at every position 0..{checked}: {per_round:?}");
 }
 
 #[test]
@@ -64,6 +75,13 @@ fn greedy_speculative_equals_target_alone_shared_kv() {
 #[test]
 fn greedy_speculative_equals_target_alone_growing_kv() {
     greedy_lossless(KvLayout::Growing);
+}
+
+/// The same with draft lengths chosen by what drafts are worth (the default): which drafts are
+/// sent changes, the output does not.
+#[test]
+fn greedy_speculative_by_cost_equals_target_alone() {
+    greedy_lossless_with(pair_with("kjv-draft", KvLayout::Shared, 8, true), KvLayout::Shared, false);
 }
 
 type Counts = std::collections::HashMap<u32, usize>;
@@ -111,17 +129,30 @@ fn sampled_speculative_follows_the_target_distribution() {
             speculative: Some(speculative),
             ..sampled(seed)
         })
-        .0
     };
-    for draft in ["tiny-qwen2", "kjv-draft"] {
-        let mut engine = pair(draft, KvLayout::Shared, 3);
-        let plain = sample(&mut engine, false);
-        let spec = sample(&mut engine, true);
+    // By acceptance, both drafts; by cost (the default), kjv-draft, whose drafts it sends only
+    // where the draft's distribution peaks high: which positions get a draft must not depend on
+    // the token drawn there.
+    for (draft, cost_aware) in [("tiny-qwen2", false), ("kjv-draft", false), ("kjv-draft", true)] {
+        let mut engine = pair_with(draft, KvLayout::Shared, 3, cost_aware);
+        if cost_aware {
+            // Greedy requests first, so that the costs are known and the rule decides from the
+            // first sampled request on.
+            let greedy = GenerateOptions { max_new_tokens: Some(64), temperature: Some(0.0), ..Default::default() };
+            for case in references().models["kjv-target"].iter().take(3) {
+                engine.generate(&Prompt::Tokens(case.prompt_ids.clone()), &greedy, &CancelToken::new(), &mut |_| true).unwrap();
+            }
+        }
+        let (plain, _) = sample(&mut engine, false);
+        let (spec, drafted) = sample(&mut engine, true);
+        // By cost, how many drafts are worth sending depends on this machine's costs: some are.
+        let enough = if cost_aware { 0 } else { seeds / 2 };
+        assert!(drafted as u64 > enough, "draft {draft} (by cost: {cost_aware}): {drafted} drafts in {seeds} requests");
         for pos in 0..2 {
             let d = total_variation(&plain[pos], &spec[pos]);
-            eprintln!("draft {draft}: position {}: total variation {d:.3} over {seeds} seeds", pos + 2);
+            eprintln!("draft {draft} (by cost: {cost_aware}): position {}: total variation {d:.3} over {seeds} seeds", pos + 2);
             // Two samples of 500 from the same law over ~8-30 tokens differ by ~0.1 in TV.
-            assert!(d < 0.2, "draft {draft}, position {}: TV {d}", pos + 2);
+            assert!(d < 0.2, "draft {draft} (by cost: {cost_aware}), position {}: TV {d}", pos + 2);
         }
     }
 }
