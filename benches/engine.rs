@@ -439,12 +439,27 @@ const PAIR_GAP: std::time::Duration = std::time::Duration::from_millis(150);
 
 /// Returns each engine's decode speed over all its tokens: [onnxruntime-genai, edgellm].
 fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds: usize) -> [f64; 2] {
+    paired_rows_probed(work, me, python, prompts, rounds, &mut || {}).0
+}
+
+/// `paired_rows`, calling `before_pair` before each pair; also gives each pair's decode speeds
+/// (genai, edgellm).
+fn paired_rows_probed(
+    work: &Workload,
+    me: &Path,
+    python: &Path,
+    prompts: usize,
+    rounds: usize,
+    before_pair: &mut dyn FnMut(),
+) -> ([f64; 2], Vec<[f64; 2]>) {
+    let mut per_pair = Vec::new();
     let mut servers = [work.genai(Command::new(python)), work.edgellm(Command::new(me), "default")].map(Server::start);
     let (mut decode, mut ttft, mut same) = (Vec::new(), Vec::new(), true);
     let (mut decode_s, mut decoded) = ([0.0f64; 2], [0u64; 2]);
     for round in 0..rounds {
         for prompt in 0..prompts {
             let mut replies = [Value::Null, Value::Null];
+            before_pair();
             let first = (round + prompt) % 2;
             for engine in [first, 1 - first] {
                 // Let the other engine's ONNX Runtime pool stop spinning before this one starts.
@@ -459,6 +474,7 @@ fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds
                 decoded[i] += r["decoded"].as_u64().unwrap();
             }
             let tps = |r: &Value| f(r, "decoded") / f(r, "decode_s");
+            per_pair.push([tps(&replies[0]), tps(&replies[1])]);
             decode.push(tps(&replies[1]) / tps(&replies[0]));
             ttft.push(f(&replies[1], "ttft_s") / f(&replies[0], "ttft_s"));
             same &= replies[0]["output"] == replies[1]["output"];
@@ -483,7 +499,7 @@ fn paired_rows(work: &Workload, me: &Path, python: &Path, prompts: usize, rounds
         decode.len(),
         100.0 * faster
     );
-    [decoded[0] as f64 / decode_s[0], decoded[1] as f64 / decode_s[1]]
+    ([decoded[0] as f64 / decode_s[0], decoded[1] as f64 / decode_s[1]], per_pair)
 }
 
 /// Prompt lookup against plain decoding of the same model, in paired alternating rounds (both
@@ -1314,15 +1330,13 @@ fn chat_reuse_table(model: &Path, rounds: usize) {
     drop(daemon);
 }
 
-/// The machine's read bandwidth in bytes/s: every core sums its share of a 1 GiB buffer (far
-/// larger than the caches); the best of five passes.
-fn read_bandwidth() -> (f64, usize) {
+/// The machine's read bandwidth in bytes/s: every core sums its share of `buffer` (1 GiB, far
+/// larger than the caches); the best of `passes` passes.
+fn read_bandwidth(buffer: &[u64], passes: usize) -> (f64, usize) {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let words = (1usize << 30) / 8;
-    let buffer: Vec<u64> = (0..words as u64).collect();
-    let chunk = words.div_ceil(threads);
+    let chunk = buffer.len().div_ceil(threads);
     let mut best = f64::MAX;
-    for _ in 0..5 {
+    for _ in 0..passes {
         let started = Instant::now();
         let total: u64 = std::thread::scope(|s| {
             let parts: Vec<_> =
@@ -1332,41 +1346,50 @@ fn read_bandwidth() -> (f64, usize) {
         std::hint::black_box(total);
         best = best.min(started.elapsed().as_secs_f64());
     }
-    ((words * 8) as f64 / best, threads)
+    (std::mem::size_of_val(buffer) as f64 / best, threads)
 }
 
 /// Plain decoding against the memory bound: weight bytes per token x tokens/s / bandwidth, for
-/// edgellm and onnxruntime-genai on the same folder (median of three interleaved runs each).
-fn bandwidth_table(
-    me: &Path,
-    python: &Path,
-    model: &Path,
-    new_tokens: &str,
-    threads: &str,
-    prompts: &Path,
-    prompt_count: usize,
-    rounds: usize,
-) {
-    let (bandwidth, cores) = read_bandwidth();
+/// edgellm and onnxruntime-genai on the same folder. The bandwidth moves with the load on this
+/// shared host (2x within minutes), so it is measured again before each pair of the paired
+/// rounds, and each pair's fraction is taken against the bandwidth measured just before it.
+#[allow(clippy::too_many_arguments)]
+fn bandwidth_table(me: &Path, python: &Path, model: &Path, new_tokens: &str, threads: &str, prompts: &Path, prompt_count: usize, rounds: usize) {
+    let buffer: Vec<u64> = (0..(1u64 << 30) / 8).collect();
     let out = Command::new(python).arg(root().join("benches/weight_bytes.py")).arg(model).output().expect("python");
     assert!(out.status.success(), "weight_bytes.py: {}", String::from_utf8_lossy(&out.stderr));
     let bytes: Value = serde_json::from_slice(&out.stdout).unwrap();
     let per_token = bytes["per_token_bytes"].as_f64().unwrap();
-    println!(
-        "\nphysical limit | {} | read bandwidth {:.1} GB/s ({cores} threads over 1 GiB, best of 5) | weights read per token {:.1} MB (model.onnx.data {:.1} MB)",
-        model.display(),
-        bandwidth / 1e9,
-        per_token / 1e6,
-        bytes["file_bytes"].as_f64().unwrap() / 1e6
-    );
+    let mlas = bytes["mlas_bytes"].as_f64().unwrap();
     let work = Workload::on_cpu(model, new_tokens, threads, prompts);
-    // Paired rounds, so that a change of load on this shared machine hits both engines alike.
-    let paired = paired_rows(&work, me, python, prompt_count, rounds);
+    let mut bandwidths = Vec::new();
+    let mut cores = 0;
+    let (overall, pairs) = paired_rows_probed(&work, me, python, prompt_count, rounds, &mut || {
+        let (bandwidth, threads) = read_bandwidth(&buffer, 3);
+        bandwidths.push(bandwidth);
+        cores = threads;
+    });
+    let (lo, hi) = bandwidths.iter().fold((f64::MAX, 0.0f64), |(lo, hi), &b| (lo.min(b), hi.max(b)));
     println!(
-        "{:<18} {:>11} {:>14} {:>20}   ({rounds} paired rounds of {prompt_count} prompts, all tokens)",
-        "engine", "decode t/s", "weight GB/s", "fraction of bound"
+        "\nphysical limit | {} | read bandwidth before each pair ({cores} threads over 1 GiB, best of 3): median {:.1} GB/s, {:.1}-{:.1} | weights read per token {:.1} MB (model.onnx.data {:.1} MB); MLAS's packed int8-compute layout reads {:.1} MB",
+        model.display(),
+        median(&mut bandwidths.clone()) / 1e9,
+        lo / 1e9,
+        hi / 1e9,
+        per_token / 1e6,
+        bytes["file_bytes"].as_f64().unwrap() / 1e6,
+        mlas / 1e6
     );
-    for (label, tps) in ["onnxruntime-genai", "edgellm"].into_iter().zip(paired) {
-        println!("{label:<18} {tps:>11.1} {:>14.2} {:>20.3}", per_token * tps / 1e9, per_token * tps / bandwidth);
+    println!(
+        "{:<18} {:>11} {:>14} {:>26} {:>26}   ({rounds} paired rounds of {prompt_count} prompts; fractions: median of pairs (IQR))",
+        "engine", "decode t/s", "weight GB/s", "fraction of bound", "MLAS bytes / bandwidth"
+    );
+    for (i, label) in ["onnxruntime-genai", "edgellm"].into_iter().enumerate() {
+        let fractions = |bytes: f64| -> Vec<f64> { pairs.iter().zip(&bandwidths).map(|(tps, bw)| bytes * tps[i] / bw).collect() };
+        let cell = |mut f: Vec<f64>| {
+            let (q1, q3) = quartiles(&mut f.clone());
+            format!("{:.3} ({q1:.3}-{q3:.3})", median(&mut f))
+        };
+        println!("{label:<18} {:>11.1} {:>14.2} {:>26} {:>26}", overall[i], per_token * overall[i] / 1e9, cell(fractions(per_token)), cell(fractions(mlas)));
     }
 }
