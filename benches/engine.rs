@@ -1354,7 +1354,16 @@ fn read_bandwidth(buffer: &[u64], passes: usize) -> (f64, usize) {
 /// shared host (2x within minutes), so it is measured again before each pair of the paired
 /// rounds, and each pair's fraction is taken against the bandwidth measured just before it.
 #[allow(clippy::too_many_arguments)]
-fn bandwidth_table(me: &Path, python: &Path, model: &Path, new_tokens: &str, threads: &str, prompts: &Path, prompt_count: usize, rounds: usize) {
+fn bandwidth_table(
+    me: &Path,
+    python: &Path,
+    model: &Path,
+    new_tokens: &str,
+    threads: &str,
+    prompts: &Path,
+    prompt_count: usize,
+    rounds: usize,
+) {
     let buffer: Vec<u64> = (0..(1u64 << 30) / 8).collect();
     let out = Command::new(python).arg(root().join("benches/weight_bytes.py")).arg(model).output().expect("python");
     assert!(out.status.success(), "weight_bytes.py: {}", String::from_utf8_lossy(&out.stderr));
@@ -1390,6 +1399,12 @@ fn bandwidth_table(me: &Path, python: &Path, model: &Path, new_tokens: &str, thr
             let (q1, q3) = quartiles(&mut f.clone());
             format!("{:.3} ({q1:.3}-{q3:.3})", median(&mut f))
         };
-        println!("{label:<18} {:>11.1} {:>14.2} {:>26} {:>26}", overall[i], per_token * overall[i] / 1e9, cell(fractions(per_token)), cell(fractions(mlas)));
+        println!(
+            "{label:<18} {:>11.1} {:>14.2} {:>26} {:>26}",
+            overall[i],
+            per_token * overall[i] / 1e9,
+            cell(fractions(per_token)),
+            cell(fractions(mlas))
+        );
     }
 }

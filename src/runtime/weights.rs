@@ -271,6 +271,17 @@ impl MappedWeights {
     /// Drops the maps' pages from the resident set every few milliseconds while `build` runs
     /// (ONNX Runtime repacks and copies what it keeps meanwhile), and once after it.
     pub(crate) fn while_building<T>(&self, build: impl FnOnce() -> T) -> T {
+        /// Stops the reaper however `build` ends (a panic included).
+        struct Stop(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+                if let Some(reaper) = self.1.take() {
+                    reaper.thread().unpark();
+                    let _ = reaper.join();
+                }
+            }
+        }
         let done = Arc::new(AtomicBool::new(false));
         let (maps, stop) = (Arc::clone(&self.maps), Arc::clone(&done));
         let reaper = std::thread::Builder::new()
@@ -282,12 +293,9 @@ impl MappedWeights {
                 }
             })
             .ok();
+        let stop = Stop(done, reaper);
         let built = build();
-        done.store(true, Ordering::Release);
-        if let Some(reaper) = reaper {
-            reaper.thread().unpark();
-            let _ = reaper.join();
-        }
+        drop(stop);
         release(&self.maps);
         built
     }

@@ -18,12 +18,16 @@ use std::time::Duration;
 /// Positions per verify forward it keeps a cost for (a draft of up to 16 tokens, and the last).
 const POSITIONS: usize = 18;
 /// Weight of a new measurement in a running mean.
-const NEW: f64 = 0.2;
+const NEW: f64 = 0.05;
 /// Confidence bins of the acceptance estimate: [0, 0.1), [0.1, 0.2), ... [0.9, 1].
 const BINS: usize = 10;
 /// Pseudo-counts of the prior in each bin, which says a draft token of probability p is
 /// accepted with probability p (a calibrated draft) until the bin has data of its own.
 const PRIOR: f64 = 4.0;
+/// Rounds with drafts after a pause before their rate is held against plain steps' again.
+const PROBE_ROUNDS: usize = 8;
+/// The longest pause of the draft, in target steps.
+const MAX_PAUSE: usize = 64;
 
 /// Running means of forward time by positions and of the draft's time per token, acceptance by
 /// the draft's confidence, and the decoding rate.
@@ -34,6 +38,12 @@ pub(crate) struct CostModel {
     judged: [f64; BINS],
     /// Tokens per millisecond of whole rounds (drafting and verifying).
     rate: Option<f64>,
+    /// Where drafting is slower than plain steps (a compute-bound target, a draft that is
+    /// rarely right) the draft pauses: steps left in this pause, the next pause's length, and the
+    /// rounds with drafts since the last one.
+    paused: usize,
+    next_pause: usize,
+    probed: usize,
 }
 
 fn mean(old: Option<f64>, new: f64) -> f64 {
@@ -53,7 +63,33 @@ impl CostModel {
             accepted: std::array::from_fn(|b| mid(b) * PRIOR),
             judged: [PRIOR; BINS],
             rate: None,
+            paused: 0,
+            next_pause: 1,
+            probed: 0,
         }
+    }
+
+    /// Whether this step drafts at all: not during a pause, and a pause begins (doubling each
+    /// time, up to `MAX_PAUSE` steps) when rounds with drafts have made fewer tokens per
+    /// millisecond than plain steps make.
+    pub(crate) fn drafts_now(&mut self) -> bool {
+        if self.paused > 0 {
+            self.paused -= 1;
+            return false;
+        }
+        self.probed += 1;
+        let (Some(rate), Some(step_ms)) = (self.rate, self.forward_at(1)) else { return true };
+        if self.probed < PROBE_ROUNDS {
+            return true;
+        }
+        if rate * step_ms < 1.0 {
+            self.paused = self.next_pause;
+            self.next_pause = (self.next_pause * 2).min(MAX_PAUSE);
+            self.probed = 0;
+            return false;
+        }
+        self.next_pause = 1;
+        true
     }
 
     /// A target forward over `positions` took `took`.
@@ -204,6 +240,20 @@ mod tests {
         assert!(!m.ready() && m.worth(0, 0.9, &mut 1.0).is_none(), "one position count measured");
         m.forward(3, ms(20.0));
         assert!(m.ready() && m.worth(0, 0.9, &mut 1.0).is_some());
+    }
+
+    #[test]
+    fn drafting_pauses_where_plain_steps_are_faster_and_probes_again() {
+        // Plain steps make 1 token per 10 ms; rounds with drafts 0.8 per 10 ms.
+        let mut m = model(&[(1, 10.0), (5, 30.0)], 0.5, 1, 2, 0.08);
+        let pattern: Vec<bool> = (0..40).map(|_| m.drafts_now()).collect();
+        let first_pause = pattern.iter().position(|d| !d).expect("a pause");
+        assert!(first_pause <= PROBE_ROUNDS, "{pattern:?}");
+        assert!(pattern[first_pause..].iter().any(|&d| d), "drafting is tried again after a pause: {pattern:?}");
+        assert!(pattern.iter().filter(|&&d| !d).count() >= 3, "pauses grow: {pattern:?}");
+        // Where drafts pay, no pause.
+        let mut paying = model(&[(1, 10.0), (5, 12.0)], 0.9, 9, 10, 0.3);
+        assert!((0..40).all(|_| paying.drafts_now()));
     }
 
     #[test]

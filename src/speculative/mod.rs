@@ -173,6 +173,12 @@ impl Proposer for DraftProposer<'_> {
         }
         // By what drafts are worth once their costs are known; by acceptance until then.
         let by_cost = settings.cost_aware && costs.ready();
+        if by_cost && !costs.drafts_now() {
+            // A paused draft: a plain step, not timed as a round with drafts.
+            self.round = None;
+            self.confidences.clear();
+            return Ok(Proposal::default());
+        }
         let (k, min) = if by_cost { (settings.max_tokens.min(limit), 0) } else { (self.length.now(limit), self.length.min()) };
         let started = std::time::Instant::now();
         // The first catch-up is the prompt's prefill: not a draft token's cost.
