@@ -25,9 +25,10 @@ fn greedy_lossless(layout: KvLayout) {
     greedy_lossless_with(pair("kjv-draft", layout, 6), layout, true);
 }
 
-/// `every_position`: rounds ended at every draft position up to the longest accepted (with
-/// lengths by acceptance, which tries every length; by cost, lengths follow the draft's
-/// confidence, and the first three positions are checked).
+/// `every_position`: rounds ended at every draft position up to the longest accepted (lengths by
+/// acceptance try every length). By cost, how many drafts are sent and how long follows this
+/// machine's timings (on this compute-bound model the draft may pause for most of a run): the
+/// output must equal the target's whatever was sent, and some drafts must have been.
 fn greedy_lossless_with(mut engine: Engine, layout: KvLayout, every_position: bool) {
     let refs = references();
     let mut per_round = [0usize; 17];
@@ -61,10 +62,13 @@ fn greedy_lossless_with(mut engine: Engine, layout: KvLayout, every_position: bo
     eprintln!("{layout:?}: acceptance {accepted}/{proposed}, rounds by accepted drafts {:?}; {identical} identical, {near_ties} differ after a near tie", &per_round[..8]);
     assert!(identical * 10 >= refs.models["kjv-target"].len() * 7, "only {identical} prompts identical");
     // Rejections happened at every draft position 0..k (and so did rollbacks), output unchanged.
+    if !every_position {
+        assert!(proposed > 0, "no draft was sent: {per_round:?}");
+        return;
+    }
     let k_seen = per_round.iter().rposition(|&n| n > 0).unwrap();
     assert!(k_seen >= 3, "drafts of several tokens were accepted: {per_round:?}");
-    let checked = if every_position { k_seen } else { 3 };
-    assert!(per_round[..checked].iter().all(|&n| n > 0), "a rejection at every position 0..{checked}: {per_round:?}");
+    assert!(per_round[..k_seen].iter().all(|&n| n > 0), "a rejection at every position 0..{k_seen}: {per_round:?}");
 }
 
 #[test]
