@@ -28,6 +28,11 @@ const PRIOR: f64 = 4.0;
 const PROBE_ROUNDS: usize = 8;
 /// The longest pause of the draft, in target steps.
 const MAX_PAUSE: usize = 64;
+/// Rounds without a draft after which the next round sends its first draft whatever it seems
+/// worth: the costs a decision rests on (a forward over two positions, the acceptance) are only
+/// measured by rounds with drafts, and one measured under a burst of load would otherwise hold
+/// the draft back for good. At most one forward in this many pays for the look.
+const EXPLORE_AFTER: usize = 64;
 
 /// Running means of forward time by positions and of the draft's time per token, acceptance by
 /// the draft's confidence, and the decoding rate.
@@ -44,6 +49,8 @@ pub(crate) struct CostModel {
     paused: usize,
     next_pause: usize,
     probed: usize,
+    /// Rounds since the last one that sent a draft.
+    without_drafts: usize,
 }
 
 fn mean(old: Option<f64>, new: f64) -> f64 {
@@ -66,6 +73,7 @@ impl CostModel {
             paused: 0,
             next_pause: 1,
             probed: 0,
+            without_drafts: 0,
         }
     }
 
@@ -73,6 +81,7 @@ impl CostModel {
     /// time, up to `MAX_PAUSE` steps) when rounds with drafts have made fewer tokens per
     /// millisecond than plain steps make.
     pub(crate) fn drafts_now(&mut self) -> bool {
+        self.without_drafts += 1;
         if self.paused > 0 {
             self.paused -= 1;
             return false;
@@ -110,6 +119,9 @@ impl CostModel {
     /// whole round (drafting and verifying; `None` when it included a prefill). Drafts after the
     /// first rejected one were not judged.
     pub(crate) fn judged(&mut self, confidences: &[f32], accepted: usize, took: Option<Duration>) {
+        if !confidences.is_empty() {
+            self.without_drafts = 0;
+        }
         for (i, &confidence) in confidences.iter().enumerate().take(accepted + 1) {
             self.observe(confidence, i < accepted);
         }
@@ -172,7 +184,8 @@ impl CostModel {
         // this one, index + 2 with it.
         let added = self.forward_at(index + 2)? - self.forward_at(index + 1)? + draft_ms;
         let with = *chain * self.acceptance(confidence);
-        if with < rate * added {
+        let explore = index == 0 && self.without_drafts >= EXPLORE_AFTER;
+        if with < rate * added && !explore {
             return Some(false);
         }
         *chain = with;
@@ -254,6 +267,29 @@ mod tests {
         // Where drafts pay, no pause.
         let mut paying = model(&[(1, 10.0), (5, 12.0)], 0.9, 9, 10, 0.3);
         assert!((0..40).all(|_| paying.drafts_now()));
+    }
+
+    /// Costs measured under a burst (two positions far dearer than one) say no draft pays; with
+    /// no round sending one they would never be measured again. After `EXPLORE_AFTER` rounds
+    /// without a draft, one round sends its first draft; once it is judged, the rule decides again.
+    #[test]
+    fn a_draft_goes_out_now_and_then_so_that_stale_costs_are_measured_again() {
+        let mut m = model(&[(1, 10.0), (2, 60.0)], 0.9, 9, 10, 0.1);
+        let mut sent = Vec::new();
+        for _ in 0..2 * EXPLORE_AFTER + 2 {
+            if m.drafts_now() && length(&m, &[0.9]) == 1 {
+                sent.push(m.without_drafts);
+                m.judged(&[0.9], 1, Some(ms(11.0)));
+            } else {
+                m.judged(&[], 0, Some(ms(10.0)));
+            }
+        }
+        assert_eq!(sent, vec![EXPLORE_AFTER, EXPLORE_AFTER], "one draft each {EXPLORE_AFTER} rounds");
+        // Measured again, the two positions cost what they do: drafts pay from then on.
+        for _ in 0..100 {
+            m.forward(2, ms(11.0));
+        }
+        assert_eq!(length(&m, &[0.9]), 1);
     }
 
     #[test]
