@@ -19,6 +19,7 @@
 
 use std::path::Path;
 use std::ptr;
+use std::sync::Mutex;
 
 use half::f16;
 use ort::sys::OrtValue;
@@ -27,6 +28,7 @@ use ort::AsPointer;
 
 use super::graph::{Graph, KvStates};
 pub use super::graph::{Precision, SharedRunOptions};
+use super::verify::TieMargin;
 use crate::error::{Error, Result};
 use crate::model::genai_config::{layer_of, StateKind};
 use crate::model::{DecoderNames, GenaiConfig};
@@ -104,6 +106,9 @@ pub struct Decoder {
     positions_type: Option<IntType>,
     states: Vec<State>,
     pub provider: ProviderReport,
+    /// How close a verify row's top two must be to be re-checked by a one-token forward: learnt
+    /// from this graph's own re-checks, across the engine's requests.
+    ties: Mutex<TieMargin>,
 }
 
 /// One KV tensor, fed as the past input. `Shared`: also given to ONNX Runtime as the preallocated
@@ -384,7 +389,18 @@ impl Decoder {
             positions_type,
             states,
             provider,
+            ties: Mutex::new(TieMargin::default()),
         })
+    }
+
+    /// The near-tie margin of this graph's verify rows (see `TieMargin`).
+    pub fn tie_margin(&self) -> f32 {
+        self.ties.lock().unwrap_or_else(|e| e.into_inner()).margin()
+    }
+
+    /// A near tie re-checked: the verify's row and the one-token forward's.
+    pub fn observe_tie(&self, batched: &[f32], single: &[f32]) {
+        self.ties.lock().unwrap_or_else(|e| e.into_inner()).observe(batched, single);
     }
 
     /// Whether a cache of this graph can be rolled back (speculative decoding): every state is
@@ -472,11 +488,29 @@ impl Decoder {
     /// allocates nor copies its logits.
     pub fn forward_in_cache<'c>(&self, cache: &'c mut KvCache, ids: &[u32], rows: usize) -> Result<&'c mut [f32]> {
         let allocated = self.run(cache, ids)?;
+        self.logits_in_cache(cache, allocated, ids.len(), rows)
+    }
+
+    /// A one-token step of `id` after the first `len` positions, the positions after them kept:
+    /// a near tie inside a verified round decided as plain decoding decides it, without losing
+    /// the rows verified after it. Position `len` then holds the step's KV (buffers sized ahead)
+    /// or the verify's (a growing layout's values, kept aside whole); either is the token's.
+    pub fn step_inside<'c>(&self, cache: &'c mut KvCache, len: usize, id: u32) -> Result<&'c mut [f32]> {
+        let aside = cache.states.cut_aside(len, cache.layout == KvLayout::Growing)?;
+        let ran = self.run(cache, &[id]);
+        cache.states.restore(aside);
+        let allocated = ran?;
+        self.logits_in_cache(cache, allocated, 1, 1)
+    }
+
+    /// The last `rows` of the `n` rows of logits a run left (in `allocated`, or written into the
+    /// cache's step buffer), read in place where they can be.
+    fn logits_in_cache<'c>(&self, cache: &'c mut KvCache, allocated: Option<DynValue>, n: usize, rows: usize) -> Result<&'c mut [f32]> {
         if allocated.is_none() && self.logits_precision == Precision::F32 {
-            let range = self.row_range(ids.len(), rows);
+            let range = self.row_range(n, rows);
             return Ok(&mut cache.step_logits.try_extract_tensor_mut::<f32>()?.1[range]);
         }
-        self.read_rows(allocated.as_ref().unwrap_or(&cache.step_logits), ids.len(), rows, &mut cache.scratch)?;
+        self.read_rows(allocated.as_ref().unwrap_or(&cache.step_logits), n, rows, &mut cache.scratch)?;
         Ok(&mut cache.scratch)
     }
 

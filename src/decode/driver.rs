@@ -17,6 +17,7 @@
 use std::time::Instant;
 
 use super::run::{CancelToken, FinishReason, Run, SpeculativeStats};
+use super::sampler::apply_repetition_penalty;
 use super::verify::{one_hot_rows, penalised_rows, row_distributions, verify_greedy_guarded, verify_sampled, GreedyVerdict, TIE_MARGIN};
 use crate::error::{Error, Result};
 use crate::model::ModelFolder;
@@ -49,6 +50,21 @@ pub(crate) trait Target {
     }
     /// Forgets every position after the first `len`.
     fn truncate(&mut self, len: usize) -> Result<()>;
+    /// Runs `id` as a one-token step after the first `len` positions and keeps the positions
+    /// after them: a near tie inside a verified round, decided as plain decoding decides it,
+    /// without losing the rows after it. Returns its logits, or `None` where the target cannot
+    /// (the driver then truncates and steps). The last verify's rows stay the selectable ones.
+    fn step_inside(&mut self, _len: usize, _id: u32) -> Result<Option<&mut [f32]>> {
+        Ok(None)
+    }
+    /// The gap between a verify row's top two under which a one-token forward decides the row
+    /// (`super::verify::TieMargin`, where the target learns its own).
+    fn tie_margin(&self) -> f32 {
+        TIE_MARGIN
+    }
+    /// A near tie re-checked: the verify's row and the one-token forward's, as the decision
+    /// reads them.
+    fn observe_tie(&mut self, _batched: &[f32], _single: &[f32]) {}
     /// Row `row` of the last forward's rows decided the sequence's last token.
     fn select_row(&mut self, _row: usize) {}
     /// The selected row's hidden state, where the target exposes one.
@@ -248,38 +264,18 @@ fn rounds(
         proposer.verified(ids.len(), verifying.elapsed());
         let mut rows: Vec<Vec<f32>> = flat.chunks(vocab).map(<[f32]>::to_vec).collect();
         run.mask_rows(&mut rows, &drafts)?;
-        let (accepted, decided) = if greedy {
+        let (accepted, following) = if greedy {
             let rows = penalised_rows(rows, &run.sequence, &drafts, params.repetition_penalty);
-            match verify_greedy_guarded(&rows, &drafts, TIE_MARGIN) {
-                GreedyVerdict::Decided(accepted, token) => (accepted, Some(token)),
-                GreedyVerdict::NearTie(at) => (at, None),
-            }
+            greedy_verdict(target, run, &rows, &ids, params.repetition_penalty, stats)?
         } else {
             let p_rows = row_distributions(&rows, &run.sequence, &drafts, &params);
             let q_rows = if q_rows.len() == drafts.len() { q_rows } else { one_hot_rows(&drafts, vocab) };
             let (accepted, token) = verify_sampled(&p_rows, &q_rows, &drafts, &mut run.sampler);
-            (accepted, Some(token))
+            target.truncate(base + 1 + accepted)?;
+            target.select_row(accepted);
+            (accepted, token)
         };
         let kept = base + 1 + accepted;
-        let following = match decided {
-            Some(token) => {
-                target.truncate(kept)?;
-                target.select_row(accepted);
-                token
-            }
-            None => {
-                // Row `accepted` is too close to call from a batched forward (ONNX Runtime picks
-                // other kernels for it): decide it with a single-token forward, as plain decoding.
-                target.truncate(base + accepted)?;
-                let row = target.forward(&ids[accepted..=accepted], 1)?;
-                run.target_forwards += 1;
-                run.mask(row, &drafts[..accepted])?;
-                stats.near_tie_recomputes += 1;
-                let mut seen = run.sequence.clone();
-                seen.extend_from_slice(&drafts[..accepted]);
-                run.sampler.next(row, &seen)
-            }
-        };
         stats.verify_time += verifying.elapsed();
         stats.draft_tokens += drafts.len();
         stats.accepted_tokens += accepted;
@@ -294,5 +290,64 @@ fn rounds(
             }
         }
         next = following;
+    }
+}
+
+/// The greedy verdict on a verify's `rows` over `ids` (the last token, then the drafts), the rows
+/// masked and penalised: the drafts accepted and the target's token after them, the target left
+/// holding what was kept. A row too close to call from a batched forward (ONNX Runtime picks other
+/// kernels for it) is decided by a one-token forward, as plain decoding decides it, and measures
+/// how far the target's batched rows stray. Where that gives the draft's own token and the
+/// target kept the positions after it, the rows after it still count.
+fn greedy_verdict(
+    target: &mut dyn Target,
+    run: &mut Run,
+    rows: &[Vec<f32>],
+    ids: &[u32],
+    penalty: f32,
+    stats: &mut SpeculativeStats,
+) -> Result<(usize, u32)> {
+    let drafts = &ids[1..];
+    let base = target.len() - ids.len();
+    let mut from = 0;
+    loop {
+        stats.tie_margin = target.tie_margin();
+        let at = match verify_greedy_guarded(&rows[from..], &drafts[from..], stats.tie_margin) {
+            GreedyVerdict::Decided(accepted, token) => {
+                let accepted = from + accepted;
+                target.truncate(base + 1 + accepted)?;
+                target.select_row(accepted);
+                return Ok((accepted, token));
+            }
+            GreedyVerdict::NearTie(at) => from + at,
+        };
+        run.target_forwards += 1;
+        stats.near_tie_recomputes += 1;
+        let mut seen = run.sequence.clone();
+        seen.extend_from_slice(&drafts[..at]);
+        // The bonus row has no positions after it to keep.
+        let inside = at < drafts.len();
+        let single = match inside.then(|| target.step_inside(base + at, ids[at])).transpose()?.flatten() {
+            Some(row) => row,
+            None => {
+                target.truncate(base + at)?;
+                target.forward(&ids[at..=at], 1)?
+            }
+        };
+        run.mask(single, &drafts[..at])?;
+        let token = run.sampler.next(single, &seen);
+        let mut judged = single.to_vec();
+        apply_repetition_penalty(&mut judged, &seen, penalty);
+        target.observe_tie(&rows[at], &judged);
+        if target.len() > base + at + 1 {
+            // The step kept the positions after it.
+            if token == drafts[at] {
+                stats.near_ties_inside += 1;
+                from = at + 1;
+                continue;
+            }
+            target.truncate(base + at + 1)?;
+        }
+        return Ok((at, token));
     }
 }

@@ -251,6 +251,41 @@ impl KvStates {
         self.seq_axes.iter().all(Option::is_some)
     }
 
+    /// Cuts the states to their first `len` positions for a forward that `restore` then undoes,
+    /// giving back the positions after them: where the values are buffers sized ahead (not
+    /// `sliced`) they still hold those positions, and the forward wrote position `len` only;
+    /// where they hold exactly their positions, the uncut values are kept aside whole.
+    pub(crate) fn cut_aside(&mut self, len: usize, sliced: bool) -> Result<Aside> {
+        let aside = Aside { len: self.len, values: None };
+        if len >= self.len {
+            return Ok(aside);
+        }
+        if !self.can_roll_back() {
+            return Err(Error::Inference("this model carries recurrent states, which cannot be rolled back".into()));
+        }
+        let values = if sliced {
+            let cut = self
+                .values
+                .iter()
+                .zip(&self.seq_axes)
+                .map(|(v, a)| slice_positions(v, a.expect("checked above"), len))
+                .collect::<Result<Vec<_>>>()?;
+            Some(std::mem::replace(&mut self.values, cut))
+        } else {
+            None
+        };
+        self.len = len;
+        Ok(Aside { values, ..aside })
+    }
+
+    /// Gives back what `cut_aside` cut, after the forward it was cut for.
+    pub(crate) fn restore(&mut self, aside: Aside) {
+        if let Some(values) = aside.values {
+            self.values = values;
+        }
+        self.len = aside.len;
+    }
+
     /// Forgets every position after the first `len`: the values are sliced where they hold
     /// exactly their positions (`sliced`), and only the length changes where they are buffers
     /// sized ahead (a shared KV layout).
@@ -269,6 +304,12 @@ impl KvStates {
         self.len = len;
         Ok(())
     }
+}
+
+/// What `KvStates::cut_aside` keeps to give the cut positions back.
+pub(crate) struct Aside {
+    len: usize,
+    values: Option<Vec<DynValue>>,
 }
 
 /// Bytes of a float tensor's data.

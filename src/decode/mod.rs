@@ -15,3 +15,4 @@ pub mod text;
 pub(crate) mod verify;
 
 pub use driver::PREFILL_CHUNK;
+pub use verify::{TIE_MARGIN, TIE_SAMPLES};

@@ -104,6 +104,11 @@ pub struct SpeculativeStats {
     pub accepted_per_round: [usize; 17],
     /// Greedy positions re-decided by a single-token forward because of a near tie.
     pub near_tie_recomputes: usize,
+    /// Of those, the ones inside a round whose token was the draft's: the rows verified after
+    /// it still counted.
+    pub near_ties_inside: usize,
+    /// The near-tie margin greedy verification used last (`TieMargin`: learnt per target).
+    pub tie_margin: f32,
 }
 
 impl SpeculativeStats {

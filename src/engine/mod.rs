@@ -452,4 +452,13 @@ impl driver::Target for DecoderTarget<'_> {
     fn truncate(&mut self, len: usize) -> Result<()> {
         self.cache.truncate(len)
     }
+    fn tie_margin(&self) -> f32 {
+        self.decoder.tie_margin()
+    }
+    fn observe_tie(&mut self, batched: &[f32], single: &[f32]) {
+        self.decoder.observe_tie(batched, single);
+    }
+    fn step_inside(&mut self, len: usize, id: u32) -> Result<Option<&mut [f32]>> {
+        self.decoder.step_inside(&mut self.cache, len, id).map(Some)
+    }
 }

@@ -351,6 +351,41 @@ fn a_kv_cache_is_refused_by_a_decoder_that_did_not_make_it() {
     draft.forward(&mut draft_cache, &[1, 2, 3], 1).expect("the draft's own cache");
 }
 
+/// A near tie inside a verified round is decided by a one-token step after the positions before
+/// it (`Decoder::step_inside`), and the positions verified after it stay: in both KV layouts the
+/// cache still holds them, the step's row is the one plain decoding computes there, and the next
+/// token's row is plain decoding's too (up to the few hundredths a batched forward differs by).
+#[test]
+fn a_step_inside_a_verified_round_keeps_the_positions_after_it() {
+    use edgellm::engine::Decoder;
+    let runtime = runtime();
+    let folder = ModelFolder::open(&model_dir("kjv-target")).unwrap();
+    let decoder = Decoder::load(&runtime, &model_dir("kjv-target"), &folder.config, &SessionOptions::default()).unwrap();
+    let case = &references().models["kjv-target"][0];
+    let (prompt, next) = (&case.prompt_ids, &case.output_ids[..6]);
+    let max_gap = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    for layout in [KvLayout::Shared, KvLayout::Growing] {
+        let mut plain = decoder.new_cache(layout, 64).unwrap();
+        decoder.forward(&mut plain, prompt, 1).unwrap();
+        let plain_rows: Vec<Vec<f32>> = next.iter().map(|&t| decoder.forward(&mut plain, &[t], 1).unwrap()).collect();
+
+        let mut verified = decoder.new_cache(layout, 64).unwrap();
+        decoder.forward(&mut verified, prompt, 1).unwrap();
+        decoder.forward(&mut verified, &next[..5], 5).unwrap();
+        let held = verified.len();
+        let inside = decoder.step_inside(&mut verified, prompt.len() + 2, next[2]).unwrap().to_vec();
+        assert_eq!(verified.len(), held, "{layout:?}: the positions after the step are kept");
+        assert!(
+            max_gap(&inside, &plain_rows[2]) < 0.05,
+            "{layout:?}: the step's row is plain decoding's ({})",
+            max_gap(&inside, &plain_rows[2])
+        );
+        let after = decoder.forward(&mut verified, &next[5..6], 1).unwrap();
+        let gap = max_gap(&after, &plain_rows[5]);
+        assert!(gap < 0.1, "{layout:?}: the row after the kept positions is plain decoding's (largest difference {gap})");
+    }
+}
+
 /// KiB of this process's maps of `file` that are resident, and KiB mapped (/proc/self/smaps).
 fn resident_and_mapped_kib(file: &std::path::Path) -> (u64, u64) {
     let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
