@@ -17,6 +17,7 @@
 //!   the base's distribution, by the rule of speculative sampling).
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ort::value::{DynValue, Tensor};
@@ -25,7 +26,7 @@ use crate::decode::driver::{Policy, Proposal, Proposer, RowState, Target};
 use crate::decode::graph::SharedRunOptions;
 use crate::decode::graph::{float_tensor, floats, Graph, KvStates, Precision};
 use crate::decode::run::{CancelToken, Run};
-use crate::decode::verify::{penalised_argmax, row_distribution};
+use crate::decode::verify::{penalised_argmax, row_distribution, TieMargin};
 use crate::error::{Error, Result};
 use crate::model::DecoderNames;
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
@@ -53,6 +54,8 @@ struct BaseGraphs {
     kv_heads: usize,
     head_size: usize,
     vocab: usize,
+    /// The near-tie margin of the base's verify rows, learnt from its re-checks.
+    ties: Mutex<TieMargin>,
 }
 
 /// The micro-step decoder, with its own KV (reset every step).
@@ -157,6 +160,7 @@ impl MultiTokenModel {
                 kv_heads: config.num_kv_heads,
                 head_size: config.head_size,
                 vocab: config.vocab_size,
+                ties: Mutex::new(TieMargin::default()),
             },
             micro: MicroGraph {
                 graph: micro,
@@ -395,6 +399,12 @@ impl Target for BaseTarget<'_> {
     }
     fn select_row(&mut self, row: usize) {
         self.selected = row;
+    }
+    fn tie_margin(&self) -> f32 {
+        self.graphs.ties.lock().unwrap_or_else(|e| e.into_inner()).margin()
+    }
+    fn observe_tie(&mut self, batched: &[f32], single: &[f32]) {
+        self.graphs.ties.lock().unwrap_or_else(|e| e.into_inner()).observe(batched, single);
     }
     fn row_state(&self) -> Option<RowState<'_>> {
         let width = self.out.features.len() / self.out.stop_logits.len().max(1);
