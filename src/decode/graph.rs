@@ -290,19 +290,8 @@ impl KvStates {
     /// exactly their positions (`sliced`), and only the length changes where they are buffers
     /// sized ahead (a shared KV layout).
     pub(crate) fn truncate(&mut self, len: usize, sliced: bool) -> Result<()> {
-        if len >= self.len {
-            return Ok(());
-        }
-        if !self.can_roll_back() {
-            return Err(Error::Inference("this model carries recurrent states, which cannot be rolled back".into()));
-        }
-        if sliced {
-            for (value, axis) in self.values.iter_mut().zip(&self.seq_axes) {
-                *value = slice_positions(value, axis.expect("checked above"), len)?;
-            }
-        }
-        self.len = len;
-        Ok(())
+        // A cut never given back.
+        self.cut_aside(len, sliced).map(drop)
     }
 }
 
