@@ -139,22 +139,25 @@ impl Scheduler {
                 }
             }
         }
-        for slot in &old {
-            let kept = next.iter().any(|n| Arc::ptr_eq(n, slot));
-            if !kept {
-                if !config.models.iter().any(|m| m.name == slot.config.name) {
-                    changes.push(format!("{} removed", slot.config.name));
-                    let _ = self.inner.states.send((slot.config.name.clone(), ModelState::Unloaded));
-                }
-                // Under the queue's lock: `submit` checks `retired` under it before pushing, so a
-                // job is either in the queue before the worker sees `retired`, or not pushed here.
-                let queue = slot.queue.lock().expect("queue");
-                slot.retired.store(true, Ordering::SeqCst);
-                drop(queue);
-                slot.wake.notify_all();
-            }
-        }
+        // Published before the old slots are retired: a submit that finds its slot retired
+        // then finds the replacement on its next try, never the retired slot again.
+        let replaced: Vec<Arc<ModelSlot>> = old.into_iter().filter(|slot| !next.iter().any(|n| Arc::ptr_eq(n, slot))).collect();
         *self.inner.models.write().expect("models") = next;
+        if replaced.iter().any(|slot| slot.config.name.contains("halfway-reload")) {
+            fail::fail_point!("scheduler::reload_halfway");
+        }
+        for slot in &replaced {
+            if !config.models.iter().any(|m| m.name == slot.config.name) {
+                changes.push(format!("{} removed", slot.config.name));
+                let _ = self.inner.states.send((slot.config.name.clone(), ModelState::Unloaded));
+            }
+            // Under the queue's lock: `submit` checks `retired` under it before pushing, so a
+            // job is either in the queue before the worker sees `retired`, or not pushed here.
+            let queue = slot.queue.lock().expect("queue");
+            slot.retired.store(true, Ordering::SeqCst);
+            drop(queue);
+            slot.wake.notify_all();
+        }
         changes
     }
 

@@ -61,6 +61,46 @@ fn a_reload_during_submit_orphans_no_request() {
     scheduler.shutdown();
 }
 
+/// A submit that comes while a reload is halfway (the slots swapped, the replaced one not yet
+/// retired, held there by a failpoint) lands on the replacement and runs. The reload used to
+/// retire the old slot before it published the new one: every retry of the submit then found the
+/// retired slot again, and the request was refused as Busy (a CI run saw it in the test above).
+#[test]
+fn a_submit_while_a_reload_is_halfway_lands_on_the_replacement() {
+    let dir = tempfile::tempdir().unwrap();
+    let named = |threads: u32| {
+        let text = format!(
+            "[[model]]\nname = \"kjv-halfway-reload\"\npath = \"{}\"\npreload = false\nthreads = {threads}\n",
+            model_dir("kjv-target").display()
+        );
+        Config::parse(&dir.path().join("edgellm.toml"), &text).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let scheduler = Scheduler::start(runtime(), &named(1));
+    let scenario = fail::FailScenario::setup();
+    let (halfway, reached) = std::sync::mpsc::channel::<()>();
+    let (go_on, resume) = std::sync::mpsc::channel::<()>();
+    let resume = std::sync::Mutex::new(resume);
+    fail::cfg_callback("scheduler::reload_halfway", move || {
+        halfway.send(()).ok();
+        resume.lock().unwrap().recv_timeout(Duration::from_secs(30)).ok();
+    })
+    .unwrap();
+    let reloader = {
+        let (scheduler, next) = (scheduler.clone(), named(2));
+        std::thread::spawn(move || scheduler.reload(&next))
+    };
+    reached.recv_timeout(Duration::from_secs(30)).expect("the reload reached its halfway point");
+    let options = GenerateOptions { max_new_tokens: Some(1), temperature: Some(0.0), ..Default::default() };
+    let submitted = scheduler.submit("client", "kjv-halfway-reload", &Prompt::Text("And God said".into()), options);
+    go_on.send(()).unwrap();
+    assert_eq!(reloader.join().unwrap(), vec!["kjv-halfway-reload changed".to_string()]);
+    scenario.teardown();
+    let finished = run_to_end(&mut submitted.unwrap_or_else(|e| panic!("submitted while the reload was halfway: {e}")));
+    assert!(finished.error.is_none(), "{:?}", finished.error);
+    assert_eq!(finished.token_ids.len(), 1);
+    scheduler.shutdown();
+}
+
 /// A request whose model is still loading is running: counted in flight (the SIGTERM grace
 /// period waits for it) and cancelled by `shutdown`. It used to be neither queued nor in flight
 /// while the model loaded, so the grace period ended at once and shutdown could not cancel it.
