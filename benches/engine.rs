@@ -112,10 +112,10 @@ fn child(args: &[String]) {
         gen.prompt_lookup = Some(true);
     }
     if let Some(spec) = arg(args, "--multitoken") {
-        // MODE:THRESHOLD
-        let (mode, threshold) = spec.split_once(':').expect("--multitoken MODE:THRESHOLD");
+        // MODE[:THRESHOLD]; without a threshold, the model's default (greedy verify: by cost)
+        let (mode, threshold) = spec.split_once(':').map_or((spec.as_str(), None), |(m, t)| (m, Some(t)));
         gen.multitoken_mode = Some(edgellm::multitoken::Mode::parse(mode).expect("trust or verify"));
-        gen.multitoken_threshold = Some(threshold.parse().expect("threshold"));
+        gen.multitoken_threshold = threshold.map(|t| t.parse().expect("threshold"));
     }
     let mut run =
         |ids: &Vec<u32>| engine.generate(&Prompt::Tokens(ids.clone()), &gen, &CancelToken::new(), &mut |_| true).expect("generate");
@@ -699,6 +699,9 @@ fn multitoken_table(me: &Path, target: &Path, hamburger: &Path, prompts_file: &P
             cmds.push(ours(hamburger, Some(&format!("{mode}:{threshold}"))));
         }
     }
+    // Verify mode's default: lengths by what the micro tokens are worth (decode::cost).
+    labels.push("verify by cost (default)".to_string());
+    cmds.push(ours(hamburger, Some("verify")));
     let rows: Vec<(String, Value)> = labels.into_iter().zip(run_interleaved(cmds)).collect();
     let (target_plain, base_plain) = (rows[0].1.clone(), rows[1].1.clone());
     println!();
@@ -740,7 +743,7 @@ fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Pat
     let pair =
         if target.ends_with("kjv-target-xl") { target.with_file_name("kjv-speculative-xl") } else { root().join("models/kjv-speculative") };
     // k: the most drafts a round holds; "acceptance": lengths by acceptance alone (AdaptiveK)
-    // instead of edgellm's default, by what drafts are worth here (cost::CostModel).
+    // instead of edgellm's default, by what drafts are worth here (decode::cost::CostModel).
     let ours = |draft: Option<&Path>, k: &str| {
         let mut cmd = Workload::on_cpu(&target, new_tokens, threads, prompts_file).edgellm(Command::new(me), "default");
         cmd.args(["--k", k.trim_end_matches("acceptance")]);

@@ -5,6 +5,7 @@
 //! `Proposer` traits that the proposers (`crate::speculative`, `crate::multitoken`) implement.
 
 pub(crate) mod constraint;
+pub(crate) mod cost;
 pub mod decoder;
 pub(crate) mod driver;
 pub mod graph;

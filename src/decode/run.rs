@@ -135,6 +135,9 @@ pub struct MultiTokenStats {
     /// Verify mode: micro tokens proposed and accepted by the base.
     pub drafted: usize,
     pub accepted: usize,
+    /// Verify mode: steps whose micro tokens were sent by what they are worth (`decode::cost`),
+    /// not by the stop head (0 with a threshold asked for, and until the costs are measured).
+    pub steps_by_cost: usize,
     pub base_time: Duration,
     pub micro_time: Duration,
 }

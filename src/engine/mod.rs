@@ -302,6 +302,7 @@ impl Engine {
                         mode: options.multitoken_mode.unwrap_or(defaults.mode),
                         threshold: options.multitoken_threshold.unwrap_or(defaults.threshold),
                         max_tokens: options.multitoken_max_tokens.unwrap_or(defaults.max_tokens),
+                        verify_by_cost: defaults.verify_by_cost && options.multitoken_threshold.is_none(),
                     },
                 )?;
                 let (mut target, mut proposer) = model.split(settings, cancel, kept_base)?;
@@ -315,6 +316,7 @@ impl Engine {
                     kv_entries: driver::Target::len(&target),
                     drafted: if verify { stats.draft_tokens } else { 0 },
                     accepted: if verify { stats.accepted_tokens } else { 0 },
+                    steps_by_cost: proposer.steps_by_cost,
                     base_time: target.time,
                     micro_time: proposer.time,
                 });

@@ -41,6 +41,10 @@ pub struct Settings {
     pub threshold: f32,
     /// Tokens per step at most (1..=the contract's maximum).
     pub max_tokens: usize,
+    /// Greedy verify mode: a step's micro tokens are sent for as long as they are worth their
+    /// verify cost (`decode::cost`, measured as the model decodes), not by the stop head; off
+    /// where a threshold was asked for. Trust mode and sampled requests follow the stop head.
+    pub verify_by_cost: bool,
 }
 
 /// `multitoken_config.json`: which graphs, which names, the step maximum and the default threshold.

@@ -22,10 +22,12 @@ use std::time::{Duration, Instant};
 
 use ort::value::{DynValue, Tensor};
 
+use crate::decode::cost::CostModel;
 use crate::decode::driver::{Policy, Proposal, Proposer, RowState, Target};
 use crate::decode::graph::SharedRunOptions;
 use crate::decode::graph::{float_tensor, floats, Graph, KvStates, Precision};
 use crate::decode::run::{CancelToken, Run};
+use crate::decode::sampler::SamplingParams;
 use crate::decode::verify::{penalised_argmax, row_distribution, TieMargin};
 use crate::error::{Error, Result};
 use crate::model::DecoderNames;
@@ -74,6 +76,8 @@ struct MicroGraph {
 pub struct MultiTokenModel {
     graphs: BaseGraphs,
     micro: MicroGraph,
+    /// What verify mode's micro drafts cost and are worth, learnt across requests.
+    costs: Mutex<CostModel>,
     pub contract: Contract,
     pub provider: ProviderReport,
 }
@@ -171,6 +175,7 @@ impl MultiTokenModel {
                 head_size: contract.micro_head_size,
                 features: contract.features,
             },
+            costs: Mutex::new(CostModel::new()),
             contract: contract.clone(),
             provider,
         })
@@ -178,7 +183,12 @@ impl MultiTokenModel {
 
     /// Settings of a request: the model's defaults, checked against the contract's maximum.
     pub fn default_settings(&self) -> Settings {
-        Settings { mode: Mode::Trust, threshold: self.contract.threshold, max_tokens: self.contract.max_tokens_per_step }
+        Settings {
+            mode: Mode::Trust,
+            threshold: self.contract.threshold,
+            max_tokens: self.contract.max_tokens_per_step,
+            verify_by_cost: true,
+        }
     }
 
     pub fn vocab(&self) -> usize {
@@ -227,7 +237,19 @@ impl MultiTokenModel {
             options: options.clone(),
             time: Duration::ZERO,
         };
-        let proposer = MicroProposer { micro: &self.micro, settings, options, forwards: 0, time: Duration::ZERO, hidden: 0 };
+        let proposer = MicroProposer {
+            micro: &self.micro,
+            settings,
+            options,
+            forwards: 0,
+            time: Duration::ZERO,
+            steps_by_cost: 0,
+            hidden: 0,
+            costs: &self.costs,
+            confidences: Vec::new(),
+            round: None,
+            withheld: None,
+        };
         Ok((target, proposer))
     }
 }
@@ -421,8 +443,19 @@ pub(crate) struct MicroProposer<'m> {
     options: SharedRunOptions,
     pub(crate) forwards: usize,
     pub(crate) time: Duration,
+    pub(crate) steps_by_cost: usize,
     /// The width of one tapped state, learnt from the first features of the request.
     hidden: usize,
+    /// Verify mode's length rule, as a draft model's (`decode::cost`): the micro tokens'
+    /// confidences of this round, when it began, and a micro token made but not sent.
+    costs: &'m Mutex<CostModel>,
+    confidences: Vec<f32>,
+    round: Option<Instant>,
+    withheld: Option<(usize, u32, f32)>,
+}
+
+fn lock(costs: &Mutex<CostModel>) -> std::sync::MutexGuard<'_, CostModel> {
+    costs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Proposer for MicroProposer<'_> {
@@ -435,46 +468,109 @@ impl Proposer for MicroProposer<'_> {
 
     fn propose(&mut self, run: &mut Run, row: Option<RowState<'_>>, limit: usize) -> Result<Proposal> {
         let threshold = self.settings.threshold;
+        let params = run.sampler.params().clone();
+        let greedy = params.is_greedy();
+        // Greedy verify mode's lengths by what drafts are worth once their costs are known (the
+        // stop head then unused: the output is the base's either way); by the stop head until
+        // then. Sampled requests keep the stop head: on the bundled compute-bound model the rule
+        // sends too few drafts for a test of the sampled law to have power.
+        let by_cost = self.settings.mode == Mode::Verify && self.settings.verify_by_cost && greedy && {
+            let mut costs = lock(self.costs);
+            if let Some((position, token, confidence)) = self.withheld.take() {
+                if let Some(&decided) = run.sequence.get(position) {
+                    costs.observe(confidence, decided == token);
+                }
+            }
+            costs.ready()
+        };
+        self.round = None;
+        self.confidences.clear();
+        if by_cost {
+            self.steps_by_cost += 1;
+            if !lock(self.costs).drafts_now() {
+                return Ok(Proposal::default());
+            }
+        }
         // The step's first token is the base's, so the micro decoder adds at most max - 1.
         let want = self.settings.max_tokens.saturating_sub(1).min(limit);
-        let Some(row) = row.filter(|row| want > 0 && continues(row.stop_logit, threshold)) else {
+        let Some(row) = row.filter(|row| want > 0 && (by_cost || continues(row.stop_logit, threshold))) else {
             return Ok(Proposal::default());
         };
-        let params = run.sampler.params().clone();
         let started = Instant::now();
+        if self.settings.mode == Mode::Verify {
+            self.round = Some(started);
+        }
         let mut kv = self.micro.new_kv()?;
         let mut features: &[f32] = row.hidden;
         let mut last = *run.sequence.last().expect("a token was accepted");
         let mut seen = run.sequence.clone();
         let mut proposal = Proposal::default();
+        let mut chain = 1.0;
+        let mut micro_forwards = 0;
         while proposal.tokens.len() < want {
             let (mut logits, stop) = self.micro.forward(&mut kv, features, last, &self.options, &mut self.hidden)?;
             self.forwards += 1;
+            micro_forwards += 1;
             features = &[];
-            let token = match self.settings.mode {
+            let (token, confidence) = match self.settings.mode {
                 // The model's own output in this mode: sampled as the base's tokens are.
                 Mode::Trust => {
                     // Committed unchecked: the output constraint masks it here.
                     run.mask(&mut logits, &proposal.tokens)?;
-                    run.sampler.next(&mut logits, &seen)
+                    (run.sampler.next(&mut logits, &seen), 1.0)
                 }
-                Mode::Verify if params.is_greedy() => penalised_argmax(&logits, &seen, params.repetition_penalty),
+                Mode::Verify if greedy => {
+                    let token = penalised_argmax(&logits, &seen, params.repetition_penalty);
+                    let p = row_distribution(&logits, &seen, &SamplingParams { temperature: 1.0, ..params.clone() })[token as usize];
+                    (token, p)
+                }
                 Mode::Verify => {
                     let q = row_distribution(&logits, &seen, &params);
+                    // The row's peak, as a draft model's rounds record it.
+                    let peak = q.iter().copied().fold(0.0, f32::max);
                     let token = run.sampler.draw(&q) as u32;
                     proposal.q_rows.push(q);
-                    token
+                    (token, peak)
                 }
             };
+            if by_cost && lock(self.costs).worth(proposal.tokens.len(), confidence, &mut chain) == Some(false) {
+                // Not sent; the base's token at its position shows whether it would have been
+                // accepted (greedy only, as `by_cost` is).
+                self.withheld = Some((run.sequence.len() + proposal.tokens.len(), token, confidence));
+                break;
+            }
             proposal.tokens.push(token);
+            self.confidences.push(confidence);
             seen.push(token);
             last = token;
-            if run.is_eos(token) || !continues(stop, threshold) {
+            if run.is_eos(token) || (!by_cost && !continues(stop, threshold)) {
                 break;
             }
         }
+        if self.settings.mode == Mode::Verify {
+            lock(self.costs).drafted(micro_forwards, started.elapsed());
+        }
         self.time += started.elapsed();
         Ok(proposal)
+    }
+
+    fn verified(&mut self, positions: usize, took: Duration) {
+        if self.settings.mode == Mode::Verify {
+            lock(self.costs).forward(positions, took);
+        }
+    }
+
+    fn accepted(&mut self, _len: usize, proposed: usize, accepted: usize) -> Result<()> {
+        if self.settings.mode != Mode::Verify {
+            return Ok(());
+        }
+        if accepted < proposed {
+            self.withheld = None;
+        }
+        let took = self.round.take().map(|started| started.elapsed());
+        let confidences = &self.confidences[..proposed.min(self.confidences.len())];
+        lock(self.costs).judged(confidences, accepted, took);
+        Ok(())
     }
 
     fn max_tokens(&self) -> usize {

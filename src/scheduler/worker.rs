@@ -310,6 +310,7 @@ pub(super) fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut
                         mode: overrides.mode.unwrap_or(defaults.mode),
                         threshold: overrides.threshold.unwrap_or(defaults.threshold),
                         max_tokens: overrides.max_tokens.unwrap_or(defaults.max_tokens),
+                        verify_by_cost: defaults.verify_by_cost && overrides.threshold.is_none(),
                     })?,
                     None if overrides.is_set() => {
                         return Err(crate::error::Error::ModelConfig {

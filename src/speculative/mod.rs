@@ -8,6 +8,7 @@
 //! Greedy output is identical to the target alone; sampled output follows the target's
 //! distribution.
 
+use crate::decode::cost::CostModel;
 use crate::decode::decoder::{Decoder, KvCache, KvLayout, LoadOptions};
 use crate::decode::driver::{Proposal, Proposer, RowState};
 use crate::decode::run::{CancelToken, Run};
@@ -17,7 +18,6 @@ use crate::error::{Error, Result};
 use crate::model::ModelFolder;
 use crate::runtime::{ProviderReport, Runtime};
 
-pub(crate) mod cost;
 pub mod lookup;
 
 /// Draft length bounds and the confidence cut-off (the target's `[[model]]` keys).
@@ -29,7 +29,7 @@ pub struct Settings {
     pub min_confidence: f32,
     /// Choose each draft's length from what drafts are worth on this engine: the measured verify
     /// cost by positions, the draft's cost, the decoding rate, and the acceptance of draft tokens
-    /// by the draft's confidence (`cost::CostModel`); false: from acceptance alone (`AdaptiveK`).
+    /// by the draft's confidence (`decode::cost::CostModel`); false: from acceptance alone (`AdaptiveK`).
     pub cost_aware: bool,
 }
 
@@ -45,7 +45,7 @@ pub struct Draft {
     layout: KvLayout,
     settings: Settings,
     /// What drafts cost and are worth on this engine, learnt over its requests (one at a time).
-    costs: std::sync::Mutex<cost::CostModel>,
+    costs: std::sync::Mutex<CostModel>,
 }
 
 impl Draft {
@@ -82,7 +82,7 @@ impl Draft {
             ));
         }
         let layout = decoder.choose_layout(&draft.config, options.kv_layout)?;
-        Ok(Draft { decoder, layout, settings, costs: std::sync::Mutex::new(cost::CostModel::new()) })
+        Ok(Draft { decoder, layout, settings, costs: std::sync::Mutex::new(CostModel::new()) })
     }
 
     pub fn provider(&self) -> &ProviderReport {

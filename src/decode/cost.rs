@@ -12,6 +12,9 @@
 //! draft's own probability of it. That last one is what lets a round stop where the draft is
 //! unsure and run long where it is sure: on kjv-target's prompts, a kjv-draft token with
 //! probability over 0.5 was accepted 99% of the time, one under 0.2 45% of the time.
+//!
+//! Shared by the proposers whose drafts are verified: a draft model's (`speculative`) and a
+//! multi-token model's micro decoder in verify mode (`multitoken`), each with its own model.
 
 use std::time::Duration;
 
