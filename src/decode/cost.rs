@@ -16,7 +16,7 @@
 //! Shared by the proposers whose drafts are verified: a draft model's (`speculative`) and a
 //! multi-token model's micro decoder in verify mode (`multitoken`), each with its own model.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Positions per verify forward it keeps a cost for (a draft of up to 16 tokens, and the last).
 const POSITIONS: usize = 18;
@@ -54,6 +54,60 @@ pub(crate) struct CostModel {
     probed: usize,
     /// Rounds since the last one that sent a draft.
     without_drafts: usize,
+}
+
+/// One request's side of the rule, for a proposer whose drafts are verified: the confidences of
+/// the drafts sent this round, when the round began (`None`: not a round's cost, as one that
+/// began with a prefill), and a draft made but not sent. Once the target decides that draft's
+/// position after accepting every draft sent, it shows whether the draft would have been
+/// accepted: what drafts are worth at confidences they are rarely sent with is learnt without
+/// sending them.
+#[derive(Default)]
+pub(crate) struct RoundCosts {
+    confidences: Vec<f32>,
+    started: Option<Instant>,
+    withheld: Option<(usize, u32, f32)>,
+}
+
+impl RoundCosts {
+    /// Before a round: what the target decided at a withheld draft's position is learnt, and
+    /// the round starts untimed with no drafts.
+    pub(crate) fn begin(&mut self, costs: &mut CostModel, sequence: &[u32]) {
+        if let Some((position, token, confidence)) = self.withheld.take() {
+            if let Some(&decided) = sequence.get(position) {
+                costs.observe(confidence, decided == token);
+            }
+        }
+        self.confidences.clear();
+        self.started = None;
+    }
+
+    /// The round, begun at `started`, counts as a round's cost.
+    pub(crate) fn timed(&mut self, started: Instant) {
+        self.started = Some(started);
+    }
+
+    /// A draft of this confidence was sent.
+    pub(crate) fn sent(&mut self, confidence: f32) {
+        self.confidences.push(confidence);
+    }
+
+    /// A draft not worth sending, for position `position` of the sequence (greedy only: a
+    /// sampled draft is accepted with probability min(1, p/q), which the target's own draw
+    /// does not show).
+    pub(crate) fn withhold(&mut self, position: usize, token: u32, confidence: f32) {
+        self.withheld = Some((position, token, confidence));
+    }
+
+    /// After the verify: `accepted` of the `proposed` drafts.
+    pub(crate) fn judged(&mut self, costs: &mut CostModel, proposed: usize, accepted: usize) {
+        if accepted < proposed {
+            // The withheld draft followed a rejected one: nothing to learn from its position.
+            self.withheld = None;
+        }
+        let took = self.started.take().map(|started| started.elapsed());
+        costs.judged(&self.confidences[..proposed.min(self.confidences.len())], accepted, took);
+    }
 }
 
 fn mean(old: Option<f64>, new: f64) -> f64 {
@@ -293,6 +347,32 @@ mod tests {
             m.forward(2, ms(11.0));
         }
         assert_eq!(length(&m, &[0.9]), 1);
+    }
+
+    /// A withheld draft is judged by what the target decided at its position, unless a draft
+    /// before it was rejected (the target then never decided that position after them).
+    #[test]
+    fn a_withheld_draft_is_learnt_from_once_the_target_decides_its_position() {
+        let mut m = CostModel::new();
+        let mut round = RoundCosts::default();
+        for _ in 0..40 {
+            round.begin(&mut m, &[1, 2, 3]);
+            round.sent(0.95);
+            round.withhold(3, 7, 0.15);
+            round.judged(&mut m, 1, 1);
+            // The target's token at position 3 was the withheld draft's.
+            round.begin(&mut m, &[1, 2, 3, 7]);
+        }
+        assert!(m.acceptance(0.15) > 0.8, "withheld drafts that would have been accepted: {}", m.acceptance(0.15));
+        let mut m = CostModel::new();
+        for _ in 0..40 {
+            round.begin(&mut m, &[1, 2, 3]);
+            round.sent(0.95);
+            round.withhold(3, 7, 0.15);
+            round.judged(&mut m, 1, 0);
+            round.begin(&mut m, &[1, 2, 3, 7]);
+        }
+        assert!((m.acceptance(0.15) - 0.15).abs() < 1e-9, "after a rejection nothing is learnt: {}", m.acceptance(0.15));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use ort::value::{DynValue, Tensor};
 
-use crate::decode::cost::CostModel;
+use crate::decode::cost::{CostModel, RoundCosts};
 use crate::decode::driver::{Policy, Proposal, Proposer, RowState, Target};
 use crate::decode::graph::SharedRunOptions;
 use crate::decode::graph::{float_tensor, floats, Graph, KvStates, Precision};
@@ -246,9 +246,7 @@ impl MultiTokenModel {
             steps_by_cost: 0,
             hidden: 0,
             costs: &self.costs,
-            confidences: Vec::new(),
-            round: None,
-            withheld: None,
+            round: RoundCosts::default(),
         };
         Ok((target, proposer))
     }
@@ -446,12 +444,9 @@ pub(crate) struct MicroProposer<'m> {
     pub(crate) steps_by_cost: usize,
     /// The width of one tapped state, learnt from the first features of the request.
     hidden: usize,
-    /// Verify mode's length rule, as a draft model's (`decode::cost`): the micro tokens'
-    /// confidences of this round, when it began, and a micro token made but not sent.
+    /// Verify mode's length rule, as a draft model's (`decode::cost`).
     costs: &'m Mutex<CostModel>,
-    confidences: Vec<f32>,
-    round: Option<Instant>,
-    withheld: Option<(usize, u32, f32)>,
+    round: RoundCosts,
 }
 
 fn lock(costs: &Mutex<CostModel>) -> std::sync::MutexGuard<'_, CostModel> {
@@ -474,17 +469,11 @@ impl Proposer for MicroProposer<'_> {
         // stop head then unused: the output is the base's either way); by the stop head until
         // then. Sampled requests keep the stop head: on the bundled compute-bound model the rule
         // sends too few drafts for a test of the sampled law to have power.
-        let by_cost = self.settings.mode == Mode::Verify && self.settings.verify_by_cost && greedy && {
-            let mut costs = lock(self.costs);
-            if let Some((position, token, confidence)) = self.withheld.take() {
-                if let Some(&decided) = run.sequence.get(position) {
-                    costs.observe(confidence, decided == token);
-                }
-            }
-            costs.ready()
-        };
-        self.round = None;
-        self.confidences.clear();
+        let verify = self.settings.mode == Mode::Verify;
+        if verify {
+            self.round.begin(&mut lock(self.costs), &run.sequence);
+        }
+        let by_cost = verify && self.settings.verify_by_cost && greedy && lock(self.costs).ready();
         if by_cost {
             self.steps_by_cost += 1;
             if !lock(self.costs).drafts_now() {
@@ -497,8 +486,8 @@ impl Proposer for MicroProposer<'_> {
             return Ok(Proposal::default());
         };
         let started = Instant::now();
-        if self.settings.mode == Mode::Verify {
-            self.round = Some(started);
+        if verify {
+            self.round.timed(started);
         }
         let mut kv = self.micro.new_kv()?;
         let mut features: &[f32] = row.hidden;
@@ -534,20 +523,18 @@ impl Proposer for MicroProposer<'_> {
                 }
             };
             if by_cost && lock(self.costs).worth(proposal.tokens.len(), confidence, &mut chain) == Some(false) {
-                // Not sent; the base's token at its position shows whether it would have been
-                // accepted (greedy only, as `by_cost` is).
-                self.withheld = Some((run.sequence.len() + proposal.tokens.len(), token, confidence));
+                self.round.withhold(run.sequence.len() + proposal.tokens.len(), token, confidence);
                 break;
             }
             proposal.tokens.push(token);
-            self.confidences.push(confidence);
+            self.round.sent(confidence);
             seen.push(token);
             last = token;
             if run.is_eos(token) || (!by_cost && !continues(stop, threshold)) {
                 break;
             }
         }
-        if self.settings.mode == Mode::Verify {
+        if verify {
             lock(self.costs).drafted(micro_forwards, started.elapsed());
         }
         self.time += started.elapsed();
@@ -564,12 +551,7 @@ impl Proposer for MicroProposer<'_> {
         if self.settings.mode != Mode::Verify {
             return Ok(());
         }
-        if accepted < proposed {
-            self.withheld = None;
-        }
-        let took = self.round.take().map(|started| started.elapsed());
-        let confidences = &self.confidences[..proposed.min(self.confidences.len())];
-        lock(self.costs).judged(confidences, accepted, took);
+        self.round.judged(&mut lock(self.costs), proposed, accepted);
         Ok(())
     }
 

@@ -8,7 +8,7 @@
 //! Greedy output is identical to the target alone; sampled output follows the target's
 //! distribution.
 
-use crate::decode::cost::CostModel;
+use crate::decode::cost::{CostModel, RoundCosts};
 use crate::decode::decoder::{Decoder, KvCache, KvLayout, LoadOptions};
 use crate::decode::driver::{Proposal, Proposer, RowState};
 use crate::decode::run::{CancelToken, Run};
@@ -123,15 +123,7 @@ pub(crate) struct DraftProposer<'d> {
     draft: &'d Draft,
     cache: KvCache,
     length: AdaptiveK,
-    /// The draft's probability of each token of the last proposal, and when its round began
-    /// (`None` for a round that began with the draft's prefill of the prompt: not a round's cost).
-    confidences: Vec<f32>,
-    round: Option<std::time::Instant>,
-    /// A draft made but not proposed (not worth its verify cost): where it would have gone, the
-    /// token and its confidence. Once the target decides that position after accepting every
-    /// proposed draft, it shows whether the draft would have been accepted: what the draft is
-    /// worth at confidences it is rarely sent with is learnt without sending it.
-    withheld: Option<(usize, u32, f32)>,
+    round: RoundCosts,
 }
 
 impl<'d> DraftProposer<'d> {
@@ -149,7 +141,7 @@ impl<'d> DraftProposer<'d> {
         // The draft's runs are terminated with the target's: its first catch-up is a prefill.
         cancel.attach(cache.run_options());
         let length = AdaptiveK::new(draft.settings.min_tokens, draft.settings.max_tokens);
-        Ok(DraftProposer { draft, cache, length, confidences: Vec::new(), round: None, withheld: None })
+        Ok(DraftProposer { draft, cache, length, round: RoundCosts::default() })
     }
 }
 
@@ -166,27 +158,22 @@ impl Proposer for DraftProposer<'_> {
         let greedy = params.is_greedy();
         let settings = self.draft.settings;
         let mut costs = self.draft.costs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((position, token, confidence)) = self.withheld.take() {
-            if let Some(&decided) = run.sequence.get(position) {
-                costs.observe(confidence, decided == token);
-            }
-        }
+        self.round.begin(&mut costs, &run.sequence);
         // By what drafts are worth once their costs are known; by acceptance until then.
         let by_cost = settings.cost_aware && costs.ready();
         if by_cost && !costs.drafts_now() {
             // A paused draft: a plain step, not timed as a round with drafts.
-            self.round = None;
-            self.confidences.clear();
             return Ok(Proposal::default());
         }
         let (k, min) = if by_cost { (settings.max_tokens.min(limit), 0) } else { (self.length.now(limit), self.length.min()) };
         let started = std::time::Instant::now();
         // The first catch-up is the prompt's prefill: not a draft token's cost.
         let timed = self.cache.len() + 2 >= run.sequence.len();
-        self.round = timed.then_some(started);
+        if timed {
+            self.round.timed(started);
+        }
         let mut tokens: Vec<u32> = Vec::with_capacity(k);
         let mut q_rows: Vec<Vec<f32>> = Vec::new();
-        self.confidences.clear();
         let mut chain = 1.0;
         let mut drafted = 0;
         // The draft first catches up with what it has not seen (1 or 2 tokens; the prompt at first).
@@ -215,14 +202,14 @@ impl Proposer for DraftProposer<'_> {
                 (t, q[t as usize], peak, Some(q))
             };
             if by_cost && costs.worth(tokens.len(), peak, &mut chain) == Some(false) {
-                // (Sampled, a draft is accepted with probability min(1, p/q): the target's own
-                // draw says nothing of that.)
-                self.withheld = greedy.then_some((run.sequence.len() + tokens.len(), token, confidence));
+                if greedy {
+                    self.round.withhold(run.sequence.len() + tokens.len(), token, confidence);
+                }
                 break;
             }
             tokens.push(token);
             q_rows.extend(q);
-            self.confidences.push(peak);
+            self.round.sent(peak);
             feed = vec![token];
             if run.is_eos(token) || (confidence < settings.min_confidence && tokens.len() >= min) {
                 break;
@@ -241,13 +228,7 @@ impl Proposer for DraftProposer<'_> {
 
     fn accepted(&mut self, len: usize, proposed: usize, accepted: usize) -> Result<()> {
         self.length.update(proposed, accepted);
-        if accepted < proposed {
-            // The withheld draft followed a rejected one: nothing to learn from its position.
-            self.withheld = None;
-        }
-        let confidences = &self.confidences[..proposed.min(self.confidences.len())];
-        let took = self.round.map(|started| started.elapsed());
-        self.draft.costs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).judged(confidences, accepted, took);
+        self.round.judged(&mut self.draft.costs.lock().unwrap_or_else(|poisoned| poisoned.into_inner()), proposed, accepted);
         // The draft keeps no more than the target did (it may not have seen the last draft).
         let keep = len.min(self.cache.len());
         self.cache.truncate(keep)
