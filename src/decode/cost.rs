@@ -353,26 +353,21 @@ mod tests {
     /// before it was rejected (the target then never decided that position after them).
     #[test]
     fn a_withheld_draft_is_learnt_from_once_the_target_decides_its_position() {
-        let mut m = CostModel::new();
-        let mut round = RoundCosts::default();
-        for _ in 0..40 {
-            round.begin(&mut m, &[1, 2, 3]);
-            round.sent(0.95);
-            round.withhold(3, 7, 0.15);
-            round.judged(&mut m, 1, 1);
-            // The target's token at position 3 was the withheld draft's.
-            round.begin(&mut m, &[1, 2, 3, 7]);
-        }
-        assert!(m.acceptance(0.15) > 0.8, "withheld drafts that would have been accepted: {}", m.acceptance(0.15));
-        let mut m = CostModel::new();
-        for _ in 0..40 {
-            round.begin(&mut m, &[1, 2, 3]);
-            round.sent(0.95);
-            round.withhold(3, 7, 0.15);
-            round.judged(&mut m, 1, 0);
-            round.begin(&mut m, &[1, 2, 3, 7]);
-        }
-        assert!((m.acceptance(0.15) - 0.15).abs() < 1e-9, "after a rejection nothing is learnt: {}", m.acceptance(0.15));
+        // Rounds that send one sure draft (`accepted` of it) and withhold an unsure one, after
+        // which the target decides the withheld draft's token at its position.
+        let learnt = |accepted: usize| {
+            let (mut m, mut round) = (CostModel::new(), RoundCosts::default());
+            for _ in 0..40 {
+                round.begin(&mut m, &[1, 2, 3]);
+                round.sent(0.95);
+                round.withhold(3, 7, 0.15);
+                round.judged(&mut m, 1, accepted);
+                round.begin(&mut m, &[1, 2, 3, 7]);
+            }
+            m.acceptance(0.15)
+        };
+        assert!(learnt(1) > 0.8, "withheld drafts that would have been accepted: {}", learnt(1));
+        assert!((learnt(0) - 0.15).abs() < 1e-9, "after a rejection nothing is learnt: {}", learnt(0));
     }
 
     #[test]
