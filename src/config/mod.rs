@@ -78,6 +78,7 @@ struct RawModel {
     threads: Option<u32>,
     spinning: Option<bool>,
     spin_between_runs: Option<bool>,
+    int4_kernel: Option<Spanned<String>>,
     provider_options: Option<Spanned<BTreeMap<String, toml::Value>>>,
     kv_layout: Option<Spanned<String>>,
     draft: Option<Spanned<String>>,
@@ -405,6 +406,13 @@ impl Config {
                 Some(n) if *n.get_ref() == 0 => return Err(err(n.span(), "field `model.multitoken_max_tokens`: at least 1".into())),
                 n => n.as_ref().map(|n| *n.get_ref() as usize),
             };
+            let edgellm_int4 = match m.int4_kernel.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
+                None | Some(("edgellm", _)) => true,
+                Some(("onnxruntime", _)) => false,
+                Some((other, span)) => {
+                    return Err(err(span, format!("field `model.int4_kernel`: `{other}`; use \"edgellm\" or \"onnxruntime\"")))
+                }
+            };
             let lookup_keys = m.prompt_lookup_ngram.as_ref().map(|n| n.span()).or(m.prompt_lookup_max_draft.as_ref().map(|n| n.span()));
             let prompt_lookup = match &m.prompt_lookup {
                 Some(on) if *on.get_ref() => {
@@ -449,6 +457,7 @@ impl Config {
                         spin_between_runs: m.spin_between_runs.unwrap_or(false),
                         provider_options,
                         weights: Default::default(),
+                        edgellm_int4,
                     },
                     kv_layout,
                 },
@@ -529,6 +538,16 @@ mod tests {
         assert!(default.spinning && !default.spin_between_runs);
         let set = session("[[model]]\nname = \"a\"\npath = \"x\"\nspinning = false\nspin_between_runs = true\n");
         assert!(!set.spinning && set.spin_between_runs);
+    }
+
+    #[test]
+    fn int4_kernel_key_and_its_default() {
+        let session = |text: &str| parse(text).unwrap().models[0].load.session.clone();
+        assert!(session("[[model]]\nname = \"a\"\npath = \"x\"\n").edgellm_int4);
+        assert!(session("[[model]]\nname = \"a\"\npath = \"x\"\nint4_kernel = \"edgellm\"\n").edgellm_int4);
+        assert!(!session("[[model]]\nname = \"a\"\npath = \"x\"\nint4_kernel = \"onnxruntime\"\n").edgellm_int4);
+        let e = parse("[[model]]\nname = \"a\"\npath = \"x\"\nint4_kernel = \"mlas\"\n").unwrap_err().to_string();
+        assert!(e.contains(":4:") && e.contains("model.int4_kernel") && e.contains("\"onnxruntime\""), "{e}");
     }
 
     #[test]

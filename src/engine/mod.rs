@@ -88,6 +88,7 @@ impl Engine {
         tracing::info!(
             model = name,
             provider = engine.provider().provider.name(),
+            int4 = %engine.provider().int4,
             ?kv_layout,
             multitoken = engine.is_multitoken(),
             ms = started.elapsed().as_millis() as u64,

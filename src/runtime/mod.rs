@@ -14,7 +14,15 @@ use ort::session::Session;
 
 use crate::error::{Error, Result};
 
+mod int4;
+mod matmul_nbits;
 mod weights;
+pub use matmul_nbits::Int4Kernel;
+
+/// Whether this CPU runs edgellm's int4 kernel (AVX-512 VNNI).
+pub fn int4_supported() -> bool {
+    int4::supported()
+}
 pub(crate) use weights::MappedWeights;
 
 /// File name of the OpenVINO plugin of the `onnxruntime-ep-openvino` wheel.
@@ -67,6 +75,9 @@ pub struct SessionOptions {
     pub provider_options: Vec<(String, String)>,
     /// How the weights reach ONNX Runtime on the CPU provider (other providers read the file).
     pub weights: WeightLoading,
+    /// Whether edgellm's int4 kernel runs the model's `MatMulNBits` nodes on the CPU provider
+    /// where it covers all of them (`matmul_nbits`); otherwise ONNX Runtime's does.
+    pub edgellm_int4: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -91,6 +102,7 @@ impl Default for SessionOptions {
             spin_between_runs: false,
             provider_options: Vec::new(),
             weights: WeightLoading::Mapped,
+            edgellm_int4: true,
         }
     }
 }
@@ -99,6 +111,8 @@ impl Default for SessionOptions {
 #[derive(Debug, Clone)]
 pub struct ProviderReport {
     pub provider: Provider,
+    /// What runs the int4 matrix products.
+    pub int4: Int4Kernel,
     /// (provider, reason) for each provider that was tried and failed, in order.
     pub failed: Vec<(Provider, String)>,
 }
@@ -211,7 +225,8 @@ impl Runtime {
                     if !failed.is_empty() {
                         tracing::warn!(model = %model_file.display(), provider = provider.name(), ?failed, "fell back to a later execution provider");
                     }
-                    return Ok((session, ProviderReport { provider, failed }));
+                    let int4 = session.int4.clone();
+                    return Ok((session, ProviderReport { provider, int4, failed }));
                 }
                 Err(Error::ProviderUnavailable { reason, .. }) => {
                     if options.strict {
@@ -305,6 +320,18 @@ impl Runtime {
                 builder = builder.with_devices(devices, Some(&prefixed)).map_err(|e| unavailable(e.to_string()))?;
             }
         }
+        let int4 = match provider {
+            Provider::Cpu if options.edgellm_int4 => {
+                let graph =
+                    std::fs::read(model_file).map_err(|e| Error::ModelFile { path: model_file.to_path_buf(), reason: e.to_string() })?;
+                matmul_nbits::plan(&graph)
+            }
+            Provider::Cpu => Int4Kernel::OnnxRuntime { reason: "asked for: `int4_kernel = \"onnxruntime\"`".into() },
+            _ => Int4Kernel::OnnxRuntime { reason: format!("the {} provider runs the graph", provider.name()) },
+        };
+        if let Int4Kernel::Edgellm { .. } = int4 {
+            builder = builder.with_operators(matmul_nbits::domain()?).map_err(ort::Error::from)?;
+        }
         let weights = match (options.weights, provider) {
             (WeightLoading::Mapped, Provider::Cpu) => Some(MappedWeights::attach(&mut builder, model_file)?),
             _ => None,
@@ -320,7 +347,7 @@ impl Runtime {
                 unavailable(e.to_string())
             }
         })?;
-        Ok(LoadedSession { session, _weights: weights })
+        Ok(LoadedSession { session, int4, _weights: weights })
     }
 }
 
@@ -328,6 +355,7 @@ impl Runtime {
 /// session is declared first, so that it is dropped before the maps.
 pub struct LoadedSession {
     session: Session,
+    int4: Int4Kernel,
     _weights: Option<MappedWeights>,
 }
 

@@ -125,17 +125,97 @@ impl<'a> Wire<'a> {
 /// the ModelProto bytes (ModelProto.graph = 7, GraphProto.initializer = 5).
 pub(crate) fn external_tensors(model: &[u8]) -> Vec<ExternalTensor> {
     let mut found = Vec::new();
+    for_graph_field(model, 5, |tensor| found.extend(external_tensor(tensor)));
+    found
+}
+
+/// The element type (ONNX `TensorProto.DataType`) of every initializer of the main graph, by name.
+pub(crate) fn initializers(model: &[u8]) -> std::collections::HashMap<String, i32> {
+    let mut found = std::collections::HashMap::new();
+    for_graph_field(model, 5, |tensor| {
+        let (mut name, mut data_type) = (None, 0);
+        let mut wire = Wire::new(tensor);
+        while let Some((number, field)) = wire.next() {
+            match (number, field) {
+                (2, Field::Varint(t)) => data_type = t as i32,
+                (8, Field::Bytes(n)) => name = std::str::from_utf8(n).ok().map(str::to_string),
+                _ => {}
+            }
+        }
+        if let Some(name) = name {
+            found.insert(name, data_type);
+        }
+    });
+    found
+}
+
+/// A node of the main graph, as far as choosing kernels needs it.
+#[derive(Debug, Default)]
+pub(crate) struct Node {
+    pub name: String,
+    pub op_type: String,
+    pub domain: String,
+    pub inputs: Vec<String>,
+    /// Integer attributes.
+    pub ints: Vec<(String, i64)>,
+    /// Whether an attribute holds a graph (If, Loop, Scan).
+    pub has_subgraph: bool,
+}
+
+/// The nodes of the main graph (GraphProto.node = 1; NodeProto: input = 1, name = 3, op_type = 4,
+/// attribute = 5, domain = 7; AttributeProto: name = 1, i = 3, g = 6, graphs = 11). `None` if a
+/// node cannot be read.
+pub(crate) fn graph_nodes(model: &[u8]) -> Option<Vec<Node>> {
+    let mut nodes = Vec::new();
+    let mut readable = true;
+    for_graph_field(model, 1, |bytes| match node(bytes) {
+        Some(node) => nodes.push(node),
+        None => readable = false,
+    });
+    readable.then_some(nodes)
+}
+
+fn node(bytes: &[u8]) -> Option<Node> {
+    let text = |b: &[u8]| std::str::from_utf8(b).ok().map(str::to_string);
+    let mut node = Node::default();
+    let mut wire = Wire::new(bytes);
+    while let Some((number, field)) = wire.next() {
+        match (number, field) {
+            (1, Field::Bytes(b)) => node.inputs.push(text(b)?),
+            (3, Field::Bytes(b)) => node.name = text(b)?,
+            (4, Field::Bytes(b)) => node.op_type = text(b)?,
+            (7, Field::Bytes(b)) => node.domain = text(b)?,
+            (5, Field::Bytes(attribute)) => {
+                let (mut name, mut int) = (String::new(), None);
+                let mut wire = Wire::new(attribute);
+                while let Some((number, field)) = wire.next() {
+                    match (number, field) {
+                        (1, Field::Bytes(b)) => name = text(b)?,
+                        (3, Field::Varint(v)) => int = Some(v as i64),
+                        (6 | 11, Field::Bytes(_)) => node.has_subgraph = true,
+                        _ => {}
+                    }
+                }
+                node.ints.extend(int.map(|v| (name, v)));
+            }
+            _ => {}
+        }
+    }
+    Some(node)
+}
+
+/// Calls `each` with the bytes of every field `number` of the ModelProto's graph (field 7).
+fn for_graph_field<'a>(model: &'a [u8], number: u64, mut each: impl FnMut(&'a [u8])) {
     let mut top = Wire::new(model);
-    while let Some((number, field)) = top.next() {
-        let (7, Field::Bytes(graph)) = (number, field) else { continue };
+    while let Some((field_number, field)) = top.next() {
+        let (7, Field::Bytes(graph)) = (field_number, field) else { continue };
         let mut graph = Wire::new(graph);
-        while let Some((number, field)) = graph.next() {
-            if let (5, Field::Bytes(tensor)) = (number, field) {
-                found.extend(external_tensor(tensor));
+        while let Some((n, field)) = graph.next() {
+            if let (true, Field::Bytes(bytes)) = (n == number, field) {
+                each(bytes);
             }
         }
     }
-    found
 }
 
 /// TensorProto: dims = 1, data_type = 2, name = 8, external_data = 13 (key = 1, value = 2),

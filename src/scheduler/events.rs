@@ -37,6 +37,8 @@ pub struct ModelInfo {
     pub provider: Option<String>,
     /// The execution provider the draft runs on (it may differ from the target's).
     pub draft_provider: Option<String>,
+    /// What runs the model's int4 matrix products, while loaded (`runtime::Int4Kernel`).
+    pub int4_kernel: Option<String>,
     pub draft: Option<String>,
     pub error: Option<String>,
     pub generated_tokens: u64,

@@ -94,6 +94,7 @@ impl Scheduler {
                 state: ModelState::Unloaded,
                 provider: None,
                 draft_provider: None,
+                int4_kernel: None,
                 draft: config.draft.clone(),
                 error: None,
                 generated_tokens: 0,

@@ -101,6 +101,7 @@ pub(super) fn set_state(inner: &Inner, slot: &ModelSlot, state: ModelState, prov
         status.state = state;
         if provider.is_none() {
             status.draft_provider = None;
+            status.int4_kernel = None;
         }
         status.provider = provider;
         status.error = error;
@@ -331,6 +332,7 @@ pub(super) fn ensure_loaded<'e>(inner: &Inner, slot: &ModelSlot, engine: &'e mut
                 set_state(inner, slot, ModelState::Ready, Some(e.provider().provider.name().into()), None);
                 let mut status = slot.status.lock().expect("status");
                 status.draft_provider = e.draft_provider().map(|p| p.provider.name().to_string());
+                status.int4_kernel = Some(e.provider().int4.to_string());
                 // What the load added to the daemon's resident memory (another model loading at
                 // the same time would add to it too: approximate where loads overlap).
                 status.memory_mib = rss_mib().zip(rss_before).map(|(after, before)| after.saturating_sub(before));

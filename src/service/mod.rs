@@ -560,6 +560,9 @@ impl Daemon {
                 if let Some(p) = &m.draft_provider {
                     put("draft_provider", Value::from(p.clone()));
                 }
+                if let Some(k) = &m.int4_kernel {
+                    put("int4_kernel", Value::from(k.clone()));
+                }
                 if let Some(error) = &m.error {
                     put("error", Value::from(error.clone()));
                 }

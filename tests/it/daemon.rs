@@ -918,6 +918,27 @@ fn draft_and_target_on_different_execution_providers() {
     assert_eq!(entry[1]["draft_provider"]["data"], "openvino", "{entry}");
 }
 
+/// `ListModels` says what runs each model's int4 products, as the config chose it: edgellm's
+/// kernel by default where the CPU has AVX-512 VNNI, ONNX Runtime's where asked for.
+#[test]
+fn list_models_reports_the_int4_kernel_the_config_chose() {
+    let daemon = Daemon::start(&format!(
+        "\n[[model]]\nname = \"kjv-default\"\npath = \"{0}\"\n\n[[model]]\nname = \"kjv-mlas\"\npath = \"{0}\"\nint4_kernel = \"onnxruntime\"\n",
+        model_dir("kjv-target").display()
+    ));
+    let models = daemon.call("ListModels", "", &[]).unwrap();
+    let kernel = |name: &str| {
+        let entry = models["data"][0].as_array().unwrap().iter().find(|m| m[0] == name).unwrap().clone();
+        entry[1]["int4_kernel"]["data"].as_str().unwrap_or_else(|| panic!("no int4_kernel in {entry}")).to_string()
+    };
+    if edgellm::runtime::int4_supported() {
+        assert!(kernel("kjv-default").starts_with("edgellm AVX-512 VNNI (31 MatMulNBits nodes)"), "{}", kernel("kjv-default"));
+    } else {
+        assert!(kernel("kjv-default").contains("this CPU has no AVX-512 VNNI"), "{}", kernel("kjv-default"));
+    }
+    assert!(kernel("kjv-mlas").contains("int4_kernel = \"onnxruntime\""), "{}", kernel("kjv-mlas"));
+}
+
 /// Prompt lookup over D-Bus: on by `prompt_lookup = true` in the config or by the request option,
 /// with draft statistics, the greedy text unchanged; refused where a draft model drafts.
 #[test]

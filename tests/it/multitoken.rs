@@ -7,6 +7,7 @@ use std::sync::{Mutex, OnceLock};
 use edgellm::engine::{CancelToken, Engine, FinishReason, GenerateOptions, LoadOptions, Outcome, Prompt};
 use edgellm::error::Error;
 use edgellm::multitoken::Mode;
+use edgellm::runtime::SessionOptions;
 use serde::Deserialize;
 
 use crate::fixtures::{model_dir, root, runtime};
@@ -45,12 +46,16 @@ fn reference() -> &'static MultiTokenReference {
     })
 }
 
-/// One engine for the whole file: loading three sessions per test would dominate the run.
+/// One engine for the whole file: loading three sessions per test would dominate the run. It runs
+/// ONNX Runtime's int4 kernel, as the Python loop does: its ids are compared with the loop's step
+/// for step, and this tiny model has near ties that any other order of float sums resolves the
+/// other way (edgellm's kernel is checked against ONNX Runtime's in `engine.rs`).
 fn engine() -> std::sync::MutexGuard<'static, Engine> {
     static ENGINE: OnceLock<Mutex<Engine>> = OnceLock::new();
     ENGINE
         .get_or_init(|| {
-            Mutex::new(Engine::load(&runtime(), "kjv-hamburger", &model_dir("kjv-hamburger"), &LoadOptions::default()).unwrap())
+            let options = LoadOptions { session: SessionOptions { edgellm_int4: false, ..Default::default() }, ..Default::default() };
+            Mutex::new(Engine::load(&runtime(), "kjv-hamburger", &model_dir("kjv-hamburger"), &options).unwrap())
         })
         .lock()
         .unwrap_or_else(|e| e.into_inner())

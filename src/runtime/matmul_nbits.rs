@@ -1,0 +1,199 @@
+//! edgellm's int4 kernel (`int4`) in ONNX Runtime's place for a model's `MatMulNBits` nodes, on
+//! the CPU provider, where every such node is one the kernel computes exactly as ONNX Runtime
+//! would (4 bits, blocks of 32, no zero points, float scales, int8 compute).
+//!
+//! ONNX Runtime takes a custom operator registered under a built-in operator's domain and name in
+//! place of its own kernel. The whole session gets one or the other, so a model with any node the
+//! kernel does not cover keeps ONNX Runtime's for all of them, and the report says why.
+
+use std::ops::Range;
+
+use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
+use ort::value::TensorElementType;
+
+use super::int4::{self, Activations, Int4Weights, BLOCK};
+use super::weights::{graph_nodes, initializers, Node};
+
+const DOMAIN: &str = "com.microsoft";
+const OP: &str = "MatMulNBits";
+/// Weight rows per task of ONNX Runtime's thread pool: each is read as two sequential streams.
+const ROWS_PER_TASK: usize = 256;
+
+/// Which kernel runs a model's int4 matrix products.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Int4Kernel {
+    /// edgellm's, for this many `MatMulNBits` nodes.
+    Edgellm { nodes: usize },
+    /// ONNX Runtime's own (MLAS on the CPU), and why.
+    OnnxRuntime { reason: String },
+}
+
+impl std::fmt::Display for Int4Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Int4Kernel::Edgellm { nodes } => write!(f, "edgellm AVX-512 VNNI ({nodes} MatMulNBits nodes)"),
+            Int4Kernel::OnnxRuntime { reason } => write!(f, "ONNX Runtime ({reason})"),
+        }
+    }
+}
+
+/// Whether edgellm's kernel can run every `MatMulNBits` node of the model `graph` (ModelProto
+/// bytes), and if not, why.
+pub(crate) fn plan(graph: &[u8]) -> Int4Kernel {
+    let keep = |reason: String| Int4Kernel::OnnxRuntime { reason };
+    if !int4::supported() {
+        return keep("this CPU has no AVX-512 VNNI".into());
+    }
+    let Some(nodes) = graph_nodes(graph) else { return keep("the graph could not be read".into()) };
+    if nodes.iter().any(|n| n.has_subgraph) {
+        return keep("the graph has subgraphs".into());
+    }
+    let types = initializers(graph);
+    let mut count = 0;
+    for node in nodes.iter().filter(|n| n.op_type == OP && n.domain == DOMAIN) {
+        if let Err(why) = covered(node, &types) {
+            return keep(format!("node `{}`: {why}", node.name));
+        }
+        count += 1;
+    }
+    if count == 0 {
+        return keep("the model has no MatMulNBits nodes".into());
+    }
+    Int4Kernel::Edgellm { nodes: count }
+}
+
+fn covered(node: &Node, initializers: &std::collections::HashMap<String, i32>) -> Result<(), String> {
+    let attribute = |name: &str| node.ints.iter().find(|(n, _)| n == name).map(|&(_, v)| v);
+    if attribute("bits").unwrap_or(4) != 4 {
+        return Err("not 4 bits".into());
+    }
+    if attribute("block_size") != Some(BLOCK as i64) {
+        return Err(format!("block size is not {BLOCK}"));
+    }
+    // 4 is int8 compute, which the kernel does; below it ONNX Runtime computes in float.
+    if attribute("accuracy_level").unwrap_or(0) != 4 {
+        return Err("accuracy_level is not 4 (int8 compute)".into());
+    }
+    if attribute("K").is_none_or(|k| k <= 0) || attribute("N").is_none_or(|n| n <= 0) {
+        return Err("no K or N".into());
+    }
+    let inputs: Vec<&str> = node.inputs.iter().map(String::as_str).filter(|i| !i.is_empty()).collect();
+    if inputs.len() != 3 || node.inputs.len() > 3 {
+        return Err("zero points, g_idx or bias".into());
+    }
+    match initializers.get(inputs[2]) {
+        Some(1) => Ok(()),
+        Some(_) => Err("scales are not float32".into()),
+        None => Err("scales are not an initializer".into()),
+    }
+}
+
+/// The operator domain that puts edgellm's kernel in ONNX Runtime's place.
+pub(crate) fn domain() -> ort::Result<OperatorDomain> {
+    OperatorDomain::new(DOMAIN)?.add(MatMulNBits)
+}
+
+struct MatMulNBits;
+
+impl Operator for MatMulNBits {
+    type Kernel<'attr> = Product;
+
+    fn name(&self) -> &str {
+        OP
+    }
+
+    /// ONNX Runtime's inputs: A, B, scales, zero_points, g_idx, bias. The optional ones must be
+    /// declared: its graph optimizer fuses a following Add into `bias` and expects six. `plan`
+    /// admits no node with zero points or g_idx, so only a bias may come.
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(TensorElementType::Uint8),
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::optional(TensorElementType::Uint8),
+            OperatorInput::optional(TensorElementType::Int32),
+            OperatorInput::optional(TensorElementType::Float32),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Product> {
+        let size = |name: &str| -> ort::Result<usize> {
+            let value: i64 = kctx.get(name).ok_or_else(|| ort::Error::new(format!("MatMulNBits without the attribute {name}")))?;
+            usize::try_from(value).map_err(|_| ort::Error::new(format!("MatMulNBits with {name} = {value}")))
+        };
+        Ok(Product { n: size("N")?, k: size("K")? })
+    }
+}
+
+struct Product {
+    n: usize,
+    k: usize,
+}
+
+/// The output pointer, shared by the pool's tasks, which write disjoint columns.
+#[derive(Clone, Copy)]
+struct Output(*mut f32);
+// SAFETY: see `Output`; the tasks end before `compute` returns.
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+impl Kernel for Product {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let missing = |what: &str| ort::Error::new(format!("MatMulNBits without {what}"));
+        let a = ctx.input(0)?.ok_or_else(|| missing("A"))?;
+        let b = ctx.input(1)?.ok_or_else(|| missing("B"))?;
+        let scales = ctx.input(2)?.ok_or_else(|| missing("scales"))?;
+        if ctx.input(3)?.is_some() || ctx.input(4)?.is_some() {
+            return Err(ort::Error::new("MatMulNBits: zero points and g_idx are ONNX Runtime's kernel's to run"));
+        }
+        let bias = ctx.input(5)?;
+        let bias = match &bias {
+            Some(b) => Some(b.try_extract_tensor::<f32>()?.1),
+            None => None,
+        };
+        if bias.is_some_and(|b| b.len() != self.n) {
+            return Err(ort::Error::new(format!("MatMulNBits: a bias of other than N = {} values", self.n)));
+        }
+        let (shape, x) = a.try_extract_tensor::<f32>()?;
+        let (_, blocks) = b.try_extract_tensor::<u8>()?;
+        let (_, scales) = scales.try_extract_tensor::<f32>()?;
+        let weights = Int4Weights { n: self.n, k: self.k, blocks, scales };
+        if !weights.consistent() || shape.last().copied() != Some(self.k as i64) {
+            return Err(ort::Error::new(format!("MatMulNBits: inputs do not match K = {} and N = {}", self.k, self.n)));
+        }
+        let rows = x.len() / self.k;
+        let mut out_shape = shape.to_vec();
+        *out_shape.last_mut().expect("A has a last dimension") = self.n as i64;
+        let mut y = ctx.output(0, out_shape)?.ok_or_else(|| missing("an output"))?;
+        let (_, out) = y.try_extract_tensor_mut::<f32>()?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let activations = Activations::quantize(x, rows, self.k);
+        let output = Output(out.as_mut_ptr());
+        let tasks = self.n.div_ceil(ROWS_PER_TASK);
+        let task_rows = |t: usize| -> Range<usize> { t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(self.n) };
+        let run = |t: usize| {
+            let output = output;
+            // SAFETY: `plan` registered this kernel only where `int4::supported()`; the weights are
+            // consistent (checked above), the activations have K columns, and each task writes
+            // its own columns of `out`, which outlives the tasks.
+            unsafe { int4::matmul_rows(&weights, &activations, task_rows(t), output.0) }
+        };
+        if tasks == 1 {
+            run(0);
+        } else {
+            ctx.par_for(tasks, tasks, run)?;
+        }
+        if let Some(bias) = bias {
+            for row in out.chunks_mut(self.n) {
+                row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+            }
+        }
+        Ok(())
+    }
+}
