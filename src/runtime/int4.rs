@@ -151,39 +151,40 @@ mod avx512 {
 
     use super::{Activations, Int4Weights, BLOCK, CHUNK_BLOCKS, LANES_PER_BLOCK};
 
-    /// Activation rows per pass over the weights: their accumulators stay in registers.
-    const ROW_TILE: usize = 4;
+    /// Activation rows per pass over the weights: their accumulators stay in registers with the
+    /// four weight rows' (3 x 4 sums, 4 x 3 weight registers, 4 activation registers: 28 of 32).
+    const ROW_TILE: usize = 3;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn matmul_rows(w: &Int4Weights, a: &Activations, rows: Range<usize>, out: *mut f32) {
-        // Two weight rows at a time share the activation loads. They are taken from the two
-        // halves of `rows`, so that each half is read as one long sequential stream, which the
-        // hardware prefetcher follows (adjacent rows interleaved measured at half the speed).
-        let half = (rows.end - rows.start) / 2;
+        // Four weight rows at a time share the activation loads. They are taken from the four
+        // quarters of `rows`, so that each quarter is read as one long sequential stream, which
+        // the hardware prefetcher follows (adjacent rows interleaved measured at half the speed);
+        // four against two: 2.7-4.1 ms less for 2-9 activation rows over the twin's 377 MB.
+        let quarter = (rows.end - rows.start) / 4;
+        let tiles = a.rows.div_ceil(ROW_TILE);
         let mut first = 0;
-        while first < a.rows {
-            let tile = (a.rows - first).min(ROW_TILE);
-            for i in 0..half {
-                let pair = [rows.start + i, rows.start + half + i];
+        for t in 0..tiles {
+            // Tiles of even size: 4 rows as 2 + 2, not 3 + 1.
+            let tile = (a.rows - first).div_ceil(tiles - t);
+            for i in 0..quarter {
+                let rows = [rows.start + i, rows.start + quarter + i, rows.start + 2 * quarter + i, rows.start + 3 * quarter + i];
                 // SAFETY: the caller's contract, for a sub-range of its rows.
                 unsafe {
                     match tile {
-                        1 => product::<2, 1>(w, a, first, pair, out),
-                        2 => product::<2, 2>(w, a, first, pair, out),
-                        3 => product::<2, 3>(w, a, first, pair, out),
-                        _ => product::<2, 4>(w, a, first, pair, out),
+                        1 => product::<4, 1>(w, a, first, rows, out),
+                        2 => product::<4, 2>(w, a, first, rows, out),
+                        _ => product::<4, 3>(w, a, first, rows, out),
                     }
                 }
             }
-            if rows.start + 2 * half < rows.end {
-                let last = [rows.end - 1];
+            for row in rows.start + 4 * quarter..rows.end {
                 // SAFETY: as above.
                 unsafe {
                     match tile {
-                        1 => product::<1, 1>(w, a, first, last, out),
-                        2 => product::<1, 2>(w, a, first, last, out),
-                        3 => product::<1, 3>(w, a, first, last, out),
-                        _ => product::<1, 4>(w, a, first, last, out),
+                        1 => product::<1, 1>(w, a, first, [row], out),
+                        2 => product::<1, 2>(w, a, first, [row], out),
+                        _ => product::<1, 3>(w, a, first, [row], out),
                     }
                 }
             }
@@ -301,8 +302,8 @@ mod tests {
         *seed
     }
 
-    /// Every shape class the kernel branches on: odd and even weight rows, 1-9 activation rows
-    /// (tiles of 4 and their remainders), whole chunks and 1-3 tail blocks, a partial last block.
+    /// Every shape class the kernel branches on: weight rows in quarters and 0-3 left over, 1-9 activation rows
+    /// (tiles of 1-3), whole chunks and 1-3 tail blocks, a partial last block.
     #[test]
     fn the_kernel_equals_the_definition_on_every_branch() {
         if !supported() {
