@@ -8,7 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::engine::{KvLayout, LoadOptions};
-use crate::runtime::{Provider, SessionOptions};
+use crate::runtime::{Int4Choice, Provider, SessionOptions};
 use crate::speculative::lookup::LookupSettings;
 
 pub const DEFAULT_PATH: &str = "/etc/edgellm/edgellm.toml";
@@ -406,11 +406,12 @@ impl Config {
                 Some(n) if *n.get_ref() == 0 => return Err(err(n.span(), "field `model.multitoken_max_tokens`: at least 1".into())),
                 n => n.as_ref().map(|n| *n.get_ref() as usize),
             };
-            let edgellm_int4 = match m.int4_kernel.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
-                None | Some(("edgellm", _)) => true,
-                Some(("onnxruntime", _)) => false,
+            let int4 = match m.int4_kernel.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
+                None | Some(("auto", _)) => Int4Choice::Auto,
+                Some(("edgellm", _)) => Int4Choice::Edgellm,
+                Some(("onnxruntime", _)) => Int4Choice::OnnxRuntime,
                 Some((other, span)) => {
-                    return Err(err(span, format!("field `model.int4_kernel`: `{other}`; use \"edgellm\" or \"onnxruntime\"")))
+                    return Err(err(span, format!("field `model.int4_kernel`: `{other}`; use \"auto\", \"edgellm\" or \"onnxruntime\"")))
                 }
             };
             let lookup_keys = m.prompt_lookup_ngram.as_ref().map(|n| n.span()).or(m.prompt_lookup_max_draft.as_ref().map(|n| n.span()));
@@ -457,7 +458,7 @@ impl Config {
                         spin_between_runs: m.spin_between_runs.unwrap_or(false),
                         provider_options,
                         weights: Default::default(),
-                        edgellm_int4,
+                        int4,
                     },
                     kv_layout,
                 },
@@ -543,9 +544,9 @@ mod tests {
     #[test]
     fn int4_kernel_key_and_its_default() {
         let session = |text: &str| parse(text).unwrap().models[0].load.session.clone();
-        assert!(session("[[model]]\nname = \"a\"\npath = \"x\"\n").edgellm_int4);
-        assert!(session("[[model]]\nname = \"a\"\npath = \"x\"\nint4_kernel = \"edgellm\"\n").edgellm_int4);
-        assert!(!session("[[model]]\nname = \"a\"\npath = \"x\"\nint4_kernel = \"onnxruntime\"\n").edgellm_int4);
+        assert_eq!(session("[[model]]\nname = \"a\"\npath = \"x\"\n").int4, Int4Choice::Auto);
+        assert_eq!(session("[[model]]\nname = \"a\"\npath = \"x\"\nint4_kernel = \"edgellm\"\n").int4, Int4Choice::Edgellm);
+        assert_eq!(session("[[model]]\nname = \"a\"\npath = \"x\"\nint4_kernel = \"onnxruntime\"\n").int4, Int4Choice::OnnxRuntime);
         let e = parse("[[model]]\nname = \"a\"\npath = \"x\"\nint4_kernel = \"mlas\"\n").unwrap_err().to_string();
         assert!(e.contains(":4:") && e.contains("model.int4_kernel") && e.contains("\"onnxruntime\""), "{e}");
     }

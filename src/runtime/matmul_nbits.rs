@@ -12,12 +12,14 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDom
 use ort::value::TensorElementType;
 
 use super::int4::{self, Activations, Int4Weights, BLOCK};
-use super::weights::{graph_nodes, initializers, Node};
+use super::weights::{graph_nodes, initializers, Initializer, Node};
 
 const DOMAIN: &str = "com.microsoft";
 const OP: &str = "MatMulNBits";
 /// Weight rows per task of ONNX Runtime's thread pool: each is read as two sequential streams.
 const ROWS_PER_TASK: usize = 256;
+/// Multiply-adds below which a product runs on the calling thread alone.
+const PARALLEL_MACS: usize = 1 << 20;
 
 /// Which kernel runs a model's int4 matrix products.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,9 +39,16 @@ impl std::fmt::Display for Int4Kernel {
     }
 }
 
+/// int4 weights (blocks and scales) below which `auto` keeps ONNX Runtime's kernel: twice the
+/// 32 MiB last-level cache of the machine it was measured on. There a model's weights stay in the
+/// caches, products are bound by arithmetic and per-call overhead, and ONNX Runtime's decoded the
+/// 12.8 MiB kjv-target 1.2-1.4x as fast; above, memory-bound, edgellm's decoded the 388 MiB twin
+/// 1.2x as fast (README, "The bound").
+const AUTO_MIN_BYTES: u64 = 64 << 20;
+
 /// Whether edgellm's kernel can run every `MatMulNBits` node of the model `graph` (ModelProto
-/// bytes), and if not, why.
-pub(crate) fn plan(graph: &[u8]) -> Int4Kernel {
+/// bytes), and if not, why. `auto`: only where the int4 weights exceed `AUTO_MIN_BYTES`.
+pub(crate) fn plan(graph: &[u8], auto: bool) -> Int4Kernel {
     let keep = |reason: String| Int4Kernel::OnnxRuntime { reason };
     if !int4::supported() {
         return keep("this CPU has no AVX-512 VNNI".into());
@@ -49,20 +58,27 @@ pub(crate) fn plan(graph: &[u8]) -> Int4Kernel {
         return keep("the graph has subgraphs".into());
     }
     let types = initializers(graph);
-    let mut count = 0;
+    let (mut count, mut bytes) = (0, 0u64);
     for node in nodes.iter().filter(|n| n.op_type == OP && n.domain == DOMAIN) {
         if let Err(why) = covered(node, &types) {
             return keep(format!("node `{}`: {why}", node.name));
         }
         count += 1;
+        bytes += node.inputs[1..3].iter().filter_map(|i| types.get(i)).map(|t| t.bytes).sum::<u64>();
     }
     if count == 0 {
         return keep("the model has no MatMulNBits nodes".into());
     }
+    if auto && bytes < AUTO_MIN_BYTES {
+        return keep(format!(
+            "auto: its {:.1} MiB of int4 weights fit in the CPU's caches, where ONNX Runtime's is faster; `int4_kernel = \"edgellm\"` runs edgellm's",
+            bytes as f64 / (1 << 20) as f64
+        ));
+    }
     Int4Kernel::Edgellm { nodes: count }
 }
 
-fn covered(node: &Node, initializers: &std::collections::HashMap<String, i32>) -> Result<(), String> {
+fn covered(node: &Node, initializers: &std::collections::HashMap<String, Initializer>) -> Result<(), String> {
     let attribute = |name: &str| node.ints.iter().find(|(n, _)| n == name).map(|&(_, v)| v);
     if attribute("bits").unwrap_or(4) != 4 {
         return Err("not 4 bits".into());
@@ -81,10 +97,10 @@ fn covered(node: &Node, initializers: &std::collections::HashMap<String, i32>) -
     if inputs.len() != 3 || node.inputs.len() > 3 {
         return Err("zero points, g_idx or bias".into());
     }
-    match initializers.get(inputs[2]) {
-        Some(1) => Ok(()),
-        Some(_) => Err("scales are not float32".into()),
-        None => Err("scales are not an initializer".into()),
+    match (initializers.get(inputs[1]), initializers.get(inputs[2])) {
+        (Some(b), Some(s)) if b.data_type == 2 && s.data_type == 1 => Ok(()),
+        (Some(_), Some(_)) => Err("weights are not uint8 or scales not float32".into()),
+        _ => Err("weights or scales are not initializers".into()),
     }
 }
 
@@ -173,27 +189,42 @@ impl Kernel for Product {
         if rows == 0 {
             return Ok(());
         }
-        let activations = Activations::quantize(x, rows, self.k);
-        let output = Output(out.as_mut_ptr());
-        let tasks = self.n.div_ceil(ROWS_PER_TASK);
-        let task_rows = |t: usize| -> Range<usize> { t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(self.n) };
-        let run = |t: usize| {
-            let output = output;
-            // SAFETY: `plan` registered this kernel only where `int4::supported()`; the weights are
-            // consistent (checked above), the activations have K columns, and each task writes
-            // its own columns of `out`, which outlives the tasks.
-            unsafe { int4::matmul_rows(&weights, &activations, task_rows(t), output.0) }
-        };
-        if tasks == 1 {
-            run(0);
-        } else {
-            ctx.par_for(tasks, tasks, run)?;
+        thread_local! {
+            static ACTIVATIONS: std::cell::RefCell<Activations> = std::cell::RefCell::default();
         }
+        ACTIVATIONS.with_borrow_mut(|activations| {
+            activations.quantize_into(x, rows, self.k);
+            self.multiply(ctx, &weights, activations, out)
+        })?;
         if let Some(bias) = bias {
             for row in out.chunks_mut(self.n) {
                 row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
             }
         }
         Ok(())
+    }
+}
+
+impl Product {
+    fn multiply(&self, ctx: &ComputeContext, weights: &Int4Weights, activations: &Activations, out: &mut [f32]) -> ort::Result<()> {
+        let output = Output(out.as_mut_ptr());
+        // A product this small takes microseconds: waking the pool costs more than it saves
+        // (kjv-target's 384 x 384 products ran 0.8x onnxruntime-genai's speed split in two).
+        let tasks = if activations.rows() * self.n * self.k < PARALLEL_MACS { 1 } else { self.n.div_ceil(ROWS_PER_TASK) };
+        let per_task = if tasks == 1 { self.n } else { ROWS_PER_TASK };
+        let task_rows = |t: usize| -> Range<usize> { t * per_task..((t + 1) * per_task).min(self.n) };
+        let run = |t: usize| {
+            let output = output;
+            // SAFETY: `plan` registered this kernel only where `int4::supported()`; the weights are
+            // consistent (checked by `compute`), the activations have K columns, and each task
+            // writes its own columns of `out`, which outlives the tasks.
+            unsafe { int4::matmul_rows(weights, activations, task_rows(t), output.0) }
+        };
+        if tasks == 1 {
+            run(0);
+            Ok(())
+        } else {
+            ctx.par_for(tasks, tasks, run)
+        }
     }
 }

@@ -75,9 +75,20 @@ pub struct SessionOptions {
     pub provider_options: Vec<(String, String)>,
     /// How the weights reach ONNX Runtime on the CPU provider (other providers read the file).
     pub weights: WeightLoading,
-    /// Whether edgellm's int4 kernel runs the model's `MatMulNBits` nodes on the CPU provider
-    /// where it covers all of them (`matmul_nbits`); otherwise ONNX Runtime's does.
-    pub edgellm_int4: bool,
+    /// Who runs the model's int4 `MatMulNBits` nodes on the CPU provider (`matmul_nbits`).
+    pub int4: Int4Choice,
+}
+
+/// The config's `int4_kernel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Int4Choice {
+    /// edgellm's kernel where the model's int4 weights are too large for the CPU's caches (the
+    /// memory-bound regime, where it was measured faster), ONNX Runtime's below.
+    #[default]
+    Auto,
+    /// edgellm's wherever it covers every node.
+    Edgellm,
+    OnnxRuntime,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -102,7 +113,7 @@ impl Default for SessionOptions {
             spin_between_runs: false,
             provider_options: Vec::new(),
             weights: WeightLoading::Mapped,
-            edgellm_int4: true,
+            int4: Int4Choice::Auto,
         }
     }
 }
@@ -321,10 +332,10 @@ impl Runtime {
             }
         }
         let int4 = match provider {
-            Provider::Cpu if options.edgellm_int4 => {
+            Provider::Cpu if options.int4 != Int4Choice::OnnxRuntime => {
                 let graph =
                     std::fs::read(model_file).map_err(|e| Error::ModelFile { path: model_file.to_path_buf(), reason: e.to_string() })?;
-                matmul_nbits::plan(&graph)
+                matmul_nbits::plan(&graph, options.int4 == Int4Choice::Auto)
             }
             Provider::Cpu => Int4Kernel::OnnxRuntime { reason: "asked for: `int4_kernel = \"onnxruntime\"`".into() },
             _ => Int4Kernel::OnnxRuntime { reason: format!("the {} provider runs the graph", provider.name()) },

@@ -129,21 +129,37 @@ pub(crate) fn external_tensors(model: &[u8]) -> Vec<ExternalTensor> {
     found
 }
 
-/// The element type (ONNX `TensorProto.DataType`) of every initializer of the main graph, by name.
-pub(crate) fn initializers(model: &[u8]) -> std::collections::HashMap<String, i32> {
+/// An initializer's element type (ONNX `TensorProto.DataType`) and size.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Initializer {
+    pub data_type: i32,
+    /// 0 for types without a whole byte size.
+    pub bytes: u64,
+}
+
+/// Every initializer of the main graph, by name.
+pub(crate) fn initializers(model: &[u8]) -> std::collections::HashMap<String, Initializer> {
     let mut found = std::collections::HashMap::new();
     for_graph_field(model, 5, |tensor| {
-        let (mut name, mut data_type) = (None, 0);
+        let (mut name, mut data_type, mut elements) = (None, 0, 1u64);
         let mut wire = Wire::new(tensor);
         while let Some((number, field)) = wire.next() {
             match (number, field) {
+                (1, Field::Varint(d)) => elements = elements.saturating_mul(d),
+                (1, Field::Bytes(packed)) => {
+                    let mut dims = Wire::new(packed);
+                    while dims.pos < packed.len() {
+                        elements = elements.saturating_mul(dims.varint().unwrap_or(0));
+                    }
+                }
                 (2, Field::Varint(t)) => data_type = t as i32,
                 (8, Field::Bytes(n)) => name = std::str::from_utf8(n).ok().map(str::to_string),
                 _ => {}
             }
         }
         if let Some(name) = name {
-            found.insert(name, data_type);
+            let size = element_type(data_type).map_or(0, |(_, size)| size as u64);
+            found.insert(name, Initializer { data_type, bytes: elements.saturating_mul(size) });
         }
     });
     found

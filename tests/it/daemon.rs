@@ -918,24 +918,41 @@ fn draft_and_target_on_different_execution_providers() {
     assert_eq!(entry[1]["draft_provider"]["data"], "openvino", "{entry}");
 }
 
-/// `ListModels` says what runs each model's int4 products, as the config chose it: edgellm's
-/// kernel by default where the CPU has AVX-512 VNNI, ONNX Runtime's where asked for.
+/// `ListModels` says what runs each model's int4 products, as the config chose it: by default
+/// (`auto`) ONNX Runtime's for a model whose weights fit in the caches, as the 13 MB kjv-target's
+/// do; edgellm's where asked for and the CPU has AVX-512 VNNI; ONNX Runtime's where asked for.
 #[test]
 fn list_models_reports_the_int4_kernel_the_config_chose() {
     let daemon = Daemon::start(&format!(
-        "\n[[model]]\nname = \"kjv-default\"\npath = \"{0}\"\n\n[[model]]\nname = \"kjv-mlas\"\npath = \"{0}\"\nint4_kernel = \"onnxruntime\"\n",
+        "\n[[model]]\nname = \"kjv-default\"\npath = \"{0}\"\n\n[[model]]\nname = \"kjv-edgellm\"\npath = \"{0}\"\nint4_kernel = \"edgellm\"\n\n[[model]]\nname = \"kjv-mlas\"\npath = \"{0}\"\nint4_kernel = \"onnxruntime\"\n",
         model_dir("kjv-target").display()
     ));
-    let models = daemon.call("ListModels", "", &[]).unwrap();
+    // Preloading runs in the background: wait until the three are ready.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let models = loop {
+        let models = daemon.call("ListModels", "", &[]).unwrap();
+        let ours = |m: &&serde_json::Value| ["kjv-default", "kjv-edgellm", "kjv-mlas"].iter().any(|n| m[0] == *n);
+        let ready = models["data"][0].as_array().unwrap().iter().filter(ours).filter(|m| m[1]["state"]["data"] == "ready").count();
+        if ready == 3 || Instant::now() > deadline {
+            break models;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let kernel = |name: &str| {
         let entry = models["data"][0].as_array().unwrap().iter().find(|m| m[0] == name).unwrap().clone();
         entry[1]["int4_kernel"]["data"].as_str().unwrap_or_else(|| panic!("no int4_kernel in {entry}")).to_string()
     };
-    if edgellm::runtime::int4_supported() {
-        assert!(kernel("kjv-default").starts_with("edgellm AVX-512 VNNI (31 MatMulNBits nodes)"), "{}", kernel("kjv-default"));
-    } else {
-        assert!(kernel("kjv-default").contains("this CPU has no AVX-512 VNNI"), "{}", kernel("kjv-default"));
-    }
+    let supported = edgellm::runtime::int4_supported();
+    let default = kernel("kjv-default");
+    assert!(
+        default.starts_with("ONNX Runtime (") && default.contains(if supported { "fit in the CPU's caches" } else { "no AVX-512 VNNI" }),
+        "{default}"
+    );
+    let forced = kernel("kjv-edgellm");
+    assert!(
+        if supported { forced == "edgellm AVX-512 VNNI (31 MatMulNBits nodes)" } else { forced.contains("no AVX-512 VNNI") },
+        "{forced}"
+    );
     assert!(kernel("kjv-mlas").contains("int4_kernel = \"onnxruntime\""), "{}", kernel("kjv-mlas"));
 }
 

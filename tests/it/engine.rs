@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use edgellm::engine::{CancelToken, Engine, FinishReason, GenerateOptions, KvLayout, LoadOptions, Outcome, Prompt};
 use edgellm::model::{ChatMessage, ModelFolder};
-use edgellm::runtime::{Int4Kernel, Provider, Runtime, SessionOptions};
+use edgellm::runtime::{Int4Choice, Int4Kernel, Provider, Runtime, SessionOptions};
 use edgellm::Error;
 
 use crate::fixtures::{copy_model, genai_outputs, model_dir, references, runtime};
@@ -427,12 +427,12 @@ fn resident_and_mapped_kib(file: &std::path::Path) -> (u64, u64) {
 /// decodes as onnxruntime-genai.
 #[test]
 fn mapped_weights_stay_out_of_the_resident_set_and_decode_as_onnxruntime_genai() {
-    for edgellm_int4 in [false, true] {
+    for int4 in [Int4Choice::OnnxRuntime, Int4Choice::Edgellm] {
         let dir = copy_model("kjv-target");
         let data = dir.path().join("model.onnx.data");
         let file_kib = std::fs::metadata(&data).unwrap().len() / 1024;
         let options = LoadOptions {
-            session: SessionOptions { weights: edgellm::runtime::WeightLoading::Mapped, edgellm_int4, ..Default::default() },
+            session: SessionOptions { weights: edgellm::runtime::WeightLoading::Mapped, int4, ..Default::default() },
             ..Default::default()
         };
         let mut engine = Engine::load(&runtime(), "kjv-target", dir.path(), &options).expect("load");
@@ -465,8 +465,8 @@ fn mapped_weights_stay_out_of_the_resident_set_and_decode_as_onnxruntime_genai()
                 assert!(resident * 3 > file_kib, "{kernel}: only {resident} KiB of the {file_kib} KiB file resident after a run")
             }
         }
-        if !edgellm_int4 {
-            assert!(matches!(kernel, Int4Kernel::OnnxRuntime { .. }), "`edgellm_int4 = false` keeps ONNX Runtime's kernel: {kernel}");
+        if int4 == Int4Choice::OnnxRuntime {
+            assert!(matches!(kernel, Int4Kernel::OnnxRuntime { .. }), "asked for ONNX Runtime's kernel: {kernel}");
         }
     }
 }
@@ -478,11 +478,11 @@ fn mapped_weights_stay_out_of_the_resident_set_and_decode_as_onnxruntime_genai()
 fn edgellm_int4_logits_equal_onnxruntime_kernel_logits() {
     let refs = references();
     for model in ["kjv-target", "kjv-draft", "tiny-qwen2", "kjv-hamburger"] {
-        let with = |edgellm_int4: bool| {
-            let options = LoadOptions { session: SessionOptions { edgellm_int4, ..Default::default() }, ..Default::default() };
+        let with = |int4: Int4Choice| {
+            let options = LoadOptions { session: SessionOptions { int4, ..Default::default() }, ..Default::default() };
             Engine::load(&runtime(), model, &model_dir(model), &options).expect("load")
         };
-        let (mut ours, mut theirs) = (with(true), with(false));
+        let (mut ours, mut theirs) = (with(Int4Choice::Edgellm), with(Int4Choice::OnnxRuntime));
         assert!(matches!(theirs.provider().int4, Int4Kernel::OnnxRuntime { .. }));
         match &ours.provider().int4 {
             Int4Kernel::Edgellm { nodes } => assert!(*nodes > 0),

@@ -7,7 +7,7 @@ use std::sync::{Mutex, OnceLock};
 use edgellm::engine::{CancelToken, Engine, FinishReason, GenerateOptions, LoadOptions, Outcome, Prompt};
 use edgellm::error::Error;
 use edgellm::multitoken::Mode;
-use edgellm::runtime::SessionOptions;
+use edgellm::runtime::{Int4Choice, SessionOptions};
 use serde::Deserialize;
 
 use crate::fixtures::{model_dir, root, runtime};
@@ -54,7 +54,8 @@ fn engine() -> std::sync::MutexGuard<'static, Engine> {
     static ENGINE: OnceLock<Mutex<Engine>> = OnceLock::new();
     ENGINE
         .get_or_init(|| {
-            let options = LoadOptions { session: SessionOptions { edgellm_int4: false, ..Default::default() }, ..Default::default() };
+            let options =
+                LoadOptions { session: SessionOptions { int4: Int4Choice::OnnxRuntime, ..Default::default() }, ..Default::default() };
             Mutex::new(Engine::load(&runtime(), "kjv-hamburger", &model_dir("kjv-hamburger"), &options).unwrap())
         })
         .lock()
