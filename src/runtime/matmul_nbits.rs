@@ -228,3 +228,65 @@ impl Product {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::weights::wire_writer::{bytes, int};
+    use super::*;
+
+    /// A ModelProto with one MatMulNBits node (K = 64, N = 8) on initializers of `n_rows` rows,
+    /// plus `extra_inputs` after A, B and the scales.
+    fn model(accuracy_level: u64, extra_inputs: &[&str], n_rows: u64) -> Vec<u8> {
+        let mut node = Vec::new();
+        for input in ["a", "b", "s"].iter().chain(extra_inputs) {
+            bytes(1, input.as_bytes(), &mut node);
+        }
+        bytes(2, b"y", &mut node);
+        bytes(3, b"proj", &mut node);
+        bytes(4, b"MatMulNBits", &mut node);
+        bytes(7, b"com.microsoft", &mut node);
+        for (name, value) in [("K", 64), ("N", n_rows), ("bits", 4), ("block_size", 32), ("accuracy_level", accuracy_level)] {
+            let mut attribute = Vec::new();
+            bytes(1, name.as_bytes(), &mut attribute);
+            int(3, value, &mut attribute);
+            bytes(5, &attribute, &mut node);
+        }
+        let tensor = |name: &str, data_type: u64, dims: &[u64]| {
+            let mut t = Vec::new();
+            for &d in dims {
+                int(1, d, &mut t);
+            }
+            int(2, data_type, &mut t);
+            bytes(8, name.as_bytes(), &mut t);
+            t
+        };
+        let mut graph = Vec::new();
+        bytes(1, &node, &mut graph);
+        bytes(5, &tensor("b", 2, &[n_rows, 2, 16]), &mut graph);
+        bytes(5, &tensor("s", 1, &[n_rows, 2]), &mut graph);
+        let mut model = Vec::new();
+        bytes(7, &graph, &mut model);
+        model
+    }
+
+    /// Which kernel a model gets, and the reason named when it is ONNX Runtime's.
+    #[test]
+    fn the_plan_names_the_node_and_what_the_kernel_does_not_cover() {
+        if !int4::supported() {
+            assert_eq!(plan(&model(4, &[], 8), false), Int4Kernel::OnnxRuntime { reason: "this CPU has no AVX-512 VNNI".into() });
+            return;
+        }
+        assert_eq!(plan(&model(4, &[], 8), false), Int4Kernel::Edgellm { nodes: 1 });
+        let reason = |kernel: Int4Kernel| match kernel {
+            Int4Kernel::OnnxRuntime { reason } => reason,
+            other => panic!("expected ONNX Runtime's kernel, got {other}"),
+        };
+        let zero_points = reason(plan(&model(4, &["zp"], 8), false));
+        assert!(zero_points.starts_with("node `proj`: zero points"), "{zero_points}");
+        assert!(reason(plan(&model(1, &[], 8), false)).contains("accuracy_level is not 4"));
+        // `auto`: 8 rows are 384 bytes, in the caches; rows for 64 MiB and more are not.
+        assert!(reason(plan(&model(4, &[], 8), true)).starts_with("auto: its 0.0 MiB"));
+        let rows_for_64_mib = (AUTO_MIN_BYTES / (2 * 16 + 2 * 4)) + 1;
+        assert_eq!(plan(&model(4, &[], rows_for_64_mib), true), Int4Kernel::Edgellm { nodes: 1 });
+    }
+}

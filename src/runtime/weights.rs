@@ -407,11 +407,10 @@ fn release(maps: &[memmap2::Mmap]) {
     }
 }
 
+/// Writing the protobuf wire format, for tests that make small ModelProto messages.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn varint(mut v: u64, out: &mut Vec<u8>) {
+pub(crate) mod wire_writer {
+    pub fn varint(mut v: u64, out: &mut Vec<u8>) {
         loop {
             let byte = (v & 0x7f) as u8;
             v >>= 7;
@@ -423,11 +422,24 @@ mod tests {
         }
     }
 
-    fn bytes(number: u64, data: &[u8], out: &mut Vec<u8>) {
+    /// A length-delimited field.
+    pub fn bytes(number: u64, data: &[u8], out: &mut Vec<u8>) {
         varint(number << 3 | 2, out);
         varint(data.len() as u64, out);
         out.extend_from_slice(data);
     }
+
+    /// A varint field.
+    pub fn int(number: u64, value: u64, out: &mut Vec<u8>) {
+        varint(number << 3, out);
+        varint(value, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wire_writer::{bytes, varint};
+    use super::*;
 
     fn entry(key: &str, value: &str) -> Vec<u8> {
         let mut e = Vec::new();
