@@ -16,7 +16,8 @@ use super::weights::{graph_nodes, initializers, Initializer, Node};
 
 const DOMAIN: &str = "com.microsoft";
 const OP: &str = "MatMulNBits";
-/// Weight rows per task of ONNX Runtime's thread pool: each is read as two sequential streams.
+/// Weight rows per task of ONNX Runtime's thread pool: each task reads its quarters as four
+/// sequential streams (`int4`).
 const ROWS_PER_TASK: usize = 256;
 /// Multiply-adds below which a product runs on the calling thread alone.
 const PARALLEL_MACS: usize = 1 << 20;
@@ -208,8 +209,7 @@ impl Kernel for Product {
 impl Product {
     fn multiply(&self, ctx: &ComputeContext, weights: &Int4Weights, activations: &Activations, out: &mut [f32]) -> ort::Result<()> {
         let output = Output(out.as_mut_ptr());
-        // A product this small takes microseconds: waking the pool costs more than it saves
-        // (kjv-target's 384 x 384 products ran 0.8x onnxruntime-genai's speed split in two).
+        // A product this small takes microseconds, about what waking the pool for it costs.
         let tasks = if activations.rows() * self.n * self.k < PARALLEL_MACS { 1 } else { self.n.div_ceil(ROWS_PER_TASK) };
         let per_task = if tasks == 1 { self.n } else { ROWS_PER_TASK };
         let task_rows = |t: usize| -> Range<usize> { t * per_task..((t + 1) * per_task).min(self.n) };
