@@ -331,20 +331,23 @@ impl Runtime {
                 builder = builder.with_devices(devices, Some(&prefixed)).map_err(|e| unavailable(e.to_string()))?;
             }
         }
-        let int4 = match provider {
-            Provider::Cpu if options.int4 != Int4Choice::OnnxRuntime => {
-                let graph =
-                    std::fs::read(model_file).map_err(|e| Error::ModelFile { path: model_file.to_path_buf(), reason: e.to_string() })?;
-                matmul_nbits::plan(&graph, options.int4 == Int4Choice::Auto)
+        // The graph's bytes, read once for the CPU provider's two uses of them.
+        let graph = match provider {
+            Provider::Cpu => {
+                Some(std::fs::read(model_file).map_err(|e| Error::ModelFile { path: model_file.to_path_buf(), reason: e.to_string() })?)
             }
-            Provider::Cpu => Int4Kernel::OnnxRuntime { reason: "asked for: `int4_kernel = \"onnxruntime\"`".into() },
-            _ => Int4Kernel::OnnxRuntime { reason: format!("the {} provider runs the graph", provider.name()) },
+            _ => None,
+        };
+        let int4 = match (&graph, options.int4) {
+            (Some(_), Int4Choice::OnnxRuntime) => Int4Kernel::OnnxRuntime { reason: "asked for: `int4_kernel = \"onnxruntime\"`".into() },
+            (Some(graph), choice) => matmul_nbits::plan(graph, choice == Int4Choice::Auto),
+            (None, _) => Int4Kernel::OnnxRuntime { reason: format!("the {} provider runs the graph", provider.name()) },
         };
         if let Int4Kernel::Edgellm { .. } = int4 {
             builder = builder.with_operators(matmul_nbits::domain()?).map_err(ort::Error::from)?;
         }
-        let weights = match (options.weights, provider) {
-            (WeightLoading::Mapped, Provider::Cpu) => Some(MappedWeights::attach(&mut builder, model_file)?),
+        let weights = match (options.weights, &graph) {
+            (WeightLoading::Mapped, Some(graph)) => Some(MappedWeights::attach(&mut builder, model_file, graph)?),
             _ => None,
         };
         let committed = match &weights {

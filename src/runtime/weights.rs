@@ -141,23 +141,8 @@ pub(crate) struct Initializer {
 pub(crate) fn initializers(model: &[u8]) -> std::collections::HashMap<String, Initializer> {
     let mut found = std::collections::HashMap::new();
     for_graph_field(model, 5, |tensor| {
-        let (mut name, mut data_type, mut elements) = (None, 0, 1u64);
-        let mut wire = Wire::new(tensor);
-        while let Some((number, field)) = wire.next() {
-            match (number, field) {
-                (1, Field::Varint(d)) => elements = elements.saturating_mul(d),
-                (1, Field::Bytes(packed)) => {
-                    let mut dims = Wire::new(packed);
-                    while dims.pos < packed.len() {
-                        elements = elements.saturating_mul(dims.varint().unwrap_or(0));
-                    }
-                }
-                (2, Field::Varint(t)) => data_type = t as i32,
-                (8, Field::Bytes(n)) => name = std::str::from_utf8(n).ok().map(str::to_string),
-                _ => {}
-            }
-        }
-        if let Some(name) = name {
+        if let Some((name, data_type, dims)) = tensor_header(tensor) {
+            let elements = dims.iter().fold(1u64, |n, &d| n.saturating_mul(u64::try_from(d).unwrap_or(0)));
             let size = element_type(data_type).map_or(0, |(_, size)| size as u64);
             found.insert(name, Initializer { data_type, bytes: elements.saturating_mul(size) });
         }
@@ -234,24 +219,36 @@ fn for_graph_field<'a>(model: &'a [u8], number: u64, mut each: impl FnMut(&'a [u
     }
 }
 
+/// A TensorProto's name, data type and dims (dims = 1, data_type = 2, name = 8).
+fn tensor_header(bytes: &[u8]) -> Option<(String, i32, Vec<i64>)> {
+    let (mut name, mut data_type, mut dims) = (String::new(), 0, Vec::new());
+    let mut wire = Wire::new(bytes);
+    while let Some((number, field)) = wire.next() {
+        match (number, field) {
+            (1, Field::Varint(d)) => dims.push(d as i64),
+            (1, Field::Bytes(packed)) => {
+                let mut packed_dims = Wire::new(packed);
+                while packed_dims.pos < packed.len() {
+                    dims.push(packed_dims.varint()? as i64);
+                }
+            }
+            (2, Field::Varint(t)) => data_type = t as i32,
+            (8, Field::Bytes(n)) => name = String::from_utf8(n.to_vec()).ok()?,
+            _ => {}
+        }
+    }
+    Some((name, data_type, dims))
+}
+
 /// TensorProto: dims = 1, data_type = 2, name = 8, external_data = 13 (key = 1, value = 2),
 /// data_location = 14 (1: external).
 fn external_tensor(bytes: &[u8]) -> Option<ExternalTensor> {
-    let mut tensor =
-        ExternalTensor { name: String::new(), data_type: 0, dims: Vec::new(), location: String::new(), offset: 0, length: None };
+    let (name, data_type, dims) = tensor_header(bytes)?;
+    let mut tensor = ExternalTensor { name, data_type, dims, location: String::new(), offset: 0, length: None };
     let mut external = false;
     let mut wire = Wire::new(bytes);
     while let Some((number, field)) = wire.next() {
         match (number, field) {
-            (1, Field::Varint(d)) => tensor.dims.push(d as i64),
-            (1, Field::Bytes(packed)) => {
-                let mut dims = Wire::new(packed);
-                while dims.pos < packed.len() {
-                    tensor.dims.push(dims.varint()? as i64);
-                }
-            }
-            (2, Field::Varint(t)) => tensor.data_type = t as i32,
-            (8, Field::Bytes(name)) => tensor.name = String::from_utf8(name.to_vec()).ok()?,
             (14, Field::Varint(location)) => external = location == 1,
             (13, Field::Bytes(entry)) => {
                 let (mut key, mut value) = ("", "");
@@ -299,15 +296,14 @@ impl Drop for MappedWeights {
 }
 
 impl MappedWeights {
-    /// Maps the external data files of `model_file` and hands every initializer stored there to
-    /// `builder` in place. Tensors that cannot be handed over as they are (a type without a
+    /// Maps the external data files of `model_file` (whose bytes are `graph`) and hands every
+    /// initializer stored there to `builder` in place. Tensors that cannot be handed over as they are (a type without a
     /// whole byte size, an offset off the element's alignment, a location outside the model's
     /// folder) are left to ONNX Runtime, which reads them itself.
-    pub(crate) fn attach(builder: &mut SessionBuilder, model_file: &Path) -> Result<MappedWeights> {
+    pub(crate) fn attach(builder: &mut SessionBuilder, model_file: &Path, graph: &[u8]) -> Result<MappedWeights> {
         let file_error = |path: &Path, e: std::io::Error| Error::ModelFile { path: path.to_path_buf(), reason: e.to_string() };
-        let graph = std::fs::read(model_file).map_err(|e| file_error(model_file, e))?;
         let dir = model_file.parent().unwrap_or(Path::new("."));
-        let tensors = external_tensors(&graph);
+        let tensors = external_tensors(graph);
         let mut locations: Vec<&str> = Vec::new();
         let mut maps = Vec::new();
         for tensor in &tensors {
