@@ -6,7 +6,8 @@
 //! --threads N, --no-speculative, --no-multitoken, --thresholds 0.7,0.5 (multi-token table),
 //! --hamburger DIR (its model: models/kjv-hamburger; its plain row is --model's);
 //! --providers none skips the first table; --forward-cost DIR,DIR adds a table of how a forward's
-//! cost grows with its positions (what a speculative verify pays), --acceptance A (0.79) for it;
+//! cost grows with its positions (what a speculative verify pays) and the int4 kernel's arithmetic
+//! floor for one more position from this core's measured VNNI rate, --acceptance A (0.79) for it;
 //! --work-per-token cpu,openvino adds a table of instructions per decoded token under callgrind;
 //! --pair-rounds N (20): rounds of the paired rows, where both engines stay loaded and run each
 //! prompt in turn (0 skips them); --streaming CALLS adds streamed Generate against Complete over
@@ -386,7 +387,7 @@ fn main() {
     if let Some(models) = arg(&args, "--forward-cost") {
         let acceptance: f64 = arg(&args, "--acceptance").map(|a| a.parse().expect("--acceptance A")).unwrap_or(0.79);
         let models: Vec<PathBuf> = models.split(',').map(PathBuf::from).collect();
-        forward_cost_table(&models, threads.parse().expect("--threads N"), acceptance);
+        forward_cost_table(&python, &models, threads.parse().expect("--threads N"), acceptance);
     }
     if let Some(providers) = arg(&args, "--work-per-token") {
         let first_prompt = std::env::temp_dir().join(format!("edgellm-bench-prompt-{}.json", std::process::id()));
@@ -849,7 +850,7 @@ fn speculative_table(me: &Path, python: &Path, target: &Path, prompts_file: &Pat
 /// accepted with probability `acceptance` (tokens per verify (1 - a^(k+1)) / (1 - a)). The draft
 /// costs kjv-draft's measured one-token forward beside kjv-target, and an eighth of the model's
 /// own one-token forward beside any other model (as in real pairs).
-fn forward_cost_table(models: &[PathBuf], threads: usize, acceptance: f64) {
+fn forward_cost_table(python: &Path, models: &[PathBuf], threads: usize, acceptance: f64) {
     let runtime = Runtime::load(None).expect("runtime");
     let session = SessionOptions { providers: vec![Provider::Cpu], strict: true, threads, int4: int4_choice(), ..Default::default() };
     let positions = [1usize, 2, 3, 5, 9];
@@ -862,8 +863,10 @@ fn forward_cost_table(models: &[PathBuf], threads: usize, acceptance: f64) {
         "model", "1 pos ms", "x2 pos", "x3 pos", "x5 pos", "x9 pos", "k=4 ceil", "k=8 ceil"
     );
     let tokens_per_verify = |k: i32| (1.0 - acceptance.powi(k + 1)) / (1.0 - acceptance);
+    let mut slopes = Vec::new();
     for model in models {
         let costs = forward_costs(&runtime, model, &session, &positions);
+        slopes.push((costs[4] - costs[3]) / 4.0);
         let one = costs[0];
         // kjv-draft drafts for kjv-target and its memory-bound twin.
         let draft = if model.to_string_lossy().contains("kjv-target") { draft_one } else { one / 8.0 };
@@ -881,6 +884,82 @@ fn forward_cost_table(models: &[PathBuf], threads: usize, acceptance: f64) {
         );
     }
     println!("kjv-draft one-token forward: {draft_one:.3} ms; ceiling = tokens per verify x one-token ms / (verify ms + k x draft ms)");
+    if let Some(rates) = vnni_rates() {
+        arithmetic_floor_rows(python, models, &slopes, rates);
+    }
+}
+
+/// What one more position of a forward costs at least in edgellm's int4 kernel, from this core's
+/// measured instruction rates, beside the slope measured above. Per 128 weights and position the
+/// kernel issues 2 VNNI dot products, a multiply of the two blocks' scales and a fused
+/// multiply-add (and a convert, which `vnni_rates` finds on other pipes or not).
+fn arithmetic_floor_rows(python: &Path, models: &[PathBuf], slopes: &[f64], (vnni_ns, vnni_fma_ns): (f64, f64)) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "this core: a 512-bit VNNI dot product every {vnni_ns:.3} ns (12 independent sums), a VNNI and an FMA every {vnni_fma_ns:.3} ns (so they {} pipes)",
+        if vnni_fma_ns > 1.5 * vnni_ns { "share" } else { "do not share" }
+    );
+    for (model, slope) in models.iter().zip(slopes) {
+        let out = Command::new(python).arg(root().join("benches/weight_bytes.py")).arg(model).output().expect("python");
+        assert!(out.status.success(), "weight_bytes.py: {}", String::from_utf8_lossy(&out.stderr));
+        let weights = serde_json::from_slice::<Value>(&out.stdout).unwrap()["int4_weights"].as_f64().unwrap();
+        // The multiply and the FMA take a VNNI's slot where they share its pipes.
+        let slot = vnni_fma_ns / 2.0;
+        let floor = weights / 128.0 * 4.0 * slot / cores as f64 / 1e6;
+        println!(
+            "{:<28} {:.0} M int4 weights: one more position >= {floor:.2} ms on {cores} cores at 4 such slots per 128 weights; measured (9-position minus 5-position forward) / 4: {slope:.2} ms",
+            model.file_name().unwrap().to_string_lossy(),
+            weights / 1e6
+        );
+    }
+}
+
+/// Nanoseconds per 512-bit VNNI (`vpdpbusd`) and per VNNI + FMA pair on one core, over twelve
+/// independent accumulators (throughput, not latency); None without AVX-512 VNNI.
+fn vnni_rates() -> Option<(f64, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !std::arch::is_x86_feature_detected!("avx512vnni") || !std::arch::is_x86_feature_detected!("avx512bw") {
+            return None;
+        }
+        const STEPS: usize = 20_000_000;
+        let time = |f: &dyn Fn() -> i64, ops: usize| {
+            let started = Instant::now();
+            std::hint::black_box(f());
+            started.elapsed().as_secs_f64() * 1e9 / ops as f64
+        };
+        // SAFETY: the features were detected above.
+        let vnni = time(&|| unsafe { vnni_loop(STEPS, false) }, STEPS * 12);
+        // SAFETY: as above.
+        let pair = time(&|| unsafe { vnni_loop(STEPS, true) }, STEPS * 12);
+        Some((vnni, pair))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn vnni_loop(steps: usize, with_fma: bool) -> i64 {
+    use std::arch::x86_64::*;
+    let a = std::hint::black_box(_mm512_set1_epi8(3));
+    let b = std::hint::black_box(_mm512_set1_epi8(5));
+    let (x, y) = (std::hint::black_box(_mm512_set1_ps(0.999)), std::hint::black_box(_mm512_set1_ps(1e-3)));
+    let mut sums = [_mm512_setzero_si512(); 12];
+    let mut floats = [_mm512_setzero_ps(); 12];
+    for _ in 0..steps {
+        for sum in sums.iter_mut() {
+            *sum = _mm512_dpbusd_epi32(*sum, a, b);
+        }
+        if with_fma {
+            for f in floats.iter_mut() {
+                *f = _mm512_fmadd_ps(*f, x, y);
+            }
+        }
+    }
+    let total = sums.iter().fold(_mm512_setzero_si512(), |t, s| _mm512_add_epi32(t, *s));
+    let float = floats.iter().fold(_mm512_setzero_ps(), |t, f| _mm512_add_ps(t, *f));
+    i64::from(_mm512_reduce_add_epi32(total)) + _mm512_reduce_add_ps(float) as i64
 }
 
 /// Median milliseconds of a forward over each number of `positions`, in rounds over all of them.
