@@ -885,7 +885,8 @@ fn forward_cost_table(python: &Path, models: &[PathBuf], threads: usize, accepta
     }
     println!("kjv-draft one-token forward: {draft_one:.3} ms; ceiling = tokens per verify x one-token ms / (verify ms + k x draft ms)");
     if let Some(rates) = vnni_rates() {
-        arithmetic_floor_rows(python, models, &slopes, rates);
+        let cores = if threads > 0 { threads } else { std::thread::available_parallelism().map_or(1, |n| n.get()) };
+        arithmetic_floor_rows(python, models, &slopes, rates, cores);
     }
 }
 
@@ -893,16 +894,13 @@ fn forward_cost_table(python: &Path, models: &[PathBuf], threads: usize, accepta
 /// measured instruction rates, beside the slope measured above. Per 128 weights and position the
 /// kernel issues 2 VNNI dot products, a multiply of the two blocks' scales and a fused
 /// multiply-add (and a convert, which `vnni_rates` finds on other pipes or not).
-fn arithmetic_floor_rows(python: &Path, models: &[PathBuf], slopes: &[f64], (vnni_ns, vnni_fma_ns): (f64, f64)) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+fn arithmetic_floor_rows(python: &Path, models: &[PathBuf], slopes: &[f64], (vnni_ns, vnni_fma_ns): (f64, f64), cores: usize) {
     println!(
         "this core: a 512-bit VNNI dot product every {vnni_ns:.3} ns (12 independent sums), a VNNI and an FMA every {vnni_fma_ns:.3} ns (so they {} pipes)",
         if vnni_fma_ns > 1.5 * vnni_ns { "share" } else { "do not share" }
     );
     for (model, slope) in models.iter().zip(slopes) {
-        let out = Command::new(python).arg(root().join("benches/weight_bytes.py")).arg(model).output().expect("python");
-        assert!(out.status.success(), "weight_bytes.py: {}", String::from_utf8_lossy(&out.stderr));
-        let weights = serde_json::from_slice::<Value>(&out.stdout).unwrap()["int4_weights"].as_f64().unwrap();
+        let weights = weight_counts(python, model)["int4_weights"].as_f64().unwrap();
         // The multiply and the FMA take a VNNI's slot where they share its pipes.
         let slot = vnni_fma_ns / 2.0;
         let floor = weights / 128.0 * 4.0 * slot / cores as f64 / 1e6;
@@ -912,6 +910,14 @@ fn arithmetic_floor_rows(python: &Path, models: &[PathBuf], slopes: &[f64], (vnn
             weights / 1e6
         );
     }
+}
+
+/// What `benches/weight_bytes.py` counts in a model folder: bytes a token reads, MLAS's packed
+/// bytes, the file's bytes and the int4 weights.
+fn weight_counts(python: &Path, model: &Path) -> Value {
+    let out = Command::new(python).arg(root().join("benches/weight_bytes.py")).arg(model).output().expect("python");
+    assert!(out.status.success(), "weight_bytes.py: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Nanoseconds per 512-bit VNNI (`vpdpbusd`) and per VNNI + FMA pair on one core, over twelve
@@ -1500,9 +1506,7 @@ fn bandwidth_table(
     rounds: usize,
 ) {
     let buffer: Vec<u64> = (0..(1u64 << 30) / 8).collect();
-    let out = Command::new(python).arg(root().join("benches/weight_bytes.py")).arg(model).output().expect("python");
-    assert!(out.status.success(), "weight_bytes.py: {}", String::from_utf8_lossy(&out.stderr));
-    let bytes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bytes = weight_counts(python, model);
     let per_token = bytes["per_token_bytes"].as_f64().unwrap();
     let mlas = bytes["mlas_bytes"].as_f64().unwrap();
     let work = Workload::on_cpu(model, new_tokens, threads, prompts);
