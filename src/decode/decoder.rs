@@ -284,6 +284,7 @@ impl Decoder {
     pub fn load(runtime: &Runtime, dir: &Path, config: &GenaiConfig, options: &SessionOptions) -> Result<Decoder> {
         let graph_path = dir.join(&config.decoder_file);
         let (session, provider) = runtime.session(&graph_path, options)?;
+        let rows_exact = provider.int4.rows_exact();
         let names = &config.names;
         let output = |name: &str| session.outputs().iter().find(|o| o.name() == name);
         let input_ids = names.input_ids.clone().ok_or_else(|| Error::ModelConfig {
@@ -389,7 +390,7 @@ impl Decoder {
             positions_type,
             states,
             provider,
-            ties: Mutex::new(TieMargin::default()),
+            ties: Mutex::new(if rows_exact { TieMargin::exact() } else { TieMargin::default() }),
         })
     }
 

@@ -33,10 +33,21 @@ pub const TIE_FLOOR: f32 = 0.01;
 pub struct TieMargin {
     worst: f32,
     checks: usize,
+    /// The target's batched rows are its one-position rows bit for bit
+    /// (`Int4Kernel::rows_exact`): nothing is too close to call.
+    exact: bool,
 }
 
 impl TieMargin {
+    /// The margin of a target whose batched rows equal its one-position rows exactly: 0.
+    pub fn exact() -> TieMargin {
+        TieMargin { exact: true, ..TieMargin::default() }
+    }
+
     pub fn margin(&self) -> f32 {
+        if self.exact {
+            return 0.0;
+        }
         let measured = TIE_SAFETY * self.worst;
         measured.max(if self.checks < TIE_SAMPLES { TIE_MARGIN } else { TIE_FLOOR })
     }

@@ -11,6 +11,7 @@ use std::ops::Range;
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
+use super::attention;
 use super::int4::{self, Activations, Int4Weights, BLOCK};
 use super::weights::{graph_nodes, initializers, Initializer, Node};
 
@@ -25,16 +26,62 @@ const PARALLEL_MACS: usize = 1 << 20;
 /// Which kernel runs a model's int4 matrix products.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Int4Kernel {
-    /// edgellm's, for this many `MatMulNBits` nodes.
-    Edgellm { nodes: usize },
+    /// edgellm's, for this many `MatMulNBits` nodes; with edgellm's `GroupQueryAttention`
+    /// (`attention`) where it covers every such node.
+    Edgellm { nodes: usize, attention: Attention },
     /// ONNX Runtime's own (MLAS on the CPU), and why.
     OnnxRuntime { reason: String },
 }
 
+/// Who runs the model's `GroupQueryAttention` nodes beside edgellm's int4 kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attention {
+    /// edgellm's (`attention`), and whether every node of the graph then computes a position
+    /// from that position alone, so that a forward's row does not depend on the rows beside it.
+    Edgellm { rows_exact: bool },
+    /// ONNX Runtime's, and why.
+    OnnxRuntime { reason: String },
+}
+
+impl Int4Kernel {
+    /// Whether a forward over several positions gives each the bits a forward over it alone
+    /// gives: then a verify's greedy decisions are plain decoding's, ties included.
+    pub fn rows_exact(&self) -> bool {
+        matches!(self, Int4Kernel::Edgellm { attention: Attention::Edgellm { rows_exact: true }, .. })
+    }
+}
+
+/// Operators whose output rows each depend on their own input row only (elementwise, per-row
+/// normalisation, an embedding lookup, shapes and the attention mask's bookkeeping), besides the
+/// two kernels of edgellm. ONNX Runtime's matrix products are not among them: their order of
+/// sums changes with the number of rows.
+const ROW_EXACT_OPS: &[&str] = &[
+    "MatMulNBits",
+    "GroupQueryAttention",
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "Sigmoid",
+    "Mul",
+    "Add",
+    "Sub",
+    "Cast",
+    "Gather",
+    "Shape",
+    "ReduceSum",
+    "Constant",
+];
+
 impl std::fmt::Display for Int4Kernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Int4Kernel::Edgellm { nodes } => write!(f, "edgellm AVX-512 VNNI ({nodes} MatMulNBits nodes)"),
+            Int4Kernel::Edgellm { nodes, attention: Attention::Edgellm { rows_exact } } => write!(
+                f,
+                "edgellm AVX-512 VNNI ({nodes} MatMulNBits nodes), edgellm's GroupQueryAttention{}",
+                if *rows_exact { " (a verify's rows are plain decoding's exactly)" } else { "" }
+            ),
+            Int4Kernel::Edgellm { nodes, attention: Attention::OnnxRuntime { reason } } => {
+                write!(f, "edgellm AVX-512 VNNI ({nodes} MatMulNBits nodes), ONNX Runtime's attention ({reason})")
+            }
             Int4Kernel::OnnxRuntime { reason } => write!(f, "ONNX Runtime ({reason})"),
         }
     }
@@ -76,7 +123,24 @@ pub(crate) fn plan(graph: &[u8], auto: bool) -> Int4Kernel {
             bytes as f64 / (1 << 20) as f64
         ));
     }
-    Int4Kernel::Edgellm { nodes: count }
+    let attention = attention_plan(&nodes, &types);
+    Int4Kernel::Edgellm { nodes: count, attention }
+}
+
+/// Whether edgellm's attention covers every `GroupQueryAttention` node, and if it does, whether
+/// the graph's rows are then exact (`ROW_EXACT_OPS`).
+fn attention_plan(nodes: &[Node], types: &std::collections::HashMap<String, Initializer>) -> Attention {
+    let mut count = 0;
+    for node in nodes.iter().filter(|n| n.op_type == attention::OP && n.domain == DOMAIN) {
+        if let Err(why) = attention::covered(node, types) {
+            return Attention::OnnxRuntime { reason: format!("node `{}`: {why}", node.name) };
+        }
+        count += 1;
+    }
+    if count == 0 {
+        return Attention::OnnxRuntime { reason: "the model has no GroupQueryAttention nodes".into() };
+    }
+    Attention::Edgellm { rows_exact: nodes.iter().all(|n| ROW_EXACT_OPS.contains(&n.op_type.as_str())) }
 }
 
 fn covered(node: &Node, initializers: &std::collections::HashMap<String, Initializer>) -> Result<(), String> {
@@ -105,9 +169,13 @@ fn covered(node: &Node, initializers: &std::collections::HashMap<String, Initial
     }
 }
 
-/// The operator domain that puts edgellm's kernel in ONNX Runtime's place.
-pub(crate) fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(MatMulNBits)
+/// The operator domain that puts edgellm's kernels in ONNX Runtime's place, as `plan` chose.
+pub(crate) fn domain(kernel: &Int4Kernel) -> ort::Result<OperatorDomain> {
+    let domain = OperatorDomain::new(DOMAIN)?.add(MatMulNBits)?;
+    match kernel {
+        Int4Kernel::Edgellm { attention: Attention::Edgellm { .. }, .. } => domain.add(attention::GroupQueryAttention),
+        _ => Ok(domain),
+    }
 }
 
 struct MatMulNBits;
@@ -276,7 +344,7 @@ mod tests {
             assert_eq!(plan(&model(4, &[], 8), false), Int4Kernel::OnnxRuntime { reason: "this CPU has no AVX-512 VNNI".into() });
             return;
         }
-        assert_eq!(plan(&model(4, &[], 8), false), Int4Kernel::Edgellm { nodes: 1 });
+        assert_eq!(plan(&model(4, &[], 8), false), Int4Kernel::Edgellm { nodes: 1, attention: Attention::OnnxRuntime { reason: "the model has no GroupQueryAttention nodes".into() } });
         let reason = |kernel: Int4Kernel| match kernel {
             Int4Kernel::OnnxRuntime { reason } => reason,
             other => panic!("expected ONNX Runtime's kernel, got {other}"),
@@ -287,6 +355,6 @@ mod tests {
         // `auto`: 8 rows are 384 bytes, in the caches; rows for 64 MiB and more are not.
         assert!(reason(plan(&model(4, &[], 8), true)).starts_with("auto: its 0.0 MiB"));
         let rows_for_64_mib = (AUTO_MIN_BYTES / (2 * 16 + 2 * 4)) + 1;
-        assert_eq!(plan(&model(4, &[], rows_for_64_mib), true), Int4Kernel::Edgellm { nodes: 1 });
+        assert_eq!(plan(&model(4, &[], rows_for_64_mib), true), Int4Kernel::Edgellm { nodes: 1, attention: Attention::OnnxRuntime { reason: "the model has no GroupQueryAttention nodes".into() } });
     }
 }

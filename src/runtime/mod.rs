@@ -14,10 +14,11 @@ use ort::session::Session;
 
 use crate::error::{Error, Result};
 
+mod attention;
 mod int4;
 mod matmul_nbits;
 mod weights;
-pub use matmul_nbits::Int4Kernel;
+pub use matmul_nbits::{Attention, Int4Kernel};
 
 /// Whether this CPU runs edgellm's int4 kernel (AVX-512 VNNI).
 pub fn int4_supported() -> bool {
@@ -344,7 +345,7 @@ impl Runtime {
             (None, _) => Int4Kernel::OnnxRuntime { reason: format!("the {} provider runs the graph", provider.name()) },
         };
         if let Int4Kernel::Edgellm { .. } = int4 {
-            builder = builder.with_operators(matmul_nbits::domain()?).map_err(ort::Error::from)?;
+            builder = builder.with_operators(matmul_nbits::domain(&int4)?).map_err(ort::Error::from)?;
         }
         let weights = match (options.weights, &graph) {
             (WeightLoading::Mapped, Some(graph)) => Some(MappedWeights::attach(&mut builder, model_file, graph)?),

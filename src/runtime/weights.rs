@@ -72,6 +72,8 @@ enum Field<'a> {
     Varint(u64),
     Bytes(&'a [u8]),
     Fixed,
+    /// A 32-bit field's value (a float attribute).
+    Fixed32(u32),
 }
 
 impl<'a> Wire<'a> {
@@ -112,8 +114,10 @@ impl<'a> Wire<'a> {
                 Field::Bytes(bytes)
             }
             5 => {
-                self.pos = self.pos.checked_add(4).filter(|&p| p <= self.buf.len())?;
-                Field::Fixed
+                let end = self.pos.checked_add(4).filter(|&e| e <= self.buf.len())?;
+                let value = u32::from_le_bytes(self.buf[self.pos..end].try_into().ok()?);
+                self.pos = end;
+                Field::Fixed32(value)
             }
             _ => return None,
         };
@@ -159,12 +163,14 @@ pub(crate) struct Node {
     pub inputs: Vec<String>,
     /// Integer attributes.
     pub ints: Vec<(String, i64)>,
+    /// Float attributes.
+    pub floats: Vec<(String, f32)>,
     /// Whether an attribute holds a graph (If, Loop, Scan).
     pub has_subgraph: bool,
 }
 
 /// The nodes of the main graph (GraphProto.node = 1; NodeProto: input = 1, name = 3, op_type = 4,
-/// attribute = 5, domain = 7; AttributeProto: name = 1, i = 3, g = 6, graphs = 11). `None` if a
+/// attribute = 5, domain = 7; AttributeProto: name = 1, f = 2, i = 3, g = 6, graphs = 11). `None` if a
 /// node cannot be read.
 pub(crate) fn graph_nodes(model: &[u8]) -> Option<Vec<Node>> {
     let mut nodes = Vec::new();
@@ -187,15 +193,19 @@ fn node(bytes: &[u8]) -> Option<Node> {
             (4, Field::Bytes(b)) => node.op_type = text(b)?,
             (7, Field::Bytes(b)) => node.domain = text(b)?,
             (5, Field::Bytes(attribute)) => {
-                let (mut name, mut int) = (String::new(), None);
+                let (mut name, mut int, mut float) = (String::new(), None, None);
                 let mut wire = Wire::new(attribute);
                 while let Some((number, field)) = wire.next() {
                     match (number, field) {
                         (1, Field::Bytes(b)) => name = text(b)?,
+                        (2, Field::Fixed32(v)) => float = Some(f32::from_bits(v)),
                         (3, Field::Varint(v)) => int = Some(v as i64),
                         (6 | 11, Field::Bytes(_)) => node.has_subgraph = true,
                         _ => {}
                     }
+                }
+                if let Some(v) = float {
+                    node.floats.push((name.clone(), v));
                 }
                 node.ints.extend(int.map(|v| (name, v)));
             }

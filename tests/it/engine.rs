@@ -388,6 +388,47 @@ fn a_step_inside_a_verified_round_keeps_the_positions_after_it() {
     }
 }
 
+/// With edgellm's int4 kernel and attention, a forward over several positions gives each position
+/// the bits a forward over it alone gives (what lets a verify decide near ties without re-checks),
+/// in both KV layouts; with ONNX Runtime's attention it does not, which is why the margin exists.
+#[test]
+fn a_verify_s_rows_are_plain_decoding_s_bit_for_bit_with_edgellm_s_kernels() {
+    use edgellm::engine::Decoder;
+    use edgellm::runtime::Attention;
+    if !edgellm::runtime::int4_supported() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        return;
+    }
+    let runtime = runtime();
+    let folder = ModelFolder::open(&model_dir("kjv-target")).unwrap();
+    let case = &references().models["kjv-target"][0];
+    let (prompt, next) = (&case.prompt_ids, &case.output_ids[..6]);
+    let rows_of = |int4: Int4Choice, layout: KvLayout| {
+        let options = SessionOptions { int4, ..Default::default() };
+        let decoder = Decoder::load(&runtime, &model_dir("kjv-target"), &folder.config, &options).unwrap();
+        let mut plain = decoder.new_cache(layout, 64).unwrap();
+        decoder.forward(&mut plain, prompt, 1).unwrap();
+        let single: Vec<Vec<f32>> = next.iter().map(|&t| decoder.forward(&mut plain, &[t], 1).unwrap().to_vec()).collect();
+        let mut verified = decoder.new_cache(layout, 64).unwrap();
+        decoder.forward(&mut verified, prompt, 1).unwrap();
+        let batched = decoder.forward(&mut verified, next, next.len()).unwrap().to_vec();
+        let vocab = single[0].len();
+        let differing = single.iter().zip(batched.chunks(vocab)).filter(|(s, b)| s.as_slice() != *b).count();
+        (decoder.provider.int4.clone(), differing)
+    };
+    for layout in [KvLayout::Shared, KvLayout::Growing] {
+        let (kernel, differing) = rows_of(Int4Choice::Edgellm, layout);
+        assert!(
+            matches!(kernel, Int4Kernel::Edgellm { attention: Attention::Edgellm { rows_exact: true }, .. }),
+            "edgellm's kernels run kjv-target: {kernel}"
+        );
+        assert_eq!(differing, 0, "{layout:?}: rows of a 6-position forward differ from one-position forwards");
+    }
+    let (kernel, differing) = rows_of(Int4Choice::OnnxRuntime, KvLayout::Shared);
+    assert!(!kernel.rows_exact());
+    assert!(differing > 0, "ONNX Runtime's kernels: the rows were expected to differ somewhere ({kernel})");
+}
+
 /// KiB of this process's maps of `file` that are resident, and KiB mapped (/proc/self/smaps).
 fn resident_and_mapped_kib(file: &std::path::Path) -> (u64, u64) {
     let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
@@ -471,7 +512,7 @@ fn edgellm_int4_logits_equal_onnxruntime_kernel_logits() {
         let (mut ours, mut theirs) = (with(Int4Choice::Edgellm), with(Int4Choice::OnnxRuntime));
         assert!(matches!(theirs.provider().int4, Int4Kernel::OnnxRuntime { .. }));
         match &ours.provider().int4 {
-            Int4Kernel::Edgellm { nodes } => assert!(*nodes > 0),
+            Int4Kernel::Edgellm { nodes, .. } => assert!(*nodes > 0),
             other => {
                 assert!(!edgellm::runtime::int4_supported(), "{model}: the CPU has AVX-512 VNNI, yet {other}");
                 eprintln!("{model}: {other}: nothing to compare");
