@@ -20,6 +20,7 @@
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
+use super::int4::TaskPointer;
 use super::weights::{Initializer, Node};
 
 pub(crate) const OP: &str = "GroupQueryAttention";
@@ -107,13 +108,6 @@ pub(crate) struct Attention {
     scale: f32,
     interleaved: bool,
 }
-
-/// A pointer the pool's tasks share; they write disjoint parts of what it points at.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-// SAFETY: see `Shared`; the tasks end before `compute` returns.
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
 
 impl Kernel for Attention {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
@@ -205,7 +199,7 @@ impl Kernel for Attention {
         }
         let scale = if self.scale == 0.0 { 1.0 / (head as f32).sqrt() } else { self.scale };
         let (heads, group) = (self.heads, self.heads / self.kv_heads);
-        let (out, keys, values) = (Shared(out), Shared(keys), Shared(values));
+        let (out, keys, values) = (TaskPointer(out), TaskPointer(keys), TaskPointer(values));
         let q_stride = if packed { width } else { self.heads * head };
         let wide = head % 16 == 0 && super::int4::supported();
         let run = |h: usize| {

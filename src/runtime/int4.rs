@@ -40,6 +40,14 @@ pub(crate) fn supported() -> bool {
     }
 }
 
+/// A pointer that the tasks of ONNX Runtime's pool share in a custom kernel: they write
+/// disjoint parts of what it points at, and end before the kernel returns.
+#[derive(Clone, Copy)]
+pub(crate) struct TaskPointer(pub *mut f32);
+// SAFETY: see `TaskPointer`.
+unsafe impl Send for TaskPointer {}
+unsafe impl Sync for TaskPointer {}
+
 /// One `MatMulNBits` weight, as the model stores it: `n` rows (outputs) of `k` inputs.
 #[derive(Clone, Copy)]
 pub(crate) struct Int4Weights<'a> {

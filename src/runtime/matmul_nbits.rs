@@ -12,7 +12,7 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDom
 use ort::value::TensorElementType;
 
 use super::attention;
-use super::int4::{self, Activations, Int4Weights, BLOCK};
+use super::int4::{self, Activations, Int4Weights, TaskPointer, BLOCK};
 use super::weights::{graph_nodes, initializers, Initializer, Node};
 
 const DOMAIN: &str = "com.microsoft";
@@ -219,13 +219,6 @@ struct Product {
     k: usize,
 }
 
-/// The output pointer, shared by the pool's tasks, which write disjoint columns.
-#[derive(Clone, Copy)]
-struct Output(*mut f32);
-// SAFETY: see `Output`; the tasks end before `compute` returns.
-unsafe impl Send for Output {}
-unsafe impl Sync for Output {}
-
 impl Kernel for Product {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let missing = |what: &str| ort::Error::new(format!("MatMulNBits without {what}"));
@@ -276,7 +269,8 @@ impl Kernel for Product {
 
 impl Product {
     fn multiply(&self, ctx: &ComputeContext, weights: &Int4Weights, activations: &Activations, out: &mut [f32]) -> ort::Result<()> {
-        let output = Output(out.as_mut_ptr());
+        // The pool's tasks write disjoint columns.
+        let output = TaskPointer(out.as_mut_ptr());
         // A product this small takes microseconds, about what waking the pool for it costs.
         let tasks = if activations.rows() * self.n * self.k < PARALLEL_MACS { 1 } else { self.n.div_ceil(ROWS_PER_TASK) };
         let per_task = if tasks == 1 { self.n } else { ROWS_PER_TASK };
