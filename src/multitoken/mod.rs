@@ -164,7 +164,7 @@ impl MultiTokenModel {
                 kv_heads: config.num_kv_heads,
                 head_size: config.head_size,
                 vocab: config.vocab_size,
-                ties: Mutex::new(TieMargin::default()),
+                ties: Mutex::new(if provider.int4.rows_exact() { TieMargin::exact() } else { TieMargin::default() }),
             },
             micro: MicroGraph {
                 graph: micro,

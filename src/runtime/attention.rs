@@ -12,13 +12,16 @@
 //! decoding's exactly (`Int4Kernel::rows_exact`).
 //!
 //! The arithmetic is ONNX Runtime's: rotary embedding of the new query and key rows at their
-//! positions (from `seqlens_k`), keys and values appended to the cache (in place when past and
-//! present share a buffer), scores `scale x q.k` over the causal prefix, softmax (maximum, sums of
-//! exponentials, times the reciprocal), and the probabilities' sum of value rows. Batch 1 only:
+//! positions (from `seqlens_k`; where `do_rotary`, else the graph rotated them), keys and values
+//! appended to the cache (in place when past and present share a buffer), scores `scale x q.k`
+//! over the causal prefix, softmax (maximum, sums of exponentials, times the reciprocal), and the
+//! probabilities' sum of value rows. Batch 1 only:
 //! edgellm runs one sequence per cache.
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
+
+use std::collections::HashMap;
 
 use super::int4::TaskPointer;
 use super::weights::{Initializer, Node};
@@ -26,7 +29,7 @@ use super::weights::{Initializer, Node};
 pub(crate) const OP: &str = "GroupQueryAttention";
 
 /// Why this kernel cannot stand in for ONNX Runtime's at `node`, if it cannot.
-pub(crate) fn covered(node: &Node, initializers: &std::collections::HashMap<String, Initializer>) -> Result<(), String> {
+pub(crate) fn covered(node: &Node, initializers: &HashMap<String, Initializer>, graph_inputs: &HashMap<String, i32>) -> Result<(), String> {
     let int = |name: &str| node.ints.iter().find(|(n, _)| n == name).map(|&(_, v)| v);
     let float = |name: &str| node.floats.iter().find(|(n, _)| n == name).map(|&(_, v)| v);
     if int("local_window_size").is_some_and(|w| w != -1) {
@@ -41,11 +44,16 @@ pub(crate) fn covered(node: &Node, initializers: &std::collections::HashMap<Stri
     if node.inputs.iter().skip(9).any(|i| !i.is_empty()) {
         return Err("position ids, an attention bias or head sinks".into());
     }
-    // The cos cache tells the element type (the kernel is float32 only).
-    match node.inputs.get(7).and_then(|c| initializers.get(c)) {
-        Some(cache) if cache.data_type == 1 && int("do_rotary") == Some(1) => Ok(()),
-        Some(_) if int("do_rotary") == Some(1) => Err("not float32".into()),
-        _ => Err("no rotary embedding with a cos cache".into()),
+    // The kernel is float32 only: the cos cache or the graph's past key tells the element type.
+    let float = |name: Option<&String>| {
+        name.and_then(|n| initializers.get(n).map(|i| i.data_type).or(graph_inputs.get(n).copied())).map(|t| t == 1)
+    };
+    let rotary = int("do_rotary") == Some(1);
+    match float(node.inputs.get(if rotary { 7 } else { 3 })) {
+        Some(true) => Ok(()),
+        Some(false) => Err("not float32".into()),
+        None if rotary => Err("its cos cache is not an initializer".into()),
+        None => Err("no past key among the graph's inputs to tell its element type".into()),
     }
 }
 
@@ -96,6 +104,7 @@ impl Operator for GroupQueryAttention {
             heads,
             kv_heads,
             scale: kctx.get::<f32>("scale").unwrap_or(0.0),
+            rotary: kctx.get::<i64>("do_rotary").unwrap_or(0) == 1,
             interleaved: kctx.get::<i64>("rotary_interleaved").unwrap_or(0) == 1,
         })
     }
@@ -106,6 +115,8 @@ pub(crate) struct Attention {
     kv_heads: usize,
     /// 0: 1 / sqrt(head size).
     scale: f32,
+    /// Whether the kernel rotates the new query and key rows (else the graph did).
+    rotary: bool,
     interleaved: bool,
 }
 
@@ -142,15 +153,20 @@ impl Kernel for Attention {
         let total_input = input(6)?.ok_or_else(|| fail("no total_sequence_length".into()))?;
         let total_length = total_input.try_extract_tensor::<i32>()?.1[0].max(0) as usize;
         let past = total.checked_sub(rows).ok_or_else(|| fail(format!("{rows} new rows with seqlens_k + 1 = {total}")))?;
-        let cos = input(7)?.ok_or_else(|| fail("no cos cache".into()))?;
-        let sin = input(8)?.ok_or_else(|| fail("no sin cache".into()))?;
-        let (cos_shape, cos) = cos.try_extract_tensor::<f32>()?;
-        let (_, sin) = sin.try_extract_tensor::<f32>()?;
-        let half = cos_shape.get(1).copied().unwrap_or(0) as usize;
-        if half == 0 || 2 * half > head || (total * half) > cos.len() || cos.len() != sin.len() {
-            return Err(fail(format!("a cos cache of shape {cos_shape:?} for head size {head} and position {}", total - 1)));
-        }
-        let rotary = Rotary { cos, sin, half, interleaved: self.interleaved };
+        let (cos_input, sin_input) = (input(7)?, input(8)?);
+        let rotary = match (self.rotary, &cos_input, &sin_input) {
+            (false, _, _) => Rotary { cos: &[], sin: &[], half: 0, interleaved: false },
+            (true, Some(cos), Some(sin)) => {
+                let (cos_shape, cos) = cos.try_extract_tensor::<f32>()?;
+                let (_, sin) = sin.try_extract_tensor::<f32>()?;
+                let half = cos_shape.get(1).copied().unwrap_or(0) as usize;
+                if half == 0 || 2 * half > head || (total * half) > cos.len() || cos.len() != sin.len() {
+                    return Err(fail(format!("a cos cache of shape {cos_shape:?} for head size {head} and position {}", total - 1)));
+                }
+                Rotary { cos, sin, half, interleaved: self.interleaved }
+            }
+            (true, _, _) => return Err(fail("do_rotary without a cos and a sin cache".into())),
+        };
 
         // The cache: past (if any) and present, which may be one buffer.
         let past_key = input(3)?;

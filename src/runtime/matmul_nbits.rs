@@ -6,6 +6,7 @@
 //! place of its own kernel. The whole session gets one or the other, so a model with any node the
 //! kernel does not cover keeps ONNX Runtime's for all of them, and the report says why.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
@@ -13,7 +14,7 @@ use ort::value::TensorElementType;
 
 use super::attention;
 use super::int4::{self, Activations, Int4Weights, TaskPointer, BLOCK};
-use super::weights::{graph_nodes, initializers, Initializer, Node};
+use super::weights::{graph_input_types, graph_nodes, initializers, Initializer, Node};
 
 const DOMAIN: &str = "com.microsoft";
 const OP: &str = "MatMulNBits";
@@ -52,20 +53,27 @@ impl Int4Kernel {
 }
 
 /// Operators whose output rows each depend on their own input row only (elementwise, per-row
-/// normalisation, an embedding lookup, shapes and the attention mask's bookkeeping), besides the
-/// two kernels of edgellm. ONNX Runtime's matrix products are not among them: their order of
-/// sums changes with the number of rows.
+/// normalisation, rotary embedding by position, an embedding lookup, moving data, shapes and
+/// the attention mask's bookkeeping), besides the two kernels of edgellm. ONNX Runtime's matrix
+/// products are not among them: their order of sums changes with the number of rows.
 const ROW_EXACT_OPS: &[&str] = &[
     "MatMulNBits",
     "GroupQueryAttention",
     "SimplifiedLayerNormalization",
     "SkipSimplifiedLayerNormalization",
+    "RotaryEmbedding",
     "Sigmoid",
     "Mul",
     "Add",
     "Sub",
     "Cast",
     "Gather",
+    "Split",
+    "Concat",
+    "Slice",
+    "Pad",
+    "Unsqueeze",
+    "Squeeze",
     "Shape",
     "ReduceSum",
     "Constant",
@@ -123,16 +131,16 @@ pub(crate) fn plan(graph: &[u8], auto: bool) -> Int4Kernel {
             bytes as f64 / (1 << 20) as f64
         ));
     }
-    let attention = attention_plan(&nodes, &types);
+    let attention = attention_plan(&nodes, &types, &graph_input_types(graph));
     Int4Kernel::Edgellm { nodes: count, attention }
 }
 
 /// Whether edgellm's attention covers every `GroupQueryAttention` node, and if it does, whether
 /// the graph's rows are then exact (`ROW_EXACT_OPS`).
-fn attention_plan(nodes: &[Node], types: &std::collections::HashMap<String, Initializer>) -> Attention {
+fn attention_plan(nodes: &[Node], types: &HashMap<String, Initializer>, graph_inputs: &HashMap<String, i32>) -> Attention {
     let mut count = 0;
     for node in nodes.iter().filter(|n| n.op_type == attention::OP && n.domain == DOMAIN) {
-        if let Err(why) = attention::covered(node, types) {
+        if let Err(why) = attention::covered(node, types, graph_inputs) {
             return Attention::OnnxRuntime { reason: format!("node `{}`: {why}", node.name) };
         }
         count += 1;

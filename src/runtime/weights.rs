@@ -154,6 +154,36 @@ pub(crate) fn initializers(model: &[u8]) -> std::collections::HashMap<String, In
     found
 }
 
+/// The first length-delimited field `number` of a message.
+fn bytes_field(bytes: &[u8], number: u64) -> Option<&[u8]> {
+    let mut wire = Wire::new(bytes);
+    std::iter::from_fn(move || wire.next()).find_map(|(n, f)| match f {
+        Field::Bytes(b) if n == number => Some(b),
+        _ => None,
+    })
+}
+
+/// The element type of every tensor input of the main graph, by name (GraphProto.input = 11;
+/// ValueInfoProto: name = 1, type = 2; TypeProto.tensor_type = 1; its elem_type = 1).
+pub(crate) fn graph_input_types(model: &[u8]) -> std::collections::HashMap<String, i32> {
+    let mut found = std::collections::HashMap::new();
+    for_graph_field(model, 11, |value_info| {
+        let name = bytes_field(value_info, 1).and_then(|b| std::str::from_utf8(b).ok());
+        let tensor = bytes_field(value_info, 2).and_then(|t| bytes_field(t, 1));
+        let elem_type = tensor.and_then(|t| {
+            let mut wire = Wire::new(t);
+            std::iter::from_fn(move || wire.next()).find_map(|(n, f)| match f {
+                Field::Varint(v) if n == 1 => Some(v as i32),
+                _ => None,
+            })
+        });
+        if let (Some(name), Some(elem_type)) = (name, elem_type) {
+            found.insert(name.to_string(), elem_type);
+        }
+    });
+    found
+}
+
 /// A node of the main graph, as far as choosing kernels needs it.
 #[derive(Debug, Default)]
 pub(crate) struct Node {

@@ -133,6 +133,33 @@ fn a_threshold_that_stops_at_once_emits_one_token_per_step() {
     }
 }
 
+/// With edgellm's kernels on the base (int4 and attention, the graph's rotary in its own node),
+/// the base's rows of a multi-position forward are its one-position rows bit for bit: verify mode
+/// then gives exactly the base alone's greedy ids (one token per step, the same engine), with
+/// no near tie to re-check, on every prompt.
+#[test]
+fn verify_mode_equals_the_base_alone_exactly_with_edgellm_s_kernels() {
+    use edgellm::runtime::{Attention, Int4Kernel};
+    if !edgellm::runtime::int4_supported() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        return;
+    }
+    let refs = reference();
+    let load = LoadOptions { session: SessionOptions { int4: Int4Choice::Edgellm, ..Default::default() }, ..Default::default() };
+    let mut engine = Engine::load(&runtime(), "kjv-hamburger", &model_dir("kjv-hamburger"), &load).unwrap();
+    let kernel = engine.provider().int4.clone();
+    assert!(matches!(kernel, Int4Kernel::Edgellm { attention: Attention::Edgellm { rows_exact: true }, .. }), "{kernel}");
+    let mut drafted = 0;
+    for case in refs.cases.iter().filter(|c| c.threshold == 1.0) {
+        let alone = with_eos(&generate(&mut engine, &case.prompt_ids, &options(Mode::Trust, 1.0, refs.new_tokens)));
+        let out = generate(&mut engine, &case.prompt_ids, &options(Mode::Verify, 0.5, refs.new_tokens));
+        let m = out.stats.multitoken.unwrap();
+        drafted += m.drafted;
+        assert_eq!(with_eos(&out), alone, "{:?}: verify mode against the base alone", case.prompt);
+    }
+    assert!(drafted > 0, "verify mode sent no micro drafts");
+}
+
 /// Verify mode's output is the base's own, whether the stop head (a threshold asked for) or what
 /// the micro tokens are worth (no threshold: the default for greedy requests) decides how many are
 /// sent.
