@@ -395,8 +395,7 @@ fn a_step_inside_a_verified_round_keeps_the_positions_after_it() {
 fn a_verify_s_rows_are_plain_decoding_s_bit_for_bit_with_edgellm_s_kernels() {
     use edgellm::engine::Decoder;
     use edgellm::runtime::Attention;
-    if !edgellm::runtime::int4_supported() {
-        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+    if !crate::fixtures::edgellm_kernels_run("a_verify_s_rows_are_plain_decoding_s_bit_for_bit_with_edgellm_s_kernels") {
         return;
     }
     let runtime = runtime();

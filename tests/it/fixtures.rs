@@ -208,3 +208,12 @@ pub fn genai_outputs(model: &std::path::Path, provider: &str, prompts: &[Vec<u32
         serde_json::from_slice(out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).last().unwrap()).unwrap();
     serde_json::from_value(report["outputs"].clone()).unwrap()
 }
+
+/// Whether this CPU runs edgellm's own kernels (AVX-512 VNNI); if not, says the test is skipped.
+pub fn edgellm_kernels_run(test: &str) -> bool {
+    let supported = edgellm::runtime::int4_supported();
+    if !supported {
+        eprintln!("{test}: skipped, this CPU has no AVX-512 VNNI for edgellm's kernels");
+    }
+    supported
+}

@@ -140,8 +140,7 @@ fn a_threshold_that_stops_at_once_emits_one_token_per_step() {
 #[test]
 fn verify_mode_equals_the_base_alone_exactly_with_edgellm_s_kernels() {
     use edgellm::runtime::{Attention, Int4Kernel};
-    if !edgellm::runtime::int4_supported() {
-        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+    if !crate::fixtures::edgellm_kernels_run("verify_mode_equals_the_base_alone_exactly_with_edgellm_s_kernels") {
         return;
     }
     let refs = reference();
