@@ -94,7 +94,10 @@ impl Operator for GroupQueryAttention {
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Attention> {
         let count = |name: &str| -> ort::Result<usize> {
             let value: i64 = kctx.get(name).ok_or_else(|| ort::Error::new(format!("GroupQueryAttention without {name}")))?;
-            usize::try_from(value).ok().filter(|&v| v > 0).ok_or_else(|| ort::Error::new(format!("GroupQueryAttention with {name} = {value}")))
+            usize::try_from(value)
+                .ok()
+                .filter(|&v| v > 0)
+                .ok_or_else(|| ort::Error::new(format!("GroupQueryAttention with {name} = {value}")))
         };
         let (heads, kv_heads) = (count("num_heads")?, count("kv_num_heads")?);
         if heads % kv_heads != 0 {
@@ -131,6 +134,9 @@ impl Kernel for Attention {
             return Err(fail(format!("a batch of {batch}; edgellm's kernel runs batch 1")));
         }
         let (rows, width) = (rows as usize, width as usize);
+        if rows == 0 {
+            return Err(fail("a query of no positions".into()));
+        }
         let key = input(1)?;
         let value = input(2)?;
         let packed = key.is_none();
@@ -221,26 +227,33 @@ impl Kernel for Attention {
         let run = |h: usize| {
             let (out, keys, values) = (out, keys, values);
             let at = (h / group) * present_len * head;
-            let mut query = vec![0f32; head];
-            let mut scores = vec![0f32; total];
-            for r in 0..rows {
-                let length = past + r + 1;
-                rotary.apply(&q[r * q_stride + h * head..][..head], &mut query, past + r);
-                // SAFETY: the cache holds `total` positions of this KV head, written above and
-                // only read from here on; each task writes its own head's columns of `out`.
-                unsafe {
-                    let keys = std::slice::from_raw_parts(keys.0.add(at), length * head);
-                    let values = std::slice::from_raw_parts(values.0.add(at), length * head);
-                    let row = std::slice::from_raw_parts_mut(out.0.add((r * heads + h) * head), head);
-                    let scores = &mut scores[..length];
-                    if wide {
-                        // SAFETY: `supported()` says AVX-512; the head is whole vectors.
-                        avx512::attend(&query, keys, values, scale, scores, row);
-                    } else {
-                        attend(&query, keys, values, scale, scores, row);
+            // Per thread, so that a decode step allocates nothing here.
+            thread_local! {
+                static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            SCRATCH.with_borrow_mut(|scratch| {
+                scratch.clear();
+                scratch.resize(head + total, 0.0);
+                let (query, scores) = scratch.split_at_mut(head);
+                for r in 0..rows {
+                    let length = past + r + 1;
+                    rotary.apply(&q[r * q_stride + h * head..][..head], query, past + r);
+                    // SAFETY: the cache holds `total` positions of this KV head, written above and
+                    // only read from here on; each task writes its own head's columns of `out`.
+                    unsafe {
+                        let keys = std::slice::from_raw_parts(keys.0.add(at), length * head);
+                        let values = std::slice::from_raw_parts(values.0.add(at), length * head);
+                        let row = std::slice::from_raw_parts_mut(out.0.add((r * heads + h) * head), head);
+                        let scores = &mut scores[..length];
+                        if wide {
+                            // SAFETY: `supported()` says AVX-512; the head is whole vectors.
+                            avx512::attend(query, keys, values, scale, scores, row);
+                        } else {
+                            attend(query, keys, values, scale, scores, row);
+                        }
                     }
                 }
-            }
+            });
         };
         // Waking the pool costs a few microseconds: worth it from ~64 K multiply-adds.
         if rows * total * heads * head < 1 << 16 {
@@ -329,7 +342,10 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn exp(x: __m512) -> __m512 {
         let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
         let mut p = _mm512_set1_ps(1.0 / 720.0);
@@ -424,7 +440,8 @@ mod tests {
             let keys: Vec<f32> = (0..head * length).map(|_| next()).collect();
             let values: Vec<f32> = (0..head * length).map(|_| next()).collect();
             let scale = 1.0 / (head as f32).sqrt();
-            let logits: Vec<f64> = keys.chunks(head).map(|k| f64::from(scale) * k.iter().zip(&query).map(|(a, b)| f64::from(a * b)).sum::<f64>()).collect();
+            let logits: Vec<f64> =
+                keys.chunks(head).map(|k| f64::from(scale) * k.iter().zip(&query).map(|(a, b)| f64::from(a * b)).sum::<f64>()).collect();
             let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let total: f64 = logits.iter().map(|l| (l - max).exp()).sum();
             let want: Vec<f64> = (0..head)

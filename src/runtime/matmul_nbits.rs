@@ -346,7 +346,13 @@ mod tests {
             assert_eq!(plan(&model(4, &[], 8), false), Int4Kernel::OnnxRuntime { reason: "this CPU has no AVX-512 VNNI".into() });
             return;
         }
-        assert_eq!(plan(&model(4, &[], 8), false), Int4Kernel::Edgellm { nodes: 1, attention: Attention::OnnxRuntime { reason: "the model has no GroupQueryAttention nodes".into() } });
+        assert_eq!(
+            plan(&model(4, &[], 8), false),
+            Int4Kernel::Edgellm {
+                nodes: 1,
+                attention: Attention::OnnxRuntime { reason: "the model has no GroupQueryAttention nodes".into() }
+            }
+        );
         let reason = |kernel: Int4Kernel| match kernel {
             Int4Kernel::OnnxRuntime { reason } => reason,
             other => panic!("expected ONNX Runtime's kernel, got {other}"),
@@ -357,6 +363,12 @@ mod tests {
         // `auto`: 8 rows are 384 bytes, in the caches; rows for 64 MiB and more are not.
         assert!(reason(plan(&model(4, &[], 8), true)).starts_with("auto: its 0.0 MiB"));
         let rows_for_64_mib = (AUTO_MIN_BYTES / (2 * 16 + 2 * 4)) + 1;
-        assert_eq!(plan(&model(4, &[], rows_for_64_mib), true), Int4Kernel::Edgellm { nodes: 1, attention: Attention::OnnxRuntime { reason: "the model has no GroupQueryAttention nodes".into() } });
+        assert_eq!(
+            plan(&model(4, &[], rows_for_64_mib), true),
+            Int4Kernel::Edgellm {
+                nodes: 1,
+                attention: Attention::OnnxRuntime { reason: "the model has no GroupQueryAttention nodes".into() }
+            }
+        );
     }
 }
