@@ -891,9 +891,10 @@ fn forward_cost_table(python: &Path, models: &[PathBuf], threads: usize, accepta
 }
 
 /// What one more position of a forward costs at least in edgellm's int4 kernel, from this core's
-/// measured instruction rates, beside the slope measured above. Per 128 weights and position the
-/// kernel issues 2 VNNI dot products, a multiply of the two blocks' scales and a fused
-/// multiply-add (and a convert, which `vnni_rates` finds on other pipes or not).
+/// measured instruction rates, beside the slope measured above. Per block of 32 weights in each
+/// of 16 rows (512 weights) and position the kernel issues 8 VNNI dot products, a multiply of the
+/// two blocks' scales and a fused multiply-add (and a convert, which `vnni_rates` finds on other
+/// pipes or not).
 fn arithmetic_floor_rows(python: &Path, models: &[PathBuf], slopes: &[f64], (vnni_ns, vnni_fma_ns): (f64, f64), cores: usize) {
     println!(
         "this core: a 512-bit VNNI dot product every {vnni_ns:.3} ns (12 independent sums), a VNNI and an FMA every {vnni_fma_ns:.3} ns (so they {} pipes)",
@@ -903,9 +904,9 @@ fn arithmetic_floor_rows(python: &Path, models: &[PathBuf], slopes: &[f64], (vnn
         let weights = weight_counts(python, model)["int4_weights"].as_f64().unwrap();
         // The multiply and the FMA take a VNNI's slot where they share its pipes.
         let slot = vnni_fma_ns / 2.0;
-        let floor = weights / 128.0 * 4.0 * slot / cores as f64 / 1e6;
+        let floor = weights / 512.0 * 10.0 * slot / cores as f64 / 1e6;
         println!(
-            "{:<28} {:.0} M int4 weights: one more position >= {floor:.2} ms on {cores} cores at 4 such slots per 128 weights; measured (9-position minus 5-position forward) / 4: {slope:.2} ms",
+            "{:<28} {:.0} M int4 weights: one more position >= {floor:.2} ms on {cores} cores at 10 such slots per 512 weights; measured (9-position minus 5-position forward) / 4: {slope:.2} ms",
             model.file_name().unwrap().to_string_lossy(),
             weights / 1e6
         );
@@ -1533,7 +1534,7 @@ fn bandwidth_table(
         "engine", "decode t/s", "weight GB/s", "fraction of bound", "of what it reads"
     );
     // What each engine's int4 kernel reads per token: MLAS its packed layout, edgellm's own kernel
-    // the model's bytes (src/runtime/int4.rs).
+    // its packed copy, as many bytes as the model's (src/runtime/int4.rs).
     // (the bound's model is memory-bound: `auto` runs edgellm's kernel on it)
     let edgellm_kernel = edgellm::runtime::int4_supported() && int4_choice() != Int4Choice::OnnxRuntime;
     let reads = [mlas, if edgellm_kernel { per_token } else { mlas }];

@@ -1,28 +1,41 @@
 //! The int4 matrix product of ONNX Runtime's `MatMulNBits` (4 bits, blocks of 32, symmetric, int8
-//! compute), run on the model's own bytes with AVX-512 VNNI.
+//! compute), with AVX-512 VNNI, on a copy of the weights packed for it at load.
 //!
 //! Why not ONNX Runtime's: on the CPU, MLAS repacks the weights at load with a float block sum
 //! beside every block's scale, so a decode step reads 1.2x the model's bytes, and its single-row
-//! product stays below the memory's speed on 2 cores (README, "The bound"). Here a row of weights
-//! is read once, in the file's layout, and every activation row of the call is multiplied with it
-//! while it is in registers.
+//! product stays below the memory's speed on 2 cores (README, "The bound").
 //!
 //! The arithmetic is MLAS's `accuracy_level = 4`: each block of 32 activations is quantized to
 //! int8 with the scale `max|x| / 127` (round half to even), multiplied with the 4-bit weights in
 //! integers, and scaled by both blocks' scales in float. Only the order of the float sums differs.
 //!
-//! Layout of a row of weights (`MatMulNBits` input B): per block 16 bytes, weight `2j` in the low
-//! nibble of byte `j`, weight `2j + 1` in the high one; the implicit zero point is 8. The
-//! activations are split to match: the even and the odd elements of each block, so that one
-//! 64-byte load of weights (4 blocks) meets two 64-byte loads of activations.
+//! The packed layout puts 16 weight rows side by side, one per 32-bit lane: a VNNI dot product
+//! multiplies four weights of each of the 16 rows with the same four activations, broadcast from
+//! memory. A block of 16 rows is 8 such products, and its float work (one convert, one multiply of
+//! the scales, one FMA) is shared by 512 weights; in the model's own layout, where a register held
+//! four blocks of one row, it was shared by 128, and each row's sum ended in a horizontal add. A
+//! group of 16 rows is read once per call, whatever the number of activation rows, and prefetched
+//! ahead, so that reading it overlaps the arithmetic on the group before (measured on 190 MB of
+//! weights on 2 cores: 9 activation rows 10.2-10.8 ms against 16.4-18.5 in the model's layout;
+//! one row the same, 6.3-6.7 ms).
+//!
+//! Packed layout, per group of `w` rows (16, fewer in the last group) and per block, the group's
+//! blocks in order: four vectors of `4w` bytes, then `w` scales. In vector `m`, lane `l` holds row
+//! `l`'s weights `4m..4m + 4` in its bytes' low nibbles and weights `16 + 4m..16 + 4m + 4` in the
+//! high ones. The model's layout: per row and block 16 bytes, weight `2j` in the low nibble of byte
+//! `j`, weight `2j + 1` in the high one; the implicit zero point is 8.
 
 use std::ops::Range;
 
 pub(crate) const BLOCK: usize = 32;
-/// Blocks per 64-byte load of weights.
-const CHUNK_BLOCKS: usize = 4;
-/// int32 lanes of a 512-bit register per block (each lane sums 4 byte products).
-const LANES_PER_BLOCK: usize = 4;
+/// Weight rows per 512-bit register, one per int32 lane.
+pub(crate) const GROUP: usize = 16;
+/// Activation rows per pass over a group: their sums stay in registers beside the group's 8
+/// weight registers and the scales (16 + 8 + 1 + 4 temporaries of 32).
+const MAX_TILE: usize = 16;
+/// How far ahead of the block being multiplied its group's stream is prefetched: 1-8 KiB
+/// measured alike; without it, reading and arithmetic took turns (9 rows 14.6 ms instead of 10.5).
+const PREFETCH_BYTES: usize = 2048;
 
 /// Whether this CPU runs the kernel (AVX-512 with VNNI: Intel since Ice Lake / Cascade Lake,
 /// AMD since Zen 4).
@@ -71,19 +84,69 @@ impl Int4Weights<'_> {
     }
 }
 
-/// Activation rows quantized per block of 32 to int8, in the kernel's layout. A row is padded
-/// with zero blocks to whole chunks of 4 blocks, where it contributes nothing.
+/// A weight in the kernel's layout (see the module's text): as many bytes as the model's.
+pub(crate) struct PackedWeights {
+    n: usize,
+    k: usize,
+    blocks_per_row: usize,
+    bytes: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+impl PackedWeights {
+    /// Packs consistent weights (`Int4Weights::consistent`).
+    pub fn pack(w: &Int4Weights) -> PackedWeights {
+        assert!(w.consistent(), "int4 weights of {} x {} with {} bytes and {} scales", w.n, w.k, w.blocks.len(), w.scales.len());
+        let blocks_per_row = w.blocks_per_row();
+        let mut bytes = vec![0u8; w.blocks.len()];
+        let mut scales = vec![0f32; w.scales.len()];
+        for first in (0..w.n).step_by(GROUP) {
+            let width = GROUP.min(w.n - first);
+            let group_bytes = &mut bytes[first * blocks_per_row * BLOCK / 2..][..width * blocks_per_row * BLOCK / 2];
+            let group_scales = &mut scales[first * blocks_per_row..][..width * blocks_per_row];
+            for lane in 0..width {
+                let row = first + lane;
+                for b in 0..blocks_per_row {
+                    let source = &w.blocks[(row * blocks_per_row + b) * BLOCK / 2..][..BLOCK / 2];
+                    let weight = |j: usize| (source[j / 2] >> (4 * (j % 2))) & 0x0f;
+                    let block = &mut group_bytes[b * width * BLOCK / 2..][..width * BLOCK / 2];
+                    for m in 0..4 {
+                        for t in 0..4 {
+                            block[m * 4 * width + 4 * lane + t] = weight(4 * m + t) | weight(16 + 4 * m + t) << 4;
+                        }
+                    }
+                    group_scales[b * width + lane] = w.scales[row * blocks_per_row + b];
+                }
+            }
+        }
+        PackedWeights { n: w.n, k: w.k, blocks_per_row, bytes, scales }
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Groups of `GROUP` rows, the unit of `matmul_groups`.
+    pub fn groups(&self) -> usize {
+        self.n.div_ceil(GROUP)
+    }
+}
+
+/// Activation rows quantized per block of 32 to int8 (the last block padded with zeros).
 #[derive(Default)]
 pub(crate) struct Activations {
     rows: usize,
-    chunks: usize,
-    /// Per row, per chunk: 64 bytes of the blocks' even elements.
-    even: Vec<i8>,
-    odd: Vec<i8>,
-    /// Per row, per chunk, per lane: `-8 x` the sum of the lane's 8 activations, which removes
-    /// the weights' zero point from the integer dot product.
+    blocks_per_row: usize,
+    /// Per row, per block: 32 values in order.
+    values: Vec<i8>,
+    /// Per row, per block: `-8 x` the sum of its values, which removes the weights' zero point
+    /// from the integer dot product.
     zero_point: Vec<i32>,
-    /// Per row, per chunk, per lane: the scale of the lane's block.
+    /// Per row, per block: the scale.
     scales: Vec<f32>,
 }
 
@@ -104,68 +167,57 @@ impl Activations {
     /// allocations measured a tenth of the time on the compute-bound kjv-target).
     pub fn quantize_into(&mut self, x: &[f32], rows: usize, k: usize) {
         assert_eq!(x.len(), rows * k, "activations are rows x k");
-        let chunks = k.div_ceil(BLOCK * CHUNK_BLOCKS);
-        let lanes = chunks * CHUNK_BLOCKS * LANES_PER_BLOCK;
-        let half = chunks * CHUNK_BLOCKS * BLOCK / 2;
+        let blocks_per_row = k.div_ceil(BLOCK);
         let a = self;
         a.rows = rows;
-        a.chunks = chunks;
-        for (buffer, len) in [(&mut a.even, rows * half), (&mut a.odd, rows * half)] {
-            buffer.clear();
-            buffer.resize(len, 0);
-        }
+        a.blocks_per_row = blocks_per_row;
+        a.values.clear();
+        a.values.resize(rows * blocks_per_row * BLOCK, 0);
         a.zero_point.clear();
-        a.zero_point.resize(rows * lanes, 0);
+        a.zero_point.resize(rows * blocks_per_row, 0);
         a.scales.clear();
-        a.scales.resize(rows * lanes, 0.0);
+        a.scales.resize(rows * blocks_per_row, 0.0);
         for r in 0..rows {
-            let row = &x[r * k..(r + 1) * k];
-            for (b, block) in row.chunks(BLOCK).enumerate() {
+            for (b, block) in x[r * k..(r + 1) * k].chunks(BLOCK).enumerate() {
                 let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let scale = max / 127.0;
                 let inverse = if max != 0.0 { 127.0 / max } else { 0.0 };
-                let mut q = [0i8; BLOCK];
-                for (q, v) in q.iter_mut().zip(block) {
+                let at = r * blocks_per_row + b;
+                let mut sum = 0i32;
+                for (q, v) in a.values[at * BLOCK..][..block.len()].iter_mut().zip(block) {
                     *q = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
+                    sum += i32::from(*q);
                 }
-                let base = r * half + b * BLOCK / 2;
-                for j in 0..BLOCK / 2 {
-                    a.even[base + j] = q[2 * j];
-                    a.odd[base + j] = q[2 * j + 1];
-                }
-                for lane in 0..LANES_PER_BLOCK {
-                    let sum: i32 = q[lane * 8..lane * 8 + 8].iter().map(|&v| i32::from(v)).sum();
-                    a.zero_point[r * lanes + b * LANES_PER_BLOCK + lane] = -8 * sum;
-                    a.scales[r * lanes + b * LANES_PER_BLOCK + lane] = scale;
-                }
+                a.zero_point[at] = -8 * sum;
+                a.scales[at] = max / 127.0;
             }
         }
     }
 }
 
-/// `out[r][i] = sum_k x[r][k] * w[i][k]` for the weight rows `rows` and every activation row `r`
-/// (`out` is `a.rows() x w.n`, row-major). Threads may run disjoint `rows` of one product.
+/// `out[r][i] = sum_k x[r][k] * w[i][k]` for the weight rows of `groups` (of `GROUP` rows) and
+/// every activation row `r` (`out` is `a.rows() x w.n()`, row-major). Threads may run disjoint
+/// `groups` of one product.
 ///
 /// # Safety
-/// `supported()` is true; `out` points at `a.rows() x w.n` floats that nothing else writes at the
-/// columns `rows`; `w.consistent()`; `a` was quantized with `k = w.k`; `rows.end <= w.n`.
-pub(crate) unsafe fn matmul_rows(w: &Int4Weights, a: &Activations, rows: Range<usize>, out: *mut f32) {
+/// `supported()` is true; `out` points at `a.rows() x w.n()` floats that nothing else writes at
+/// the columns of `groups`; `a` was quantized with `k = w.k()`; `groups.end <= w.groups()`.
+pub(crate) unsafe fn matmul_groups(w: &PackedWeights, a: &Activations, groups: Range<usize>, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the caller's contract.
     unsafe {
-        avx512::matmul_rows(w, a, rows, out)
+        avx512::matmul_groups(w, a, groups, out)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("int4::supported() is false off x86_64 ({w:p}, {a:p}, {rows:?}, {out:p})", w = w, a = a);
+    unreachable!("int4::supported() is false off x86_64 ({w:p}, {a:p}, {groups:?}, {out:p})", w = w, a = a);
 }
 
 /// The whole product on the calling thread; `out` is `rows x w.n`.
 #[cfg(test)]
-pub(crate) fn matmul(w: &Int4Weights, a: &Activations, out: &mut [f32]) {
+pub(crate) fn matmul(w: &PackedWeights, a: &Activations, out: &mut [f32]) {
     assert!(supported(), "the int4 kernel needs AVX-512 VNNI");
-    assert!(w.consistent() && a.chunks == w.k.div_ceil(BLOCK * CHUNK_BLOCKS) && out.len() == a.rows * w.n);
+    assert!(a.blocks_per_row == w.blocks_per_row && out.len() == a.rows * w.n);
     // SAFETY: checked just above; `out` is borrowed mutably.
-    unsafe { matmul_rows(w, a, 0..w.n, out.as_mut_ptr()) }
+    unsafe { matmul_groups(w, a, 0..w.groups(), out.as_mut_ptr()) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -173,118 +225,78 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Activations, Int4Weights, BLOCK, CHUNK_BLOCKS, LANES_PER_BLOCK};
-
-    /// Activation rows per pass over the weights: their accumulators stay in registers with the
-    /// four weight rows' (3 x 4 sums, 4 x 3 weight registers, 4 activation registers: 28 of 32).
-    const ROW_TILE: usize = 3;
+    use super::{Activations, PackedWeights, BLOCK, GROUP, MAX_TILE, PREFETCH_BYTES};
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub(super) unsafe fn matmul_rows(w: &Int4Weights, a: &Activations, rows: Range<usize>, out: *mut f32) {
-        // Four weight rows at a time share the activation loads. They are taken from the four
-        // quarters of `rows`, so that each quarter is read as one long sequential stream, which
-        // the hardware prefetcher follows (adjacent rows interleaved measured at half the speed);
-        // four against two: 2.7-4.1 ms less for 2-9 activation rows over the twin's 377 MB.
-        let quarter = (rows.end - rows.start) / 4;
-        let tiles = a.rows.div_ceil(ROW_TILE);
-        let mut first = 0;
-        for t in 0..tiles {
-            // Tiles of even size: 4 rows as 2 + 2, not 3 + 1.
-            let tile = (a.rows - first).div_ceil(tiles - t);
-            for i in 0..quarter {
-                let rows = [rows.start + i, rows.start + quarter + i, rows.start + 2 * quarter + i, rows.start + 3 * quarter + i];
-                // SAFETY: the caller's contract, for a sub-range of its rows.
-                unsafe {
-                    match tile {
-                        1 => product::<4, 1>(w, a, first, rows, out),
-                        2 => product::<4, 2>(w, a, first, rows, out),
-                        _ => product::<4, 3>(w, a, first, rows, out),
-                    }
+    pub(super) unsafe fn matmul_groups(w: &PackedWeights, a: &Activations, groups: Range<usize>, out: *mut f32) {
+        let tiles = a.rows.div_ceil(MAX_TILE);
+        for group in groups {
+            // The group's weights stay in the caches between tiles (a prefill's many rows).
+            let mut first = 0;
+            for t in 0..tiles {
+                // Tiles of even size: 17 rows as 9 + 8, not 16 + 1.
+                let tile = (a.rows - first).div_ceil(tiles - t);
+                macro_rules! by_tile {
+                    ($($rows:literal)*) => {
+                        match tile {
+                            // SAFETY: the caller's contract, for one group and rows `first..first + tile`.
+                            $($rows => unsafe { product::<$rows>(w, a, group, first, out) },)*
+                            _ => unreachable!("tiles have 1 to {MAX_TILE} rows"),
+                        }
+                    };
                 }
-            }
-            for row in rows.start + 4 * quarter..rows.end {
-                // SAFETY: as above.
-                unsafe {
-                    match tile {
-                        1 => product::<1, 1>(w, a, first, [row], out),
-                        2 => product::<1, 2>(w, a, first, [row], out),
-                        _ => product::<1, 3>(w, a, first, [row], out),
-                    }
-                }
-            }
-            first += tile;
-        }
-    }
-
-    /// Where one product's operands are.
-    struct Chunk<'a, const WR: usize> {
-        a: &'a Activations,
-        first: usize,
-        half: usize,
-        lanes: usize,
-        weights: [*const u8; WR],
-        scales: [*const f32; WR],
-    }
-
-    impl<const WR: usize> Chunk<'_, WR> {
-        /// Adds chunk `c` (4 blocks; the masks select the blocks that exist) to the sums.
-        #[inline(always)]
-        unsafe fn add<const MT: usize>(&self, sums: &mut [[__m512; MT]; WR], c: usize, byte_mask: u64, scale_mask: u8) {
-            // SAFETY: `product`'s bounds.
-            unsafe {
-                let nibble = _mm512_set1_epi8(0x0f);
-                let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-                let mut low = [_mm512_setzero_si512(); WR];
-                let mut high = [_mm512_setzero_si512(); WR];
-                let mut scale = [_mm512_setzero_ps(); WR];
-                for i in 0..WR {
-                    let v = _mm512_maskz_loadu_epi8(byte_mask, self.weights[i].add(c * 64).cast());
-                    low[i] = _mm512_and_si512(v, nibble);
-                    high[i] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-                    let s = _mm_maskz_loadu_ps(scale_mask, self.scales[i].add(c * CHUNK_BLOCKS));
-                    scale[i] = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s));
-                }
-                let a = self.a;
-                for r in 0..MT {
-                    let row = self.first + r;
-                    let even = _mm512_loadu_si512(a.even.as_ptr().add(row * self.half + c * 64).cast());
-                    let odd = _mm512_loadu_si512(a.odd.as_ptr().add(row * self.half + c * 64).cast());
-                    let zero_point = _mm512_loadu_si512(a.zero_point.as_ptr().add(row * self.lanes + c * 16).cast());
-                    let x_scale = _mm512_loadu_ps(a.scales.as_ptr().add(row * self.lanes + c * 16));
-                    for i in 0..WR {
-                        let dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero_point, low[i], even), high[i], odd);
-                        sums[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale[i], x_scale), sums[i][r]);
-                    }
-                }
+                by_tile!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+                first += tile;
             }
         }
     }
 
-    /// `WR` weight rows against activation rows `first..first + MT`.
+    /// One group of weight rows against activation rows `first..first + MT`.
     #[inline(always)]
-    unsafe fn product<const WR: usize, const MT: usize>(w: &Int4Weights, a: &Activations, first: usize, rows: [usize; WR], out: *mut f32) {
-        let blocks_per_row = w.blocks_per_row();
-        let whole = blocks_per_row / CHUNK_BLOCKS;
-        let tail = blocks_per_row % CHUNK_BLOCKS;
-        let half = a.chunks * CHUNK_BLOCKS * BLOCK / 2;
-        let lanes = a.chunks * CHUNK_BLOCKS * LANES_PER_BLOCK;
-        // SAFETY (whole function): pointers stay inside the weights (whole chunks, then masked
-        // loads of the tail's blocks only) and inside the activations (padded to whole chunks).
+    unsafe fn product<const MT: usize>(w: &PackedWeights, a: &Activations, group: usize, first: usize, out: *mut f32) {
+        let blocks_per_row = w.blocks_per_row;
+        let row0 = group * GROUP;
+        let width = GROUP.min(w.n - row0);
+        let byte_mask: u64 = if width == GROUP { u64::MAX } else { (1u64 << (4 * width)) - 1 };
+        let lane_mask: u16 = if width == GROUP { u16::MAX } else { (1u16 << width) - 1 };
+        // SAFETY (whole function): the group's bytes and scales are inside the packed weights
+        // (masked loads read only its `width` lanes), the activation rows exist (the caller's
+        // contract), prefetches do not fault, and each row's store covers the group's columns.
         unsafe {
-            let weights: [*const u8; WR] = std::array::from_fn(|i| w.blocks.as_ptr().add(rows[i] * blocks_per_row * BLOCK / 2));
-            let scales: [*const f32; WR] = std::array::from_fn(|i| w.scales.as_ptr().add(rows[i] * blocks_per_row));
-            let mut sums = [[_mm512_setzero_ps(); MT]; WR];
-            let chunk = Chunk { a, first, half, lanes, weights, scales };
-            for c in 0..whole {
-                chunk.add::<MT>(&mut sums, c, u64::MAX, 0x0f);
-            }
-            if tail > 0 {
-                chunk.add::<MT>(&mut sums, whole, (1u64 << (tail * BLOCK / 2)) - 1, (1u8 << tail) - 1);
-            }
-            for i in 0..WR {
-                for r in 0..MT {
-                    *out.add((first + r) * w.n + rows[i]) = _mm512_reduce_add_ps(sums[i][r]);
+            let bytes = w.bytes.as_ptr().add(row0 * blocks_per_row * BLOCK / 2);
+            let scales = w.scales.as_ptr().add(row0 * blocks_per_row);
+            let nibble = _mm512_set1_epi8(0x0f);
+            let mut sums = [_mm512_setzero_ps(); MT];
+            for b in 0..blocks_per_row {
+                let block = bytes.add(b * width * BLOCK / 2);
+                for line in 0..4 {
+                    _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES + 64 * line).cast());
                 }
+                _mm_prefetch::<_MM_HINT_T0>(scales.add(b * width).cast::<i8>().wrapping_add(PREFETCH_BYTES / 4));
+                let mut weights = [_mm512_setzero_si512(); 8];
+                for m in 0..4 {
+                    let v = _mm512_maskz_loadu_epi8(byte_mask, block.add(m * 4 * width).cast());
+                    weights[m] = _mm512_and_si512(v, nibble);
+                    weights[m + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                }
+                let weight_scales = _mm512_maskz_loadu_ps(lane_mask, scales.add(b * width));
+                for (r, sum) in sums.iter_mut().enumerate() {
+                    let at = (first + r) * blocks_per_row + b;
+                    let quads = a.values.as_ptr().add(at * BLOCK).cast::<i32>();
+                    // Two chains of four, so that one row does not wait on a chain of eight.
+                    let mut low = _mm512_set1_epi32(*a.zero_point.as_ptr().add(at));
+                    let mut high = _mm512_setzero_si512();
+                    for m in 0..4 {
+                        low = _mm512_dpbusd_epi32(low, weights[m], _mm512_set1_epi32(quads.add(m).read_unaligned()));
+                        high = _mm512_dpbusd_epi32(high, weights[m + 4], _mm512_set1_epi32(quads.add(4 + m).read_unaligned()));
+                    }
+                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(low, high));
+                    let scale = _mm512_mul_ps(weight_scales, _mm512_set1_ps(*a.scales.as_ptr().add(at)));
+                    *sum = _mm512_fmadd_ps(dot, scale, *sum);
+                }
+            }
+            for (r, sum) in sums.iter().enumerate() {
+                _mm512_mask_storeu_ps(out.add((first + r) * w.n + row0), lane_mask, *sum);
             }
         }
     }
@@ -326,8 +338,8 @@ mod tests {
         *seed
     }
 
-    /// Every shape class the kernel branches on: weight rows in quarters and 0-3 left over, 1-9 activation rows
-    /// (tiles of 1-3), whole chunks and 1-3 tail blocks, a partial last block.
+    /// Every shape class the kernel branches on: whole groups of 16 weight rows and a last group
+    /// of 1-15, 1-16 activation rows in one tile and more in several, a partial last block.
     #[test]
     fn the_kernel_equals_the_definition_on_every_branch() {
         if !supported() {
@@ -335,9 +347,17 @@ mod tests {
             return;
         }
         let mut seed = 0x9e37_79b9_7f4a_7c15;
-        for (n, k, rows) in
-            [(7usize, 128usize, 1usize), (8, 160, 2), (5, 192, 3), (6, 224, 4), (9, 256, 5), (4, 100, 9), (3, 32, 1), (1, 64, 2)]
-        {
+        for (n, k, rows) in [
+            (7usize, 128usize, 1usize),
+            (16, 160, 2),
+            (35, 192, 3),
+            (48, 224, 16),
+            (9, 256, 5),
+            (33, 100, 9),
+            (3, 32, 17),
+            (1, 64, 2),
+            (20, 96, 40),
+        ] {
             let blocks = k.div_ceil(BLOCK);
             let bytes: Vec<u8> = (0..n * blocks * BLOCK / 2).map(|_| random(&mut seed) as u8).collect();
             let scales: Vec<f32> = (0..n * blocks).map(|_| (random(&mut seed) % 1000) as f32 / 1e4 + 1e-3).collect();
@@ -345,7 +365,7 @@ mod tests {
             let w = Int4Weights { n, k, blocks: &bytes, scales: &scales };
             let want = reference(&w, &x, rows);
             let mut got = vec![f32::NAN; rows * n];
-            matmul(&w, &Activations::quantize(&x, rows, k), &mut got);
+            matmul(&PackedWeights::pack(&w), &Activations::quantize(&x, rows, k), &mut got);
             for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                 assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "n {n} k {k} rows {rows}: element {i} is {g}, the definition gives {e}");
             }

@@ -10,17 +10,17 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
-use ort::value::TensorElementType;
+use ort::value::{TensorElementType, TensorValueType};
 
 use super::attention;
-use super::int4::{self, Activations, Int4Weights, TaskPointer, BLOCK};
+use super::int4::{self, Activations, Int4Weights, PackedWeights, TaskPointer, BLOCK};
 use super::weights::{graph_input_types, graph_nodes, initializers, Initializer, Node};
 
 const DOMAIN: &str = "com.microsoft";
 const OP: &str = "MatMulNBits";
-/// Weight rows per task of ONNX Runtime's thread pool: each task reads its quarters as four
-/// sequential streams (`int4`).
-const ROWS_PER_TASK: usize = 256;
+/// Groups of 16 weight rows per task of ONNX Runtime's thread pool: each task reads its groups
+/// as one sequential stream (`int4`).
+const GROUPS_PER_TASK: usize = 16;
 /// Multiply-adds below which a product runs on the calling thread alone.
 const PARALLEL_MACS: usize = 1 << 20;
 
@@ -213,47 +213,56 @@ impl Operator for MatMulNBits {
         [OperatorOutput::required(TensorElementType::Float32)]
     }
 
+    /// Packs the node's weights (`int4`), which `plan` admitted only as initializers. This runs
+    /// while the session is built, where `MappedWeights` drops the map's pages it read.
     fn create_kernel<'attr>(&self, kctx: &KernelContext<'attr>) -> ort::Result<Product> {
         let size = |name: &str| -> ort::Result<usize> {
             let value: i64 = kctx.get(name).ok_or_else(|| ort::Error::new(format!("MatMulNBits without the attribute {name}")))?;
             usize::try_from(value).map_err(|_| ort::Error::new(format!("MatMulNBits with {name} = {value}")))
         };
-        Ok(Product { n: size("N")?, k: size("K")? })
+        let (n, k) = (size("N")?, size("K")?);
+        let node = kctx.node_name().unwrap_or_default();
+        let constant =
+            |what: &str| ort::Error::new(format!("MatMulNBits `{node}`: its {what} are not an initializer ONNX Runtime gives the kernel"));
+        let blocks = kctx.constant_input::<TensorValueType<u8>>(1).map_err(|_| constant("weights"))?;
+        let scales = kctx.constant_input::<TensorValueType<f32>>(2).map_err(|_| constant("scales"))?;
+        let (_, blocks) = blocks.try_extract_tensor::<u8>()?;
+        let (_, scales) = scales.try_extract_tensor::<f32>()?;
+        let weights = Int4Weights { n, k, blocks, scales };
+        if !weights.consistent() {
+            return Err(ort::Error::new(format!("MatMulNBits `{node}`: weights and scales do not match K = {k} and N = {n}")));
+        }
+        Ok(Product { weights: PackedWeights::pack(&weights) })
     }
 }
 
 struct Product {
-    n: usize,
-    k: usize,
+    weights: PackedWeights,
 }
 
 impl Kernel for Product {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let missing = |what: &str| ort::Error::new(format!("MatMulNBits without {what}"));
         let a = ctx.input(0)?.ok_or_else(|| missing("A"))?;
-        let b = ctx.input(1)?.ok_or_else(|| missing("B"))?;
-        let scales = ctx.input(2)?.ok_or_else(|| missing("scales"))?;
         if ctx.input(3)?.is_some() || ctx.input(4)?.is_some() {
             return Err(ort::Error::new("MatMulNBits: zero points and g_idx are ONNX Runtime's kernel's to run"));
         }
+        let (n, k) = (self.weights.n(), self.weights.k());
         let bias = ctx.input(5)?;
         let bias = match &bias {
             Some(b) => Some(b.try_extract_tensor::<f32>()?.1),
             None => None,
         };
-        if bias.is_some_and(|b| b.len() != self.n) {
-            return Err(ort::Error::new(format!("MatMulNBits: a bias of other than N = {} values", self.n)));
+        if bias.is_some_and(|b| b.len() != n) {
+            return Err(ort::Error::new(format!("MatMulNBits: a bias of other than N = {n} values")));
         }
         let (shape, x) = a.try_extract_tensor::<f32>()?;
-        let (_, blocks) = b.try_extract_tensor::<u8>()?;
-        let (_, scales) = scales.try_extract_tensor::<f32>()?;
-        let weights = Int4Weights { n: self.n, k: self.k, blocks, scales };
-        if !weights.consistent() || shape.last().copied() != Some(self.k as i64) {
-            return Err(ort::Error::new(format!("MatMulNBits: inputs do not match K = {} and N = {}", self.k, self.n)));
+        if shape.last().copied() != Some(k as i64) {
+            return Err(ort::Error::new(format!("MatMulNBits: A's last dimension is not K = {k}")));
         }
-        let rows = x.len() / self.k;
+        let rows = x.len() / k;
         let mut out_shape = shape.to_vec();
-        *out_shape.last_mut().expect("A has a last dimension") = self.n as i64;
+        *out_shape.last_mut().expect("A has a last dimension") = n as i64;
         let mut y = ctx.output(0, out_shape)?.ok_or_else(|| missing("an output"))?;
         let (_, out) = y.try_extract_tensor_mut::<f32>()?;
         if rows == 0 {
@@ -263,11 +272,11 @@ impl Kernel for Product {
             static ACTIVATIONS: std::cell::RefCell<Activations> = std::cell::RefCell::default();
         }
         ACTIVATIONS.with_borrow_mut(|activations| {
-            activations.quantize_into(x, rows, self.k);
-            self.multiply(ctx, &weights, activations, out)
+            activations.quantize_into(x, rows, k);
+            self.multiply(ctx, activations, out)
         })?;
         if let Some(bias) = bias {
-            for row in out.chunks_mut(self.n) {
+            for row in out.chunks_mut(n) {
                 row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
             }
         }
@@ -276,19 +285,21 @@ impl Kernel for Product {
 }
 
 impl Product {
-    fn multiply(&self, ctx: &ComputeContext, weights: &Int4Weights, activations: &Activations, out: &mut [f32]) -> ort::Result<()> {
+    fn multiply(&self, ctx: &ComputeContext, activations: &Activations, out: &mut [f32]) -> ort::Result<()> {
+        let weights = &self.weights;
         // The pool's tasks write disjoint columns.
         let output = TaskPointer(out.as_mut_ptr());
+        let groups = weights.groups();
         // A product this small takes microseconds, about what waking the pool for it costs.
-        let tasks = if activations.rows() * self.n * self.k < PARALLEL_MACS { 1 } else { self.n.div_ceil(ROWS_PER_TASK) };
-        let per_task = if tasks == 1 { self.n } else { ROWS_PER_TASK };
-        let task_rows = |t: usize| -> Range<usize> { t * per_task..((t + 1) * per_task).min(self.n) };
+        let tasks = if activations.rows() * weights.n() * weights.k() < PARALLEL_MACS { 1 } else { groups.div_ceil(GROUPS_PER_TASK) };
+        let per_task = if tasks == 1 { groups } else { GROUPS_PER_TASK };
+        let task_groups = |t: usize| -> Range<usize> { t * per_task..((t + 1) * per_task).min(groups) };
         let run = |t: usize| {
             let output = output;
-            // SAFETY: `plan` registered this kernel only where `int4::supported()`; the weights are
-            // consistent (checked by `compute`), the activations have K columns, and each task
-            // writes its own columns of `out`, which outlives the tasks.
-            unsafe { int4::matmul_rows(weights, activations, task_rows(t), output.0) }
+            // SAFETY: `plan` registered this kernel only where `int4::supported()`; the
+            // activations have K columns (checked by `compute`), and each task writes its own
+            // columns of `out`, which outlives the tasks.
+            unsafe { int4::matmul_groups(weights, activations, task_groups(t), output.0) }
         };
         if tasks == 1 {
             run(0);
