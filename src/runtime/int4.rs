@@ -177,21 +177,36 @@ impl Activations {
         a.zero_point.resize(rows * blocks_per_row, 0);
         a.scales.clear();
         a.scales.resize(rows * blocks_per_row, 0.0);
+        let wide = supported();
         for r in 0..rows {
             for (b, block) in x[r * k..(r + 1) * k].chunks(BLOCK).enumerate() {
-                let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let inverse = if max != 0.0 { 127.0 / max } else { 0.0 };
                 let at = r * blocks_per_row + b;
-                let mut sum = 0i32;
-                for (q, v) in a.values[at * BLOCK..][..block.len()].iter_mut().zip(block) {
-                    *q = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
-                    sum += i32::from(*q);
-                }
+                let values = &mut a.values[at * BLOCK..][..block.len()];
+                let (max, sum) = match <&[f32; BLOCK]>::try_from(block) {
+                    // SAFETY: `supported()` is true.
+                    #[cfg(target_arch = "x86_64")]
+                    Ok(whole) if wide => unsafe { avx512::quantize_block(whole, values) },
+                    _ => quantize_block(block, values),
+                };
                 a.zero_point[at] = -8 * sum;
                 a.scales[at] = max / 127.0;
             }
         }
     }
+}
+
+/// Quantizes a block into `values`; returns its largest magnitude and the sum of its values.
+/// The vector version (a decode step quantizes every product's input: 6% of a forward's time
+/// in the scalar loop) computes the same values.
+fn quantize_block(block: &[f32], values: &mut [i8]) -> (f32, i32) {
+    let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let inverse = if max != 0.0 { 127.0 / max } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in values.iter_mut().zip(block) {
+        *q = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
+        sum += i32::from(*q);
+    }
+    (max, sum)
 }
 
 /// `out[r][i] = sum_k x[r][k] * w[i][k]` for the weight rows of `groups` (of `GROUP` rows) and
@@ -248,6 +263,27 @@ mod avx512 {
                 by_tile!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
                 first += tile;
             }
+        }
+    }
+
+    /// `super::quantize_block` for a whole block. The conversion rounds half to even (the
+    /// default rounding mode), the magnitudes are at most 127 but for rounding up, so the clamp
+    /// after it is the scalar's clamp before.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn quantize_block(block: &[f32; BLOCK], values: &mut [i8]) -> (f32, i32) {
+        assert_eq!(values.len(), BLOCK);
+        // SAFETY: 32 floats read and 32 bytes written, in bounds.
+        unsafe {
+            let low = _mm512_loadu_ps(block.as_ptr());
+            let high = _mm512_loadu_ps(block.as_ptr().add(16));
+            let max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+            let inverse = _mm512_set1_ps(if max != 0.0 { 127.0 / max } else { 0.0 });
+            let (least, most) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+            let round = |v| _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inverse)), least), most);
+            let (low, high) = (round(low), round(high));
+            _mm_storeu_si128(values.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(low));
+            _mm_storeu_si128(values.as_mut_ptr().add(16).cast(), _mm512_cvtepi32_epi8(high));
+            (max, _mm512_reduce_add_epi32(_mm512_add_epi32(low, high)))
         }
     }
 
@@ -336,6 +372,31 @@ mod tests {
         *seed ^= *seed >> 7;
         *seed ^= *seed << 17;
         *seed
+    }
+
+    /// The vector quantization gives the scalar's bytes, sum and scale: random blocks, blocks of
+    /// exact halves after scaling (ties), a block of zeros and one of a single value.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_vector_quantization_is_the_scalar_one() {
+        if !supported() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1d;
+        let mut blocks: Vec<[f32; BLOCK]> =
+            (0..500).map(|i| std::array::from_fn(|_| ((random(&mut seed) % 20001) as f32 / 1000.0 - 10.0) * (1 + i % 7) as f32)).collect();
+        // max 127: every value an integer plus a half is a tie.
+        blocks.push(std::array::from_fn(|j| if j == 0 { 127.0 } else { j as f32 - 15.5 }));
+        blocks.push([0.0; BLOCK]);
+        blocks.push([-3.25; BLOCK]);
+        for block in &blocks {
+            let (mut scalar, mut vector) = ([0i8; BLOCK], [0i8; BLOCK]);
+            let want = quantize_block(block, &mut scalar);
+            // SAFETY: `supported()` is true.
+            let got = unsafe { avx512::quantize_block(block, &mut vector) };
+            assert_eq!((got.0.to_bits(), got.1, vector), (want.0.to_bits(), want.1, scalar), "{block:?}");
+        }
     }
 
     /// Every shape class the kernel branches on: whole groups of 16 weight rows and a last group
