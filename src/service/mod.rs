@@ -2,6 +2,7 @@
 //! sends each request's `Token`/`Finished` signals to its caller only (destination set).
 //! Core errors become `org.edgellm.Error.*` here and nowhere else.
 
+pub mod bus_text;
 pub mod client;
 pub mod options;
 
@@ -12,8 +13,10 @@ use std::time::Instant;
 use zbus::message::Header;
 use zbus::names::{BusName, UniqueName};
 use zbus::object_server::{ResponseDispatchNotifier, SignalEmitter};
-use zbus::zvariant::{OwnedValue, Value};
+use zbus::zvariant::OwnedValue;
 use zbus::Connection;
+
+pub use bus_text::{BusDict, BusText};
 
 use crate::engine::{CancelToken, FinishReason, GenerationStats, Prompt};
 use crate::error::Error;
@@ -28,26 +31,39 @@ pub const SESSION_PATH: &str = "/org/edgellm/Daemon1/session";
 /// Open sessions one connection may hold.
 pub const MAX_SESSIONS_PER_CLIENT: usize = 64;
 
+/// The errors callers get. Messages are `BusText`s: an error that quotes a caller's schema or a
+/// file name must not carry a NUL onto the bus.
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "org.edgellm.Error")]
 pub enum DaemonError {
-    #[zbus(error)]
-    ZBus(zbus::Error),
-    ModelNotFound(String),
-    InvalidArgument(String),
-    PromptTooLong(String),
-    Busy(String),
-    Cancelled(String),
-    Timeout(String),
-    AccessDenied(String),
-    RequestNotFound(String),
-    ModelLoadFailed(String),
-    Internal(String),
+    ModelNotFound(BusText),
+    InvalidArgument(BusText),
+    PromptTooLong(BusText),
+    Busy(BusText),
+    Cancelled(BusText),
+    Timeout(BusText),
+    AccessDenied(BusText),
+    RequestNotFound(BusText),
+    ModelLoadFailed(BusText),
+    Internal(BusText),
+}
+
+/// A failed call to the bus itself (credentials of a caller): the daemon's fault, not the caller's.
+impl From<zbus::Error> for DaemonError {
+    fn from(e: zbus::Error) -> Self {
+        DaemonError::Internal(BusText::new(format!("D-Bus: {e}")))
+    }
+}
+
+impl From<zbus::fdo::Error> for DaemonError {
+    fn from(e: zbus::fdo::Error) -> Self {
+        DaemonError::Internal(BusText::new(format!("D-Bus: {e}")))
+    }
 }
 
 impl From<Error> for DaemonError {
     fn from(e: Error) -> Self {
-        let message = e.to_string();
+        let message = BusText::new(e.to_string());
         match e {
             Error::InvalidArgument { .. } | Error::NoChatTemplate(_) | Error::ChatTemplate(_) | Error::Tokenizer(_) => {
                 DaemonError::InvalidArgument(message)
@@ -64,7 +80,7 @@ impl From<Error> for DaemonError {
 
 impl From<SchedulerError> for DaemonError {
     fn from(e: SchedulerError) -> Self {
-        let message = e.to_string();
+        let message = BusText::new(e.to_string());
         match e {
             SchedulerError::ModelNotFound(_) => DaemonError::ModelNotFound(message),
             SchedulerError::Busy(_) | SchedulerError::ShuttingDown => DaemonError::Busy(message),
@@ -108,39 +124,36 @@ pub struct Daemon {
     token_interval: std::time::Duration,
 }
 
-fn stats_dict(stats: &GenerationStats) -> HashMap<String, OwnedValue> {
-    let mut d = HashMap::new();
-    let mut put = |k: &str, v: Value<'_>| {
-        d.insert(k.to_string(), OwnedValue::try_from(v).expect("plain values convert"));
-    };
-    put("prompt_tokens", Value::U32(stats.prompt_tokens as u32));
-    put("generated_tokens", Value::U32(stats.generated_tokens as u32));
-    put("time_to_first_token_ms", Value::F64(stats.time_to_first_token.as_secs_f64() * 1000.0));
-    put("total_time_ms", Value::F64(stats.total_time.as_secs_f64() * 1000.0));
-    put("decode_tokens_per_s", Value::F64(stats.decode_tokens_per_s));
-    put("provider", Value::from(stats.provider.clone()));
-    put("target_forwards", Value::U32(stats.target_forwards as u32));
-    put("queued_ms", Value::F64(stats.queued.as_secs_f64() * 1000.0));
-    put("paused_ms", Value::F64(stats.paused.as_secs_f64() * 1000.0));
-    put("cached_prompt_tokens", Value::U32(stats.cached_prompt_tokens as u32));
+fn stats_dict(stats: &GenerationStats) -> BusDict {
+    let mut d = BusDict::new();
+    d.u32("prompt_tokens", stats.prompt_tokens as u32);
+    d.u32("generated_tokens", stats.generated_tokens as u32);
+    d.f64("time_to_first_token_ms", stats.time_to_first_token.as_secs_f64() * 1000.0);
+    d.f64("total_time_ms", stats.total_time.as_secs_f64() * 1000.0);
+    d.f64("decode_tokens_per_s", stats.decode_tokens_per_s);
+    d.text("provider", stats.provider.as_str());
+    d.u32("target_forwards", stats.target_forwards as u32);
+    d.f64("queued_ms", stats.queued.as_secs_f64() * 1000.0);
+    d.f64("paused_ms", stats.paused.as_secs_f64() * 1000.0);
+    d.u32("cached_prompt_tokens", stats.cached_prompt_tokens as u32);
     if let Some(spec) = &stats.speculative {
-        put("draft_tokens", Value::U32(spec.draft_tokens as u32));
-        put("accepted_tokens", Value::U32(spec.accepted_tokens as u32));
-        put("acceptance_rate", Value::F64(spec.acceptance_rate()));
+        d.u32("draft_tokens", spec.draft_tokens as u32);
+        d.u32("accepted_tokens", spec.accepted_tokens as u32);
+        d.f64("acceptance_rate", spec.acceptance_rate());
     }
     if let Some(m) = &stats.multitoken {
-        put("multitoken_mode", Value::from(m.mode.as_str()));
-        put("tokens_per_step", Value::F64(m.tokens_per_step(stats.generated_tokens)));
-        put("kv_entries", Value::U32(m.kv_entries as u32));
+        d.text("multitoken_mode", m.mode.as_str());
+        d.f64("tokens_per_step", m.tokens_per_step(stats.generated_tokens));
+        d.u32("kv_entries", m.kv_entries as u32);
     }
     d
 }
 
 /// The stats of a finished request, with its generated ids when the caller asked for them.
-fn finished_stats(f: &Finished, with_token_ids: bool) -> HashMap<String, OwnedValue> {
+fn finished_stats(f: &Finished, with_token_ids: bool) -> BusDict {
     let mut stats = stats_dict(&f.stats);
     if with_token_ids {
-        stats.insert("token_ids".into(), OwnedValue::try_from(Value::from(f.token_ids.clone())).expect("an array of u"));
+        stats.ids("token_ids", &f.token_ids);
     }
     stats
 }
@@ -186,7 +199,7 @@ impl Daemon {
         if bytes > limit {
             return Err(DaemonError::PromptTooLong(format!(
                 "the {what} has {bytes} bytes, over the daemon's limit of {limit} (`limits.max_prompt_bytes`)"
-            )));
+            ).into()));
         }
         Ok(())
     }
@@ -245,7 +258,7 @@ impl Daemon {
             let (scheduler, sender, model, prompt) = (self.scheduler.clone(), sender.to_string(), model.to_string(), prompt.clone());
             tokio::task::spawn_blocking(move || scheduler.submit_keyed(&sender, &model, &prompt, generate, priority, cache))
                 .await
-                .map_err(|e| DaemonError::Internal(format!("request validation failed: {e}")))??
+                .map_err(|e| DaemonError::Internal(format!("request validation failed: {e}").into()))??
         };
         if self.log_text {
             tracing::debug!(request = submitted.id, ?prompt, "request text");
@@ -267,7 +280,7 @@ impl Daemon {
                 reason: format!("{path} is not an open session (CreateSession opens one)"),
             }
             .into()),
-            Some(s) if s.owner != sender => Err(DaemonError::AccessDenied(format!("session {path} belongs to another connection"))),
+            Some(s) if s.owner != sender => Err(DaemonError::AccessDenied(format!("session {path} belongs to another connection").into())),
             Some(s) if model.is_some_and(|m| m != s.model) => Err(Error::InvalidArgument {
                 argument: "session".into(),
                 reason: format!("{path} is a session of model `{}`, not `{}`", s.model, model.unwrap_or_default()),
@@ -328,13 +341,13 @@ impl Daemon {
                 let sent = match event {
                     Event::Text(text) => {
                         quiet_until = Some(Instant::now() + token_interval);
-                        Daemon::token(&emitter, id, &text).await
+                        Daemon::token(&emitter, id, &BusText::new(text)).await
                     }
                     Event::Finished(f) => {
                         let mut stats = finished_stats(&f, return_token_ids);
-                        stats.insert("priority".into(), OwnedValue::try_from(Value::from(priority.as_str())).expect("string"));
+                        stats.text("priority", priority.as_str());
                         if let Some(error) = &f.error {
-                            stats.insert("error".into(), OwnedValue::try_from(Value::from(error.to_string())).expect("string"));
+                            stats.text("error", error.to_string());
                         }
                         let sent = Daemon::finished(&emitter, id, f.reason.as_str(), stats).await;
                         tracing::info!(request = id, reason = f.reason.as_str(), tokens = f.stats.generated_tokens, "request finished");
@@ -365,7 +378,7 @@ impl Daemon {
     async fn check_admin(&self, conn: &Connection, sender: &UniqueName<'_>) -> Result<(), DaemonError> {
         let dbus = zbus::fdo::DBusProxy::new(conn).await?;
         let creds =
-            dbus.get_connection_credentials(BusName::Unique(sender.clone())).await.map_err(|e| DaemonError::Internal(e.to_string()))?;
+            dbus.get_connection_credentials(BusName::Unique(sender.clone())).await.map_err(|e| DaemonError::Internal(e.to_string().into()))?;
         let uid = creds.unix_user_id();
         let in_group = match (self.admin.admin_gid, creds.unix_group_ids()) {
             (Some(gid), Some(groups)) => groups.contains(&gid),
@@ -377,7 +390,7 @@ impl Daemon {
             Err(DaemonError::AccessDenied(format!(
                 "loading and unloading models needs root, the daemon's user or the configured admin group (caller uid {})",
                 uid.map(|u| u.to_string()).unwrap_or_else(|| "unknown".into())
-            )))
+            ).into()))
         }
     }
 
@@ -388,7 +401,7 @@ impl Daemon {
         model: &str,
         prompt: Prompt,
         options: &HashMap<String, OwnedValue>,
-    ) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
+    ) -> Result<(BusText, BusDict), DaemonError> {
         let Started { mut submitted, return_token_ids, priority } = self.start(conn, sender, model, prompt, options).await?;
         let id = submitted.id;
         // The text comes whole in the end: the engine need not wake this task for its pieces.
@@ -404,15 +417,15 @@ impl Daemon {
         let f = finished.ok_or_else(|| DaemonError::Internal("the request ended without a result".into()))?;
         match f.reason {
             FinishReason::Error => {
-                Err(f.error.map(DaemonError::from).unwrap_or_else(|| DaemonError::Internal(format!("request {id} failed"))))
+                Err(f.error.map(DaemonError::from).unwrap_or_else(|| DaemonError::Internal(format!("request {id} failed").into())))
             }
-            FinishReason::Cancelled => Err(DaemonError::Cancelled(format!("request {id} was cancelled"))),
-            FinishReason::Timeout => Err(DaemonError::Timeout(format!("request {id} ran past `limits.request_timeout_s`"))),
+            FinishReason::Cancelled => Err(DaemonError::Cancelled(format!("request {id} was cancelled").into())),
+            FinishReason::Timeout => Err(DaemonError::Timeout(format!("request {id} ran past `limits.request_timeout_s`").into())),
             FinishReason::Stop | FinishReason::Length => {
                 let mut stats = finished_stats(&f, return_token_ids);
-                stats.insert("priority".into(), OwnedValue::try_from(Value::from(priority.as_str())).expect("string"));
-                stats.insert("finish_reason".into(), OwnedValue::try_from(Value::from(f.reason.as_str())).expect("string"));
-                Ok((f.text, stats))
+                stats.text("priority", priority.as_str());
+                stats.text("finish_reason", f.reason.as_str());
+                Ok((BusText::new(f.text), stats))
             }
         }
     }
@@ -465,7 +478,7 @@ impl Daemon {
         model: String,
         prompt: String,
         options: HashMap<String, OwnedValue>,
-    ) -> Result<(String, HashMap<String, OwnedValue>), DaemonError> {
+    ) -> Result<(BusText, BusDict), DaemonError> {
         let sender = Self::sender(&header)?;
         self.complete_inner(conn, &sender, &model, Prompt::Text(prompt), &options).await
     }
@@ -479,19 +492,19 @@ impl Daemon {
         // Off the bus's threads: a large text or a first use that opens the model folder blocks.
         let ids = tokio::task::spawn_blocking(move || scheduler.tokenize(&model, &text))
             .await
-            .map_err(|e| DaemonError::Internal(e.to_string()))??;
+            .map_err(|e| DaemonError::Internal(e.to_string().into()))??;
         Ok(ids)
     }
 
     /// The text of `ids` under `model`'s tokenizer, special tokens skipped.
     #[zbus(out_args("text"))]
-    async fn detokenize(&self, model: String, ids: Vec<u32>) -> Result<String, DaemonError> {
+    async fn detokenize(&self, model: String, ids: Vec<u32>) -> Result<BusText, DaemonError> {
         self.check_text_size("id list", ids.len() * 4)?;
         let scheduler = self.scheduler.clone();
         let text = tokio::task::spawn_blocking(move || scheduler.detokenize(&model, &ids))
             .await
-            .map_err(|e| DaemonError::Internal(e.to_string()))??;
-        Ok(text)
+            .map_err(|e| DaemonError::Internal(e.to_string().into()))??;
+        Ok(BusText::new(text))
     }
 
     /// Cancels a request the caller started. Someone else's id and an unknown id get the same
@@ -504,7 +517,7 @@ impl Daemon {
                 entry.cancel.cancel();
                 Ok(())
             }
-            _ => Err(DaemonError::RequestNotFound(format!("no request {request_id} of this caller is running"))),
+            _ => Err(DaemonError::RequestNotFound(format!("no request {request_id} of this caller is running").into())),
         }
     }
 
@@ -524,12 +537,12 @@ impl Daemon {
         if sessions.values().filter(|s| s.owner == sender.as_str()).count() >= MAX_SESSIONS_PER_CLIENT {
             return Err(DaemonError::Busy(format!(
                 "this connection has {MAX_SESSIONS_PER_CLIENT} open sessions, the most it may hold: close one (CloseSession)"
-            )));
+            ).into()));
         }
         let n = self.next_session.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = format!("{SESSION_PATH}/s{n}");
         sessions.insert(path.clone(), SessionEntry { owner: sender.to_string(), model });
-        zbus::zvariant::OwnedObjectPath::try_from(path).map_err(|e| DaemonError::Internal(e.to_string()))
+        zbus::zvariant::OwnedObjectPath::try_from(path).map_err(|e| DaemonError::Internal(e.to_string().into()))
     }
 
     /// Closes a session of the caller's and frees its KV.
@@ -543,46 +556,43 @@ impl Daemon {
 
     /// Every configured model with its state, provider, draft and error.
     #[zbus(out_args("models"))]
-    async fn list_models(&self) -> Vec<(String, HashMap<String, OwnedValue>)> {
+    async fn list_models(&self) -> Vec<(BusText, BusDict)> {
         self.scheduler
             .models()
             .into_iter()
             .map(|m| {
-                let mut d = HashMap::new();
-                let mut put = |k: &str, v: Value<'_>| {
-                    d.insert(k.to_string(), OwnedValue::try_from(v).expect("plain values convert"));
-                };
-                put("state", Value::from(m.state.as_str()));
-                put("provider", Value::from(m.provider.clone().unwrap_or_default()));
+                let mut d = BusDict::new();
+                d.text("state", m.state.as_str());
+                d.text("provider", m.provider.clone().unwrap_or_default());
                 if let Some(draft) = &m.draft {
-                    put("draft", Value::from(draft.clone()));
+                    d.text("draft", draft.as_str());
                 }
                 if let Some(p) = &m.draft_provider {
-                    put("draft_provider", Value::from(p.clone()));
+                    d.text("draft_provider", p.as_str());
                 }
                 if let Some(k) = &m.int4_kernel {
-                    put("int4_kernel", Value::from(k.clone()));
+                    d.text("int4_kernel", k.as_str());
                 }
                 if let Some(error) = &m.error {
-                    put("error", Value::from(error.clone()));
+                    d.text("error", error.as_str());
                 }
-                put("requests", Value::U64(m.requests));
+                d.u64("requests", m.requests);
                 if m.draft.is_some() {
-                    put("draft_tokens", Value::U64(m.draft_tokens));
-                    put("accepted_tokens", Value::U64(m.accepted_tokens));
+                    d.u64("draft_tokens", m.draft_tokens);
+                    d.u64("accepted_tokens", m.accepted_tokens);
                 }
-                put("generated_tokens", Value::U64(m.generated_tokens));
+                d.u64("generated_tokens", m.generated_tokens);
                 if let Some(mib) = m.memory_mib {
-                    put("memory_mib", Value::U64(mib));
+                    d.u64("memory_mib", mib);
                 }
                 if let Some(tps) = m.tokens_per_s {
-                    put("tokens_per_s", Value::F64(tps));
+                    d.f64("tokens_per_s", tps);
                 }
                 if let Some(at) = m.unloads_at {
                     // Seconds until an idle model unloads (its keep_alive_s).
-                    put("unloads_in_s", Value::F64(at.saturating_duration_since(std::time::Instant::now()).as_secs_f64()));
+                    d.f64("unloads_in_s", at.saturating_duration_since(std::time::Instant::now()).as_secs_f64());
                 }
-                (m.name, d)
+                (BusText::new(m.name), d)
             })
             .collect()
     }
@@ -613,40 +623,35 @@ impl Daemon {
 
     /// Version, uptime and request counters.
     #[zbus(out_args("status"))]
-    async fn status(&self) -> HashMap<String, OwnedValue> {
-        let mut d = HashMap::new();
-        let mut put = |k: &str, v: Value<'_>| {
-            d.insert(k.to_string(), OwnedValue::try_from(v).expect("plain values convert"));
-        };
-        put("version", Value::from(env!("CARGO_PKG_VERSION")));
-        put("uptime_s", Value::U64(self.started.elapsed().as_secs()));
-        put("requests_in_flight", Value::U32(self.scheduler.in_flight() as u32));
-        put("requests_queued", Value::U32(self.scheduler.queued() as u32));
-        put("requests_total", Value::U64(self.scheduler.requests_total()));
-        put("generated_tokens_total", Value::U64(self.scheduler.generated_tokens_total()));
+    async fn status(&self) -> BusDict {
+        let mut d = BusDict::new();
+        d.text("version", env!("CARGO_PKG_VERSION"));
+        d.u64("uptime_s", self.started.elapsed().as_secs());
+        d.u32("requests_in_flight", self.scheduler.in_flight() as u32);
+        d.u32("requests_queued", self.scheduler.queued() as u32);
+        d.u64("requests_total", self.scheduler.requests_total());
+        d.u64("generated_tokens_total", self.scheduler.generated_tokens_total());
         let (kv_bytes, kv_caches) = self.scheduler.kv_cache_usage();
-        put("kv_cache_mib", Value::F64(kv_bytes as f64 / (1024.0 * 1024.0)));
-        put("kv_caches", Value::U32(kv_caches as u32));
+        d.f64("kv_cache_mib", kv_bytes as f64 / (1024.0 * 1024.0));
+        d.u32("kv_caches", kv_caches as u32);
         // Running totals of speculative decoding per model with a draft: name -> (drafted, accepted).
-        let speculative: HashMap<String, (u64, u64)> = self
-            .scheduler
-            .models()
-            .into_iter()
-            .filter(|m| m.draft.is_some())
-            .map(|m| (m.name, (m.draft_tokens, m.accepted_tokens)))
-            .collect();
-        put("speculative", Value::from(speculative));
+        d.counts(
+            "speculative",
+            self.scheduler.models().into_iter().filter(|m| m.draft.is_some()).map(|m| (BusText::new(m.name), (m.draft_tokens, m.accepted_tokens))),
+        );
         d
     }
 
     #[zbus(signal)]
-    async fn token(emitter: &SignalEmitter<'_>, request_id: u64, text: &str) -> zbus::Result<()>;
+    async fn token(emitter: &SignalEmitter<'_>, request_id: u64, text: &BusText) -> zbus::Result<()>;
 
+    /// `reason` is one of `FinishReason::as_str`'s names.
     #[zbus(signal)]
-    async fn finished(emitter: &SignalEmitter<'_>, request_id: u64, reason: &str, stats: HashMap<String, OwnedValue>) -> zbus::Result<()>;
+    async fn finished(emitter: &SignalEmitter<'_>, request_id: u64, reason: &'static str, stats: BusDict) -> zbus::Result<()>;
 
+    /// `state` is one of `ModelState::as_str`'s names.
     #[zbus(signal)]
-    pub async fn model_state_changed(emitter: &SignalEmitter<'_>, name: &str, state: &str) -> zbus::Result<()>;
+    pub async fn model_state_changed(emitter: &SignalEmitter<'_>, name: &BusText, state: &'static str) -> zbus::Result<()>;
 }
 
 /// Emits every model state change from `states` as the `ModelStateChanged` signal on `conn`
@@ -656,7 +661,7 @@ pub async fn relay_model_states(states: tokio::sync::broadcast::Receiver<(String
         let conn = conn.clone();
         async move {
             if let Ok(emitter) = SignalEmitter::new(&conn, OBJECT_PATH) {
-                let _ = Daemon::model_state_changed(&emitter, &name, state.as_str()).await;
+                let _ = Daemon::model_state_changed(&emitter, &BusText::new(name), state.as_str()).await;
             }
         }
     })
