@@ -141,9 +141,16 @@ async fn run(config: Config) -> Result<(), String> {
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
     let mut tick = tokio::time::interval(Duration::from_micros(if watchdog { watchdog_usec / 2 } else { 3_600_000_000 }));
     let mut current = config.clone();
+    let bus_lost = watch_bus(&conn);
+    tokio::pin!(bus_lost);
+    let mut lost = None;
     loop {
         tokio::select! {
             _ = term.recv() => break,
+            why = &mut bus_lost => {
+                lost = Some(why);
+                break;
+            }
             _ = hup.recv() => reload(&mut current, &scheduler),
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => if watchdog {
@@ -155,6 +162,15 @@ async fn run(config: Config) -> Result<(), String> {
                 }
             },
         }
+    }
+
+    if let Some(why) = lost {
+        // Nobody can reach the daemon or hear its answers: stop at once and fail, so that the
+        // service manager restarts it (Restart=on-failure) and it takes its name again.
+        notify(&[sd_notify::NotifyState::Stopping]);
+        let stopper = scheduler.clone();
+        let _ = tokio::task::spawn_blocking(move || stopper.shutdown()).await;
+        return Err(format!("lost the D-Bus bus: {why}; exiting so that the service manager restarts edgellmd"));
     }
 
     // Shutdown: no new requests; in-flight ones get the grace period, then are cancelled.
@@ -174,6 +190,32 @@ async fn run(config: Config) -> Result<(), String> {
     let _ = conn.release_name(BUS_NAME).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the daemon asks the bus whether it is still there, and how long an answer may take.
+const BUS_PING_INTERVAL: Duration = Duration::from_secs(5);
+const BUS_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Returns why the bus is gone: the connection closed (dbus-daemon dropped the daemon, or the
+/// bus stopped or restarted), or the bus stopped answering. A daemon off the bus keeps running
+/// deaf otherwise, and the watchdog, fed by engine progress, would not notice.
+async fn watch_bus(conn: &zbus::Connection) -> String {
+    let mut tick = tokio::time::interval(BUS_PING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return "the connection to the bus closed".into(),
+            _ = tick.tick() => {
+                let ping = conn.call_method(Some("org.freedesktop.DBus"), "/org/freedesktop/DBus", Some("org.freedesktop.DBus.Peer"), "Ping", &());
+                match tokio::time::timeout(BUS_PING_TIMEOUT, ping).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) if conn.is_closed() => return format!("the connection to the bus closed ({e})"),
+                    Ok(Err(e)) => return format!("the bus refused a ping: {e}"),
+                    Err(_) => return format!("the bus did not answer a ping within {} s", BUS_PING_TIMEOUT.as_secs()),
+                }
+            }
+        }
+    }
 }
 
 /// SIGHUP: read the config again; apply it if it validates, keep the running one otherwise.
