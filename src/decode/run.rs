@@ -268,8 +268,8 @@ impl Run {
     }
 
     /// Constrains the output to what `matcher` accepts.
-    pub(crate) fn constrain(&mut self, matcher: llguidance::Matcher) {
-        self.constraint = Some(Constraint::new(matcher));
+    pub(crate) fn constrain(&mut self, matcher: llguidance::Matcher, option: &'static str) {
+        self.constraint = Some(Constraint::new(matcher, option));
     }
 
     /// Masks the logits of the position after the sequence and then `ahead` (proposed tokens not

@@ -272,7 +272,7 @@ impl Engine {
         let max_new = options.max_new_tokens.unwrap_or(max_total.saturating_sub(prompt_ids.len())).max(1);
         let mut run = Run::new(&self.folder, prompt_ids, params, options, max_new, self.context());
         if let Some(grammar) = &options.grammar {
-            run.constrain(self.folder.output_matcher(grammar)?);
+            run.constrain(self.folder.output_matcher(grammar)?, grammar.option());
         }
         // A cache from another engine (the model was reloaded since) belongs to other sessions.
         let (cached_tokens, cached_kv) = match cache.filter(|c| c.engine == self.id) {

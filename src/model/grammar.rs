@@ -73,27 +73,46 @@ impl GrammarCompiler {
         vocab_size: usize,
     ) -> Result<Matcher> {
         let factory = self.factory(tokenizer_json, eos_ids, vocab_size)?;
-        let invalid = |reason: String| Error::InvalidArgument { argument: grammar.option().into(), reason };
-        let top = match grammar {
-            OutputGrammar::JsonSchema(text) => {
-                let mut schema: serde_json::Value = serde_json::from_str(text).map_err(|e| invalid(format!("is not JSON: {e}")))?;
-                // JSON as Python's json.dumps writes it, with no whitespace of the model's own
-                // choosing (llguidance's default lets a model emit blank lines forever); a schema's
-                // own `x-guidance` options choose otherwise.
-                if let Some(object) = schema.as_object_mut().filter(|o| !o.contains_key("x-guidance")) {
-                    object.insert(
-                        "x-guidance".into(),
-                        serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
-                    );
-                }
-                TopLevelGrammar::from_json_schema(schema)
+        // llguidance compiles recursively: a chain of a thousand rules or `$ref`s overflows an
+        // ordinary thread's stack and aborts the process. The caller's text is at most 64 KiB
+        // (`service::options`), and on a stack this size the deepest such chain compiles; the
+        // stack is address space, touched only as deep as a grammar goes.
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("grammar".into())
+                .stack_size(COMPILE_STACK_BYTES)
+                .spawn_scoped(scope, || compile(&factory, grammar))
+                .map_err(|e| Error::Inference(format!("cannot start the grammar compiler's thread: {e}")))?
+                .join()
+                .unwrap_or_else(|_| Err(Error::InvalidArgument { argument: grammar.option().into(), reason: "llguidance failed on it".into() }))
+        })
+    }
+}
+
+/// The stack the grammar compiler runs on.
+const COMPILE_STACK_BYTES: usize = 256 << 20;
+
+fn compile(factory: &ParserFactory, grammar: &OutputGrammar) -> Result<Matcher> {
+    let invalid = |reason: String| Error::InvalidArgument { argument: grammar.option().into(), reason };
+    let top = match grammar {
+        OutputGrammar::JsonSchema(text) => {
+            let mut schema: serde_json::Value = serde_json::from_str(text).map_err(|e| invalid(format!("is not JSON: {e}")))?;
+            // JSON as Python's json.dumps writes it, with no whitespace of the model's own
+            // choosing (llguidance's default lets a model emit blank lines forever); a schema's
+            // own `x-guidance` options choose otherwise.
+            if let Some(object) = schema.as_object_mut().filter(|o| !o.contains_key("x-guidance")) {
+                object.insert(
+                    "x-guidance".into(),
+                    serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+                );
             }
-            OutputGrammar::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
-        };
-        let matcher = Matcher::new(factory.create_parser(top));
-        match matcher.get_error() {
-            Some(e) => Err(invalid(format!("llguidance rejects it: {e}"))),
-            None => Ok(matcher),
+            TopLevelGrammar::from_json_schema(schema)
         }
+        OutputGrammar::Lark(text) => TopLevelGrammar::from_lark(text.clone()),
+    };
+    let matcher = Matcher::new(factory.create_parser(top));
+    match matcher.get_error() {
+        Some(e) => Err(invalid(format!("llguidance rejects it: {e}"))),
+        None => Ok(matcher),
     }
 }

@@ -193,12 +193,14 @@ pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Er
                 other => return Err(wrong_type(name, "s", other)),
             },
             "json_schema" | "grammar" => {
+                // The size is checked before anything else looks at the text: llguidance's work
+                // grows with it (a 12 MB grammar took minutes and a gigabyte).
                 let text = match v {
-                    Value::Str(s) if !s.is_empty() => s.to_string(),
                     Value::Str(s) if s.len() > MAX_GRAMMAR_BYTES => {
                         return Err(invalid(name, format!("is {} bytes; at most {MAX_GRAMMAR_BYTES}", s.len())))
                     }
-                    Value::Str(_) => return Err(invalid(name, "is empty")),
+                    Value::Str(s) if s.is_empty() => return Err(invalid(name, "is empty")),
+                    Value::Str(s) => s.to_string(),
                     other => return Err(wrong_type(name, "s", other)),
                 };
                 if g.grammar.is_some() {
