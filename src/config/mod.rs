@@ -478,6 +478,15 @@ impl Config {
                 multitoken: MultiTokenConfig { mode, threshold, max_tokens: max_step },
             });
         }
+        // A daemon with no model serves nothing: on SIGHUP an emptied file would unload every
+        // model, so a config without one is an error like any other and the running one stays.
+        if models.is_empty() {
+            return Err(ConfigError {
+                file: file.to_path_buf(),
+                line: None,
+                message: "no [[model]] is configured: add one (`[[model]]` with `name` and `path`, see config/edgellm.toml)".into(),
+            });
+        }
         // Drafts must name another configured model.
         for (m, raw_m) in models.iter().zip(&raw.model) {
             if let (Some(draft), Some(span)) = (&m.draft, raw_m.draft.as_ref().map(|d| d.span())) {
@@ -553,11 +562,20 @@ mod tests {
 
     #[test]
     fn token_interval_key_its_default_and_bound() {
-        assert_eq!(parse("").unwrap().daemon.token_interval, DEFAULT_TOKEN_INTERVAL);
-        let c = parse("[daemon]\ntoken_interval_ms = 0\n").unwrap();
+        const MODEL: &str = "\n[[model]]\nname = \"a\"\npath = \"x\"\n";
+        assert_eq!(parse(MODEL).unwrap().daemon.token_interval, DEFAULT_TOKEN_INTERVAL);
+        let c = parse(&format!("[daemon]\ntoken_interval_ms = 0\n{MODEL}")).unwrap();
         assert_eq!(c.daemon.token_interval, std::time::Duration::ZERO);
         let e = parse("[daemon]\ntoken_interval_ms = 60001\n").unwrap_err().to_string();
         assert!(e.contains(":2:") && e.contains("daemon.token_interval_ms"), "{e}");
+    }
+
+    #[test]
+    fn a_config_without_a_model_is_refused() {
+        for text in ["", "\n# nothing\n", "[daemon]\nbus = \"session\"\n", "[limits]\nmax_queue = 4\n"] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains("test.toml") && e.contains("no [[model]]"), "{text:?}: {e}");
+        }
     }
 
     #[test]
