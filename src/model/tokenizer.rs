@@ -6,6 +6,8 @@ use crate::error::{Error, Result};
 
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
+    /// One more than the largest id it knows, added tokens included.
+    id_bound: u32,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -21,7 +23,14 @@ impl TextTokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::ModelFile { path: path.to_path_buf(), reason: format!("not a valid tokenizer.json: {e}") })?;
-        Ok(TextTokenizer { inner })
+        let id_bound = inner.get_vocab(true).values().max().map_or(0, |&id| id + 1);
+        Ok(TextTokenizer { inner, id_bound })
+    }
+
+    /// The ids it can decode are `0..id_bound()`. A model's output vocabulary may be smaller
+    /// (onnxruntime-genai's tiny GPT-2: 1,000 logits, 50,257 tokens) or padded larger.
+    pub fn id_bound(&self) -> u32 {
+        self.id_bound
     }
 
     /// The ids a plain prompt is fed as: what the tokenizer's post-processor adds included (the

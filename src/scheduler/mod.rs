@@ -192,7 +192,15 @@ impl Scheduler {
     /// The text of `ids` under `model`'s tokenizer, special tokens skipped.
     pub fn detokenize(&self, model: &str, ids: &[u32]) -> Result<String, SchedulerError> {
         let folder = self.folder(&*self.slot(model)?)?;
-        folder.check_vocabulary("ids", ids)?;
+        // The tokenizer's ids, not the model's logits: Detokenize is the tokenizer's inverse.
+        let bound = folder.tokenizer.id_bound();
+        if let Some(&bad) = ids.iter().find(|&&id| id >= bound) {
+            return Err(Error::InvalidArgument {
+                argument: "ids".into(),
+                reason: format!("token id {bad} is outside the tokenizer's vocabulary (0..{bound})"),
+            }
+            .into());
+        }
         Ok(folder.tokenizer.decode(ids)?)
     }
 
