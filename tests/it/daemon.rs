@@ -49,6 +49,14 @@ impl PrivateBus {
     }
 }
 
+impl PrivateBus {
+    /// Stops the bus under whoever is connected to it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for PrivateBus {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -117,6 +125,11 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The daemon's exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
     }
 
     pub fn log_text(&self) -> String {

@@ -11,6 +11,7 @@ mod multitoken;
 mod openai;
 mod real_models;
 mod reuse;
+mod robustness;
 mod scheduler;
 mod speculative;
 mod structured;

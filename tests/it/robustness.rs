@@ -1,0 +1,130 @@
+//! Nothing a client sends, a model says or a config holds takes edgellmd off the bus: a NUL in a
+//! reply, signal or error; a grammar deep enough to overflow a stack; a bus that goes away; an
+//! emptied config on SIGHUP. Each test ends by checking that the daemon still owns its name and
+//! answers another client.
+
+use std::time::{Duration, Instant};
+
+use edgellm::service::client::Daemon1Proxy;
+use zbus::zvariant::Value;
+
+use crate::daemon::{greedy_options, rt, stream_request, Daemon};
+
+/// The id whose text is the byte 0x00 in the bundled models' byte-level tokenizer.
+const NUL_TOKEN: &str = "191";
+
+/// The daemon still owns `org.edgellm.Daemon1` and answers a fresh client.
+fn still_serving(daemon: &Daemon) {
+    let models = daemon.call("ListModels", "", &[]).unwrap_or_else(|e| panic!("the daemon left the bus: {e}\n{}", daemon.log_text()));
+    assert!(models.to_string().contains("kjv"), "{models}");
+}
+
+#[test]
+fn a_nul_in_a_reply_a_signal_or_an_error_keeps_the_daemon_on_the_bus() {
+    let daemon = Daemon::start("");
+    // Detokenize of the NUL byte's token: U+FFFD in its place.
+    let reply = daemon.call("Detokenize", "sau", &["kjv", "3", "72", NUL_TOKEN, "72"]).unwrap();
+    let text = reply["data"][0].as_str().unwrap();
+    assert!(text.contains('\u{FFFD}') && !text.contains('\0'), "{text:?}");
+    still_serving(&daemon);
+
+    rt().block_on(async {
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+        // A grammar that forces the model to say NUL, through Complete and through Token signals.
+        let mut options = greedy_options(4);
+        options.insert("grammar", Value::from(r#"start: /\x00+/"#));
+        options.insert("return_token_ids", Value::Bool(true));
+        let (text, stats) = proxy.complete("kjv", "In the beginning", options.clone()).await.unwrap();
+        assert!(!text.is_empty() && text.chars().all(|c| c == '\u{FFFD}'), "{text:?}");
+        let ids: Vec<u32> = stats["token_ids"].clone().try_into().unwrap();
+        assert!(ids.iter().all(|&id| id.to_string() == NUL_TOKEN), "the exact ids stay available: {ids:?}");
+        options.remove("return_token_ids");
+        let (streamed, reason, _) = stream_request(&proxy, proxy.generate("kjv", "In the beginning", options)).await;
+        assert_eq!(streamed, text, "{reason}");
+        // A caller's schema quoted in an error message: JSON's escape of NUL (a client cannot send
+        // the byte itself: the bus would drop the client).
+        let mut options = greedy_options(4);
+        options.insert("json_schema", Value::from(r#"{"type":"foo\u0000"}"#));
+        let e = proxy.complete("kjv", "In the beginning", options).await.unwrap_err().to_string();
+        assert!(e.contains("InvalidArgument") && !e.contains('\0'), "{e}");
+    });
+    still_serving(&daemon);
+}
+
+#[test]
+fn grammars_deep_enough_to_overflow_a_stack_are_answered_and_sizes_are_bounded_first() {
+    let daemon = Daemon::start("");
+    // 1,000 chained rules (about 17 KB) and 1,000 chained `$ref`s (about 31 KB) aborted the daemon
+    // with a stack overflow; so, at the 64 KiB limit, 3,000 rules.
+    let chain = |n: usize| {
+        let mut g = String::from("start: r0\n");
+        for i in 0..n {
+            g.push_str(&format!("r{i}: r{} | \"x\"\n", i + 1));
+        }
+        g + &format!("r{n}: \"y\"\n")
+    };
+    let refs = {
+        let defs: Vec<String> =
+            (0..1000).map(|i| format!("\"d{i}\": {{\"$ref\": \"#/$defs/d{}\"}}", i + 1)).chain(["\"d1000\": {\"type\": \"integer\"}".into()]).collect();
+        format!("{{\"$defs\": {{{}}}, \"$ref\": \"#/$defs/d0\"}}", defs.join(", "))
+    };
+    for (option, text) in [("grammar", chain(1000)), ("grammar", chain(3000)), ("json_schema", refs)] {
+        assert!(text.len() <= 64 * 1024, "{}", text.len());
+        let started = Instant::now();
+        let result = daemon.call("Complete", "ssa{sv}", &["kjv", "Say", "2", "max_new_tokens", "u", "3", option, "s", &text]);
+        if let Err(e) = &result {
+            assert!(e.contains("InvalidArgument") || e.contains("nvalid"), "{option} of {} bytes: {e}", text.len());
+        }
+        eprintln!("{option} of {} bytes: {:?} in {:.1?}", text.len(), result.as_ref().map(|_| "answered"), started.elapsed());
+        still_serving(&daemon);
+    }
+    // One byte over the limit is refused before llguidance sees it.
+    let over = format!("start: \"{}\"", "a".repeat(64 * 1024));
+    let started = Instant::now();
+    let e = daemon.call("Complete", "ssa{sv}", &["kjv", "Say", "2", "max_new_tokens", "u", "3", "grammar", "s", &over]).unwrap_err();
+    assert!(e.contains("grammar") && e.contains("at most 65536"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    still_serving(&daemon);
+}
+
+#[test]
+fn a_lost_bus_ends_the_daemon_with_a_failure() {
+    let mut daemon = Daemon::start("");
+    still_serving(&daemon);
+    daemon.bus.kill();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.try_wait() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "edgellmd runs on without its bus:\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("edgellmd exited {status} {:.1?} after its bus", started.elapsed());
+    assert!(!status.success(), "a restart needs a failure status: {status}");
+    assert!(daemon.log_text().contains("lost the D-Bus bus"), "{}", daemon.log_text());
+}
+
+#[test]
+fn a_config_emptied_before_sighup_is_refused_and_the_models_stay() {
+    let daemon = Daemon::start("");
+    let config = daemon.bus.dir.path().join("edgellm.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let without_models = original.split("[[model]]").next().unwrap().to_string();
+    for (reloads, text) in [String::new(), without_models].into_iter().enumerate() {
+        std::fs::write(&config, &text).unwrap();
+        let check = crate::fixtures::command(env!("CARGO_BIN_EXE_edgellmd")).arg("--check-config").arg("--config").arg(&config).output().unwrap();
+        let said = String::from_utf8_lossy(&check.stderr);
+        assert!(!check.status.success() && said.contains("no [[model]]"), "--check-config on {text:?}: {said}");
+        let _ = std::process::Command::new("kill").arg("-HUP").arg(daemon.pid().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while daemon.log_text().matches("config rejected").count() <= reloads {
+            assert!(Instant::now() < deadline, "no word of the reload: {}", daemon.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let reply = daemon.call("Complete", "ssa{sv}", &["kjv", "In the beginning", "1", "max_new_tokens", "u", "2"]);
+        assert!(reply.is_ok(), "{reply:?}");
+    }
+    still_serving(&daemon);
+}
