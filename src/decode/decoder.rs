@@ -19,6 +19,7 @@
 
 use std::path::Path;
 use std::ptr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use half::f16;
@@ -109,6 +110,25 @@ pub struct Decoder {
     /// How close a verify row's top two must be to be re-checked by a one-token forward: learnt
     /// from this graph's own re-checks, across the engine's requests.
     ties: Mutex<TieMargin>,
+    /// Whether the graph runs several positions after a non-empty cache (`EXTENDS_*`), learnt
+    /// from the first such forward. onnxruntime-genai's builder's MultiHeadAttention graphs
+    /// cannot: their `attn_mask_reformat/input_ids_subgraph` builds the causal mask as
+    /// [seq, seq] and expands it to [seq, past + seq], which ONNX Runtime refuses ("invalid
+    /// expand shape") unless past is 0 or seq is 1. onnxruntime-genai fails there too
+    /// (`append_tokens` twice); its one-shot prompt never meets it.
+    extends: AtomicU8,
+}
+
+const EXTENDS_UNKNOWN: u8 = 0;
+const EXTENDS_YES: u8 = 1;
+/// Positions after a non-empty cache run one at a time.
+const EXTENDS_NO: u8 = 2;
+
+/// How a forward ran: once (its logits output, if ONNX Runtime allocated it), or one position at
+/// a time (the rows asked for are in the cache's scratch).
+enum Ran {
+    Once(Option<DynValue>),
+    Stepwise,
 }
 
 /// One KV tensor, fed as the past input. `Shared`: also given to ONNX Runtime as the preallocated
@@ -391,6 +411,7 @@ impl Decoder {
             states,
             provider,
             ties: Mutex::new(if rows_exact { TieMargin::exact() } else { TieMargin::default() }),
+            extends: AtomicU8::new(EXTENDS_UNKNOWN),
         })
     }
 
@@ -478,7 +499,10 @@ impl Decoder {
     /// Runs `ids` after what the cache holds. Returns the logits of the last `rows` positions,
     /// row-major `rows x vocab`, as float32.
     pub fn forward(&self, cache: &mut KvCache, ids: &[u32], rows: usize) -> Result<Vec<f32>> {
-        let allocated = self.run(cache, ids)?;
+        let allocated = match self.run_positions(cache, ids, rows)? {
+            Ran::Once(allocated) => allocated,
+            Ran::Stepwise => return Ok(std::mem::take(&mut cache.scratch)),
+        };
         let mut logits = Vec::new();
         self.read_rows(allocated.as_ref().unwrap_or(&cache.step_logits), ids.len(), rows, &mut logits)?;
         Ok(logits)
@@ -488,8 +512,54 @@ impl Decoder {
     /// float32 model hands out the very buffer ONNX Runtime wrote, so the decode loop neither
     /// allocates nor copies its logits.
     pub fn forward_in_cache<'c>(&self, cache: &'c mut KvCache, ids: &[u32], rows: usize) -> Result<&'c mut [f32]> {
-        let allocated = self.run(cache, ids)?;
-        self.logits_in_cache(cache, allocated, ids.len(), rows)
+        match self.run_positions(cache, ids, rows)? {
+            Ran::Once(allocated) => self.logits_in_cache(cache, allocated, ids.len(), rows),
+            Ran::Stepwise => Ok(&mut cache.scratch),
+        }
+    }
+
+    /// `run` of `ids` after what the cache holds, or, where the graph cannot take several
+    /// positions after a non-empty cache (a kept prompt prefix, a prefill chunk after the first,
+    /// a verify), one position at a time with the last `rows` rows left in `cache.scratch`: the
+    /// inputs of each step are those of a plain decode step, so the rows are the one-token rows.
+    fn run_positions(&self, cache: &mut KvCache, ids: &[u32], rows: usize) -> Result<Ran> {
+        if ids.len() < 2 || cache.states.is_empty() {
+            return self.run(cache, ids).map(Ran::Once);
+        }
+        let learning = match self.extends.load(Ordering::Relaxed) {
+            EXTENDS_NO => None,
+            EXTENDS_YES => return self.run(cache, ids).map(Ran::Once),
+            _ => match self.run(cache, ids) {
+                Ok(allocated) => {
+                    self.extends.store(EXTENDS_YES, Ordering::Relaxed);
+                    return Ok(Ran::Once(allocated));
+                }
+                // ONNX Runtime refused the run, which kept nothing (the cache grows after a run
+                // succeeds): the positions run one at a time below, and only if they do is the
+                // graph marked. Anything else (`Cancelled`, a full cache) is the request's error.
+                Err(Error::Inference(reason)) => Some(reason),
+                Err(e) => return Err(e),
+            },
+        };
+        let first_row = ids.len() - rows.min(ids.len());
+        let mut out = std::mem::take(&mut cache.scratch);
+        out.clear();
+        for (i, &id) in ids.iter().enumerate() {
+            // A one-token run writes its logits into `cache.step_logits`.
+            self.run(cache, &[id])?;
+            if i >= first_row {
+                match self.logits_precision {
+                    Precision::F32 => out.extend_from_slice(cache.step_logits.try_extract_tensor::<f32>()?.1),
+                    Precision::F16 => out.extend(cache.step_logits.try_extract_tensor::<f16>()?.1.iter().map(|v| v.to_f32())),
+                }
+            }
+        }
+        cache.scratch = out;
+        if let Some(reason) = learning {
+            tracing::warn!(%reason, "the graph cannot run several positions after a non-empty KV cache: they run one at a time");
+            self.extends.store(EXTENDS_NO, Ordering::Relaxed);
+        }
+        Ok(Ran::Stepwise)
     }
 
     /// A one-token step of `id` after the first `len` positions, the positions after them kept:

@@ -96,6 +96,33 @@ fn llama_multi_head_attention_fp16_matches_onnxruntime_genai_with_and_without_na
     check("llama-fp16-default-names", &bare, 32000);
 }
 
+/// onnxruntime-genai's test prompts one after another with the KV kept, as a D-Bus connection's
+/// requests run: each reuses the earlier prompt's leading `[0, 0]` and runs the rest after it.
+/// The Llama's MultiHeadAttention graph refuses several positions after a non-empty cache
+/// ("invalid expand shape" in `attn_mask_reformat`; onnxruntime-genai's own `append_tokens` in
+/// two pieces fails there too): the ids must still be onnxruntime-genai's fresh ones.
+#[test]
+fn genai_test_prompts_after_a_kept_prefix_give_onnxruntime_genais_ids() {
+    let prompts: Vec<Vec<u32>> = vec![vec![0, 0, 0, 52], vec![0, 0, 195, 731], vec![0, 0, 0, 0, 0, 195, 731], vec![0, 52]];
+    for model in ["tiny-random-LlamaForCausalLM-fp16", "tiny-random-gpt2-fp32"] {
+        let (dir, _keep) = folder(model, None);
+        let new_tokens = 8;
+        let genai = genai_outputs(&dir, "cpu", &prompts, new_tokens);
+        let engine = Engine::load(&runtime(), model, &dir, &LoadOptions::default()).unwrap();
+        let options = GenerateOptions { max_new_tokens: Some(new_tokens), temperature: Some(0.0), ..Default::default() };
+        let mut cache = None;
+        for (prompt, reference) in prompts.iter().zip(&genai) {
+            let (outcome, left) = engine
+                .generate_cached(&Prompt::Tokens(prompt.clone()), &options, &CancelToken::new(), &mut |_| true, cache.take())
+                .unwrap_or_else(|e| panic!("{model}: {prompt:?} after a kept prefix: {e}"));
+            let mut ids = outcome.token_ids.clone();
+            ids.extend(outcome.eos_token);
+            assert_eq!(&ids, reference, "{model}: {prompt:?} (reused {} prompt tokens)", outcome.stats.cached_prompt_tokens);
+            cache = left;
+        }
+    }
+}
+
 #[test]
 fn lfm2_convolution_states_beside_the_kv_match_onnxruntime_genai() {
     let (dir, _keep) = folder("tiny-random-lfm2-fp32", None);
