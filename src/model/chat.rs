@@ -2,8 +2,9 @@
 //! `tokenizer_config.json`'s `chat_template`.
 //!
 //! Real templates are written for transformers' `apply_chat_template`, so the environment is
-//! set up as transformers sets up jinja2: `trim_blocks`, `lstrip_blocks`, loop controls, the
-//! Python string and dict methods (minijinja-contrib's pycompat), and its globals
+//! set up as transformers sets up jinja2: `trim_blocks`, `lstrip_blocks`, loop controls, jinja2's
+//! builtin filters, tests and globals and the Python `str`/`list`/`dict` methods as its immutable
+//! sandbox has them (jinja_builtins.rs; values print as Python's `str()`), and its globals
 //! `raise_exception` and `strftime_now` and its `tojson` (Python's `json.dumps`, not
 //! minijinja's HTML-safe one).
 
@@ -126,7 +127,8 @@ fn transformers_environment() -> minijinja::Environment<'static> {
     let mut env = minijinja::Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    // jinja2's builtins and Python's methods (minijinja-contrib's pycompat for the rest).
+    super::jinja_builtins::install(&mut env);
     env.add_function("raise_exception", |message: String| -> std::result::Result<Value, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("{RAISED}{message}")))
     });

@@ -6,6 +6,7 @@ pub mod chat;
 pub mod files;
 pub mod genai_config;
 pub mod grammar;
+mod jinja_builtins;
 pub mod multitoken;
 pub mod tokenizer;
 

@@ -5,6 +5,7 @@ mod daemon;
 mod engine;
 mod fixtures;
 mod fuzz;
+mod jinja_parity;
 mod layouts;
 mod load;
 mod multitoken;

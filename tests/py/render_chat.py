@@ -2,7 +2,8 @@
 transformers/utils/chat_template_utils.py), the reference for edgellm's renders.
 
 stdin: {"cases": [{"template": str, "special_tokens": {name: str}, "messages": [...]}]}
-stdout: a list, per case {"text": str} or {"error": str} (a TemplateError's message).
+stdout: a list, per case {"text": str} or {"error": str} (a TemplateError's message; any other
+exception a template raises, e.g. a TypeError, as "TypeError: message").
 """
 import json
 import sys
@@ -40,4 +41,6 @@ for case in json.load(sys.stdin)["cases"]:
         out.append({"text": text})
     except jinja2.exceptions.TemplateError as e:
         out.append({"error": str(e)})
+    except Exception as e:  # what jinja2 lets through from Python itself: a bad argument, a missing index
+        out.append({"error": f"{type(e).__name__}: {e}"})
 json.dump(out, sys.stdout, ensure_ascii=False)
