@@ -128,3 +128,35 @@ fn a_config_emptied_before_sighup_is_refused_and_the_models_stay() {
     }
     still_serving(&daemon);
 }
+
+/// Detokenize is the tokenizer's inverse: on onnxruntime-genai's tiny GPT-2 (a tokenizer of
+/// 50,257 ids, a model of 1,000 logits) every text's ids decode as Hugging Face `tokenizers`
+/// decodes them, and only ids past the tokenizer's are refused.
+#[test]
+fn detokenize_takes_the_tokenizers_ids_as_hugging_face_tokenizers_does() {
+    let gpt2 = crate::fixtures::shared_reference("genai-test-models/tiny-random-gpt2-fp32");
+    let daemon = Daemon::start(&format!("\n[[model]]\nname = \"gpt2\"\npath = \"{}\"\npreload = false\n", gpt2.display()));
+    let texts = ["In the beginning God created", "naïve café — “quoted”", "日本語 and emoji 🎉", "line one\nline two\t!"];
+    let reference = crate::fixtures::python_reference(
+        "tokenizer_reference.py",
+        &serde_json::json!({ "tokenizer": gpt2.join("tokenizer.json"), "texts": texts, "sequences": [] }),
+    );
+    let mut beyond_the_model = 0;
+    for (i, text) in texts.iter().enumerate() {
+        let ids: Vec<String> = reference["encoded"][i].as_array().unwrap().iter().map(|id| id.to_string()).collect();
+        beyond_the_model += ids.iter().filter(|id| id.parse::<u32>().unwrap() >= 1000).count();
+        let mut args = vec!["gpt2".to_string(), ids.len().to_string()];
+        args.extend(ids.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reply = daemon.call("Detokenize", "sau", &args).unwrap_or_else(|e| panic!("Detokenize of {text:?}: {e}"));
+        assert_eq!(reply["data"][0].as_str().unwrap(), reference["decoded"][i].as_str().unwrap(), "{text:?}");
+    }
+    assert!(beyond_the_model > 0, "the texts use ids past the model's 1,000 logits");
+    let bound = reference["id_bound"].as_u64().unwrap().to_string();
+    let last = (reference["id_bound"].as_u64().unwrap() - 1).to_string();
+    let reply = daemon.call("Detokenize", "sau", &["gpt2", "1", &last]).unwrap();
+    assert_eq!(reply["data"][0], reference["last_id_decoded"], "the tokenizer's last id");
+    let e = daemon.call("Detokenize", "sau", &["gpt2", "1", &bound]).unwrap_err();
+    assert!(e.contains("ids") && e.contains(&format!("0..{bound}")), "{e}");
+    still_serving(&daemon);
+}

@@ -4,7 +4,9 @@ Detokenize and streamed text.
 stdin: {"tokenizer": path, "texts": [str], "sequences": [[prompt_ids, output_ids]]}
 stdout: {"encoded": [ids of encode(text, add_special_tokens=True)],
          "decoded": [decode(those ids, skip_special_tokens=True)],
-         "continuations": [decode(prompt + output) minus decode(prompt)]}
+         "continuations": [decode(prompt + output) minus decode(prompt)],
+         "id_bound": one more than the largest id, added tokens included,
+         "last_id_decoded": decode([id_bound - 1])}
 """
 import json
 import sys
@@ -21,4 +23,15 @@ for prompt, output in request["sequences"]:
     after = tok.decode(prompt + output, skip_special_tokens=True)
     assert after.startswith(before), f"decode(prompt) {before!r} is not a prefix of {after!r}"
     continuations.append(after[len(before):])
-json.dump({"encoded": encoded, "decoded": decoded, "continuations": continuations}, sys.stdout, ensure_ascii=False)
+id_bound = max(tok.get_vocab(with_added_tokens=True).values()) + 1
+json.dump(
+    {
+        "encoded": encoded,
+        "decoded": decoded,
+        "continuations": continuations,
+        "id_bound": id_bound,
+        "last_id_decoded": tok.decode([id_bound - 1], skip_special_tokens=True),
+    },
+    sys.stdout,
+    ensure_ascii=False,
+)
