@@ -121,6 +121,15 @@ enum Command {
         /// The Unix socket to listen on (default $XDG_RUNTIME_DIR/edgellm/openai.sock, mode 0600).
         #[arg(long)]
         socket: Option<std::path::PathBuf>,
+        /// Connections served at once; more wait to be accepted.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        max_connections: u32,
+        /// Seconds a request's head may take to arrive, and a kept-alive connection may sit idle.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        header_timeout_s: u64,
+        /// Seconds a request's body may take to arrive.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        body_timeout_s: u64,
     },
     /// Print the token ids TEXT is fed to the model as (BOS included where the tokenizer adds one).
     Tokenize {
@@ -454,7 +463,12 @@ async fn conversation(proxy: &Daemon1Proxy<'_>, args: &GenArgs, mut history: Vec
 
 /// `edgellm serve`: runs until Ctrl-C or SIGTERM. It needs no daemon to start: requests made
 /// while the daemon is away get 503.
-async fn serve(bus: Bus, listen: Option<std::net::SocketAddr>, socket: Option<std::path::PathBuf>) -> Result<ExitCode, String> {
+async fn serve(
+    bus: Bus,
+    listen: Option<std::net::SocketAddr>,
+    socket: Option<std::path::PathBuf>,
+    limits: edgellm::openai::ServeLimits,
+) -> Result<ExitCode, String> {
     use edgellm::openai::Listen;
     let listen = match (listen, socket) {
         (Some(addr), _) => {
@@ -472,7 +486,7 @@ async fn serve(bus: Bus, listen: Option<std::net::SocketAddr>, socket: Option<st
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
     };
-    edgellm::openai::serve(listen, bus, shutdown).await?;
+    edgellm::openai::serve(listen, bus, limits, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -480,8 +494,14 @@ async fn run(mut cli: Cli) -> Result<ExitCode, String> {
     if let Command::Generate { args, .. } | Command::Chat { args, .. } | Command::Complete { args, .. } = &mut cli.command {
         args.read_files()?;
     }
-    if let Command::Serve { listen, socket } = &cli.command {
-        return serve(bus(&cli), *listen, socket.clone()).await;
+    if let Command::Serve { listen, socket, max_connections, header_timeout_s, body_timeout_s } = &cli.command {
+        let limits = edgellm::openai::ServeLimits {
+            max_connections: *max_connections as usize,
+            header_timeout: Duration::from_secs(*header_timeout_s),
+            body_timeout: Duration::from_secs(*body_timeout_s),
+            ..Default::default()
+        };
+        return serve(bus(&cli), *listen, socket.clone(), limits).await;
     }
     let conn = tokio::time::timeout(Duration::from_secs(30), bus(&cli).connect())
         .await

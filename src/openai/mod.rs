@@ -12,7 +12,8 @@ pub mod wire;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -119,10 +120,11 @@ impl Listen {
 #[derive(Clone)]
 struct Api {
     bus: Bus,
+    limits: ServeLimits,
 }
 
 /// The routes, answering through the daemon on `bus`.
-pub fn router(bus: Bus) -> Router {
+pub fn router(bus: Bus, limits: ServeLimits) -> Router {
     Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(model))
@@ -137,28 +139,111 @@ pub fn router(bus: Bus) -> Router {
                 message: "no such route; edgellm serves /v1/models, /v1/models/{id}, /v1/chat/completions and /v1/completions".into(),
             }
         })
-        .with_state(Api { bus })
+        .with_state(Api { bus, limits })
+}
+
+/// What one HTTP client may hold of `edgellm serve`: without bounds, a thousand clients that send
+/// most of a body and stop held 2 GiB, and idle connections ran it out of descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Connections served at once; more wait to be accepted until one closes.
+    pub max_connections: usize,
+    /// How long a request's head may take to arrive, and a kept-alive connection may sit idle.
+    pub header_timeout: Duration,
+    /// How long a request's body may take to arrive.
+    pub body_timeout: Duration,
+    /// The largest request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            max_body_bytes: 2 << 20,
+        }
+    }
 }
 
 /// Serves until `shutdown` resolves. A Unix socket is made mode 0600 in a 0700 directory, and
 /// removed at the end.
-pub async fn serve(listen: Listen, bus: Bus, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), String> {
-    let app = router(bus);
+pub async fn serve(
+    listen: Listen,
+    bus: Bus,
+    limits: ServeLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let app = router(bus, limits);
     match listen {
         Listen::Tcp(addr) => {
             if !addr.ip().is_loopback() {
                 return Err(format!("--listen {addr}: edgellm serve listens on loopback only (127.0.0.1 or ::1)"));
             }
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--listen {addr}: {e}"))?;
-            axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())
+            accept_loop(|| listener.accept(), app, limits, shutdown).await
         }
         Listen::Unix(path) => {
             let listener = bind_unix(&path)?;
-            let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
+            let served = accept_loop(|| listener.accept(), app, limits, shutdown).await;
             let _ = std::fs::remove_file(&path);
             served
         }
     }
+}
+
+/// Accepts connections while fewer than `limits.max_connections` are open, each served as
+/// HTTP/1.1 with the header timeout; on shutdown, each finishes the request it is serving.
+async fn accept_loop<Io, Addr, A, F>(
+    mut accept: F,
+    app: Router,
+    limits: ServeLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String>
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: FnMut() -> A,
+    A: std::future::Future<Output = std::io::Result<(Io, Addr)>>,
+{
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => permit.map_err(|e| e.to_string())?,
+            _ = &mut shutdown => break,
+        };
+        let io = tokio::select! {
+            accepted = accept() => match accepted {
+                Ok((io, _)) => io,
+                // Out of descriptors, or a client that left before it was accepted: go on.
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let (service, mut stop) = (hyper_util::service::TowerToHyperService::new(app.clone()), stop.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_timeout);
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = stop.wait_for(|&s| s) => connection.as_mut().graceful_shutdown(),
+            }
+            let _ = connection.await;
+        });
+    }
+    let _ = stopping.send(true);
+    // Every connection's permit back: each has finished its request (bounded, as axum's was not).
+    let _ = tokio::time::timeout(Duration::from_secs(30), open.acquire_many(limits.max_connections as u32)).await;
+    Ok(())
 }
 
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, String> {
@@ -179,8 +264,62 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, String> {
     Ok(listener)
 }
 
+/// The request body, read within `limits.body_timeout` and up to `limits.max_body_bytes`; a
+/// client that sends part of a body and stops is answered 408 and its bytes are dropped.
+async fn read_body(limits: &ServeLimits, body: axum::body::Body) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let refused = |status: StatusCode, code: &'static str, message: String| ApiError {
+        status,
+        kind: "invalid_request_error",
+        code: Some(code),
+        param: None,
+        message,
+    };
+    let limited = http_body_util::Limited::new(body, limits.max_body_bytes);
+    match tokio::time::timeout(limits.body_timeout, limited.collect()).await {
+        Err(_) => Err(refused(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request body did not arrive within {} s", limits.body_timeout.as_secs()),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(refused(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("the request body is over {} bytes", limits.max_body_bytes),
+        )),
+        Ok(Err(e)) => Err(ApiError::invalid(format!("the request body could not be read: {e}"), None)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the request body is not valid for this route: {e}"), None))
+    let value: JsonValue =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the request body is not valid for this route: {e}"), None))?;
+    // JSON may escape a NUL (`\u0000`); D-Bus strings cannot hold one, and the bus would drop
+    // this server's connection for sending it.
+    if let Some(path) = nul_path(&value) {
+        return Err(ApiError::invalid(format!("`{path}` holds a NUL character (\\u0000), which edgellm cannot take"), Some(&path)));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::invalid(format!("the request body is not valid for this route: {e}"), None))
+}
+
+/// Where in `value` a string or key holds a NUL, as a path like `messages[0].content`.
+fn nul_path(value: &JsonValue) -> Option<String> {
+    /// The path with a leading `.` before each key.
+    fn find(value: &JsonValue) -> Option<String> {
+        match value {
+            JsonValue::String(s) => s.contains('\0').then(String::new),
+            JsonValue::Array(items) => items.iter().enumerate().find_map(|(i, v)| find(v).map(|p| format!("[{i}]{p}"))),
+            JsonValue::Object(fields) => fields.iter().find_map(|(k, v)| {
+                if k.contains('\0') {
+                    return Some(format!(".{}", k.replace('\0', "\\u0000")));
+                }
+                find(v).map(|p| format!(".{k}{p}"))
+            }),
+            _ => None,
+        }
+    }
+    find(value).map(|p| p.trim_start_matches('.').to_string())
 }
 
 fn now() -> u64 {
@@ -448,8 +587,8 @@ impl Chunks for TextChunks {
     }
 }
 
-async fn chat_completions(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
-    let request: ChatRequest = parse(&body)?;
+async fn chat_completions(State(api): State<Api>, body: axum::body::Body) -> Result<Response, ApiError> {
+    let request: ChatRequest = parse(&read_body(&api.limits, body).await?)?;
     let options = request.sampling.options(None)?;
     let messages = request.messages()?;
     let model = request.sampling.model.clone();
@@ -472,8 +611,8 @@ async fn chat_completions(State(api): State<Api>, body: Bytes) -> Result<Respons
 /// OpenAI's default `max_tokens` for text completions.
 const COMPLETIONS_DEFAULT_MAX_TOKENS: u32 = 16;
 
-async fn completions(State(api): State<Api>, body: Bytes) -> Result<Response, ApiError> {
-    let request: CompletionRequest = parse(&body)?;
+async fn completions(State(api): State<Api>, body: axum::body::Body) -> Result<Response, ApiError> {
+    let request: CompletionRequest = parse(&read_body(&api.limits, body).await?)?;
     let options = request.sampling.options(Some(COMPLETIONS_DEFAULT_MAX_TOKENS))?;
     let prompt = request.prompt()?;
     let model = request.sampling.model.clone();

@@ -21,6 +21,11 @@ struct Serve {
 
 impl Serve {
     fn start(daemon: &Daemon) -> Serve {
+        Serve::start_with(daemon, &[])
+    }
+
+    /// `start` with more arguments of `edgellm serve`.
+    fn start_with(daemon: &Daemon, args: &[&str]) -> Serve {
         let socket = daemon.bus.dir.path().join("openai/openai.sock");
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_edgellm"))
             .arg("--address")
@@ -28,6 +33,7 @@ impl Serve {
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -222,6 +228,49 @@ fn openai_client_that_hangs_up_cancels_its_request() {
         }
         assert!(Instant::now() < deadline, "the request still runs after its client hung up: {log}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What one client can hold of serve is bounded: a NUL in a request is a 400 that names where,
+/// an oversized body a 413 in OpenAI's shape, a body that stops coming a 408, idle connections are
+/// closed, and connections past the cap wait without harming the requests of others.
+#[test]
+fn serve_bounds_what_one_client_holds() {
+    use std::io::{Read, Write};
+    let daemon = Daemon::start("");
+    let serve = Serve::start_with(&daemon, &["--header-timeout-s", "2", "--body-timeout-s", "2", "--max-connections", "4"]);
+    let chat = |content: Json| json!({"kind": "chat", "args": {"model": "kjv", "messages": [{"role": "user", "content": content}], "max_tokens": 2}});
+    let big = "x".repeat(3 << 20);
+    let results = serve.calls(json!([chat(json!("a\u{0}b")), chat(json!(big)), chat(json!(MESSAGE))]));
+    assert_eq!(results[0]["status"], 400, "{}", results[0]);
+    assert_eq!(results[0]["error"]["param"], "messages[0].content", "{}", results[0]);
+    assert_eq!(results[1]["status"], 413, "{}", results[1]);
+    assert_eq!(results[1]["error"]["type"], "invalid_request_error", "413 in OpenAI's shape: {}", results[1]);
+    assert!(results[2]["text"].is_string(), "{}", results[2]);
+
+    // A body that stops coming: 408 within the body timeout, and the connection is closed.
+    let mut slow = std::os::unix::net::UnixStream::connect(&serve.socket).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{\"model\"").unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("request_timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+
+    // Four idle connections fill the cap: each is closed after the header timeout, and a request
+    // made meanwhile is answered once they are.
+    let mut idle: Vec<_> = (0..4).map(|_| std::os::unix::net::UnixStream::connect(&serve.socket).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let results = serve.calls(json!([chat(json!(MESSAGE))]));
+    assert!(results[0]["text"].is_string(), "{}", results[0]);
+    eprintln!("a request behind four idle connections took {:.1?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    for conn in &mut idle {
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(conn.read(&mut buf).unwrap_or(0), 0, "an idle connection is closed");
     }
 }
 
