@@ -58,6 +58,7 @@ struct RawRuntime {
 struct RawLimits {
     max_queue: Option<Spanned<u32>>,
     max_per_client: Option<Spanned<u32>>,
+    max_per_user: Option<Spanned<u32>>,
     max_prompt_bytes: Option<Spanned<u32>>,
     max_new_tokens: Option<Spanned<u32>>,
     request_timeout_s: Option<Spanned<u64>>,
@@ -128,6 +129,8 @@ pub const DEFAULT_TOKEN_INTERVAL: std::time::Duration = std::time::Duration::fro
 pub struct Limits {
     pub max_queue: usize,
     pub max_per_client: usize,
+    /// Requests running or waiting of one Unix user, over all its connections.
+    pub max_per_user: usize,
     pub max_prompt_bytes: usize,
     pub max_new_tokens: usize,
     pub request_timeout: std::time::Duration,
@@ -150,6 +153,7 @@ impl Default for Limits {
         Limits {
             max_queue: 64,
             max_per_client: 8,
+            max_per_user: 16,
             max_prompt_bytes: 64 * 1024,
             max_new_tokens: 1024,
             request_timeout: std::time::Duration::from_secs(300),
@@ -286,6 +290,7 @@ impl Config {
         let limits = Limits {
             max_queue: positive(&raw.limits.max_queue, "max_queue", defaults.max_queue)?,
             max_per_client: positive(&raw.limits.max_per_client, "max_per_client", defaults.max_per_client)?,
+            max_per_user: positive(&raw.limits.max_per_user, "max_per_user", defaults.max_per_user)?,
             max_prompt_bytes: positive(&raw.limits.max_prompt_bytes, "max_prompt_bytes", defaults.max_prompt_bytes)?,
             max_new_tokens: positive(&raw.limits.max_new_tokens, "max_new_tokens", defaults.max_new_tokens)?,
             request_timeout: match &raw.limits.request_timeout_s {

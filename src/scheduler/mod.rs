@@ -219,7 +219,7 @@ impl Scheduler {
         options: GenerateOptions,
         priority: Priority,
     ) -> Result<Submitted, SchedulerError> {
-        self.submit_keyed(client, model, prompt, options, priority, CacheKey::connection(client))
+        self.submit_keyed(client, None, model, prompt, options, priority, CacheKey::connection(client))
     }
 
     /// `submit_as`, keeping the request's KV under `cache` (the client's connection, or one of
@@ -227,6 +227,7 @@ impl Scheduler {
     pub fn submit_keyed(
         &self,
         client: &str,
+        user: Option<u32>,
         model: &str,
         prompt: &Prompt,
         options: GenerateOptions,
@@ -237,7 +238,7 @@ impl Scheduler {
         // validated again against the slot that replaced it (its folder may differ). Reloads come
         // from SIGHUP, so a few tries always suffice; past them the request is refused as Busy.
         for _ in 0..4 {
-            match self.try_submit(client, model, prompt, options.clone(), priority, &cache)? {
+            match self.try_submit(client, user, model, prompt, options.clone(), priority, &cache)? {
                 Some(submitted) => return Ok(submitted),
                 None => continue,
             }
@@ -250,6 +251,7 @@ impl Scheduler {
     fn try_submit(
         &self,
         client: &str,
+        user: Option<u32>,
         model: &str,
         prompt: &Prompt,
         mut options: GenerateOptions,
@@ -314,7 +316,7 @@ impl Scheduler {
         if options.deadline.is_none() {
             options.deadline = Some(Instant::now() + limits.request_timeout);
         }
-        let (permit, seat) = self.inner.admission.admit(client, &limits, drain.clone())?;
+        let (permit, seat) = self.inner.admission.admit(client, user, &limits, drain.clone())?;
         let seat = Some(seat);
         // Where a submitting thread may be preempted between admission and the push (tests widen it).
         fail::fail_point!("scheduler::admitted", model.contains("failpoint"), |_| Err(SchedulerError::ShuttingDown));

@@ -122,6 +122,8 @@ pub struct Daemon {
     log_text: bool,
     /// The shortest time between two Token signals of one request (`[daemon] token_interval_ms`).
     token_interval: std::time::Duration,
+    /// Each connection's Unix user as the bus reported it, asked once per connection.
+    users: Mutex<HashMap<String, Option<u32>>>,
 }
 
 fn stats_dict(stats: &GenerationStats) -> BusDict {
@@ -186,7 +188,27 @@ impl Daemon {
             admin,
             log_text,
             token_interval,
+            users: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The Unix user of the connection `sender`, asked of the bus once per connection.
+    async fn user_of(&self, conn: &Connection, sender: &str) -> Option<u32> {
+        if let Some(&user) = self.users.lock().expect("users").get(sender) {
+            return user;
+        }
+        let user = match (zbus::fdo::DBusProxy::new(conn).await, BusName::try_from(sender)) {
+            (Ok(dbus), Ok(name)) => dbus.get_connection_unix_user(name).await.ok(),
+            _ => None,
+        };
+        let mut users = self.users.lock().expect("users");
+        // A cache: a connection that left while its call was being answered may be put back
+        // after `client_gone` took it out, so it is bounded.
+        if users.len() >= 4096 {
+            users.clear();
+        }
+        users.insert(sender.to_string(), user);
+        user
     }
 
     fn sender(header: &Header<'_>) -> Result<UniqueName<'static>, DaemonError> {
@@ -244,9 +266,10 @@ impl Daemon {
         }
         let mut generate = parsed.generate;
         generate.speculative = parsed.speculative;
+        let user = self.user_of(conn, sender).await;
         let priority = match parsed.priority {
             Some(p) => p,
-            None => self.default_priority(conn, sender).await,
+            None => self.default_priority(user),
         };
         let cache = match &parsed.session {
             None => CacheKey::connection(sender),
@@ -256,7 +279,7 @@ impl Daemon {
         // the model's folder: blocking work, kept off the async threads that serve every caller.
         let submitted = {
             let (scheduler, sender, model, prompt) = (self.scheduler.clone(), sender.to_string(), model.to_string(), prompt.clone());
-            tokio::task::spawn_blocking(move || scheduler.submit_keyed(&sender, &model, &prompt, generate, priority, cache))
+            tokio::task::spawn_blocking(move || scheduler.submit_keyed(&sender, user, &model, &prompt, generate, priority, cache))
                 .await
                 .map_err(|e| DaemonError::Internal(format!("request validation failed: {e}").into()))??
         };
@@ -291,17 +314,10 @@ impl Daemon {
     }
 
     /// Background for callers whose uid is one of `limits.background_users`, else interactive.
-    async fn default_priority(&self, conn: &Connection, sender: &str) -> Priority {
+    fn default_priority(&self, user: Option<u32>) -> Priority {
         let users = self.scheduler.limits().background_users;
-        if users.is_empty() {
-            return Priority::Interactive;
-        }
-        let uid = match (zbus::fdo::DBusProxy::new(conn).await, BusName::try_from(sender)) {
-            (Ok(dbus), Ok(name)) => dbus.get_connection_unix_user(name).await.ok(),
-            _ => None,
-        };
-        match uid {
-            Some(uid) if users.iter().any(|user| account_id("/etc/passwd", user) == Some(uid)) => Priority::Background,
+        match user {
+            Some(uid) if users.iter().any(|name| account_id("/etc/passwd", name) == Some(uid)) => Priority::Background,
             _ => Priority::Interactive,
         }
     }
@@ -371,6 +387,7 @@ impl Daemon {
         }
         requests.retain(|_, e| e.owner != client);
         drop(requests);
+        self.users.lock().expect("users").remove(client);
         self.sessions.lock().expect("sessions").retain(|_, s| s.owner != client);
         self.scheduler.cancel_client(client);
     }

@@ -160,3 +160,39 @@ fn detokenize_takes_the_tokenizers_ids_as_hugging_face_tokenizers_does() {
     assert!(e.contains("ids") && e.contains(&format!("0..{bound}")), "{e}");
     still_serving(&daemon);
 }
+
+/// One user's connections together hold at most `limits.max_per_user` requests: nine
+/// connections of one uid could fill the whole queue and every other client got `Busy`.
+#[test]
+fn a_users_connections_share_one_limit() {
+    let daemon = Daemon::start("\n[limits]\nmax_per_user = 2\nmax_per_client = 8\n");
+    rt().block_on(async {
+        let long = || {
+            std::collections::HashMap::from([("max_new_tokens", Value::U32(1000)), ("temperature", Value::F64(1.0)), ("seed", Value::U64(3))])
+        };
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let conn = daemon.connect().await;
+            let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+            proxy.generate("kjv", "In the beginning", long()).await.unwrap();
+            held.push(conn);
+        }
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+        let e = proxy.generate("kjv", "In the beginning", long()).await.unwrap_err().to_string();
+        assert!(e.contains("Busy") && e.contains("max_per_user"), "{e}");
+        // A user's connection that leaves gives its places back.
+        drop(held.pop());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match proxy.generate("kjv", "In the beginning", long()).await {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline && e.to_string().contains("max_per_user") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    still_serving(&daemon);
+}
