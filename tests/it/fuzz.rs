@@ -17,6 +17,7 @@ fn toml_fragment() -> impl Strategy<Value = String> {
         "library",
         "max_queue",
         "max_per_client",
+        "max_per_user",
         "max_prompt_bytes",
         "max_new_tokens",
         "request_timeout_s",
@@ -65,10 +66,26 @@ fn variant() -> impl Strategy<Value = Value<'static>> {
         any::<i32>().prop_map(Value::I32),
         any::<u64>().prop_map(Value::U64),
         any::<f64>().prop_map(Value::F64),
+        (0.0f64..=2.0).prop_map(Value::F64),
         any::<bool>().prop_map(Value::Bool),
         ".{0,8}".prop_map(Value::from),
+        // The words the string options take, a JSON schema and a grammar, and text over 64 KiB.
+        prop::sample::select(vec!["interactive", "background", "trust", "verify", "{\"type\":\"integer\"}", "start: \"a\"", ""])
+            .prop_map(Value::from),
+        (65_000usize..70_000).prop_map(|n| Value::from("x".repeat(n))),
         prop::collection::vec(".{0,300}", 0..20).prop_map(Value::from),
+        prop::collection::vec(any::<u32>(), 0..40).prop_map(Value::from),
+        prop::sample::select(vec!["/org/edgellm/Daemon1/session/s1", "/"])
+            .prop_map(|p| Value::ObjectPath(zbus::zvariant::ObjectPath::try_from(p).unwrap())),
+        Just(Value::Value(Box::new(Value::U32(4)))),
     ]
+}
+
+/// Every option the parser knows, and one it does not.
+fn option_name() -> impl Strategy<Value = &'static str> {
+    let mut names: Vec<&'static str> = options::OPTIONS.iter().map(|(name, _)| *name).collect();
+    names.push("other");
+    prop::sample::select(names)
 }
 
 proptest! {
@@ -83,14 +100,41 @@ proptest! {
     }
 
     #[test]
-    fn option_parser_never_panics(entries in prop::collection::vec((prop::sample::select(vec![
-        "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "speculative", "other"]), variant()), 0..8)) {
+    fn option_parser_never_panics(entries in prop::collection::vec((option_name(), variant()), 0..8)) {
         let map: HashMap<String, OwnedValue> = entries.into_iter().filter_map(|(k, v)| OwnedValue::try_from(v).ok().map(|v| (k.to_string(), v))).collect();
         if let Ok(parsed) = options::parse(&map) {
             // Whatever is accepted is in range.
-            if let Some(t) = parsed.generate.temperature { prop_assert!((0.0..=100.0).contains(&t)); }
-            if let Some(p) = parsed.generate.top_p { prop_assert!(p > 0.0 && p <= 1.0); }
-            if let Some(k) = parsed.generate.top_k { prop_assert!(k >= 1); }
+            let g = &parsed.generate;
+            if let Some(t) = g.temperature { prop_assert!((0.0..=100.0).contains(&t)); }
+            if let Some(p) = g.top_p { prop_assert!(p > 0.0 && p <= 1.0); }
+            if let Some(k) = g.top_k { prop_assert!(k >= 1); }
+            if let Some(n) = g.max_new_tokens { prop_assert!(n >= 1); }
+            if let Some(t) = g.multitoken_threshold { prop_assert!((0.0..=1.0).contains(&t)); }
+            if let Some(n) = g.multitoken_max_tokens { prop_assert!(n >= 1); }
+            prop_assert!(g.stop.len() <= 16 && g.stop.iter().all(|s| !s.is_empty() && s.len() <= 256));
+            if let Some(grammar) = &g.grammar {
+                let text = match grammar {
+                    edgellm::model::grammar::OutputGrammar::JsonSchema(t) | edgellm::model::grammar::OutputGrammar::Lark(t) => t,
+                };
+                prop_assert!(!text.is_empty() && text.len() <= 64 * 1024, "a grammar of {} bytes was taken", text.len());
+            }
         }
     }
+}
+
+/// The fuzzer reaches every option: each one is accepted with some value it generates.
+#[test]
+fn the_option_fuzzer_reaches_every_option() {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let mut accepted = std::collections::BTreeSet::new();
+    for _ in 0..20_000 {
+        let (name, value) = (option_name(), variant()).new_tree(&mut runner).unwrap().current();
+        let map = HashMap::from([(name.to_string(), OwnedValue::try_from(value).unwrap())]);
+        if options::parse(&map).is_ok() {
+            accepted.insert(name);
+        }
+    }
+    let missing: Vec<&str> = options::OPTIONS.iter().map(|(n, _)| *n).filter(|n| !accepted.contains(n)).collect();
+    assert!(missing.is_empty(), "the fuzzer never gets these options past the parser: {missing:?}");
 }
