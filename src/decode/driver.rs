@@ -148,15 +148,15 @@ pub(crate) fn drive(
 }
 
 /// The prompt, in chunks, after what the target's cache holds already (kept from an earlier
-/// request); the first token, from the target alone (`None`: cancelled between chunks).
-fn prefill(target: &mut dyn Target, run: &mut Run, cancel: &CancelToken) -> Result<Option<u32>> {
+/// request); the first token, from the target alone, or why the request ended between chunks
+/// (cancelled, or past its deadline: a long prompt's prefill must not run minutes past it).
+fn prefill(target: &mut dyn Target, run: &mut Run, cancel: &CancelToken) -> Result<std::result::Result<u32, FinishReason>> {
     let prompt = run.sequence[target.len()..].to_vec();
     let chunks = prompt.len().div_ceil(PREFILL_CHUNK);
     for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
         if i > 0 {
-            cancel.step();
-            if cancel.is_cancelled() {
-                return Ok(None);
+            if let Some(reason) = run.interrupted(cancel) {
+                return Ok(Err(reason));
             }
         }
         let logits = target.forward(chunk, 1)?;
@@ -165,7 +165,7 @@ fn prefill(target: &mut dyn Target, run: &mut Run, cancel: &CancelToken) -> Resu
             run.mask(logits, &[])?;
             let first = run.sampler.next(logits, &run.sequence);
             run.sequence.reserve(run.max_new);
-            return Ok(Some(first));
+            return Ok(Ok(first));
         }
     }
     unreachable!("a prompt has at least one token (checked when it was tokenized)")
@@ -182,7 +182,10 @@ fn rounds(
 ) -> Result<FinishReason> {
     let params = run.sampler.params().clone();
     let vocab = target.vocab();
-    let Some(mut next) = prefill(target, run, cancel)? else { return Ok(FinishReason::Cancelled) };
+    let mut next = match prefill(target, run, cancel)? {
+        Ok(first) => first,
+        Err(reason) => return Ok(reason),
+    };
     let greedy = params.is_greedy();
     // The ids of one forward: reused, so that a plain step does not allocate.
     let mut ids: Vec<u32> = Vec::with_capacity(proposer.max_tokens() + 1);

@@ -347,10 +347,18 @@ impl Run {
     /// Checked before every engine step after the prefill: the context full, cancelled, past the
     /// deadline. The step is reported to the caller's progress hook here.
     pub(crate) fn should_stop(&self, cancel: &CancelToken) -> Option<FinishReason> {
-        cancel.step();
         if self.sequence.len() >= self.context {
-            Some(FinishReason::Length)
-        } else if cancel.is_cancelled() {
+            cancel.step();
+            return Some(FinishReason::Length);
+        }
+        self.interrupted(cancel)
+    }
+
+    /// Cancelled or past the deadline, checked between engine steps (prefill chunks included),
+    /// each reported to the caller's progress hook.
+    pub(crate) fn interrupted(&self, cancel: &CancelToken) -> Option<FinishReason> {
+        cancel.step();
+        if cancel.is_cancelled() {
             Some(FinishReason::Cancelled)
         } else if self.deadline.is_some_and(|d| Instant::now() >= d) {
             Some(FinishReason::Timeout)

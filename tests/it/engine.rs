@@ -90,6 +90,27 @@ fn a_prompt_longer_than_one_prefill_chunk_matches_onnxruntime_genai() {
     }
 }
 
+/// The deadline holds during a prefill of several chunks: a request past it ends as a timeout
+/// within one chunk, not after the whole prompt (a 15 s timeout ran 61-67 s on long prompts).
+#[test]
+fn a_deadline_passed_during_a_long_prefill_ends_it_within_a_chunk() {
+    let refs = references();
+    let mut prompt: Vec<u32> = Vec::new();
+    for case in refs.models["kjv-target"].iter().cycle() {
+        prompt.extend_from_slice(&case.prompt_ids);
+        if prompt.len() > edgellm::decode::PREFILL_CHUNK + 100 {
+            break;
+        }
+    }
+    let engine = load("kjv-target", LoadOptions::default());
+    // Already past when the first chunk ends.
+    let options = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), deadline: Some(Instant::now()), ..Default::default() };
+    let outcome = engine.generate(&Prompt::Tokens(prompt.clone()), &options, &CancelToken::new(), &mut |_| true).unwrap();
+    assert_eq!(outcome.reason, FinishReason::Timeout);
+    assert_eq!(outcome.stats.target_forwards, 1, "one chunk of {} prompt tokens ran, no more", prompt.len());
+    assert!(outcome.token_ids.is_empty());
+}
+
 #[test]
 fn draft_greedy_matches_onnxruntime_genai() {
     check_against_reference("kjv-draft", LoadOptions::default());
