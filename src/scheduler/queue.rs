@@ -46,12 +46,28 @@ pub struct FairQueue<J, C> {
     /// The requests running, innermost last: interactive requests run inside a paused
     /// background one.
     running: Vec<CancelToken>,
+    /// Interactive requests started by `pop` while background ones waited, since a background
+    /// one last started.
+    passed_background: usize,
 }
 
 impl<J, C> Default for FairQueue<J, C> {
     fn default() -> Self {
-        FairQueue { control: VecDeque::new(), interactive: VecDeque::new(), background: VecDeque::new(), running: Vec::new() }
+        FairQueue {
+            control: VecDeque::new(),
+            interactive: VecDeque::new(),
+            background: VecDeque::new(),
+            running: Vec::new(),
+            passed_background: 0,
+        }
     }
+}
+
+/// How many interactive requests may start ahead of a waiting background one before it gets its
+/// turn: a background request keeps `min_share` of the engine once it runs (it pauses between
+/// steps), so it gets the same share of the starts while it waits (0.1: every tenth start).
+pub fn interactive_starts_per_background(min_share: f64) -> usize {
+    ((1.0 / min_share.clamp(1e-3, 1.0)).ceil() as usize).saturating_sub(1)
 }
 
 fn push_turn<J>(turns: &mut Turns<J>, client: &str, job: J) {
@@ -83,12 +99,23 @@ impl<J, C> FairQueue<J, C> {
     }
 
     /// The next work: a control item, else the first request of the interactive client whose
-    /// turn it is, else of the background one.
-    pub fn pop(&mut self) -> Option<Work<J, C>> {
+    /// turn it is, else of the background one; but after `interactive_starts_per_background(
+    /// background_min_share)` interactive starts while background requests wait, a background
+    /// one (without it, continuous interactive work kept background requests queued forever).
+    pub fn pop(&mut self, background_min_share: f64) -> Option<Work<J, C>> {
         if let Some(c) = self.control.pop_front() {
             return Some(Work::Control(c));
         }
-        pop_turn(&mut self.interactive).or_else(|| pop_turn(&mut self.background)).map(Work::Job)
+        let background_due = self.passed_background >= interactive_starts_per_background(background_min_share);
+        if self.background.is_empty() || (!background_due && !self.interactive.is_empty()) {
+            let job = pop_turn(&mut self.interactive)?;
+            if !self.background.is_empty() {
+                self.passed_background += 1;
+            }
+            return Some(Work::Job(job));
+        }
+        self.passed_background = 0;
+        pop_turn(&mut self.background).map(Work::Job)
     }
 
     /// The next interactive request, for a running background request to pause for.
@@ -155,7 +182,7 @@ mod tests {
         }
         q.push("b", Priority::Interactive, J("b", 0));
         q.push("c", Priority::Interactive, J("c", 0));
-        let order: Vec<String> = std::iter::from_fn(|| match q.pop() {
+        let order: Vec<String> = std::iter::from_fn(|| match q.pop(0.1) {
             Some(Work::Job(j)) => Some(format!("{}{}", j.0, j.1)),
             _ => None,
         })
@@ -169,11 +196,11 @@ mod tests {
         q.push("a", Priority::Interactive, J("a", 0));
         q.push("b", Priority::Interactive, J("b", 0));
         q.push_control(7);
-        assert!(matches!(q.pop(), Some(Work::Control(7))));
+        assert!(matches!(q.pop(0.1), Some(Work::Control(7))));
         assert_eq!(q.remove_client("a").len(), 1);
         assert_eq!(q.len(), 1);
-        assert!(matches!(q.pop(), Some(Work::Job(J("b", 0)))));
-        assert!(q.pop().is_none());
+        assert!(matches!(q.pop(0.1), Some(Work::Job(J("b", 0)))));
+        assert!(q.pop(0.1).is_none());
     }
 
     #[test]
@@ -184,11 +211,32 @@ mod tests {
         q.push("chat", Priority::Interactive, J("chat", 0));
         q.push("other", Priority::Background, J("other", 0));
         q.push("chat", Priority::Interactive, J("chat", 1));
-        let order: Vec<String> = std::iter::from_fn(|| match q.pop() {
+        let order: Vec<String> = std::iter::from_fn(|| match q.pop(0.1) {
             Some(Work::Job(j)) => Some(format!("{}{}", j.0, j.1)),
             _ => None,
         })
         .collect();
         assert_eq!(order, ["chat0", "chat1", "indexer0", "other0", "indexer1"]);
+    }
+
+    #[test]
+    fn waiting_background_requests_get_their_share_of_the_starts() {
+        let mut q: FairQueue<J, ()> = FairQueue::default();
+        q.push("indexer", Priority::Background, J("indexer", 0));
+        q.push("indexer", Priority::Background, J("indexer", 1));
+        // Interactive work that never lets up: a new request for every one that starts.
+        let mut started = Vec::new();
+        for i in 0..30 {
+            q.push("chat", Priority::Interactive, J("chat", i));
+            match q.pop(0.25) {
+                Some(Work::Job(j)) => started.push(j.0),
+                _ => unreachable!(),
+            }
+        }
+        let background: Vec<usize> = started.iter().enumerate().filter(|(_, c)| **c == "indexer").map(|(i, _)| i).collect();
+        // A share of 0.25: three interactive starts, then a background one.
+        assert_eq!(background, [3, 7], "{started:?}");
+        assert_eq!(interactive_starts_per_background(0.1), 9);
+        assert_eq!(interactive_starts_per_background(1.0), 0);
     }
 }

@@ -152,7 +152,8 @@ pub(super) fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                 if inner.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                if let Some(mut work) = queue.pop() {
+                let background_min_share = inner.limits.read().expect("limits").background_min_share;
+                if let Some(mut work) = queue.pop(background_min_share) {
                     if unloads_at.is_some() {
                         slot.status.lock().expect("status").unloads_at = None;
                     }
