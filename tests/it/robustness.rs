@@ -196,3 +196,41 @@ fn a_users_connections_share_one_limit() {
     });
     still_serving(&daemon);
 }
+
+/// Schemas llguidance cannot take are the caller's error, through Complete and streamed Generate:
+/// a self-referential one and one of 1,500 optional properties came back as `Internal`.
+#[test]
+fn schemas_llguidance_cannot_take_are_invalid_arguments() {
+    let daemon = Daemon::start("");
+    let properties: Vec<String> = (0..1500).map(|i| format!("\"p{i}\": {{\"type\": \"integer\"}}")).collect();
+    let many = format!("{{\"type\": \"object\", \"properties\": {{{}}}}}", properties.join(", "));
+    let looping = r##"{"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}"##.to_string();
+    let mutual = r##"{"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}"##.to_string();
+    for (what, schema) in [("1,500 optional properties", many), ("a $ref to itself", looping), ("two $refs in a loop", mutual)] {
+        let result = daemon.call("Complete", "ssa{sv}", &["kjv", "Say", "2", "max_new_tokens", "u", "8", "json_schema", "s", &schema]);
+        match result {
+            Ok(reply) => eprintln!("{what}: answered {}", reply["data"][0]),
+            Err(e) => assert!(e.contains("json_schema") && !e.contains("Internal"), "{what}: {e}"),
+        }
+        rt().block_on(async {
+            let conn = daemon.connect().await;
+            let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+            let mut options = greedy_options(8);
+            options.insert("json_schema", Value::from(schema.clone()));
+            let mut finished = futures_util::StreamExt::boxed(proxy.receive_finished().await.unwrap());
+            match proxy.generate("kjv", "Say", options).await {
+                Err(e) => assert!(e.to_string().contains("InvalidArgument"), "{what}: {e}"),
+                Ok(id) => {
+                    let f = futures_util::StreamExt::next(&mut finished).await.unwrap();
+                    let args = f.args().unwrap();
+                    assert_eq!(args.request_id, id);
+                    if args.reason == "error" {
+                        let error: String = args.stats["error"].clone().try_into().unwrap();
+                        assert!(error.contains("json_schema"), "{what}: {error}");
+                    }
+                }
+            }
+        });
+    }
+    still_serving(&daemon);
+}
