@@ -18,4 +18,18 @@ cpu = next((d.device.vendor for d in ort.get_ep_devices() if d.ep_name == "CPUEx
 print(f"test.sh: OpenVINO plugin devices here: {devices or 'none'} (CPU vendor {cpu}); "
       + ("its tests run natively" if "CPU" in devices else "its tests run under qemu-x86_64 as an Intel CPU (a few minutes)"))
 PY
+# Tests that cannot run what they test here (no AVX-512 VNNI, no qemu-x86_64, not root) list
+# themselves in this file (src/skipped.rs); the list is printed at the end, passed or failed.
+export EDGELLM_SKIPPED_TESTS="$root/target/skipped-tests.txt"
+mkdir -p "$root/target"
+rm -f "$EDGELLM_SKIPPED_TESTS"
+print_skipped() {
+    if [ -s "$EDGELLM_SKIPPED_TESTS" ]; then
+        echo "test.sh: $(wc -l < "$EDGELLM_SKIPPED_TESTS") tests skipped what they test on this machine:"
+        sort "$EDGELLM_SKIPPED_TESTS" | sed 's/^/  /'
+    else
+        echo "test.sh: no test skipped what it tests on this machine"
+    fi
+}
+trap print_skipped EXIT
 cargo test --locked "$@"

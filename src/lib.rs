@@ -27,6 +27,7 @@ pub mod openai;
 pub mod runtime;
 pub mod scheduler;
 pub mod service;
+pub mod skipped;
 pub mod speculative;
 
 pub use error::{Error, Result};

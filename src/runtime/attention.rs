@@ -425,8 +425,7 @@ mod tests {
     #[test]
     fn the_vector_attention_equals_the_definition() {
         if !crate::runtime::int4::supported() {
-            eprintln!("skipped: this CPU has no AVX-512");
-            return;
+            return crate::skipped::report("runtime::attention::tests::the_vector_attention_equals_the_definition", "this CPU has no AVX-512");
         }
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut next = || {

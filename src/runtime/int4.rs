@@ -380,8 +380,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn the_vector_quantization_is_the_scalar_one() {
         if !supported() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
-            return;
+            return crate::skipped::report("runtime::int4::tests::the_vector_quantization_is_the_scalar_one", "this CPU has no AVX-512 VNNI");
         }
         let mut seed = 0x2545_f491_4f6c_dd1d;
         let mut blocks: Vec<[f32; BLOCK]> =
@@ -404,8 +403,7 @@ mod tests {
     #[test]
     fn the_kernel_equals_the_definition_on_every_branch() {
         if !supported() {
-            eprintln!("skipped: this CPU has no AVX-512 VNNI");
-            return;
+            return crate::skipped::report("runtime::int4::tests::the_kernel_equals_the_definition_on_every_branch", "this CPU has no AVX-512 VNNI");
         }
         let mut seed = 0x9e37_79b9_7f4a_7c15;
         for (n, k, rows) in [

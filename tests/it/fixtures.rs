@@ -101,7 +101,7 @@ pub fn openvino_cpu_here(test: &str) -> bool {
     assert!(!emulated(), "under {}, the OpenVINO plugin still offers no CPU device", EMULATE_INTEL.join(" "));
     let vendor = runtime.cpu_vendor();
     if Command::new(EMULATE_INTEL[0]).arg("--version").output().is_err() {
-        eprintln!("SKIPPED {test}: the OpenVINO plugin offers no CPU device on this CPU (vendor {vendor:?}) and qemu-x86_64 (Debian's qemu-user), which would report an Intel CPU, is not installed");
+        edgellm::skipped::report(test, &format!("the OpenVINO plugin offers no CPU device on this CPU (vendor {vendor:?}) and qemu-x86_64 (Debian's qemu-user), which would report an Intel CPU, is not installed"));
         return false;
     }
     eprintln!(
@@ -213,7 +213,7 @@ pub fn genai_outputs(model: &std::path::Path, provider: &str, prompts: &[Vec<u32
 pub fn edgellm_kernels_run(test: &str) -> bool {
     let supported = edgellm::runtime::int4_supported();
     if !supported {
-        eprintln!("{test}: skipped, this CPU has no AVX-512 VNNI for edgellm's kernels");
+        edgellm::skipped::report(test, "this CPU has no AVX-512 VNNI for edgellm's kernels");
     }
     supported
 }

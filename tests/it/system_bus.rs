@@ -44,8 +44,10 @@ fn as_user(user: &str, program: &str) -> Command {
 #[test]
 fn shipped_policy_on_a_system_like_bus() {
     if !Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false) {
-        eprintln!("SKIPPED: needs root to create users and switch to them (CI runs as root)");
-        return;
+        return edgellm::skipped::report(
+            "system_bus::shipped_policy_on_a_system_like_bus",
+            "needs root to create users and switch to them (CI runs as root)",
+        );
     }
     ensure_user(SERVICE_USER);
     ensure_user(OTHER_USER);
