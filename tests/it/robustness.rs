@@ -234,3 +234,103 @@ fn schemas_llguidance_cannot_take_are_invalid_arguments() {
     }
     still_serving(&daemon);
 }
+
+/// A model whose tokenizer has byte-fallback tokens (`<0x00>` .. `<0xFF>`, as SentencePiece
+/// models ship them) and random weights: the builder's tiny-qwen2 (random weights, 4,096 logits)
+/// with the SentencePiece-style kjv-metaspace tokenizer (1,280 ids, the byte tokens at 3..=258),
+/// as a scratch folder. Random weights emit any token, NUL and lone UTF-8 bytes among them.
+fn byte_fallback_model() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let qwen = crate::fixtures::model_dir("tiny-qwen2");
+    for file in ["model.onnx", "model.onnx.data"] {
+        std::os::unix::fs::symlink(qwen.join(file), dir.path().join(file)).unwrap();
+    }
+    let tokenizer = crate::fixtures::root().join("models/tokenizers/kjv-metaspace/tokenizer.json");
+    std::fs::copy(tokenizer, dir.path().join("tokenizer.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(qwen.join("genai_config.json")).unwrap()).unwrap();
+    // <s> and </s> of the SentencePiece tokenizer.
+    config["model"]["bos_token_id"] = 1.into();
+    config["model"]["eos_token_id"] = 2.into();
+    config["model"]["pad_token_id"] = 2.into();
+    std::fs::write(dir.path().join("genai_config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// The bytes model sampled hot over many seeds, through Complete and streamed Generate, several
+/// clients at once; every byte token through Detokenize; random ids (some past the tokenizer
+/// or the model) through Detokenize and `prompt_ids`. Every call is answered and the daemon keeps
+/// its name.
+#[test]
+fn random_ids_and_a_byte_fallback_model_sampled_hot_never_take_the_daemon_off_the_bus() {
+    use rand::{Rng, SeedableRng};
+    let model = byte_fallback_model();
+    let daemon = Daemon::start(&format!("\n[[model]]\nname = \"bytes\"\npath = \"{}\"\n", model.path().display()));
+    let (mut nul_tokens, mut calls) = (0usize, 0usize);
+    rt().block_on(async {
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+        // Every byte token alone, then all of them in one call.
+        let mut all = Vec::new();
+        for id in 3u32..=258 {
+            let text = proxy.detokenize("bytes", &[id]).await.unwrap_or_else(|e| panic!("Detokenize [{id}]: {e}"));
+            assert!(!text.contains('\0'));
+            all.push(id);
+        }
+        assert_eq!(proxy.detokenize("bytes", &[3]).await.unwrap(), "\u{FFFD}", "<0x00> is sent as U+FFFD");
+        proxy.detokenize("bytes", &all).await.unwrap();
+        // Sampled at temperature 2 over many seeds: four clients at a time, half streamed.
+        for round in 0..10u64 {
+            let mut tasks = Vec::new();
+            for client in 0..4u64 {
+                let conn = daemon.connect().await;
+                tasks.push(tokio::spawn(async move {
+                    let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+                    let seed = round * 4 + client;
+                    let options = std::collections::HashMap::from([
+                        ("max_new_tokens", Value::U32(48)),
+                        ("temperature", Value::F64(2.0)),
+                        ("seed", Value::U64(seed)),
+                        ("return_token_ids", Value::Bool(true)),
+                    ]);
+                    if client % 2 == 0 {
+                        let (_, stats) = proxy.complete("bytes", "In the beginning", options).await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                        let ids: Vec<u32> = stats["token_ids"].clone().try_into().unwrap();
+                        ids.iter().filter(|&&id| id == 3).count()
+                    } else {
+                        let (_, reason, _) = stream_request(&proxy, proxy.generate("bytes", "In the beginning", options)).await;
+                        assert!(reason == "length" || reason == "stop", "seed {seed}: {reason}");
+                        0
+                    }
+                }));
+            }
+            for task in tasks {
+                nul_tokens += task.await.unwrap();
+                calls += 1;
+            }
+        }
+        // Random ids, some past the tokenizer's 1,280 or the model's 4,096.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..200 {
+            let ids: Vec<u32> = (0..rng.random_range(1..64)).map(|_| rng.random_range(0..1400)).collect();
+            match proxy.detokenize("bytes", &ids).await {
+                Ok(text) => assert!(ids.iter().all(|&id| id < 1280) && !text.contains('\0')),
+                Err(e) => assert!(ids.iter().any(|&id| id >= 1280) && e.to_string().contains("InvalidArgument"), "{ids:?}: {e}"),
+            }
+        }
+        for _ in 0..30 {
+            let ids: Vec<Value> = (0..rng.random_range(1..40)).map(|_| Value::U32(rng.random_range(0..4200))).collect();
+            let beyond = ids.iter().any(|id| matches!(id, Value::U32(id) if *id >= 4096));
+            let options = std::collections::HashMap::from([
+                ("max_new_tokens", Value::U32(8)),
+                ("temperature", Value::F64(2.0)),
+                ("prompt_ids", Value::from(ids.iter().map(|v| u32::try_from(v).unwrap()).collect::<Vec<u32>>())),
+            ]);
+            match proxy.complete("bytes", "", options).await {
+                Ok(_) => assert!(!beyond),
+                Err(e) => assert!(beyond && e.to_string().contains("InvalidArgument"), "{e}"),
+            }
+        }
+    });
+    eprintln!("{calls} sampled requests, {nul_tokens} NUL tokens among the Complete ones");
+    still_serving(&daemon);
+}
