@@ -124,6 +124,35 @@ pub struct Daemon {
     token_interval: std::time::Duration,
     /// Each connection's Unix user as the bus reported it, asked once per connection.
     users: Mutex<HashMap<String, Option<u32>>>,
+    blocking: BlockingWork,
+}
+
+/// Work done for a caller that blocks (validation tokenizes up to `limits.max_prompt_bytes` and
+/// may compile a grammar; Tokenize; Detokenize) runs off the bus's threads, at most
+/// `BLOCKING_AT_ONCE` jobs daemon-wide and one at a time per connection: a client that floods
+/// such calls waits for its own turn and holds one thread, not all of tokio's blocking pool.
+struct BlockingWork {
+    global: Arc<tokio::sync::Semaphore>,
+    per_client: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+const BLOCKING_AT_ONCE: usize = 4;
+
+impl BlockingWork {
+    fn new() -> BlockingWork {
+        BlockingWork { global: Arc::new(tokio::sync::Semaphore::new(BLOCKING_AT_ONCE)), per_client: Mutex::default() }
+    }
+
+    async fn run<T: Send + 'static>(&self, client: &str, what: &str, work: impl FnOnce() -> T + Send + 'static) -> Result<T, DaemonError> {
+        let mine = self.per_client.lock().expect("per_client").entry(client.to_string()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))).clone();
+        let _turn = mine.acquire_owned().await.map_err(|e| DaemonError::Internal(e.to_string().into()))?;
+        let _thread = self.global.clone().acquire_owned().await.map_err(|e| DaemonError::Internal(e.to_string().into()))?;
+        tokio::task::spawn_blocking(work).await.map_err(|e| DaemonError::Internal(format!("{what} failed: {e}").into()))
+    }
+
+    fn client_gone(&self, client: &str) {
+        self.per_client.lock().expect("per_client").remove(client);
+    }
 }
 
 fn stats_dict(stats: &GenerationStats) -> BusDict {
@@ -189,6 +218,7 @@ impl Daemon {
             log_text,
             token_interval,
             users: Mutex::new(HashMap::new()),
+            blocking: BlockingWork::new(),
         }
     }
 
@@ -278,10 +308,10 @@ impl Daemon {
         // Validation tokenizes up to `limits.max_prompt_bytes`, renders chat templates and may open
         // the model's folder: blocking work, kept off the async threads that serve every caller.
         let submitted = {
-            let (scheduler, sender, model, prompt) = (self.scheduler.clone(), sender.to_string(), model.to_string(), prompt.clone());
-            tokio::task::spawn_blocking(move || scheduler.submit_keyed(&sender, user, &model, &prompt, generate, priority, cache))
-                .await
-                .map_err(|e| DaemonError::Internal(format!("request validation failed: {e}").into()))??
+            let (scheduler, client, model, prompt) = (self.scheduler.clone(), sender.to_string(), model.to_string(), prompt.clone());
+            self.blocking
+                .run(sender, "request validation", move || scheduler.submit_keyed(&client, user, &model, &prompt, generate, priority, cache))
+                .await??
         };
         if self.log_text {
             tracing::debug!(request = submitted.id, ?prompt, "request text");
@@ -388,6 +418,7 @@ impl Daemon {
         requests.retain(|_, e| e.owner != client);
         drop(requests);
         self.users.lock().expect("users").remove(client);
+        self.blocking.client_gone(client);
         self.sessions.lock().expect("sessions").retain(|_, s| s.owner != client);
         self.scheduler.cancel_client(client);
     }
@@ -503,24 +534,21 @@ impl Daemon {
     /// The ids a plain prompt is fed to `model` as, its tokenizer's BOS included where it adds
     /// one (as Hugging Face tokenizers' `encode(text, add_special_tokens=True)`).
     #[zbus(out_args("ids"))]
-    async fn tokenize(&self, model: String, text: String) -> Result<Vec<u32>, DaemonError> {
+    async fn tokenize(&self, #[zbus(header)] header: Header<'_>, model: String, text: String) -> Result<Vec<u32>, DaemonError> {
+        let sender = Self::sender(&header)?;
         self.check_text_size("text", text.len())?;
         let scheduler = self.scheduler.clone();
         // Off the bus's threads: a large text or a first use that opens the model folder blocks.
-        let ids = tokio::task::spawn_blocking(move || scheduler.tokenize(&model, &text))
-            .await
-            .map_err(|e| DaemonError::Internal(e.to_string().into()))??;
-        Ok(ids)
+        Ok(self.blocking.run(&sender, "Tokenize", move || scheduler.tokenize(&model, &text)).await??)
     }
 
     /// The text of `ids` under `model`'s tokenizer, special tokens skipped.
     #[zbus(out_args("text"))]
-    async fn detokenize(&self, model: String, ids: Vec<u32>) -> Result<BusText, DaemonError> {
+    async fn detokenize(&self, #[zbus(header)] header: Header<'_>, model: String, ids: Vec<u32>) -> Result<BusText, DaemonError> {
+        let sender = Self::sender(&header)?;
         self.check_text_size("id list", ids.len() * 4)?;
         let scheduler = self.scheduler.clone();
-        let text = tokio::task::spawn_blocking(move || scheduler.detokenize(&model, &ids))
-            .await
-            .map_err(|e| DaemonError::Internal(e.to_string().into()))??;
+        let text = self.blocking.run(&sender, "Detokenize", move || scheduler.detokenize(&model, &ids)).await??;
         Ok(BusText::new(text))
     }
 

@@ -334,3 +334,54 @@ fn random_ids_and_a_byte_fallback_model_sampled_hot_never_take_the_daemon_off_th
     eprintln!("{calls} sampled requests, {nul_tokens} NUL tokens among the Complete ones");
     still_serving(&daemon);
 }
+
+/// Threads of a process, from /proc.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// A client that floods blocking calls (Tokenize of 64 KiB texts, 100 at once) holds one of the
+/// daemon's blocking threads, not a thread per call, and another client is still answered.
+#[test]
+fn a_flood_of_tokenize_calls_holds_one_thread_and_others_are_answered() {
+    let daemon = Daemon::start("");
+    let before = threads(daemon.pid());
+    let text = "And God said, Let there be light: and there was light. ".repeat(1200);
+    let text = &text[..64 * 1024];
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let pid = daemon.pid();
+    let (most, answered_in) = std::thread::scope(|scope| {
+        // The daemon's threads, sampled while the flood lasts.
+        let sampler = scope.spawn(|| {
+            let mut most = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                most = most.max(threads(pid));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            most
+        });
+        let answered_in = rt().block_on(async {
+            let flood_conn = daemon.connect().await;
+            let flood = Daemon1Proxy::builder(&flood_conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+            let calls: Vec<_> = (0..100).map(|_| flood.tokenize("kjv", text)).collect();
+            let flooding = futures_util::future::join_all(calls);
+            let other = async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let conn = daemon.connect().await;
+                let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+                let started = Instant::now();
+                proxy.complete("kjv", "In the beginning", greedy_options(4)).await.unwrap();
+                started.elapsed()
+            };
+            let (results, answered_in) = tokio::join!(flooding, other);
+            assert!(results.iter().all(|r| r.is_ok()), "every Tokenize is answered");
+            answered_in
+        });
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (sampler.join().unwrap(), answered_in)
+    });
+    eprintln!("threads: {before} before, at most {most} during the flood; another client answered in {answered_in:.1?}");
+    assert!(most <= before + 8, "the flood took {} threads more", most - before);
+    assert!(answered_in < Duration::from_secs(20), "{answered_in:?}");
+    still_serving(&daemon);
+}
