@@ -93,6 +93,15 @@ impl KvStore {
         self.state.lock().expect("kv store").entries.retain(|e| e.key != *key);
     }
 
+    /// Frees the caches of `model` (it was unloaded: no later engine can use them, and they held
+    /// the memory `UnloadModel` is asked to return).
+    pub(super) fn forget_model(&self, model: &str) -> usize {
+        let mut state = self.state.lock().expect("kv store");
+        let before = state.entries.len();
+        state.entries.retain(|e| e.model != model);
+        before - state.entries.len()
+    }
+
     /// Frees everything (memory is needed for a model load).
     pub(super) fn clear(&self) -> usize {
         let mut state = self.state.lock().expect("kv store");

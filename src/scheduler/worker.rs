@@ -129,6 +129,10 @@ fn trim_heap() {
 fn unload(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, why: &str) {
     if let Some(unloaded) = engine.take() {
         drop(unloaded);
+        let caches = inner.kv.forget_model(&slot.config.name);
+        if caches > 0 {
+            tracing::debug!(model = %slot.config.name, caches, "kept KV of the unloaded model freed");
+        }
         trim_heap();
         {
             let mut status = slot.status.lock().expect("status");
@@ -170,6 +174,8 @@ pub(super) fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                     // Removed or replaced by a reload, and nothing left to do: unload and end.
                     drop(queue);
                     if engine.take().is_some() {
+                        inner.kv.forget_model(&slot.config.name);
+                        trim_heap();
                         tracing::info!(model = %slot.config.name, "model unloaded (removed from the config)");
                     }
                     return;

@@ -385,3 +385,25 @@ fn a_flood_of_tokenize_calls_holds_one_thread_and_others_are_answered() {
     assert!(answered_in < Duration::from_secs(20), "{answered_in:?}");
     still_serving(&daemon);
 }
+
+/// `UnloadModel` returns the model's memory, its kept KV included: a connection that stays on
+/// the bus kept the KV of its last request on the unloaded model until it went idle.
+#[test]
+fn unload_frees_the_kept_kv_of_the_model() {
+    let daemon = Daemon::start("");
+    let kept = || {
+        let status = daemon.call("Status", "", &[]).unwrap();
+        status["data"][0]["kv_caches"]["data"].as_u64().unwrap()
+    };
+    rt().block_on(async {
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+        proxy.complete("kjv", "In the beginning God created the heaven and the earth.", greedy_options(8)).await.unwrap();
+        assert_eq!(kept(), 1, "the connection's KV is kept");
+        proxy.unload_model("kjv").await.unwrap();
+        assert_eq!(kept(), 0, "UnloadModel freed it");
+        // The connection is still there, and its next request loads the model again.
+        proxy.complete("kjv", "In the beginning", greedy_options(4)).await.unwrap();
+    });
+    still_serving(&daemon);
+}
