@@ -281,24 +281,12 @@ fn python_number(value: &Value) -> String {
         return value.to_string();
     }
     let x = f64::try_from(value.clone()).unwrap_or(f64::NAN);
-    if x.is_nan() {
-        return "NaN".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
-    }
-    let abs = x.abs();
-    if abs != 0.0 && !(1e-4..1e16).contains(&abs) {
-        let e = format!("{x:e}");
-        let (mantissa, exponent) = e.split_once('e').unwrap_or((&e, "0"));
-        let exponent: i32 = exponent.parse().unwrap_or(0);
-        return format!("{mantissa}e{}{:02}", if exponent < 0 { '-' } else { '+' }, exponent.abs());
-    }
-    let s = format!("{x}");
-    if s.contains('.') {
-        s
-    } else {
-        format!("{s}.0")
+    // JSON's names where Python's `str()` says nan and inf.
+    match x {
+        x if x.is_nan() => "NaN".into(),
+        f64::INFINITY => "Infinity".into(),
+        f64::NEG_INFINITY => "-Infinity".into(),
+        x => super::jinja_builtins::py_float(x),
     }
 }
 

@@ -279,26 +279,26 @@ fn to_titlecase(c: char) -> String {
     }
 }
 
-fn py_islower(s: &str) -> bool {
+/// Python's `str.islower()` (`upper` false) and `str.isupper()` (true): some cased character,
+/// and none of the other case or titlecase.
+fn py_is_case(s: &str, upper: bool) -> bool {
     let mut cased = false;
     for c in s.chars() {
-        if c.is_uppercase() || is_titlecase(c) {
+        let (this, other) = if upper { (c.is_uppercase(), c.is_lowercase()) } else { (c.is_lowercase(), c.is_uppercase()) };
+        if other || is_titlecase(c) {
             return false;
         }
-        cased |= c.is_lowercase();
+        cased |= this;
     }
     cased
 }
 
+fn py_islower(s: &str) -> bool {
+    py_is_case(s, false)
+}
+
 fn py_isupper(s: &str) -> bool {
-    let mut cased = false;
-    for c in s.chars() {
-        if c.is_lowercase() || is_titlecase(c) {
-            return false;
-        }
-        cased |= c.is_uppercase();
-    }
-    cased
+    py_is_case(s, true)
 }
 
 fn py_istitle(s: &str) -> bool {
@@ -532,39 +532,12 @@ fn py_split(s: &str, sep: Option<&str>, maxsplit: i64) -> R<Vec<String>> {
     Ok(out)
 }
 
+/// `str.rsplit`: `split` of the string and separator read backwards, each part read back.
 fn py_rsplit(s: &str, sep: Option<&str>, maxsplit: i64) -> R<Vec<String>> {
-    let max = if maxsplit < 0 { usize::MAX } else { maxsplit as usize };
-    let mut out = Vec::new();
-    match sep {
-        Some("") => return Err(value_error("empty separator")),
-        Some(sep) => {
-            let mut rest = s;
-            while out.len() < max {
-                match rest.rfind(sep) {
-                    Some(i) => {
-                        out.push(rest[i + sep.len()..].to_string());
-                        rest = &rest[..i];
-                    }
-                    None => break,
-                }
-            }
-            out.push(rest.to_string());
-        }
-        None => {
-            let mut rest = s.trim_end_matches(py_isspace);
-            while !rest.is_empty() {
-                if out.len() >= max {
-                    out.push(rest.to_string());
-                    break;
-                }
-                let start = rest.rfind(py_isspace).map(|i| i + rest[i..].chars().next().unwrap().len_utf8()).unwrap_or(0);
-                out.push(rest[start..].to_string());
-                rest = rest[..start].trim_end_matches(py_isspace);
-            }
-        }
-    }
-    out.reverse();
-    Ok(out)
+    let backwards = |t: &str| t.chars().rev().collect::<String>();
+    let mut parts = py_split(&backwards(s), sep.map(backwards).as_deref(), maxsplit)?;
+    parts.reverse();
+    Ok(parts.iter().map(|p| backwards(p)).collect())
 }
 
 fn py_splitlines(s: &str, keepends: bool) -> Vec<String> {

@@ -69,16 +69,21 @@ fn target_greedy_matches_onnxruntime_genai_growing_kv() {
 /// prefills it in one): the greedy ids still equal onnxruntime-genai's (or part at a near tie, as
 /// a forward over other positions may), in both KV layouts. Skipping a chunk, or restarting its
 /// positions, changes them.
-#[test]
-fn a_prompt_longer_than_one_prefill_chunk_matches_onnxruntime_genai() {
-    let refs = references();
+/// The reference prompts one after another until they are longer than a prefill chunk.
+fn longer_than_a_prefill_chunk() -> Vec<u32> {
     let mut prompt: Vec<u32> = Vec::new();
-    for case in refs.models["kjv-target"].iter().cycle() {
+    for case in references().models["kjv-target"].iter().cycle() {
         prompt.extend_from_slice(&case.prompt_ids);
         if prompt.len() > edgellm::decode::PREFILL_CHUNK + 100 {
             break;
         }
     }
+    prompt
+}
+
+#[test]
+fn a_prompt_longer_than_one_prefill_chunk_matches_onnxruntime_genai() {
+    let prompt = longer_than_a_prefill_chunk();
     let new_tokens = 24;
     let genai = genai_outputs(&model_dir("kjv-target"), "cpu", std::slice::from_ref(&prompt), new_tokens).remove(0);
     for layout in [KvLayout::Shared, KvLayout::Growing] {
@@ -94,14 +99,7 @@ fn a_prompt_longer_than_one_prefill_chunk_matches_onnxruntime_genai() {
 /// within one chunk, not after the whole prompt (a 15 s timeout ran 61-67 s on long prompts).
 #[test]
 fn a_deadline_passed_during_a_long_prefill_ends_it_within_a_chunk() {
-    let refs = references();
-    let mut prompt: Vec<u32> = Vec::new();
-    for case in refs.models["kjv-target"].iter().cycle() {
-        prompt.extend_from_slice(&case.prompt_ids);
-        if prompt.len() > edgellm::decode::PREFILL_CHUNK + 100 {
-            break;
-        }
-    }
+    let prompt = longer_than_a_prefill_chunk();
     let engine = load("kjv-target", LoadOptions::default());
     // Already past when the first chunk ends.
     let options = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), deadline: Some(Instant::now()), ..Default::default() };
