@@ -28,6 +28,8 @@ pub const OBJECT_PATH: &str = "/org/edgellm/Daemon1";
 pub const INTERFACE: &str = "org.edgellm.Daemon1";
 /// Sessions are object paths under this one.
 pub const SESSION_PATH: &str = "/org/edgellm/Daemon1/session";
+/// What a chat message costs against `limits.max_prompt_bytes` besides its role and content.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 16;
 /// Open sessions one connection may hold.
 pub const MAX_SESSIONS_PER_CLIENT: usize = 64;
 
@@ -509,7 +511,9 @@ impl Daemon {
         options: HashMap<String, OwnedValue>,
     ) -> Result<ResponseDispatchNotifier<u64>, DaemonError> {
         let sender = Self::sender(&header)?;
-        self.check_text_size("messages", messages.iter().map(|(r, c)| r.len() + c.len()).sum())?;
+        // Each message counts its framing too: a million empty messages are no text, yet the
+        // template renders every one.
+        self.check_text_size("messages", messages.iter().map(|(r, c)| MESSAGE_OVERHEAD_BYTES + r.len() + c.len()).sum())?;
         let messages = messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect();
         let started = self.start(conn, &sender, &model, Prompt::Chat(messages), &options).await?;
         let (reply, sent) = ResponseDispatchNotifier::new(started.submitted.id);

@@ -407,3 +407,20 @@ fn unload_frees_the_kept_kv_of_the_model() {
     });
     still_serving(&daemon);
 }
+
+/// A chat of a great many empty messages is bounded like text: each message counts its framing
+/// against `limits.max_prompt_bytes`, so a client cannot make the template render millions.
+#[test]
+fn a_chat_of_many_empty_messages_is_bounded() {
+    let daemon = Daemon::start("");
+    rt().block_on(async {
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+        let messages: Vec<(&str, &str)> = vec![("", ""); 200_000];
+        let started = Instant::now();
+        let e = proxy.chat("kjv", &messages, greedy_options(2)).await.unwrap_err().to_string();
+        assert!(e.contains("PromptTooLong") && e.contains("messages"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    });
+    still_serving(&daemon);
+}
