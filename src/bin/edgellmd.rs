@@ -196,22 +196,29 @@ async fn run(config: Config) -> Result<(), String> {
 const BUS_PING_INTERVAL: Duration = Duration::from_secs(5);
 const BUS_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Returns why the bus is gone: the connection closed (dbus-daemon dropped the daemon, or the
-/// bus stopped or restarted), or the bus stopped answering. A daemon off the bus keeps running
-/// deaf otherwise, and the watchdog, fed by engine progress, would not notice.
+/// Returns why the daemon is off the bus: the connection closed (dbus-daemon dropped it, or the
+/// bus stopped or restarted), the bus stopped answering, or the name is no longer ours. A daemon
+/// off the bus keeps running deaf otherwise, and the watchdog, fed by engine progress, would not
+/// notice. The question asked is `GetNameOwner` of the bus driver, which every bus's policy
+/// allows (the system bus refuses a `Peer.Ping` to the driver).
 async fn watch_bus(conn: &zbus::Connection) -> String {
     let mut tick = tokio::time::interval(BUS_PING_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let Some(me) = conn.unique_name().map(|n| n.to_string()) else { return "the connection has no unique name".into() };
     loop {
         tokio::select! {
             _ = conn.closed() => return "the connection to the bus closed".into(),
             _ = tick.tick() => {
-                let ping = conn.call_method(Some("org.freedesktop.DBus"), "/org/freedesktop/DBus", Some("org.freedesktop.DBus.Peer"), "Ping", &());
-                match tokio::time::timeout(BUS_PING_TIMEOUT, ping).await {
-                    Ok(Ok(_)) => {}
+                let asked = async {
+                    let dbus = DBusProxy::new(conn).await?;
+                    dbus.get_name_owner(BUS_NAME.try_into().expect("a well-known name")).await.map_err(zbus::Error::from)
+                };
+                match tokio::time::timeout(BUS_PING_TIMEOUT, asked).await {
+                    Ok(Ok(owner)) if owner.as_str() == me => {}
+                    Ok(Ok(owner)) => return format!("{BUS_NAME} is owned by {owner} now, not by this daemon ({me})"),
                     Ok(Err(e)) if conn.is_closed() => return format!("the connection to the bus closed ({e})"),
-                    Ok(Err(e)) => return format!("the bus refused a ping: {e}"),
-                    Err(_) => return format!("the bus did not answer a ping within {} s", BUS_PING_TIMEOUT.as_secs()),
+                    Ok(Err(e)) => return format!("the bus did not say who owns {BUS_NAME}: {e}"),
+                    Err(_) => return format!("the bus did not answer within {} s", BUS_PING_TIMEOUT.as_secs()),
                 }
             }
         }

@@ -197,7 +197,7 @@ impl Scheduler {
         if let Some(&bad) = ids.iter().find(|&&id| id >= bound) {
             return Err(Error::InvalidArgument {
                 argument: "ids".into(),
-                reason: format!("token id {bad} is outside the tokenizer's vocabulary (0..{bound})"),
+                reason: format!("token id {bad} is outside the vocabulary of the tokenizer (0..{bound})"),
             }
             .into());
         }

@@ -694,11 +694,12 @@ impl Daemon {
     #[zbus(signal)]
     async fn token(emitter: &SignalEmitter<'_>, request_id: u64, text: &BusText) -> zbus::Result<()>;
 
-    /// `reason` is one of `FinishReason::as_str`'s names.
+    // `reason` is one of `FinishReason::as_str`'s names (not a doc comment: it would change the
+    // introspection XML that dbus/org.edgellm.Daemon1.xml ships).
     #[zbus(signal)]
     async fn finished(emitter: &SignalEmitter<'_>, request_id: u64, reason: &'static str, stats: BusDict) -> zbus::Result<()>;
 
-    /// `state` is one of `ModelState::as_str`'s names.
+    // `state` is one of `ModelState::as_str`'s names.
     #[zbus(signal)]
     pub async fn model_state_changed(emitter: &SignalEmitter<'_>, name: &BusText, state: &'static str) -> zbus::Result<()>;
 }
