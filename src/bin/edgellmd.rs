@@ -144,8 +144,14 @@ async fn run(config: Config) -> Result<(), String> {
     let bus_lost = watch_bus(&conn);
     tokio::pin!(bus_lost);
     let mut lost = None;
+    // Freed heap back to the system now and then: under a steady load glibc's arenas grew by
+    // about 1 KB a request while the bytes in use stayed flat (heap fragments, not objects).
+    let mut trim = tokio::time::interval(HEAP_TRIM_INTERVAL);
     loop {
         tokio::select! {
+            _ = trim.tick() => {
+                tokio::task::spawn_blocking(edgellm::scheduler::trim_heap);
+            }
             _ = term.recv() => break,
             why = &mut bus_lost => {
                 lost = Some(why);
@@ -191,6 +197,9 @@ async fn run(config: Config) -> Result<(), String> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How often freed heap is handed back to the system.
+const HEAP_TRIM_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How often the daemon asks the bus whether it is still there, and how long an answer may take.
 const BUS_PING_INTERVAL: Duration = Duration::from_secs(5);

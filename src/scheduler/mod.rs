@@ -34,6 +34,7 @@ use crate::runtime::Runtime;
 use admission::Admission;
 use queue::FairQueue;
 pub use queue::Priority;
+pub use worker::trim_heap;
 use worker::{engine_thread, finish_unrun, open_folder, Control, Counters, GenerateJob, Inner, ModelSlot};
 
 pub struct Submitted {

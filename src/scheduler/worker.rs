@@ -116,8 +116,9 @@ pub(super) fn finish_unrun(job: GenerateJob, reason: FinishReason, error: Option
 }
 
 /// ONNX Runtime frees a session's memory to malloc; this hands it back to the system so that
-/// unloading shows in RSS (glibc keeps freed heap otherwise).
-fn trim_heap() {
+/// unloading shows in RSS (glibc keeps freed heap otherwise). Also run every 30 s by the daemon:
+/// under load, glibc's arenas kept growing while the bytes in use stayed flat (the soak).
+pub fn trim_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
     unsafe {

@@ -59,7 +59,11 @@ async fn client(address: String, until: Instant, seed: u64) -> ClientReport {
                             report.ttft.push(started.elapsed());
                             first = false;
                             if action < 10 {
-                                proxy.cancel(id).await.unwrap();
+                                // The request may have ended meanwhile (its Finished not read
+                                // yet): then there is nothing to cancel.
+                                if let Err(e) = proxy.cancel(id).await {
+                                    assert!(e.to_string().contains("RequestNotFound"), "cancel: {e}");
+                                }
                             } else if action < 15 {
                                 // Leave mid-stream: the daemon must cancel and clean up.
                                 report.disconnected += 1;

@@ -69,7 +69,19 @@ fn grammars_deep_enough_to_overflow_a_stack_are_answered_and_sizes_are_bounded_f
             (0..1000).map(|i| format!("\"d{i}\": {{\"$ref\": \"#/$defs/d{}\"}}", i + 1)).chain(["\"d1000\": {\"type\": \"integer\"}".into()]).collect();
         format!("{{\"$defs\": {{{}}}, \"$ref\": \"#/$defs/d0\"}}", defs.join(", "))
     };
-    for (option, text) in [("grammar", chain(1000)), ("grammar", chain(3000)), ("json_schema", refs)] {
+    // Nesting as deep as 64 KiB allows: parentheses in a rule, groups in a regex, arrays in a schema.
+    let parens = format!("start: {}\"x\"{}", "(".repeat(32_000), ")".repeat(32_000));
+    let groups = format!("start: /{}x{}/", "(".repeat(32_000), ")".repeat(32_000));
+    let arrays = format!("{}{{\"type\": \"integer\"}}{}", "{\"type\": \"array\", \"items\": ".repeat(1500), "}".repeat(1500));
+    let cases = [
+        ("grammar", chain(1000)),
+        ("grammar", chain(3000)),
+        ("json_schema", refs),
+        ("grammar", parens),
+        ("grammar", groups),
+        ("json_schema", arrays),
+    ];
+    for (option, text) in cases {
         assert!(text.len() <= 64 * 1024, "{}", text.len());
         let started = Instant::now();
         let result = daemon.call("Complete", "ssa{sv}", &["kjv", "Say", "2", "max_new_tokens", "u", "3", option, "s", &text]);
