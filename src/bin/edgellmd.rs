@@ -214,14 +214,15 @@ async fn watch_bus(conn: &zbus::Connection) -> String {
     let mut tick = tokio::time::interval(BUS_PING_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let Some(me) = conn.unique_name().map(|n| n.to_string()) else { return "the connection has no unique name".into() };
+    let dbus = match DBusProxy::new(conn).await {
+        Ok(dbus) => dbus,
+        Err(e) => return format!("cannot talk to the bus driver: {e}"),
+    };
     loop {
         tokio::select! {
             _ = conn.closed() => return "the connection to the bus closed".into(),
             _ = tick.tick() => {
-                let asked = async {
-                    let dbus = DBusProxy::new(conn).await?;
-                    dbus.get_name_owner(BUS_NAME.try_into().expect("a well-known name")).await.map_err(zbus::Error::from)
-                };
+                let asked = dbus.get_name_owner(BUS_NAME.try_into().expect("a well-known name"));
                 match tokio::time::timeout(BUS_PING_TIMEOUT, asked).await {
                     Ok(Ok(owner)) if owner.as_str() == me => {}
                     Ok(Ok(owner)) => return format!("{BUS_NAME} is owned by {owner} now, not by this daemon ({me})"),

@@ -30,7 +30,7 @@ fn a_nul_in_a_reply_a_signal_or_an_error_keeps_the_daemon_on_the_bus() {
 
     rt().block_on(async {
         let conn = daemon.connect().await;
-        let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         // A grammar that forces the model to say NUL, through Complete and through Token signals.
         let mut options = greedy_options(4);
         options.insert("grammar", Value::from(r#"start: /\x00+/"#));
@@ -185,12 +185,12 @@ fn a_users_connections_share_one_limit() {
         let mut held = Vec::new();
         for _ in 0..2 {
             let conn = daemon.connect().await;
-            let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+            let proxy = Daemon1Proxy::new(&conn).await.unwrap();
             proxy.generate("kjv", "In the beginning", long()).await.unwrap();
             held.push(conn);
         }
         let conn = daemon.connect().await;
-        let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         let e = proxy.generate("kjv", "In the beginning", long()).await.unwrap_err().to_string();
         assert!(e.contains("Busy") && e.contains("max_per_user"), "{e}");
         // A user's connection that leaves gives its places back.
@@ -226,7 +226,7 @@ fn schemas_llguidance_cannot_take_are_invalid_arguments() {
         }
         rt().block_on(async {
             let conn = daemon.connect().await;
-            let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+            let proxy = Daemon1Proxy::new(&conn).await.unwrap();
             let mut options = greedy_options(8);
             options.insert("json_schema", Value::from(schema.clone()));
             let mut finished = futures_util::StreamExt::boxed(proxy.receive_finished().await.unwrap());
@@ -280,7 +280,7 @@ fn random_ids_and_a_byte_fallback_model_sampled_hot_never_take_the_daemon_off_th
     let (mut nul_tokens, mut calls) = (0usize, 0usize);
     rt().block_on(async {
         let conn = daemon.connect().await;
-        let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         // Every byte token alone, then all of them in one call.
         let mut all = Vec::new();
         for id in 3u32..=258 {
@@ -296,7 +296,7 @@ fn random_ids_and_a_byte_fallback_model_sampled_hot_never_take_the_daemon_off_th
             for client in 0..4u64 {
                 let conn = daemon.connect().await;
                 tasks.push(tokio::spawn(async move {
-                    let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+                    let proxy = Daemon1Proxy::new(&conn).await.unwrap();
                     let seed = round * 4 + client;
                     let options = std::collections::HashMap::from([
                         ("max_new_tokens", Value::U32(48)),
@@ -374,13 +374,13 @@ fn a_flood_of_tokenize_calls_holds_one_thread_and_others_are_answered() {
         });
         let answered_in = rt().block_on(async {
             let flood_conn = daemon.connect().await;
-            let flood = Daemon1Proxy::builder(&flood_conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+            let flood = Daemon1Proxy::new(&flood_conn).await.unwrap();
             let calls: Vec<_> = (0..100).map(|_| flood.tokenize("kjv", text)).collect();
             let flooding = futures_util::future::join_all(calls);
             let other = async {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let conn = daemon.connect().await;
-                let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+                let proxy = Daemon1Proxy::new(&conn).await.unwrap();
                 let started = Instant::now();
                 proxy.complete("kjv", "In the beginning", greedy_options(4)).await.unwrap();
                 started.elapsed()
@@ -409,7 +409,7 @@ fn unload_frees_the_kept_kv_of_the_model() {
     };
     rt().block_on(async {
         let conn = daemon.connect().await;
-        let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         proxy.complete("kjv", "In the beginning God created the heaven and the earth.", greedy_options(8)).await.unwrap();
         assert_eq!(kept(), 1, "the connection's KV is kept");
         proxy.unload_model("kjv").await.unwrap();
@@ -427,7 +427,7 @@ fn a_chat_of_many_empty_messages_is_bounded() {
     let daemon = Daemon::start("");
     rt().block_on(async {
         let conn = daemon.connect().await;
-        let proxy = Daemon1Proxy::builder(&conn).destination(edgellm::service::BUS_NAME).unwrap().build().await.unwrap();
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         let messages: Vec<(&str, &str)> = vec![("", ""); 200_000];
         let started = Instant::now();
         let e = proxy.chat("kjv", &messages, greedy_options(2)).await.unwrap_err().to_string();
