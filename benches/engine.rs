@@ -59,7 +59,7 @@ fn output_ids(o: &edgellm::engine::Outcome) -> Vec<u32> {
     o.token_ids.iter().copied().chain(o.eos_token).collect()
 }
 
-/// EDGELLM_BENCH_INT4=edgellm|onnxruntime: who runs the int4 products (default: auto, by size).
+/// EDGELLM_BENCH_INT4=edgellm|onnxruntime: who runs the int4 products (default: auto, edgellm's where it runs).
 fn int4_choice() -> Int4Choice {
     match std::env::var("EDGELLM_BENCH_INT4").as_deref() {
         Ok("edgellm") => Int4Choice::Edgellm,

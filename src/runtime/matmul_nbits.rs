@@ -95,18 +95,14 @@ impl std::fmt::Display for Int4Kernel {
     }
 }
 
-/// int4 weights (blocks and scales) below which `auto` keeps ONNX Runtime's kernel: twice the
-/// 32 MiB last-level cache of the machine it was measured on. Below, a model's weights stay in the
-/// caches; it was kept for ONNX Runtime's being faster there (kjv-target 1.2-1.4x) until the
-/// packed layout, and stays so that such models decode with onnxruntime-genai's own kernel, its
-/// ids exactly. edgellm's is faster there now too (kjv-target, paired, 1.58x onnxruntime-genai's
-/// decode against 0.98x; README, "What each acceleration gives"); above, memory-bound, edgellm's
-/// decodes the 388 MiB twin 1.35x as fast as onnxruntime-genai.
-const AUTO_MIN_BYTES: u64 = 64 << 20;
 
 /// Whether edgellm's kernel can run every `MatMulNBits` node of the model `graph` (ModelProto
-/// bytes), and if not, why. `auto`: only where the int4 weights exceed `AUTO_MIN_BYTES`.
-pub(crate) fn plan(graph: &[u8], auto: bool) -> Int4Kernel {
+/// bytes), and if not, why. `auto` and `edgellm` plan alike: edgellm's wherever it covers the
+/// model. Its rows are computed each on its own, so greedy output does not depend on how
+/// positions were batched (a verify's draft lengths follow timings; ONNX Runtime's kernel sums a
+/// row in another order inside a batch, which made greedy speculative output differ between
+/// runs), and it is faster in and out of the caches.
+pub(crate) fn plan(graph: &[u8]) -> Int4Kernel {
     let keep = |reason: String| Int4Kernel::OnnxRuntime { reason };
     if !int4::supported() {
         return keep("this CPU has no AVX-512 VNNI".into());
@@ -116,22 +112,15 @@ pub(crate) fn plan(graph: &[u8], auto: bool) -> Int4Kernel {
         return keep("the graph has subgraphs".into());
     }
     let types = initializers(graph);
-    let (mut count, mut bytes) = (0, 0u64);
+    let mut count = 0;
     for node in nodes.iter().filter(|n| n.op_type == OP && n.domain == DOMAIN) {
         if let Err(why) = covered(node, &types) {
             return keep(format!("node `{}`: {why}", node.name));
         }
         count += 1;
-        bytes += node.inputs[1..3].iter().filter_map(|i| types.get(i)).map(|t| t.bytes).sum::<u64>();
     }
     if count == 0 {
         return keep("the model has no MatMulNBits nodes".into());
-    }
-    if auto && bytes < AUTO_MIN_BYTES {
-        return keep(format!(
-            "auto: its {:.1} MiB of int4 weights fit in the CPU's caches, where auto keeps onnxruntime-genai's kernel and its exact ids; `int4_kernel = \"edgellm\"` runs edgellm's, faster",
-            bytes as f64 / (1 << 20) as f64
-        ));
     }
     let attention = attention_plan(&nodes, &types, &graph_input_types(graph));
     Int4Kernel::Edgellm { nodes: count, attention }
@@ -356,11 +345,11 @@ mod tests {
     #[test]
     fn the_plan_names_the_node_and_what_the_kernel_does_not_cover() {
         if !int4::supported() {
-            assert_eq!(plan(&model(4, &[], 8), false), Int4Kernel::OnnxRuntime { reason: "this CPU has no AVX-512 VNNI".into() });
+            assert_eq!(plan(&model(4, &[], 8)), Int4Kernel::OnnxRuntime { reason: "this CPU has no AVX-512 VNNI".into() });
             return;
         }
         assert_eq!(
-            plan(&model(4, &[], 8), false),
+            plan(&model(4, &[], 8)),
             Int4Kernel::Edgellm {
                 nodes: 1,
                 attention: Attention::OnnxRuntime { reason: "the model has no GroupQueryAttention nodes".into() }
@@ -370,18 +359,8 @@ mod tests {
             Int4Kernel::OnnxRuntime { reason } => reason,
             other => panic!("expected ONNX Runtime's kernel, got {other}"),
         };
-        let zero_points = reason(plan(&model(4, &["zp"], 8), false));
+        let zero_points = reason(plan(&model(4, &["zp"], 8)));
         assert!(zero_points.starts_with("node `proj`: zero points"), "{zero_points}");
-        assert!(reason(plan(&model(1, &[], 8), false)).contains("accuracy_level is not 4"));
-        // `auto`: 8 rows are 384 bytes, in the caches; rows for 64 MiB and more are not.
-        assert!(reason(plan(&model(4, &[], 8), true)).starts_with("auto: its 0.0 MiB"));
-        let rows_for_64_mib = (AUTO_MIN_BYTES / (2 * 16 + 2 * 4)) + 1;
-        assert_eq!(
-            plan(&model(4, &[], rows_for_64_mib), true),
-            Int4Kernel::Edgellm {
-                nodes: 1,
-                attention: Attention::OnnxRuntime { reason: "the model has no GroupQueryAttention nodes".into() }
-            }
-        );
+        assert!(reason(plan(&model(1, &[], 8))).contains("accuracy_level is not 4"));
     }
 }

@@ -83,11 +83,11 @@ pub struct SessionOptions {
 /// The config's `int4_kernel`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Int4Choice {
-    /// edgellm's kernel where the model's int4 weights are too large for the CPU's caches (the
-    /// memory-bound regime, where it was measured faster), ONNX Runtime's below.
+    /// edgellm's kernel wherever it covers every node, ONNX Runtime's elsewhere.
     #[default]
     Auto,
-    /// edgellm's wherever it covers every node.
+    /// The same as `Auto` since auto stopped keeping ONNX Runtime's kernel for small models;
+    /// kept so that configs that name it still load.
     Edgellm,
     OnnxRuntime,
 }
@@ -341,7 +341,7 @@ impl Runtime {
         };
         let int4 = match (&graph, options.int4) {
             (Some(_), Int4Choice::OnnxRuntime) => Int4Kernel::OnnxRuntime { reason: "asked for: `int4_kernel = \"onnxruntime\"`".into() },
-            (Some(graph), choice) => matmul_nbits::plan(graph, choice == Int4Choice::Auto),
+            (Some(graph), _) => matmul_nbits::plan(graph),
             (None, _) => Int4Kernel::OnnxRuntime { reason: format!("the {} provider runs the graph", provider.name()) },
         };
         if let Int4Kernel::Edgellm { .. } = int4 {

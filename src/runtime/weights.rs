@@ -133,22 +133,18 @@ pub(crate) fn external_tensors(model: &[u8]) -> Vec<ExternalTensor> {
     found
 }
 
-/// An initializer's element type (ONNX `TensorProto.DataType`) and size.
+/// An initializer's element type (ONNX `TensorProto.DataType`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Initializer {
     pub data_type: i32,
-    /// 0 for types without a whole byte size.
-    pub bytes: u64,
 }
 
 /// Every initializer of the main graph, by name.
 pub(crate) fn initializers(model: &[u8]) -> std::collections::HashMap<String, Initializer> {
     let mut found = std::collections::HashMap::new();
     for_graph_field(model, 5, |tensor| {
-        if let Some((name, data_type, dims)) = tensor_header(tensor) {
-            let elements = dims.iter().fold(1u64, |n, &d| n.saturating_mul(u64::try_from(d).unwrap_or(0)));
-            let size = element_type(data_type).map_or(0, |(_, size)| size as u64);
-            found.insert(name, Initializer { data_type, bytes: elements.saturating_mul(size) });
+        if let Some((name, data_type, _)) = tensor_header(tensor) {
+            found.insert(name, Initializer { data_type });
         }
     });
     found

@@ -36,22 +36,34 @@ fn with_eos(outcome: &Outcome) -> Vec<u32> {
 /// models have near ties that another CPU's kernels resolve the other way (tiny-qwen2's ids in
 /// tests/reference_outputs.json, made on another machine, differ from what onnxruntime-genai
 /// itself gives here on one prompt), so the committed ids give the prompts, not the answers.
+/// With ONNX Runtime's int4 kernel (onnxruntime-genai's own) the ids are equal; with the default
+/// (edgellm's kernel where the CPU has it, summing in another order) they are equal or part at a
+/// near tie of the model alone, and most are equal.
 fn check_against_reference(model: &str, options: LoadOptions) {
     let refs = references();
     let cases = &refs.models[model];
     assert!(cases.len() >= 8, "at least 8 reference prompts");
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
     let genai = genai_outputs(&model_dir(model), "cpu", &prompts, refs.new_tokens);
-    let mut engine = load(model, options);
-    // `auto` runs ONNX Runtime's int4 kernel on these small models, as onnxruntime-genai does.
-    assert!(matches!(engine.provider().int4, Int4Kernel::OnnxRuntime { .. }), "{model}: {}", engine.provider().int4);
-    for (case, genai_ids) in cases.iter().zip(&genai) {
-        let ids = engine.folder.tokenizer.encode_prompt(&case.prompt).unwrap();
-        assert_eq!(ids, case.prompt_ids, "{model}: tokenization of {:?} differs from onnxruntime-genai", case.prompt);
-        let (outcome, streamed) = greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
-        assert_eq!(&with_eos(&outcome), genai_ids, "{model}: greedy ids for {:?} differ from onnxruntime-genai", case.prompt);
-        assert_eq!(streamed, outcome.text, "streamed pieces concatenate to the final text");
-        assert_eq!(outcome.text, engine.folder.tokenizer.decode(&outcome.token_ids).unwrap());
+    let onnxruntime = SessionOptions { int4: Int4Choice::OnnxRuntime, ..options.session.clone() };
+    for options in [LoadOptions { session: onnxruntime, ..options.clone() }, options] {
+        let mut engine = load(model, options);
+        let kernel = engine.provider().int4.clone();
+        let exact = matches!(kernel, Int4Kernel::OnnxRuntime { .. });
+        let mut identical = 0;
+        for (case, genai_ids) in cases.iter().zip(&genai) {
+            let ids = engine.folder.tokenizer.encode_prompt(&case.prompt).unwrap();
+            assert_eq!(ids, case.prompt_ids, "{model}: tokenization of {:?} differs from onnxruntime-genai", case.prompt);
+            let (outcome, streamed) = greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
+            if exact {
+                assert_eq!(&with_eos(&outcome), genai_ids, "{model} ({kernel}): greedy ids for {:?} differ from onnxruntime-genai", case.prompt);
+            }
+            let label = format!("{model} ({kernel}): {}", case.prompt);
+            identical += crate::fixtures::same_or_near_tie(&mut engine, &label, &case.prompt_ids, &with_eos(&outcome), genai_ids, "greedy") as usize;
+            assert_eq!(streamed, outcome.text, "streamed pieces concatenate to the final text");
+            assert_eq!(outcome.text, engine.folder.tokenizer.decode(&outcome.token_ids).unwrap());
+        }
+        assert!(identical * 10 >= cases.len() * 7, "{model} ({kernel}): only {identical} of {} identical to onnxruntime-genai", cases.len());
     }
 }
 

@@ -180,7 +180,16 @@ fn openai_errors_have_openai_shapes_and_codes() {
     let held = rt().block_on(async {
         let conn = daemon.connect().await;
         let proxy = Daemon1Proxy::new(&conn).await.unwrap();
-        let long = || HashMap::from([("max_new_tokens", Value::U32(1000)), ("temperature", Value::F64(1.0)), ("seed", Value::U64(3))]);
+        // No end of sequence before 900 characters: each holds the engine for most of its 1000
+        // tokens, however fast the kernels.
+        let long = || {
+            HashMap::from([
+                ("max_new_tokens", Value::U32(1000)),
+                ("temperature", Value::F64(1.0)),
+                ("seed", Value::U64(3)),
+                ("grammar", Value::from("start: /(.|\\n){900,}/")),
+            ])
+        };
         let a = proxy.generate("kjv", PROMPT, long()).await.unwrap();
         // The second waits in the queue once the first has left it for the engine: until then the
         // queue of one is full (a clean-clone run once saw Busy here).
