@@ -147,13 +147,18 @@ impl BlockingWork {
 
     async fn run<T: Send + 'static>(&self, client: &str, what: &str, work: impl FnOnce() -> T + Send + 'static) -> Result<T, DaemonError> {
         let mine = self.per_client.lock().expect("per_client").entry(client.to_string()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))).clone();
-        let _turn = mine.acquire_owned().await.map_err(|e| DaemonError::Internal(e.to_string().into()))?;
+        let left = |_| DaemonError::Cancelled(BusText::new(format!("{what}: the caller left the bus before its turn")));
+        let _turn = mine.acquire_owned().await.map_err(left)?;
         let _thread = self.global.clone().acquire_owned().await.map_err(|e| DaemonError::Internal(e.to_string().into()))?;
         tokio::task::spawn_blocking(work).await.map_err(|e| DaemonError::Internal(format!("{what} failed: {e}").into()))
     }
 
+    /// The client's work still waiting for its turn is dropped (closing the semaphore fails the
+    /// waiters): a client that sends a flood of grammars and leaves costs one compile, not all.
     fn client_gone(&self, client: &str) {
-        self.per_client.lock().expect("per_client").remove(client);
+        if let Some(turns) = self.per_client.lock().expect("per_client").remove(client) {
+            turns.close();
+        }
     }
 }
 

@@ -436,3 +436,72 @@ fn a_chat_of_many_empty_messages_is_bounded() {
     });
     still_serving(&daemon);
 }
+
+/// The CPU time `pid` has used, in clock ticks (utime + stime of /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis; utime and stime are the 14th and 15th.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Grammar work a client queued and left behind is not done: 24 calls sent at once from one
+/// connection, each with a 59 KB grammar (6,000 literals) that llguidance compiles when the call
+/// is validated, then the connection closes. The daemon spends the CPU time of a few such calls,
+/// not of 24 (before, every queued validation compiled its grammar after the client had gone).
+#[test]
+fn grammar_work_of_a_client_that_left_is_dropped() {
+    let daemon = Daemon::start("");
+    let grammar = format!("start: {}", (0..6000).map(|i| format!("\"w{i}\"")).collect::<Vec<_>>().join(" | "));
+    let options = || {
+        let mut options = greedy_options(1);
+        options.insert("grammar", Value::from(grammar.clone()));
+        options
+    };
+    let idle = || {
+        // Until two half-second windows pass with at most one tick used.
+        let mut last = cpu_ticks(daemon.pid());
+        let mut quiet = 0;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while quiet < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = cpu_ticks(daemon.pid());
+            quiet = if now - last <= 1 { quiet + 1 } else { 0 };
+            last = now;
+        }
+        last
+    };
+    // What one such call costs, answered (llguidance refuses its first token: a row of 6,001
+    // items; the compiles are what count here).
+    let before = idle();
+    rt().block_on(async {
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+        let answer = proxy.complete("kjv", "Say", options()).await;
+        assert!(answer.as_ref().is_ok_and(|(text, _)| !text.is_empty()) || answer.as_ref().is_err_and(|e| e.to_string().contains("grammar")), "{answer:?}");
+    });
+    let one = idle() - before;
+    let before = idle();
+    rt().block_on(async {
+        let conn = daemon.connect().await;
+        let proxy = Daemon1Proxy::new(&conn).await.unwrap();
+        let calls: Vec<_> = (0..24)
+            .map(|_| {
+                let (proxy, options) = (proxy.clone(), options());
+                tokio::spawn(async move { proxy.complete("kjv", "Say", options).await })
+            })
+            .collect();
+        // Every call on the bus, the first in validation, then away.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for call in calls {
+            call.abort();
+        }
+        drop(proxy);
+        conn.close().await.unwrap();
+    });
+    let spent = idle() - before;
+    eprintln!("one call: {one} ticks; 24 calls and the client gone: {spent} ticks");
+    assert!(spent <= 4 * one.max(1), "24 calls of a client that left cost {spent} ticks, one call {one}");
+    still_serving(&daemon);
+}
