@@ -7,7 +7,7 @@ use edgellm::model::{ChatMessage, ModelFolder};
 use edgellm::runtime::{Int4Choice, Int4Kernel, Provider, Runtime, SessionOptions};
 use edgellm::Error;
 
-use crate::fixtures::{copy_model, genai_outputs, model_dir, references, runtime};
+use crate::kit::fixtures::{copy_model, genai_outputs, model_dir, references, runtime};
 
 fn load(name: &str, options: LoadOptions) -> Engine {
     Engine::load(&runtime(), name, &model_dir(name), &options).unwrap_or_else(|e| panic!("load {name}: {e}"))
@@ -59,7 +59,7 @@ fn check_against_reference(model: &str, options: LoadOptions) {
                 assert_eq!(&with_eos(&outcome), genai_ids, "{model} ({kernel}): greedy ids for {:?} differ from onnxruntime-genai", case.prompt);
             }
             let label = format!("{model} ({kernel}): {}", case.prompt);
-            identical += crate::fixtures::same_or_near_tie(&mut engine, &label, &case.prompt_ids, &with_eos(&outcome), genai_ids, "greedy") as usize;
+            identical += crate::kit::fixtures::same_or_near_tie(&mut engine, &label, &case.prompt_ids, &with_eos(&outcome), genai_ids, "greedy") as usize;
             assert_eq!(streamed, outcome.text, "streamed pieces concatenate to the final text");
             assert_eq!(outcome.text, engine.folder.tokenizer.decode(&outcome.token_ids).unwrap());
         }
@@ -103,7 +103,7 @@ fn a_prompt_longer_than_one_prefill_chunk_matches_onnxruntime_genai() {
         let (outcome, _) = greedy(&mut engine, &prompt, new_tokens);
         assert!(outcome.stats.target_forwards >= 2 + outcome.token_ids.len() - 1, "the prompt took more than one forward");
         let label = format!("{} prompt tokens, {layout:?}", prompt.len());
-        crate::fixtures::same_or_near_tie(&mut engine, &label, &prompt, &with_eos(&outcome), &genai, "chunked prefill");
+        crate::kit::fixtures::same_or_near_tie(&mut engine, &label, &prompt, &with_eos(&outcome), &genai, "chunked prefill");
     }
 }
 
@@ -133,7 +133,7 @@ fn second_architecture_qwen2_matches_onnxruntime_genai() {
 
 #[test]
 fn openvino_provider_matches_onnxruntime_genai_on_openvino() {
-    if !crate::fixtures::openvino_cpu_here("engine::openvino_provider_matches_onnxruntime_genai_on_openvino") {
+    if !crate::kit::fixtures::openvino_cpu_here("engine::openvino_provider_matches_onnxruntime_genai_on_openvino") {
         return;
     }
     let options = LoadOptions {
@@ -146,7 +146,7 @@ fn openvino_provider_matches_onnxruntime_genai_on_openvino() {
     let cases = &refs.models["kjv-target"];
     // Under the emulator (AMD machines) every forward costs ~100x: 4 of the 10 prompts keep the
     // run to minutes, and CI (whose machines are often AMD) under its 30-minute budget.
-    let cases = if crate::fixtures::emulated() { &cases[..4] } else { &cases[..] };
+    let cases = if crate::kit::fixtures::emulated() { &cases[..4] } else { &cases[..] };
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
     let genai_openvino = genai_outputs(&model_dir("kjv-target"), "openvino", &prompts, refs.new_tokens);
     // The CPU provider's logits judge a departure from the CPU reference.
@@ -159,7 +159,7 @@ fn openvino_provider_matches_onnxruntime_genai_on_openvino() {
         assert_eq!(&ours, reference, "OpenVINO: edgellm and onnxruntime-genai differ for {:?}", case.prompt);
         // ...and against CPU, OpenVINO's own MatMulNBits kernels may flip a near tie, and only that.
         same_as_cpu +=
-            crate::fixtures::same_or_near_tie(&mut on_cpu, &case.prompt, &case.prompt_ids, &ours, &case.output_ids, "OpenVINO") as usize;
+            crate::kit::fixtures::same_or_near_tie(&mut on_cpu, &case.prompt, &case.prompt_ids, &ours, &case.output_ids, "OpenVINO") as usize;
     }
     eprintln!("openvino vs cpu: {same_as_cpu} of {} prompts identical", cases.len());
 }
@@ -426,7 +426,7 @@ fn a_step_inside_a_verified_round_keeps_the_positions_after_it() {
 fn a_verify_s_rows_are_plain_decoding_s_bit_for_bit_with_edgellm_s_kernels() {
     use edgellm::engine::Decoder;
     use edgellm::runtime::Attention;
-    if !crate::fixtures::edgellm_kernels_run("a_verify_s_rows_are_plain_decoding_s_bit_for_bit_with_edgellm_s_kernels") {
+    if !crate::kit::fixtures::edgellm_kernels_run("a_verify_s_rows_are_plain_decoding_s_bit_for_bit_with_edgellm_s_kernels") {
         return;
     }
     let runtime = runtime();
@@ -501,7 +501,7 @@ fn mapped_weights_stay_out_of_the_resident_set_and_decode_as_onnxruntime_genai()
         let case = &refs.models["kjv-target"][0];
         let genai = genai_outputs(&model_dir("kjv-target"), "cpu", &[case.prompt_ids.clone()], refs.new_tokens);
         let (outcome, _) = greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
-        assert!(crate::fixtures::same_or_near_tie(
+        assert!(crate::kit::fixtures::same_or_near_tie(
             &mut engine,
             &case.prompt,
             &case.prompt_ids,

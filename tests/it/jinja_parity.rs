@@ -8,7 +8,7 @@ use edgellm::error::Error;
 use edgellm::model::{ChatMessage, ChatTemplate};
 use serde_json::{json, Value};
 
-use crate::fixtures::{python_reference, root};
+use crate::kit::fixtures::{python_reference, root};
 
 #[test]
 fn jinja2_builtins_render_as_transformers_renders_them() {

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use edgellm::engine::{CancelToken, Engine, GenerateOptions, LoadOptions, Prompt};
 use edgellm::service::client::Daemon1Proxy;
 
-use crate::daemon::Daemon;
-use crate::fixtures::{genai_outputs, model_dir, runtime, shared_reference};
+use crate::kit::bus::Daemon;
+use crate::kit::fixtures::{genai_outputs, model_dir, runtime, shared_reference};
 
 /// A model folder for `model`: the shared folder itself when it has a tokenizer, otherwise a
 /// scratch folder of links to its files plus gpt2-fp32's tokenizer (upstream ships none; the ids
@@ -145,7 +145,7 @@ fn a_graph_input_edgellm_cannot_supply_is_named_and_the_model_fails_to_load() {
 
     // Over D-Bus: ModelLoadFailed with the same message, and the daemon serves its other model.
     let daemon = Daemon::start(&format!("\n[[model]]\nname = \"renamed\"\npath = \"{}\"\n", dir.display()));
-    crate::daemon::rt().block_on(async {
+    crate::kit::bus::rt().block_on(async {
         let conn = daemon.connect().await;
         let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         let err = proxy.complete("renamed", "x", HashMap::new()).await.unwrap_err().to_string();

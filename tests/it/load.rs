@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
 use zbus::zvariant::Value;
 
-use crate::daemon::Daemon;
+use crate::kit::bus::Daemon;
 
 const CLIENTS: usize = 8;
 
@@ -115,7 +115,7 @@ fn eight_clients_with_cancels_and_disconnects() {
     // Warm-up with the same shape of load, so that ONNX Runtime's arenas have grown.
     let warm_until = Instant::now() + Duration::from_secs(5);
     run_clients(&rt, &address, warm_until, 1000);
-    let rss_warm = crate::fixtures::rss_kib(daemon.pid());
+    let rss_warm = crate::kit::fixtures::rss_kib(daemon.pid());
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     // Kept KV over the run, as `Status` reports it: it fills its bound and stays within it.
@@ -146,7 +146,7 @@ fn eight_clients_with_cancels_and_disconnects() {
         assert!(Instant::now() < deadline, "requests left in flight or queued: {status}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let rss_after = crate::fixtures::rss_kib(daemon.pid());
+    let rss_after = crate::kit::fixtures::rss_kib(daemon.pid());
     let mut ttft: Vec<Duration> = reports.iter().flat_map(|r| r.ttft.iter().copied()).collect();
     ttft.sort();
     let pct = |p: f64| ttft[((ttft.len() as f64 - 1.0) * p) as usize].as_secs_f64() * 1000.0;
@@ -204,7 +204,7 @@ fn soak_rss_stays_flat_under_load() {
         let sampler = scope.spawn(|| {
             let mut samples = Vec::new();
             while Instant::now() < until {
-                let rss = crate::fixtures::rss_kib(daemon.pid());
+                let rss = crate::kit::fixtures::rss_kib(daemon.pid());
                 // Anonymous memory is the heap and ONNX Runtime's arenas; file pages are code and
                 // mapped weights, paged in as code paths are first taken (bounded by the files).
                 let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap_or_default();
@@ -218,7 +218,7 @@ fn soak_rss_stays_flat_under_load() {
                 samples.push((started.elapsed(), rss));
                 std::thread::sleep(Duration::from_secs(30).min(until.saturating_duration_since(Instant::now())));
             }
-            samples.push((started.elapsed(), crate::fixtures::rss_kib(daemon.pid())));
+            samples.push((started.elapsed(), crate::kit::fixtures::rss_kib(daemon.pid())));
             samples
         });
         let flood = rt.spawn(flooder(address.clone(), until));

@@ -1,9 +1,11 @@
 //! One integration-test binary: shared fixtures, the committed models, a private dbus-daemon.
 //! Needs the ONNX Runtime library (`scripts/setup-runtime.sh`, which `scripts/test.sh` runs).
 
+#[path = "../kit/mod.rs"]
+mod kit;
+
 mod daemon;
 mod engine;
-mod fixtures;
 mod fuzz;
 mod jinja_parity;
 mod layouts;

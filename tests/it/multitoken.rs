@@ -10,7 +10,7 @@ use edgellm::multitoken::Mode;
 use edgellm::runtime::{Int4Choice, SessionOptions};
 use serde::Deserialize;
 
-use crate::fixtures::{model_dir, root, runtime};
+use crate::kit::fixtures::{model_dir, root, runtime};
 
 #[derive(Debug, Deserialize)]
 struct Case {
@@ -140,7 +140,7 @@ fn a_threshold_that_stops_at_once_emits_one_token_per_step() {
 #[test]
 fn verify_mode_equals_the_base_alone_exactly_with_edgellm_s_kernels() {
     use edgellm::runtime::{Attention, Int4Kernel};
-    if !crate::fixtures::edgellm_kernels_run("verify_mode_equals_the_base_alone_exactly_with_edgellm_s_kernels") {
+    if !crate::kit::fixtures::edgellm_kernels_run("verify_mode_equals_the_base_alone_exactly_with_edgellm_s_kernels") {
         return;
     }
     let refs = reference();
@@ -174,7 +174,7 @@ fn verify_mode_greedy_equals_the_base_alone() {
             let options = GenerateOptions { multitoken_threshold: threshold, ..options(Mode::Verify, 0.0, refs.new_tokens) };
             let out = generate(&mut engine, &case.prompt_ids, &options);
             let ids = with_eos(&out);
-            if crate::fixtures::same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &ids, &case.output_ids, "verify mode") {
+            if crate::kit::fixtures::same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &ids, &case.output_ids, "verify mode") {
                 identical += 1;
             } else {
                 near_ties += 1;
@@ -251,14 +251,14 @@ fn step_options_are_checked_against_the_contract() {
 
 #[test]
 fn a_corrupt_contract_names_the_file_and_field() {
-    let tmp = crate::fixtures::copy_model("kjv-hamburger");
+    let tmp = crate::kit::fixtures::copy_model("kjv-hamburger");
     let path = tmp.path().join("multitoken_config.json");
     let text = std::fs::read_to_string(&path).unwrap().replace("\"micro.onnx\"", "\"missing.onnx\"");
     std::fs::write(&path, text).unwrap();
     let e = Engine::load(&runtime(), "broken", tmp.path(), &LoadOptions::default()).err().expect("a missing graph is an error").to_string();
     assert!(e.contains("missing.onnx"), "{e}");
     // A name the contract gives that the graph does not have: the error names the graph and it.
-    let original = std::fs::read_to_string(crate::fixtures::model_dir("kjv-hamburger").join("multitoken_config.json")).unwrap();
+    let original = std::fs::read_to_string(crate::kit::fixtures::model_dir("kjv-hamburger").join("multitoken_config.json")).unwrap();
     std::fs::write(&path, original.replace("\"hidden_states\": \"hidden_states\"", "\"hidden_states\": \"taps\"")).unwrap();
     let e = Engine::load(&runtime(), "broken", tmp.path(), &LoadOptions::default()).err().expect("an unknown name is an error").to_string();
     assert!(e.contains("base.onnx") && e.contains("`taps`"), "{e}");
@@ -355,7 +355,7 @@ fn float16_graphs_decode_as_the_float32_ones() {
     for case in &alone {
         let ids = with_eos(&generate(&mut fp16, &case.prompt_ids, &options(Mode::Verify, 0.5, refs.new_tokens)));
         identical +=
-            crate::fixtures::same_or_near_tie(&mut fp32, &case.prompt, &case.prompt_ids, &ids, &case.output_ids, "float16 verify") as usize;
+            crate::kit::fixtures::same_or_near_tie(&mut fp32, &case.prompt, &case.prompt_ids, &ids, &case.output_ids, "float16 verify") as usize;
     }
     let trusted = refs
         .cases

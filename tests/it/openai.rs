@@ -10,8 +10,8 @@ use edgellm::service::client::Daemon1Proxy;
 use serde_json::{json, Value as Json};
 use zbus::zvariant::Value;
 
-use crate::daemon::{greedy_options, rt, stream_request, Daemon};
-use crate::fixtures::python_reference;
+use crate::kit::bus::{greedy_options, rt, stream_request, Daemon};
+use crate::kit::fixtures::python_reference;
 
 /// `edgellm serve` on a Unix socket beside the daemon's private bus; killed on drop.
 struct Serve {

@@ -5,7 +5,7 @@ use edgellm::error::Error;
 use edgellm::model::{ChatMessage, ChatTemplate, Detokenizer, TextTokenizer};
 use serde_json::{json, Value};
 
-use crate::fixtures::{model_dir, python_reference, root, shared_reference};
+use crate::kit::fixtures::{model_dir, python_reference, root, shared_reference};
 
 /// Prompts with leading spaces, non-ASCII text and characters that byte-fallback and byte-level
 /// tokenizers split over several tokens.

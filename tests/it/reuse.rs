@@ -8,7 +8,7 @@ use edgellm::model::ModelFolder;
 use edgellm::multitoken::Mode;
 use edgellm::speculative::lookup::LookupSettings;
 
-use crate::fixtures::{model_dir, references, runtime, same_or_near_tie};
+use crate::kit::fixtures::{model_dir, references, runtime, same_or_near_tie};
 
 const NEW_TOKENS: usize = 24;
 
@@ -166,8 +166,8 @@ mod over_dbus {
     use edgellm::service::client::Daemon1Proxy;
     use zbus::zvariant::{OwnedValue, Value};
 
-    use crate::daemon::{rt, Daemon};
-    use crate::fixtures::references;
+    use crate::kit::bus::{rt, Daemon};
+    use crate::kit::fixtures::references;
 
     async fn complete(proxy: &Daemon1Proxy<'_>, prompt: &str, session: Option<&str>) -> Result<(String, u32), String> {
         let mut options: HashMap<&str, Value<'_>> = HashMap::from([("max_new_tokens", Value::U32(24)), ("temperature", Value::F64(0.0))]);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use edgellm::service::client::Daemon1Proxy;
 use zbus::zvariant::Value;
 
-use crate::daemon::{greedy_options, rt, stream_request, Daemon};
+use crate::kit::bus::{greedy_options, rt, stream_request, Daemon};
 
 /// The id whose text is the byte 0x00 in the bundled models' byte-level tokenizer.
 const NUL_TOKEN: &str = "191";
@@ -126,7 +126,7 @@ fn a_config_emptied_before_sighup_is_refused_and_the_models_stay() {
     let without_models = original.split("[[model]]").next().unwrap().to_string();
     for (reloads, text) in [String::new(), without_models].into_iter().enumerate() {
         std::fs::write(&config, &text).unwrap();
-        let check = crate::fixtures::command(env!("CARGO_BIN_EXE_edgellmd")).arg("--check-config").arg("--config").arg(&config).output().unwrap();
+        let check = crate::kit::fixtures::command(env!("CARGO_BIN_EXE_edgellmd")).arg("--check-config").arg("--config").arg(&config).output().unwrap();
         let said = String::from_utf8_lossy(&check.stderr);
         assert!(!check.status.success() && said.contains("no [[model]]"), "--check-config on {text:?}: {said}");
         let _ = std::process::Command::new("kill").arg("-HUP").arg(daemon.pid().to_string()).status();
@@ -146,10 +146,10 @@ fn a_config_emptied_before_sighup_is_refused_and_the_models_stay() {
 /// decodes them, and only ids past the tokenizer's are refused.
 #[test]
 fn detokenize_takes_the_tokenizers_ids_as_hugging_face_tokenizers_does() {
-    let gpt2 = crate::fixtures::shared_reference("genai-test-models/tiny-random-gpt2-fp32");
+    let gpt2 = crate::kit::fixtures::shared_reference("genai-test-models/tiny-random-gpt2-fp32");
     let daemon = Daemon::start(&format!("\n[[model]]\nname = \"gpt2\"\npath = \"{}\"\npreload = false\n", gpt2.display()));
     let texts = ["In the beginning God created", "naïve café — “quoted”", "日本語 and emoji 🎉", "line one\nline two\t!"];
-    let reference = crate::fixtures::python_reference(
+    let reference = crate::kit::fixtures::python_reference(
         "tokenizer_reference.py",
         &serde_json::json!({ "tokenizer": gpt2.join("tokenizer.json"), "texts": texts, "sequences": [] }),
     );
@@ -253,11 +253,11 @@ fn schemas_llguidance_cannot_take_are_invalid_arguments() {
 /// as a scratch folder. Random weights emit any token, NUL and lone UTF-8 bytes among them.
 fn byte_fallback_model() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let qwen = crate::fixtures::model_dir("tiny-qwen2");
+    let qwen = crate::kit::fixtures::model_dir("tiny-qwen2");
     for file in ["model.onnx", "model.onnx.data"] {
         std::os::unix::fs::symlink(qwen.join(file), dir.path().join(file)).unwrap();
     }
-    let tokenizer = crate::fixtures::root().join("models/tokenizers/kjv-metaspace/tokenizer.json");
+    let tokenizer = crate::kit::fixtures::root().join("models/tokenizers/kjv-metaspace/tokenizer.json");
     std::fs::copy(tokenizer, dir.path().join("tokenizer.json")).unwrap();
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(qwen.join("genai_config.json")).unwrap()).unwrap();
     // <s> and </s> of the SentencePiece tokenizer.

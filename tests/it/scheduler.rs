@@ -8,7 +8,7 @@ use edgellm::config::Config;
 use edgellm::engine::{GenerateOptions, Prompt};
 use edgellm::scheduler::{Event, Scheduler};
 
-use crate::fixtures::{model_dir, runtime};
+use crate::kit::fixtures::{model_dir, runtime};
 
 fn config(dir: &std::path::Path, threads: u32) -> Config {
     let file = dir.join("edgellm.toml");
@@ -41,7 +41,7 @@ fn a_reload_during_submit_orphans_no_request() {
         let submitted = scheduler.submit("client", "kjv", &Prompt::Text("And God said".into()), options.clone());
         reloader.join().unwrap();
         let mut submitted = submitted.unwrap_or_else(|e| panic!("round {round}: {e}"));
-        let finished = crate::daemon::rt().block_on(async {
+        let finished = crate::kit::bus::rt().block_on(async {
             tokio::time::timeout(Duration::from_secs(30), async {
                 while let Some(event) = submitted.events.recv().await {
                     if let Event::Finished(f) = event {
@@ -225,7 +225,7 @@ fn concurrent_submits_never_overfill_the_queue() {
 fn slow_validation_does_not_hold_up_other_callers() {
     use edgellm::service::client::Daemon1Proxy;
     use edgellm::service::{AdminPolicy, Daemon, BUS_NAME, OBJECT_PATH};
-    let bus = crate::daemon::PrivateBus::start();
+    let bus = crate::kit::bus::PrivateBus::start();
     let dir = tempfile::tempdir().unwrap();
     let text = format!("[[model]]\nname = \"kjv-failpoint\"\npath = \"{}\"\npreload = false\n", model_dir("kjv-target").display());
     let scheduler = Scheduler::start(runtime(), &Config::parse(&dir.path().join("edgellm.toml"), &text).unwrap());
@@ -245,7 +245,7 @@ fn slow_validation_does_not_hold_up_other_callers() {
     });
     let scenario = fail::FailScenario::setup();
     fail::cfg("scheduler::admitted", "sleep(1500)").unwrap();
-    let waited = crate::daemon::rt().block_on(async {
+    let waited = crate::kit::bus::rt().block_on(async {
         let client = zbus::connection::Builder::address(bus.address.as_str()).unwrap().build().await.unwrap();
         let proxy = Daemon1Proxy::new(&client).await.unwrap();
         let slow: Vec<_> = (0..2)
@@ -280,7 +280,7 @@ fn slow_validation_does_not_hold_up_other_callers() {
 fn an_engine_holding_back_text_is_not_a_stall() {
     let dir = tempfile::tempdir().unwrap();
     let scheduler = Scheduler::start(runtime(), &config(dir.path(), 1));
-    let case = &crate::fixtures::references().models["kjv-target"][0];
+    let case = &crate::kit::fixtures::references().models["kjv-target"][0];
     let greedy = |stop: Vec<String>| GenerateOptions { max_new_tokens: Some(800), temperature: Some(0.0), stop, ..Default::default() };
     // Loads the model (so that the run below is decoding only) and gives its greedy text.
     let plain = run_to_end(&mut scheduler.submit("client", "kjv", &Prompt::Text(case.prompt.clone()), greedy(Vec::new())).unwrap());
@@ -356,7 +356,7 @@ fn interactive_requests_overtake_queued_background_ones() {
     // running (its first token is out) before the others queue: queued together, the per-client
     // turns would put indexer2's request before indexer's second, as a clean-clone run once did.
     let mut running = scheduler.submit_as("indexer", "kjv", &prompt, long.clone(), Priority::Background).unwrap();
-    let first = crate::daemon::rt().block_on(async { tokio::time::timeout(Duration::from_secs(60), running.events.recv()).await });
+    let first = crate::kit::bus::rt().block_on(async { tokio::time::timeout(Duration::from_secs(60), running.events.recv()).await });
     assert!(matches!(first, Ok(Some(Event::Text(_)))), "the first background request runs");
     let mut jobs = vec![
         ("background running", running),
@@ -366,7 +366,7 @@ fn interactive_requests_overtake_queued_background_ones() {
     std::thread::sleep(Duration::from_millis(20));
     jobs.push(("interactive", scheduler.submit("chat", "kjv", &prompt, short).unwrap()));
     // Completion order is run order: one engine thread.
-    let order = crate::daemon::rt().block_on(async {
+    let order = crate::kit::bus::rt().block_on(async {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for (name, mut submitted) in jobs {
             let tx = tx.clone();
@@ -433,7 +433,7 @@ fn a_running_background_request_pauses_for_an_interactive_one() {
     let prompt = Prompt::Text("And God said".into());
     let long = GenerateOptions { max_new_tokens: Some(300), temperature: Some(0.0), ..Default::default() };
     let short = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
-    let rt = crate::daemon::rt();
+    let rt = crate::kit::bus::rt();
     let alone = rt.block_on(collect(scheduler.submit_as("indexer", "kjv", &prompt, long.clone(), Priority::Background).unwrap()));
     assert_eq!(alone.finished.stats.paused, Duration::ZERO);
     let (background, interactive) = rt.block_on(async {
@@ -468,7 +468,7 @@ fn background_work_keeps_its_share_under_continuous_interactive_work() {
     let prompt = Prompt::Text("And God said".into());
     let long = GenerateOptions { max_new_tokens: Some(600), temperature: Some(0.0), ..Default::default() };
     let short = GenerateOptions { max_new_tokens: Some(24), temperature: Some(0.0), ..Default::default() };
-    let rt = crate::daemon::rt();
+    let rt = crate::kit::bus::rt();
     let (background, interactive) = rt.block_on(async {
         let mut submitted = scheduler.submit_as("indexer", "kjv", &prompt, long, Priority::Background).unwrap();
         assert!(matches!(submitted.events.recv().await, Some(Event::Text(_))));

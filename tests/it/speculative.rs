@@ -6,7 +6,7 @@ use edgellm::runtime::{Int4Choice, SessionOptions};
 use edgellm::speculative::lookup::LookupSettings;
 use edgellm::speculative::Settings;
 
-use crate::fixtures::{model_dir, references, runtime};
+use crate::kit::fixtures::{model_dir, references, runtime};
 
 /// kjv-target with `draft`; draft lengths by acceptance alone, or (`cost_aware`) by what drafts
 /// are worth on this engine.
@@ -51,7 +51,7 @@ fn greedy_lossless_with(mut engine: Engine, layout: KvLayout, every_position: bo
         let mut ids = out.token_ids.clone();
         ids.extend(out.eos_token);
         assert_eq!(streamed, out.text);
-        if crate::fixtures::same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &ids, &case.output_ids, "speculative greedy") {
+        if crate::kit::fixtures::same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &ids, &case.output_ids, "speculative greedy") {
             identical += 1;
         } else {
             near_ties += 1;
@@ -112,10 +112,10 @@ fn greedy_speculative_by_cost_equals_target_alone() {
 /// differed between runs (issue 33).
 #[test]
 fn greedy_speculative_is_plain_decoding_exactly_on_every_run() {
-    if !crate::fixtures::edgellm_kernels_run("greedy_speculative_is_plain_decoding_exactly_on_every_run") {
+    if !crate::kit::fixtures::edgellm_kernels_run("greedy_speculative_is_plain_decoding_exactly_on_every_run") {
         return;
     }
-    let mut engine = pair_with("kjv-draft", KvLayout::Shared, 8, true);
+    let engine = pair_with("kjv-draft", KvLayout::Shared, 8, true);
     let refs = references();
     let (mut drafted, mut runs) = (0, 0);
     for case in &refs.models["kjv-target"] {
@@ -152,7 +152,7 @@ fn a_near_tie_inside_a_round_keeps_the_rows_after_it_and_the_output() {
     use edgellm::decode::{TIE_MARGIN, TIE_SAMPLES};
     let cases = &references().models["kjv-target"];
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
-    let genai = crate::fixtures::genai_outputs(&model_dir("kjv-target"), "cpu", &prompts, 128);
+    let genai = crate::kit::fixtures::genai_outputs(&model_dir("kjv-target"), "cpu", &prompts, 128);
     for layout in [KvLayout::Shared, KvLayout::Growing] {
         let session = SessionOptions { int4: Int4Choice::OnnxRuntime, ..Default::default() };
         let mut engine = pair_on(LoadOptions { kv_layout: Some(layout), session }, "kjv-draft", 6, false);
@@ -164,7 +164,7 @@ fn a_near_tie_inside_a_round_keeps_the_rows_after_it_and_the_output() {
             (inside, recomputed, margin) = (inside + spec.near_ties_inside, recomputed + spec.near_tie_recomputes, spec.tie_margin);
             let ids: Vec<u32> = out.token_ids.iter().copied().chain(out.eos_token).collect();
             identical +=
-                crate::fixtures::same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &ids, reference, "near ties inside rounds")
+                crate::kit::fixtures::same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &ids, reference, "near ties inside rounds")
                     as usize;
         }
         eprintln!("{layout:?}: near ties {recomputed}, {inside} inside a round, margin {margin}; {identical} of {} identical to onnxruntime-genai", cases.len());
@@ -329,7 +329,7 @@ fn with_lookup(layout: KvLayout) -> Engine {
 
 /// Prompts that quote a passage and start it again: what prompt lookup is for.
 pub fn quoting_prompts() -> Vec<String> {
-    let text = std::fs::read_to_string(crate::fixtures::root().join("tests/quoting_prompts.json")).unwrap();
+    let text = std::fs::read_to_string(crate::kit::fixtures::root().join("tests/quoting_prompts.json")).unwrap();
     let file: serde_json::Value = serde_json::from_str(&text).unwrap();
     serde_json::from_value(file["prompts"].clone()).unwrap()
 }
@@ -375,7 +375,7 @@ fn greedy_prompt_lookup_equals_plain_decoding() {
             let mut reference = plain.token_ids.clone();
             reference.extend(plain.eos_token);
             identical +=
-                crate::fixtures::same_or_near_tie(&mut engine, "prompt lookup", prompt, &ours, &reference, "prompt lookup") as usize;
+                crate::kit::fixtures::same_or_near_tie(&mut engine, "prompt lookup", prompt, &ours, &reference, "prompt lookup") as usize;
         }
         eprintln!("{layout:?}: prompt lookup accepted {accepted}/{proposed}; {identical}/{} identical", prompts.len());
         assert!(accepted > 0 && proposed > accepted, "drafts were proposed, some accepted and some not: {accepted}/{proposed}");

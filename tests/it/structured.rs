@@ -8,8 +8,8 @@ use edgellm::service::client::Daemon1Proxy;
 use serde_json::{json, Value as Json};
 use zbus::zvariant::{OwnedValue, Value};
 
-use crate::daemon::{rt, Daemon};
-use crate::fixtures::{model_dir, python_reference};
+use crate::kit::bus::{rt, Daemon};
+use crate::kit::fixtures::{model_dir, python_reference};
 
 fn schemas() -> Vec<Json> {
     let int = |lo: i64, hi: i64| json!({"type": "integer", "minimum": lo, "maximum": hi});

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use edgellm::service::client::Daemon1Proxy;
 use zbus::zvariant::Value;
 
-use crate::fixtures::{model_dir, root};
+use crate::kit::fixtures::{model_dir, root};
 
 const SERVICE_USER: &str = "edgellm";
 const OTHER_USER: &str = "edgellm-tester";

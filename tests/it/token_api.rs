@@ -9,8 +9,8 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use zbus::zvariant::Value as DValue;
 
-use crate::daemon::Daemon;
-use crate::fixtures::{model_dir, python_reference, references, shared_reference};
+use crate::kit::bus::Daemon;
+use crate::kit::fixtures::{model_dir, python_reference, references, shared_reference};
 
 fn as_ids(v: &Value) -> Vec<u32> {
     serde_json::from_value(v.clone()).unwrap()
@@ -78,7 +78,7 @@ fn tokenize_detokenize_and_prompt_ids_match_the_references() {
     assert!(reply["data"][1].get("token_ids").is_none(), "{reply}");
 
     // Generate streams the same ids' text and puts the ids in Finished.
-    let (streamed, finished_ids) = crate::daemon::rt().block_on(async {
+    let (streamed, finished_ids) = crate::kit::bus::rt().block_on(async {
         let conn = daemon.connect().await;
         let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         let mut tokens = proxy.receive_token().await.unwrap();
@@ -139,7 +139,7 @@ fn bad_token_requests_are_invalid_arguments_naming_the_option() {
     let e = daemon.call("Tokenize", "ss", &["nope", "x"]).unwrap_err();
     assert!(e.contains("no model named `nope`"), "{e}");
     // The errors are typed as a D-Bus client sees them, and the daemon still serves.
-    crate::daemon::rt().block_on(async {
+    crate::kit::bus::rt().block_on(async {
         let conn = daemon.connect().await;
         let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         let err = proxy.detokenize("kjv", &[999_999]).await.unwrap_err().to_string();
