@@ -9,13 +9,19 @@
 //! type); the decode loop and the proposers see tensors only through those.
 //!
 //! Decoding, from the bottom up: `decode::graph` runs any graph; `decode::decoder` runs a
-//! decoder graph with its states; `decode::run`
-//! holds one request's run and the types every part shares (options, cancel token, finish
-//! reason, stats); `decode::driver` is the one decode loop over a `Target` and a `Proposer`,
-//! judged by `decode::verify`. The proposers sit above it: `speculative` (a draft model,
-//! `speculative::lookup`) and `multitoken` (the micro decoder, whose base is a target too).
-//! `engine` loads a model and picks each request's target and proposer. No module imports one
-//! above it.
+//! decoder graph with its states; `decode::run` holds one request's run and the types every part
+//! shares (options, cancel token, finish reason, stats). The decode roles, a file each:
+//! - `decode::target`: the `Target` trait (what runs the forwards) and the decoder graph's target;
+//! - `decode::proposer`: the `Proposer` trait and plain decoding's proposer (none);
+//! - `decode::draft_length`: how long drafts are, for every proposer (by cost, by acceptance,
+//!   prompt lookup's back-off);
+//! - `decode::verify`: the verifier, with the near-tie re-forward;
+//! - `decode::driver`: the one decode loop over a target and a proposer.
+//!
+//! The other proposers sit above it: `speculative` (a draft model, `speculative::lookup`) and
+//! `multitoken` (the micro decoder, whose base is a target too). `engine` loads a model and picks
+//! each request's target and proposer once (`engine::roles`), then calls the driver once. No
+//! module imports one above it.
 
 pub mod config;
 pub mod decode;

@@ -1,8 +1,11 @@
 //! The one decode loop. Every request runs through `drive`, whatever decodes it:
-//! - a `Target` runs the forwards: a decoder graph with its KV cache, or a multi-token base;
-//! - a `Proposer` suggests tokens to follow the sequence: none (plain decoding), a draft model,
-//!   prompt lookup, a multi-token micro decoder;
-//! - the verifier (`super::verify`) judges the proposals against the target's rows.
+//! - a `Target` (`super::target`) runs the forwards: a decoder graph with its KV cache, or a
+//!   multi-token base;
+//! - a `Proposer` (`super::proposer`) suggests tokens to follow the sequence: none (plain
+//!   decoding), a draft model, prompt lookup, a multi-token micro decoder; how long its drafts
+//!   are is decided in `super::draft_length`;
+//! - the verifier (`super::verify`) judges the proposals against the target's rows, and
+//!   re-decides a near tie with a one-token forward.
 //!
 //! The driver owns what they all share: the prefill (in chunks, each one a step the watchdog
 //! sees), proposing and verifying, rolling the target's cache back to what was kept, accepting
@@ -16,9 +19,11 @@
 
 use std::time::Instant;
 
+use super::proposer::{Policy, Proposal, Proposer};
 use super::run::{CancelToken, FinishReason, Run, SpeculativeStats};
-use super::sampler::apply_repetition_penalty;
-use super::verify::{one_hot_rows, penalised_rows, row_distributions, verify_greedy_guarded, verify_sampled, GreedyVerdict, TIE_MARGIN};
+use super::sampler::SamplingParams;
+use super::target::Target;
+use super::verify::{greedy_verdict, one_hot_rows, penalised_rows, row_distributions, verify_sampled};
 use crate::error::{Error, Result};
 use crate::model::ModelFolder;
 
@@ -28,119 +33,30 @@ use crate::model::ModelFolder;
 /// positions would take 5 GB in one forward). llama.cpp's `n_batch` bounds it the same way.
 pub const PREFILL_CHUNK: usize = 512;
 
-/// The hidden state of the row that decided the sequence's last token, for proposers that
-/// draft from the target's own features (a multi-token micro decoder; MTP or EAGLE heads).
-pub(crate) struct RowState<'a> {
-    pub hidden: &'a [f32],
-    /// The model's stop head on that row: the logit that the step ends after the token.
-    pub stop_logit: f32,
+/// One request's decoding: the two roles, and what the loop threads through every step.
+pub(crate) struct Decoding<'a> {
+    pub target: &'a mut dyn Target,
+    pub proposer: &'a mut dyn Proposer,
+    pub folder: &'a ModelFolder,
+    pub run: &'a mut Run,
+    pub cancel: &'a CancelToken,
+    /// Streamed text; false stops the request (the caller is gone).
+    pub on_text: &'a mut dyn FnMut(&str) -> bool,
+    /// The proposal counters.
+    pub stats: &'a mut SpeculativeStats,
 }
 
-/// What runs the forwards the driver verifies with.
-pub(crate) trait Target {
-    fn vocab(&self) -> usize;
-    /// Positions its cache holds.
-    fn len(&self) -> usize;
-    /// Runs `ids` after the cache, one position each; returns the logits of the last `rows`
-    /// positions, row-major `rows x vocab`. The last row becomes the selected one.
-    fn forward(&mut self, ids: &[u32], rows: usize) -> Result<&mut [f32]>;
-    /// Runs the tokens of one trusted step as a single position (`Policy::Trust`).
-    fn forward_merged(&mut self, _ids: &[u32]) -> Result<&mut [f32]> {
-        Err(Error::Inference("this model does not take merged steps".into()))
-    }
-    /// Forgets every position after the first `len`.
-    fn truncate(&mut self, len: usize) -> Result<()>;
-    /// Runs `id` as a one-token step after the first `len` positions and keeps the positions
-    /// after them: a near tie inside a verified round, decided as plain decoding decides it,
-    /// without losing the rows after it. Returns its logits, or `None` where the target cannot
-    /// (the driver then truncates and steps). The last verify's rows stay the selectable ones.
-    fn step_inside(&mut self, _len: usize, _id: u32) -> Result<Option<&mut [f32]>> {
-        Ok(None)
-    }
-    /// The gap between a verify row's top two under which a one-token forward decides the row
-    /// (`super::verify::TieMargin`, where the target learns its own).
-    fn tie_margin(&self) -> f32 {
-        TIE_MARGIN
-    }
-    /// A near tie re-checked: the verify's row and the one-token forward's, as the decision
-    /// reads them.
-    fn observe_tie(&mut self, _batched: &[f32], _single: &[f32]) {}
-    /// Row `row` of the last forward's rows decided the sequence's last token.
-    fn select_row(&mut self, _row: usize) {}
-    /// The selected row's hidden state, where the target exposes one.
-    fn row_state(&self) -> Option<RowState<'_>> {
-        None
-    }
+/// What a step leaves: the next decided token, or why the request ended.
+enum Step {
+    Next(u32),
+    Done(FinishReason),
 }
 
-/// What a proposer's tokens are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Policy {
-    /// Drafts: the target checks them all in one forward and keeps what it agrees with.
-    Verify,
-    /// Committed without a check and fed to the target as one merged position.
-    Trust,
-}
-
-/// Tokens to follow the sequence and, for sampled decoding, the distribution each was drawn from
-/// (the rejection rule needs it; without it the proposal counts as deterministic).
-#[derive(Default)]
-pub(crate) struct Proposal {
-    pub tokens: Vec<u32>,
-    pub q_rows: Vec<Vec<f32>>,
-}
-
-/// Suggests continuations of `run.sequence`.
-pub(crate) trait Proposer {
-    fn policy(&self) -> Policy {
-        Policy::Verify
-    }
-    /// At most `limit` tokens (what the request's length and the context leave); the proposer's
-    /// own length control may propose fewer, or none. `row` is the target's state of the row
-    /// that decided the last token.
-    fn propose(&mut self, run: &mut Run, row: Option<RowState<'_>>, limit: usize) -> Result<Proposal>;
-    /// A target forward over `positions` (the last token and the drafts) took `took`.
-    fn verified(&mut self, _positions: usize, _took: std::time::Duration) {}
-    /// The target kept the first `len` positions, `accepted` of the `proposed` tokens.
-    fn accepted(&mut self, _len: usize, _proposed: usize, _accepted: usize) -> Result<()> {
-        Ok(())
-    }
-    /// Tokens one proposal may hold (caches are sized for them).
-    fn max_tokens(&self) -> usize;
-    /// Whether the request's statistics report its proposals (`SpeculativeStats`).
-    fn drafts(&self) -> bool {
-        true
-    }
-}
-
-/// Plain decoding: nothing proposed, one target forward per token.
-pub(crate) struct NoProposer;
-
-impl Proposer for NoProposer {
-    fn propose(&mut self, _run: &mut Run, _row: Option<RowState<'_>>, _limit: usize) -> Result<Proposal> {
-        Ok(Proposal::default())
-    }
-    fn max_tokens(&self) -> usize {
-        0
-    }
-    fn drafts(&self) -> bool {
-        false
-    }
-}
-
-/// Decodes `run` on `target` with `proposer`'s suggestions; returns why it ended. Greedy output
-/// is the target's own (near ties re-decided by a single-token forward, as plain decoding runs);
-/// sampled output follows the target's distribution. Proposal counters go to `stats`.
-pub(crate) fn drive(
-    target: &mut dyn Target,
-    proposer: &mut dyn Proposer,
-    folder: &ModelFolder,
-    run: &mut Run,
-    cancel: &CancelToken,
-    on_text: &mut dyn FnMut(&str) -> bool,
-    stats: &mut SpeculativeStats,
-) -> Result<FinishReason> {
-    match rounds(target, proposer, folder, run, cancel, on_text, stats) {
+/// Decodes the run with the proposer's suggestions; returns why it ended. Greedy output is the
+/// target's own (near ties re-decided by a single-token forward, as plain decoding runs);
+/// sampled output follows the target's distribution.
+pub(crate) fn drive(mut decoding: Decoding<'_>) -> Result<FinishReason> {
+    match decoding.rounds() {
         // The one place a terminated forward becomes a finish reason.
         Err(Error::Cancelled) => Ok(FinishReason::Cancelled),
         other => other,
@@ -171,186 +87,138 @@ fn prefill(target: &mut dyn Target, run: &mut Run, cancel: &CancelToken) -> Resu
     unreachable!("a prompt has at least one token (checked when it was tokenized)")
 }
 
-fn rounds(
-    target: &mut dyn Target,
-    proposer: &mut dyn Proposer,
-    folder: &ModelFolder,
-    run: &mut Run,
-    cancel: &CancelToken,
-    on_text: &mut dyn FnMut(&str) -> bool,
-    stats: &mut SpeculativeStats,
-) -> Result<FinishReason> {
-    let params = run.sampler.params().clone();
-    let vocab = target.vocab();
-    let mut next = match prefill(target, run, cancel)? {
-        Ok(first) => first,
-        Err(reason) => return Ok(reason),
-    };
-    let greedy = params.is_greedy();
-    // The ids of one forward: reused, so that a plain step does not allocate.
-    let mut ids: Vec<u32> = Vec::with_capacity(proposer.max_tokens() + 1);
-    loop {
-        // `next` is decided; the target's cache holds the sequence before it (or, after
-        // merged steps, one position per step before it).
-        if let Some(reason) = run.accept(folder, next, on_text)? {
-            return Ok(reason);
+impl Decoding<'_> {
+    fn rounds(&mut self) -> Result<FinishReason> {
+        let params = self.run.sampler.params().clone();
+        let mut next = match prefill(self.target, self.run, self.cancel)? {
+            Ok(first) => first,
+            Err(reason) => return Ok(reason),
+        };
+        // The ids of one verify forward: reused, so that a round does not allocate them.
+        let mut ids: Vec<u32> = Vec::with_capacity(self.proposer.max_tokens() + 1);
+        loop {
+            // `next` is decided; the target's cache holds the sequence before it (or, after
+            // merged steps, one position per step before it).
+            if let Some(reason) = self.run.accept(self.folder, next, self.on_text)? {
+                return Ok(reason);
+            }
+            if let Some(reason) = self.run.should_stop(self.cancel) {
+                return Ok(reason);
+            }
+            let step = match self.propose()? {
+                (Policy::Trust, proposal) => self.trusted_step(&proposal.tokens)?,
+                (Policy::Verify, proposal) if proposal.tokens.is_empty() => self.plain_step()?,
+                (Policy::Verify, proposal) => self.verify_round(proposal, &mut ids, &params)?,
+            };
+            next = match step {
+                Step::Next(token) => token,
+                Step::Done(reason) => return Ok(reason),
+            };
         }
-        if let Some(reason) = run.should_stop(cancel) {
-            return Ok(reason);
-        }
-        let policy = proposer.policy();
+    }
+
+    /// The proposer's tokens for this round, within the context rule; verified drafts that the
+    /// output constraint rules out are cut (never accepted, so not verified either).
+    fn propose(&mut self) -> Result<(Policy, Proposal)> {
+        let policy = self.proposer.policy();
         // The context rule, one for all: the sequence never holds more than `context` tokens.
         // Verified drafts leave room for the target's token after them.
         let limit = match policy {
-            Policy::Verify => run.tokens_left().saturating_sub(1).min(run.context_left().saturating_sub(1)),
-            Policy::Trust => run.tokens_left().min(run.context_left()),
+            Policy::Verify => self.run.tokens_left().saturating_sub(1).min(self.run.context_left().saturating_sub(1)),
+            Policy::Trust => self.run.tokens_left().min(self.run.context_left()),
         };
         // Timed only where the statistics report it: a plain step reads no clock.
-        let proposing = proposer.drafts().then(Instant::now);
-        let Proposal { tokens: mut drafts, mut q_rows } = proposer.propose(run, target.row_state(), limit)?;
+        let proposing = self.proposer.drafts().then(Instant::now);
+        let mut proposal = self.proposer.propose(self.run, self.target.row_state(), limit)?;
         if policy == Policy::Verify {
-            // Drafts the output constraint rules out are never accepted: not verified either.
-            let allowed = run.allowed_drafts(&drafts)?;
-            drafts.truncate(allowed);
-            q_rows.truncate(allowed);
+            let allowed = self.run.allowed_drafts(&proposal.tokens)?;
+            proposal.tokens.truncate(allowed);
+            proposal.q_rows.truncate(allowed);
         }
         if let Some(proposing) = proposing {
-            stats.draft_time += proposing.elapsed();
+            self.stats.draft_time += proposing.elapsed();
         }
+        Ok((policy, proposal))
+    }
 
-        if policy == Policy::Trust {
-            // Micro tokens are the model's own output in this mode: committed as they come.
-            for &token in &drafts {
-                if let Some(reason) = run.accept(folder, token, on_text)? {
-                    return Ok(reason);
-                }
+    /// A multi-token model's trusted step: its micro tokens are the model's own output in this
+    /// mode, committed as they come and fed to the target as one merged position.
+    fn trusted_step(&mut self, tokens: &[u32]) -> Result<Step> {
+        for &token in tokens {
+            if let Some(reason) = self.run.accept(self.folder, token, self.on_text)? {
+                return Ok(Step::Done(reason));
             }
-            if let Some(reason) = run.should_stop(cancel) {
-                return Ok(reason);
-            }
-            let step = &run.sequence[run.sequence.len() - 1 - drafts.len()..];
-            let verifying = Instant::now();
-            let logits = target.forward_merged(step)?;
-            run.target_forwards += 1;
-            run.mask(logits, &[])?;
-            next = run.sampler.next(logits, &run.sequence);
-            stats.verify_time += verifying.elapsed();
-            continue;
         }
-
-        let base = target.len();
-        ids.clear();
-        ids.push(*run.sequence.last().expect("a token was accepted"));
-        ids.extend_from_slice(&drafts);
-        if drafts.is_empty() {
-            // A plain step: the logits are read where ONNX Runtime wrote them.
-            let stepping = proposer.drafts().then(Instant::now);
-            let logits = target.forward(&ids, 1)?;
-            if let Some(stepping) = stepping {
-                // A step the proposer left to the target alone: its forward is verify time.
-                let took = stepping.elapsed();
-                proposer.verified(1, took);
-                stats.verify_time += took;
-            }
-            run.target_forwards += 1;
-            run.mask(logits, &[])?;
-            next = run.sampler.next(logits, &run.sequence);
-            if proposer.drafts() {
-                proposer.accepted(base + 1, 0, 0)?;
-            }
-            continue;
+        if let Some(reason) = self.run.should_stop(self.cancel) {
+            return Ok(Step::Done(reason));
         }
-
+        let step = &self.run.sequence[self.run.sequence.len() - 1 - tokens.len()..];
         let verifying = Instant::now();
-        let flat = target.forward(&ids, ids.len())?;
-        run.target_forwards += 1;
-        proposer.verified(ids.len(), verifying.elapsed());
+        let logits = self.target.forward_merged(step)?;
+        self.run.target_forwards += 1;
+        self.run.mask(logits, &[])?;
+        let next = self.run.sampler.next(logits, &self.run.sequence);
+        self.stats.verify_time += verifying.elapsed();
+        Ok(Step::Next(next))
+    }
+
+    /// A plain step: the logits are read where ONNX Runtime wrote them.
+    fn plain_step(&mut self) -> Result<Step> {
+        let base = self.target.len();
+        let last = [*self.run.sequence.last().expect("a token was accepted")];
+        let stepping = self.proposer.drafts().then(Instant::now);
+        let logits = self.target.forward(&last, 1)?;
+        if let Some(stepping) = stepping {
+            // A step the proposer left to the target alone: its forward is verify time.
+            let took = stepping.elapsed();
+            self.proposer.verified(1, took);
+            self.stats.verify_time += took;
+        }
+        self.run.target_forwards += 1;
+        self.run.mask(logits, &[])?;
+        let next = self.run.sampler.next(logits, &self.run.sequence);
+        if self.proposer.drafts() {
+            self.proposer.accepted(base + 1, 0, 0)?;
+        }
+        Ok(Step::Next(next))
+    }
+
+    /// The last token and the drafts in one target forward; the verifier keeps the drafts the
+    /// target agrees with, and the target's cache rolls back to them.
+    fn verify_round(&mut self, proposal: Proposal, ids: &mut Vec<u32>, params: &SamplingParams) -> Result<Step> {
+        let Proposal { tokens: drafts, q_rows } = proposal;
+        let base = self.target.len();
+        let vocab = self.target.vocab();
+        ids.clear();
+        ids.push(*self.run.sequence.last().expect("a token was accepted"));
+        ids.extend_from_slice(&drafts);
+        let verifying = Instant::now();
+        let flat = self.target.forward(ids, ids.len())?;
+        self.run.target_forwards += 1;
+        self.proposer.verified(ids.len(), verifying.elapsed());
         let mut rows: Vec<Vec<f32>> = flat.chunks(vocab).map(<[f32]>::to_vec).collect();
-        run.mask_rows(&mut rows, &drafts)?;
-        let (accepted, following) = if greedy {
-            let rows = penalised_rows(rows, &run.sequence, &drafts, params.repetition_penalty);
-            greedy_verdict(target, run, &rows, &ids, params.repetition_penalty, stats)?
+        self.run.mask_rows(&mut rows, &drafts)?;
+        let (accepted, following) = if params.is_greedy() {
+            let rows = penalised_rows(rows, &self.run.sequence, &drafts, params.repetition_penalty);
+            greedy_verdict(self.target, self.run, &rows, ids, params.repetition_penalty, self.stats)?
         } else {
-            let p_rows = row_distributions(&rows, &run.sequence, &drafts, &params);
+            let p_rows = row_distributions(&rows, &self.run.sequence, &drafts, params);
             let q_rows = if q_rows.len() == drafts.len() { q_rows } else { one_hot_rows(&drafts, vocab) };
-            let (accepted, token) = verify_sampled(&p_rows, &q_rows, &drafts, &mut run.sampler);
-            target.truncate(base + 1 + accepted)?;
-            target.select_row(accepted);
+            let (accepted, token) = verify_sampled(&p_rows, &q_rows, &drafts, &mut self.run.sampler);
+            self.target.truncate(base + 1 + accepted)?;
+            self.target.select_row(accepted);
             (accepted, token)
         };
-        let kept = base + 1 + accepted;
-        stats.verify_time += verifying.elapsed();
-        stats.draft_tokens += drafts.len();
-        stats.accepted_tokens += accepted;
-        stats.evaluated_tokens += (accepted + 1).min(drafts.len());
-        stats.accepted_per_round[accepted.min(16)] += 1;
-        proposer.accepted(kept, drafts.len(), accepted)?;
+        self.stats.verify_time += verifying.elapsed();
+        self.stats.count_round(drafts.len(), accepted);
+        self.proposer.accepted(base + 1 + accepted, drafts.len(), accepted)?;
         for (i, &token) in drafts[..accepted].iter().enumerate() {
-            if let Some(reason) = run.accept(folder, token, on_text)? {
+            if let Some(reason) = self.run.accept(self.folder, token, self.on_text)? {
                 // The cache keeps what the run fed before the token that ended it.
-                target.truncate(base + 1 + i)?;
-                return Ok(reason);
+                self.target.truncate(base + 1 + i)?;
+                return Ok(Step::Done(reason));
             }
         }
-        next = following;
-    }
-}
-
-/// The greedy verdict on a verify's `rows` over `ids` (the last token, then the drafts), the rows
-/// masked and penalised: the drafts accepted and the target's token after them, the target left
-/// holding what was kept. A row too close to call from a batched forward (ONNX Runtime picks other
-/// kernels for it) is decided by a one-token forward, as plain decoding decides it, and measures
-/// how far the target's batched rows stray. Where that gives the draft's own token and the
-/// target kept the positions after it, the rows after it still count.
-fn greedy_verdict(
-    target: &mut dyn Target,
-    run: &mut Run,
-    rows: &[Vec<f32>],
-    ids: &[u32],
-    penalty: f32,
-    stats: &mut SpeculativeStats,
-) -> Result<(usize, u32)> {
-    let drafts = &ids[1..];
-    let base = target.len() - ids.len();
-    let mut from = 0;
-    loop {
-        stats.tie_margin = target.tie_margin();
-        let at = match verify_greedy_guarded(&rows[from..], &drafts[from..], stats.tie_margin) {
-            GreedyVerdict::Decided(accepted, token) => {
-                let accepted = from + accepted;
-                target.truncate(base + 1 + accepted)?;
-                target.select_row(accepted);
-                return Ok((accepted, token));
-            }
-            GreedyVerdict::NearTie(at) => from + at,
-        };
-        run.target_forwards += 1;
-        stats.near_tie_recomputes += 1;
-        let mut seen = run.sequence.clone();
-        seen.extend_from_slice(&drafts[..at]);
-        // The bonus row has no positions after it to keep.
-        let inside = at < drafts.len();
-        let single = match inside.then(|| target.step_inside(base + at, ids[at])).transpose()?.flatten() {
-            Some(row) => row,
-            None => {
-                target.truncate(base + at)?;
-                target.forward(&ids[at..=at], 1)?
-            }
-        };
-        run.mask(single, &drafts[..at])?;
-        let token = run.sampler.next(single, &seen);
-        let mut judged = single.to_vec();
-        apply_repetition_penalty(&mut judged, &seen, penalty);
-        target.observe_tie(&rows[at], &judged);
-        if target.len() > base + at + 1 {
-            // The step kept the positions after it.
-            if token == drafts[at] {
-                stats.near_ties_inside += 1;
-                from = at + 1;
-                continue;
-            }
-            target.truncate(base + at + 1)?;
-        }
-        return Ok((at, token));
+        Ok(Step::Next(following))
     }
 }

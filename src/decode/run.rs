@@ -12,7 +12,7 @@ use super::sampler::{Sampler, SamplingParams};
 use super::text::{Piece, StopText};
 use crate::error::Result;
 use crate::model::grammar::OutputGrammar;
-use crate::model::multitoken::Mode;
+use crate::model::multitoken_contract::Mode;
 use crate::model::{Detokenizer, ModelFolder};
 use crate::runtime::ProviderReport;
 
@@ -120,6 +120,14 @@ impl SpeculativeStats {
             self.accepted_tokens as f64 / self.evaluated_tokens as f64
         }
     }
+
+    /// A verified round: `accepted` of its `proposed` drafts.
+    pub(crate) fn count_round(&mut self, proposed: usize, accepted: usize) {
+        self.draft_tokens += proposed;
+        self.accepted_tokens += accepted;
+        self.evaluated_tokens += (accepted + 1).min(proposed);
+        self.accepted_per_round[accepted.min(16)] += 1;
+    }
 }
 
 /// Counters of one multi-token request.
@@ -135,7 +143,7 @@ pub struct MultiTokenStats {
     /// Verify mode: micro tokens proposed and accepted by the base.
     pub drafted: usize,
     pub accepted: usize,
-    /// Verify mode: steps whose micro tokens were sent by what they are worth (`decode::cost`),
+    /// Verify mode: steps whose micro tokens were sent by what they are worth (`decode::draft_length`),
     /// not by the stop head (0 with a threshold asked for, and until the costs are measured).
     pub steps_by_cost: usize,
     pub base_time: Duration,

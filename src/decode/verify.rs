@@ -5,71 +5,14 @@
 //! - sampled: the rejection rule of speculative sampling (Leviathan et al. 2023, Chen et al. 2023),
 //!   which keeps the target's distribution whatever the proposal's.
 //!
-//! Pure functions over logits, tested on their own.
+//! Pure functions over logits, tested on their own; and `greedy_verdict`, which re-decides a
+//! near tie with a one-token forward of the target, as plain decoding decides it.
 
+use super::run::{Run, SpeculativeStats};
 use super::sampler::{apply_repetition_penalty, argmax, distribution, Sampler, SamplingParams};
+use super::target::Target;
 
-/// Logit gap under which a greedy decision from a batched verify row is re-checked with a
-/// single-token forward, until a target's own re-checks have measured how far its batched rows
-/// stray (`TieMargin`). Batched and single-token forwards of the committed target differed by
-/// up to ~0.04 in a logit (measured with onnxruntime on CPU); 0.1 leaves room for that.
-pub const TIE_MARGIN: f32 = 0.1;
-
-/// Re-checks a target makes before its margin follows what they measured.
-pub const TIE_SAMPLES: usize = 32;
-/// The margin is this many times the largest difference measured, as 0.1 is to the 0.04 above.
-pub const TIE_SAFETY: f32 = 2.5;
-/// A margin never below this, however alike the two forwards have been.
-pub const TIE_FLOOR: f32 = 0.01;
-
-/// The near-tie margin of one target, learnt from its re-checks. Each re-check runs the row's
-/// position alone and so measures how far the batched row's decision strayed: how much the
-/// logits near the top moved against the top one. The margin is `TIE_SAFETY` times the largest
-/// such move seen (never less than `TIE_MARGIN` before `TIE_SAMPLES` re-checks, never less than
-/// `TIE_FLOOR` after). It only grows once learnt: a provider whose batched rows stray further
-/// gets a wider margin, where a fixed one would let its verify decide ties plain decoding
-/// decides otherwise. Every speculative request of an engine adds to it.
-#[derive(Debug, Clone, Default)]
-pub struct TieMargin {
-    worst: f32,
-    checks: usize,
-    /// The target's batched rows are its one-position rows bit for bit
-    /// (`Int4Kernel::rows_exact`): nothing is too close to call.
-    exact: bool,
-}
-
-impl TieMargin {
-    /// The margin of a target whose batched rows equal its one-position rows exactly: 0.
-    pub fn exact() -> TieMargin {
-        TieMargin { exact: true, ..TieMargin::default() }
-    }
-
-    pub fn margin(&self) -> f32 {
-        if self.exact {
-            return 0.0;
-        }
-        let measured = TIE_SAFETY * self.worst;
-        measured.max(if self.checks < TIE_SAMPLES { TIE_MARGIN } else { TIE_FLOOR })
-    }
-
-    /// A re-check: `batched` is the verify's row, `single` the one-token forward's, both as the
-    /// greedy decision reads them (masked and penalised alike). The tokens that count are those
-    /// within twice the margin of the batched row's top: the ones a stray could put first.
-    pub fn observe(&mut self, batched: &[f32], single: &[f32]) {
-        let top = argmax(batched);
-        let (b_top, s_top) = (batched[top], single[top]);
-        let window = 2.0 * self.margin();
-        let moved = batched
-            .iter()
-            .zip(single)
-            .filter(|(&b, _)| b.is_finite() && b_top - b < window)
-            .map(|(&b, &s)| ((b - b_top) - (s - s_top)).abs())
-            .filter(|d| d.is_finite())
-            .fold(0f32, f32::max);
-        self.worst = self.worst.max(moved);
-        self.checks += 1;
-    }
-}
+use crate::error::Result;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum GreedyVerdict {
@@ -191,6 +134,65 @@ pub(crate) fn one_hot_rows(tokens: &[u32], vocab: usize) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// The greedy verdict on a verify's `rows` over `ids` (the last token, then the drafts), the rows
+/// masked and penalised: the drafts accepted and the target's token after them, the target left
+/// holding what was kept. A row too close to call from a batched forward (ONNX Runtime picks other
+/// kernels for it) is decided by a one-token forward, as plain decoding decides it, and measures
+/// how far the target's batched rows stray. Where that gives the draft's own token and the
+/// target kept the positions after it, the rows after it still count.
+pub(crate) fn greedy_verdict(
+    target: &mut dyn Target,
+    run: &mut Run,
+    rows: &[Vec<f32>],
+    ids: &[u32],
+    penalty: f32,
+    stats: &mut SpeculativeStats,
+) -> Result<(usize, u32)> {
+    let drafts = &ids[1..];
+    let base = target.len() - ids.len();
+    let mut from = 0;
+    loop {
+        stats.tie_margin = target.tie_margin();
+        let at = match verify_greedy_guarded(&rows[from..], &drafts[from..], stats.tie_margin) {
+            GreedyVerdict::Decided(accepted, token) => {
+                let accepted = from + accepted;
+                target.truncate(base + 1 + accepted)?;
+                target.select_row(accepted);
+                return Ok((accepted, token));
+            }
+            GreedyVerdict::NearTie(at) => from + at,
+        };
+        run.target_forwards += 1;
+        stats.near_tie_recomputes += 1;
+        let mut seen = run.sequence.clone();
+        seen.extend_from_slice(&drafts[..at]);
+        // The bonus row has no positions after it to keep.
+        let inside = at < drafts.len();
+        let single = match inside.then(|| target.step_inside(base + at, ids[at])).transpose()?.flatten() {
+            Some(row) => row,
+            None => {
+                target.truncate(base + at)?;
+                target.forward(&ids[at..=at], 1)?
+            }
+        };
+        run.mask(single, &drafts[..at])?;
+        let token = run.sampler.next(single, &seen);
+        let mut judged = single.to_vec();
+        apply_repetition_penalty(&mut judged, &seen, penalty);
+        target.observe_tie(&rows[at], &judged);
+        if target.len() > base + at + 1 {
+            // The step kept the positions after it.
+            if token == drafts[at] {
+                stats.near_ties_inside += 1;
+                from = at + 1;
+                continue;
+            }
+            target.truncate(base + at + 1)?;
+        }
+        return Ok((at, token));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,30 +220,6 @@ mod tests {
                 assert!((freq - p[0][token]).abs() < 0.005, "draft {draft}: token {token} drawn {freq}, p = {}", p[0][token]);
             }
         }
-    }
-
-    /// The margin keeps the prior until enough re-checks, then follows the largest move seen
-    /// (times the safety factor, above the floor); a large move widens it at once; a token far
-    /// from the top moving does not count.
-    #[test]
-    fn the_tie_margin_follows_what_re_checks_measure() {
-        let mut ties = TieMargin::default();
-        let batched = [5.0, 4.96, 1.0, -3.0];
-        let single = [5.0, 4.97, 1.0, -1.0];
-        for _ in 0..TIE_SAMPLES - 1 {
-            ties.observe(&batched, &single);
-        }
-        assert_eq!(ties.margin(), TIE_MARGIN, "the prior until {TIE_SAMPLES} re-checks");
-        ties.observe(&batched, &single);
-        assert!((ties.margin() - TIE_SAFETY * 0.01).abs() < 1e-4, "learnt: {}", ties.margin());
-        ties.observe(&[5.0, 4.99, 0.0], &[5.0, 4.99, 0.0]);
-        assert!((ties.margin() - TIE_SAFETY * 0.01).abs() < 1e-4, "alike forwards do not narrow a learnt margin");
-        let mut alike = TieMargin::default();
-        (0..TIE_SAMPLES).for_each(|_| alike.observe(&[1.0, 0.99], &[1.0, 0.99]));
-        assert_eq!(alike.margin(), TIE_FLOOR);
-        let mut strays = TieMargin::default();
-        strays.observe(&[2.0, 1.95, 0.0], &[2.0, 2.05, 0.0]);
-        assert!((strays.margin() - TIE_SAFETY * 0.1).abs() < 1e-4, "a wide move widens the margin at once: {}", strays.margin());
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use crate::decode::decoder::{Decoder, KvCache, KvLayout, LoadOptions};
-use crate::decode::driver;
+use crate::decode::driver::{self, Decoding};
+use crate::decode::proposer::{NoProposer, Proposer as _};
 pub use crate::decode::reuse::PromptCache;
 use crate::decode::reuse::{reusable_prefix, CachedKv};
 use crate::decode::run::Run;
@@ -19,11 +20,15 @@ pub use crate::decode::sampler::{Sampler, SamplingParams};
 use crate::error::{Error, Result};
 use crate::model::ModelFolder;
 pub use crate::model::Prompt;
-use crate::multitoken::{Mode as MultiTokenMode, MultiTokenModel, Settings as MultiTokenSettings};
+use crate::multitoken::{MultiTokenModel, Settings as MultiTokenSettings};
 use crate::runtime::{ProviderReport, Runtime};
 
+use crate::decode::target::DecoderTarget;
 use crate::speculative::lookup::{LookupSettings, PromptLookup};
-use driver::Proposer as _;
+use crate::speculative::DraftProposer;
+use roles::{KeptKv, Roles};
+
+mod roles;
 
 /// What runs a model's forwards: one decoder graph, or the three graphs of a multi-token model.
 enum Core {
@@ -58,10 +63,9 @@ impl Engine {
         let started = Instant::now();
         let dir = folder.dir.clone();
         let dir = dir.as_path();
-        // Loading path, measured (see `cargo run --release --bin bench`, "load"): ONNX Runtime
-        // reading model.onnx.data from its own path peaked lower in RSS than handing it a
-        // memory-mapped copy (it copies in-memory external data, and prepacking MatMulNBits
-        // makes a private copy either way), so the session is built from the file path.
+        // How the weights are read (edgellm's own map of the data file, or ONNX Runtime reading
+        // the file) is the session's choice (`runtime::WeightLoading`); the benchmark's
+        // `--load-rounds` measures both.
         let (core, kv_layout) = match &folder.multitoken {
             Some(contract) => {
                 let model = MultiTokenModel::load(runtime, dir, &folder.config, contract, &options.session)?;
@@ -274,29 +278,36 @@ impl Engine {
         if let Some(grammar) = &options.grammar {
             run.constrain(self.folder.output_matcher(grammar)?, grammar.option());
         }
-        // A cache from another engine (the model was reloaded since) belongs to other sessions.
-        let (cached_tokens, cached_kv) = match cache.filter(|c| c.engine == self.id) {
-            Some(PromptCache { tokens, kv, .. }) => (tokens, Some(kv)),
-            None => (Vec::new(), None),
-        };
-        let keep = reusable_prefix(&cached_tokens, &run.sequence);
-        let speculative = options.speculative.unwrap_or(true);
-        let lookup = match options.prompt_lookup {
-            Some(true) => Some(self.prompt_lookup.unwrap_or_default()),
-            Some(false) => None,
-            None => self.prompt_lookup,
-        };
-        let (kept_target, kept_draft, kept_base) = match cached_kv {
-            Some(CachedKv::Decoder { target, draft }) => (cut(target, keep), draft.and_then(|d| cut(d, keep)), None),
-            Some(CachedKv::Base(mut kv)) => {
-                let kv = (kv.truncate(keep.min(kv.len()), true).is_ok()).then_some(kv);
-                (None, None, kv)
-            }
-            None => (None, None, None),
-        };
+        let kept = self.kept_caches(cache, &run.sequence);
+        let mut roles = self.roles(&run, options, cancel, kept)?;
         let mut stats = SpeculativeStats::default();
-        let (reason, left) = match (&self.core, &self.draft, speculative) {
-            (Core::MultiToken(model, defaults), _, _) => {
+        let (target, proposer) = roles.parts();
+        run.cached_prompt_tokens = target.len();
+        let decoding = Decoding { target, proposer, folder: &self.folder, run: &mut run, cancel, on_text: &mut *on_text, stats: &mut stats };
+        let reason = driver::drive(decoding)?;
+        let left = roles.finish(&mut run, stats).and_then(|kv| self.left_for_next(kv, &run.sequence));
+        Ok((run.end(&self.folder, reason, on_text, self.provider())?, left))
+    }
+
+    /// What `cache` holds of `sequence`'s prefix; a cache from another engine (the model was
+    /// reloaded since) belongs to other sessions.
+    fn kept_caches(&self, cache: Option<PromptCache>, sequence: &[u32]) -> KeptKv {
+        let Some(PromptCache { tokens, kv, .. }) = cache.filter(|c| c.engine == self.id) else {
+            return KeptKv::default();
+        };
+        let keep = reusable_prefix(&tokens, sequence);
+        match kv {
+            CachedKv::Decoder { target, draft } => KeptKv { target: cut(target, keep), draft: draft.and_then(|d| cut(d, keep)), base: None },
+            CachedKv::Base(mut kv) => KeptKv { base: kv.truncate(keep.min(kv.len()), true).is_ok().then_some(kv), ..KeptKv::default() },
+        }
+    }
+
+    /// The target and proposer this request decodes with: a multi-token model's base and micro
+    /// decoder; else the decoder graph with the draft model (unless the request turns drafts
+    /// off), prompt lookup (where the config or the request turns it on), or nothing proposed.
+    fn roles<'e>(&'e self, run: &Run, options: &GenerateOptions, cancel: &CancelToken, kept: KeptKv) -> Result<Roles<'e>> {
+        let decoder = match &self.core {
+            Core::MultiToken(model, defaults) => {
                 let settings = checked_multitoken(
                     model,
                     MultiTokenSettings {
@@ -306,55 +317,34 @@ impl Engine {
                         verify_by_cost: defaults.verify_by_cost && options.multitoken_threshold.is_none(),
                     },
                 )?;
-                let (mut target, mut proposer) = model.split(settings, cancel, kept_base)?;
-                run.cached_prompt_tokens = driver::Target::len(&target);
-                let reason = driver::drive(&mut target, &mut proposer, &self.folder, &mut run, cancel, on_text, &mut stats)?;
-                let verify = settings.mode == MultiTokenMode::Verify;
-                run.multitoken = Some(MultiTokenStats {
-                    mode: settings.mode,
-                    base_forwards: run.target_forwards,
-                    micro_forwards: proposer.forwards,
-                    kv_entries: driver::Target::len(&target),
-                    drafted: if verify { stats.draft_tokens } else { 0 },
-                    accepted: if verify { stats.accepted_tokens } else { 0 },
-                    steps_by_cost: proposer.steps_by_cost,
-                    base_time: target.time,
-                    micro_time: proposer.time,
-                });
-                (reason, target.into_kv().map(CachedKv::Base))
+                let (target, proposer) = model.split(settings, cancel, kept.base)?;
+                return Ok(Roles::MultiToken(target, proposer, settings));
             }
-            (Core::Decoder(decoder), Some(draft), true) => {
-                let mut proposer = crate::speculative::DraftProposer::new(draft, run.prompt_len + run.max_new, cancel, kept_draft)?;
-                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, proposer.max_tokens(), cancel, kept_target)?;
-                run.cached_prompt_tokens = target.cache.len();
-                let reason = driver::drive(&mut target, &mut proposer, &self.folder, &mut run, cancel, on_text, &mut stats)?;
-                run.speculative = Some(stats);
-                (reason, Some(CachedKv::Decoder { target: target.cache, draft: Some(proposer.into_cache()) }))
+            Core::Decoder(decoder) => decoder,
+        };
+        let lookup = match options.prompt_lookup {
+            Some(true) => Some(self.prompt_lookup.unwrap_or_default()),
+            Some(false) => None,
+            None => self.prompt_lookup,
+        };
+        let target = |lookahead| DecoderTarget::new(decoder, self.kv_layout, run, lookahead, cancel, kept.target);
+        match (&self.draft, options.speculative.unwrap_or(true)) {
+            (Some(draft), true) => {
+                let proposer = DraftProposer::new(draft, run.prompt_len + run.max_new, cancel, kept.draft)?;
+                Ok(Roles::Draft(target(proposer.max_tokens())?, proposer))
             }
-            (Core::Decoder(decoder), None, _) if lookup.is_some() => {
-                let settings = lookup.expect("matched");
+            (None, _) if lookup.is_some() => {
                 if let Some(state) = decoder.recurrent_states().first() {
                     return Err(Error::InvalidArgument {
                         argument: "prompt_lookup".into(),
                         reason: format!("model `{}` carries recurrent states (`{state}`), which drafting cannot roll back", self.name),
                     });
                 }
-                let mut proposer = PromptLookup::new(settings);
-                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, proposer.max_tokens(), cancel, kept_target)?;
-                run.cached_prompt_tokens = target.cache.len();
-                let reason = driver::drive(&mut target, &mut proposer, &self.folder, &mut run, cancel, on_text, &mut stats)?;
-                run.speculative = Some(stats);
-                (reason, Some(CachedKv::Decoder { target: target.cache, draft: kept_draft }))
+                let proposer = PromptLookup::new(lookup.expect("matched"));
+                Ok(Roles::Lookup(target(proposer.max_tokens())?, proposer, kept.draft))
             }
-            (Core::Decoder(decoder), _, _) => {
-                let mut target = DecoderTarget::new(decoder, self.kv_layout, &run, 0, cancel, kept_target)?;
-                run.cached_prompt_tokens = target.cache.len();
-                let reason = driver::drive(&mut target, &mut driver::NoProposer, &self.folder, &mut run, cancel, on_text, &mut stats)?;
-                (reason, Some(CachedKv::Decoder { target: target.cache, draft: kept_draft }))
-            }
-        };
-        let left = left.and_then(|kv| self.left_for_next(kv, &run.sequence));
-        Ok((run.end(&self.folder, reason, on_text, self.provider())?, left))
+            _ => Ok(Roles::Plain(target(0)?, NoProposer, kept.draft)),
+        }
     }
 
     /// What a finished request leaves: its caches with the tokens they hold, a draft's cut to
@@ -406,62 +396,4 @@ fn checked_multitoken(model: &MultiTokenModel, settings: MultiTokenSettings) -> 
         });
     }
     Ok(settings)
-}
-
-/// A decoder graph with this request's KV cache, as the decode driver's target.
-struct DecoderTarget<'d> {
-    decoder: &'d Decoder,
-    cache: KvCache,
-}
-
-impl<'d> DecoderTarget<'d> {
-    /// A cache with room for the request's tokens and one proposal past them; its runs are
-    /// terminated with `cancel`.
-    /// `kept`: a cache from an earlier request, holding a prefix of the prompt.
-    fn new(
-        decoder: &'d Decoder,
-        layout: KvLayout,
-        run: &Run,
-        lookahead: usize,
-        cancel: &CancelToken,
-        kept: Option<KvCache>,
-    ) -> Result<Self> {
-        let extra = if lookahead > 0 { lookahead + 1 } else { 0 };
-        let positions = run.prompt_len + run.max_new + extra;
-        let cache = match kept {
-            Some(mut cache) => {
-                cache.renew_run_options()?;
-                cache.reserve(positions, decoder.context())?;
-                cache
-            }
-            None => decoder.new_cache(layout, positions)?,
-        };
-        cancel.attach(cache.run_options());
-        Ok(DecoderTarget { decoder, cache })
-    }
-}
-
-impl driver::Target for DecoderTarget<'_> {
-    fn vocab(&self) -> usize {
-        self.decoder.vocab()
-    }
-    fn len(&self) -> usize {
-        self.cache.len()
-    }
-    fn forward(&mut self, ids: &[u32], rows: usize) -> Result<&mut [f32]> {
-        // The logits stay in the cache: a one-token step reads them where ONNX Runtime wrote them.
-        self.decoder.forward_in_cache(&mut self.cache, ids, rows)
-    }
-    fn truncate(&mut self, len: usize) -> Result<()> {
-        self.cache.truncate(len)
-    }
-    fn tie_margin(&self) -> f32 {
-        self.decoder.tie_margin()
-    }
-    fn observe_tie(&mut self, batched: &[f32], single: &[f32]) {
-        self.decoder.observe_tie(batched, single);
-    }
-    fn step_inside(&mut self, len: usize, id: u32) -> Result<Option<&mut [f32]>> {
-        self.decoder.step_inside(&mut self.cache, len, id).map(Some)
-    }
 }

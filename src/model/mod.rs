@@ -7,7 +7,7 @@ pub mod files;
 pub mod genai_config;
 pub mod grammar;
 mod jinja_builtins;
-pub mod multitoken;
+pub mod multitoken_contract;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -35,7 +35,7 @@ pub struct ModelFolder {
     pub tokenizer: TextTokenizer,
     pub chat_template: Option<ChatTemplate>,
     /// A HAMburger-style multi-token model's contract (`multitoken_config.json`), if present.
-    pub multitoken: Option<multitoken::Contract>,
+    pub multitoken: Option<multitoken_contract::Contract>,
     /// Compiles structured-output constraints against this tokenizer.
     grammar: grammar::GrammarCompiler,
 }
@@ -49,7 +49,7 @@ impl ModelFolder {
         }
         let config = GenaiConfig::load(dir)?;
         require_model_file(&dir.join(&config.decoder_file))?;
-        let multitoken = multitoken::Contract::find(dir)?;
+        let multitoken = multitoken_contract::Contract::find(dir)?;
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"))?;
         let chat_template = ChatTemplate::find(dir)?;
         Ok(ModelFolder { dir: dir.to_path_buf(), config, tokenizer, chat_template, multitoken, grammar: Default::default() })

@@ -22,19 +22,21 @@ use std::time::{Duration, Instant};
 
 use ort::value::{DynValue, Tensor};
 
-use crate::decode::cost::{CostModel, RoundCosts};
-use crate::decode::driver::{Policy, Proposal, Proposer, RowState, Target};
+use crate::decode::draft_length::{CostModel, RoundCosts};
+use crate::decode::proposer::{Policy, Proposal, Proposer};
+use crate::decode::target::{RowState, Target};
 use crate::decode::graph::SharedRunOptions;
 use crate::decode::graph::{float_tensor, floats, Graph, KvStates, Precision};
 use crate::decode::run::{CancelToken, Run};
 use crate::decode::sampler::SamplingParams;
-use crate::decode::verify::{penalised_argmax, row_distribution, TieMargin};
+use crate::decode::tie_margin::TieMargin;
+use crate::decode::verify::{penalised_argmax, row_distribution};
 use crate::error::{Error, Result};
 use crate::model::DecoderNames;
 use crate::runtime::{ProviderReport, Runtime, SessionOptions};
 
 pub use crate::decode::run::MultiTokenStats;
-pub use crate::model::multitoken::{Contract, Mode, Settings, CONTRACT_FILE};
+pub use crate::model::multitoken_contract::{Contract, Mode, Settings, CONTRACT_FILE};
 
 /// What one base forward returns for its last rows.
 struct BaseOut {
@@ -121,8 +123,7 @@ impl MultiTokenModel {
         let (base, provider) = runtime.session(&dir.join(&contract.base_file), options)?;
         // Three sessions would make three intra-op pools whose threads spin against each other.
         // The embedder and the micro decoder run small forwards (one step, one to four
-        // positions): on the calling thread alone they are faster (measured, trust mode at
-        // threshold 0.5: 1014 tok/s with their own pools, 1349 without).
+        // positions): on the calling thread alone they are faster than with pools of their own.
         let single = SessionOptions { threads: 1, ..options.clone() };
         let (embedder, _) = runtime.session(&dir.join(&contract.embedder_file), &single)?;
         let (micro, _) = runtime.session(&dir.join(&contract.micro_file), &single)?;
@@ -444,7 +445,7 @@ pub(crate) struct MicroProposer<'m> {
     pub(crate) steps_by_cost: usize,
     /// The width of one tapped state, learnt from the first features of the request.
     hidden: usize,
-    /// Verify mode's length rule, as a draft model's (`decode::cost`).
+    /// Verify mode's length rule, as a draft model's (`decode::draft_length`).
     costs: &'m Mutex<CostModel>,
     round: RoundCosts,
 }

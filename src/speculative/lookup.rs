@@ -2,13 +2,12 @@
 //! GenAI (`prompt_lookup`) and llama.cpp (`--spec-type ngram-*`) have it: the last `ngram`
 //! tokens are looked up in the prompt and the output so far, and what followed their latest
 //! earlier occurrence is proposed. It needs no draft model, and its drafts cost no forward.
-//!
-//! When its drafts keep failing it backs off: after a round with nothing accepted it proposes
-//! nothing for 1, 2, 4, ... up to 16 rounds (plain one-token steps), so that text that does not
-//! repeat itself decodes at plain speed.
+//! How long its drafts are, and its back-off when they keep failing, are decided in
+//! `crate::decode::draft_length`.
 
-use super::AdaptiveK;
-use crate::decode::driver::{Proposal, Proposer, RowState};
+use crate::decode::draft_length::{AdaptiveK, BackOff};
+use crate::decode::proposer::{Proposal, Proposer};
+use crate::decode::target::RowState;
 use crate::decode::run::Run;
 use crate::error::Result;
 
@@ -25,20 +24,15 @@ impl Default for LookupSettings {
     }
 }
 
-/// The longest back-off, in rounds.
-const MAX_PAUSE: usize = 16;
-
 pub struct PromptLookup {
     settings: LookupSettings,
     length: AdaptiveK,
-    /// Rounds left to propose nothing, and the next pause after a failed round.
-    paused: usize,
-    next_pause: usize,
+    back_off: BackOff,
 }
 
 impl PromptLookup {
     pub fn new(settings: LookupSettings) -> PromptLookup {
-        PromptLookup { settings, length: AdaptiveK::new(1, settings.max_draft), paused: 0, next_pause: 1 }
+        PromptLookup { settings, length: AdaptiveK::new(1, settings.max_draft), back_off: BackOff::new() }
     }
 }
 
@@ -63,8 +57,7 @@ pub fn lookup(sequence: &[u32], ngram: usize, k: usize) -> &[u32] {
 
 impl Proposer for PromptLookup {
     fn propose(&mut self, run: &mut Run, _row: Option<RowState<'_>>, limit: usize) -> Result<Proposal> {
-        if self.paused > 0 {
-            self.paused -= 1;
+        if self.back_off.pausing() {
             return Ok(Proposal::default());
         }
         let tokens = lookup(&run.sequence, self.settings.ngram, self.length.now(limit)).to_vec();
@@ -73,12 +66,7 @@ impl Proposer for PromptLookup {
 
     fn accepted(&mut self, _len: usize, proposed: usize, accepted: usize) -> Result<()> {
         self.length.update(proposed, accepted);
-        if proposed > 0 && accepted == 0 {
-            self.paused = self.next_pause;
-            self.next_pause = (self.next_pause * 2).min(MAX_PAUSE);
-        } else if accepted > 0 {
-            self.next_pause = 1;
-        }
+        self.back_off.update(proposed, accepted);
         Ok(())
     }
 

@@ -3,14 +3,16 @@
 //! forward over k+1 positions, the accepted prefix plus one target token are emitted, and both
 //! KV caches roll back to what was accepted.
 //!
-//! The proposers of drafts for the engine's one decode loop (`engine::driver`): `DraftProposer`
-//! (the draft model) here and `lookup::PromptLookup`; the verifier (`engine::verify`) decides.
+//! The proposers of drafts for the one decode loop (`crate::decode::driver`): `DraftProposer`
+//! (the draft model) here and `lookup::PromptLookup`; their draft lengths are decided in
+//! `crate::decode::draft_length`, and the verifier (`crate::decode::verify`) judges the drafts.
 //! Greedy output is identical to the target alone; sampled output follows the target's
 //! distribution.
 
-use crate::decode::cost::{CostModel, RoundCosts};
+use crate::decode::draft_length::{AdaptiveK, CostModel, RoundCosts};
 use crate::decode::decoder::{Decoder, KvCache, KvLayout, LoadOptions};
-use crate::decode::driver::{Proposal, Proposer, RowState};
+use crate::decode::proposer::{Proposal, Proposer};
+use crate::decode::target::RowState;
 use crate::decode::run::{CancelToken, Run};
 use crate::decode::sampler::SamplingParams;
 use crate::decode::verify::{penalised_argmax, row_distribution};
@@ -29,7 +31,7 @@ pub struct Settings {
     pub min_confidence: f32,
     /// Choose each draft's length from what drafts are worth on this engine: the measured verify
     /// cost by positions, the draft's cost, the decoding rate, and the acceptance of draft tokens
-    /// by the draft's confidence (`decode::cost::CostModel`); false: from acceptance alone (`AdaptiveK`).
+    /// by the draft's confidence (`decode::draft_length::CostModel`); false: from acceptance alone (`AdaptiveK`).
     pub cost_aware: bool,
 }
 
@@ -87,34 +89,6 @@ impl Draft {
 
     pub fn provider(&self) -> &ProviderReport {
         &self.decoder.provider
-    }
-}
-
-/// Draft length control: grows after a fully accepted round, shrinks after a poor one.
-pub(crate) struct AdaptiveK {
-    k: usize,
-    min: usize,
-    max: usize,
-}
-
-impl AdaptiveK {
-    /// Starts half way up.
-    pub(crate) fn new(min: usize, max: usize) -> Self {
-        AdaptiveK { k: max.div_ceil(2).max(min), min, max }
-    }
-    /// This round's length, within `limit`.
-    pub(crate) fn now(&self, limit: usize) -> usize {
-        self.k.min(limit)
-    }
-    pub(crate) fn min(&self) -> usize {
-        self.min
-    }
-    pub(crate) fn update(&mut self, proposed: usize, accepted: usize) {
-        if proposed > 0 && accepted == proposed {
-            self.k = (self.k + 1).min(self.max);
-        } else if accepted * 2 < proposed {
-            self.k = self.k.saturating_sub(1).max(self.min);
-        }
     }
 }
 
@@ -236,26 +210,5 @@ impl Proposer for DraftProposer<'_> {
 
     fn max_tokens(&self) -> usize {
         self.draft.settings.max_tokens
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adaptive_k_moves_within_bounds() {
-        let mut k = AdaptiveK::new(2, 6);
-        assert_eq!(k.k, 3, "starts half way up");
-        assert_eq!(k.now(2), 2, "within the round's limit");
-        k.update(3, 3);
-        k.update(4, 4);
-        k.update(5, 5);
-        k.update(6, 6);
-        assert_eq!(k.k, 6);
-        for _ in 0..10 {
-            k.update(6, 0);
-        }
-        assert_eq!(k.k, 2);
     }
 }

@@ -42,7 +42,7 @@ pub struct Settings {
     /// Tokens per step at most (1..=the contract's maximum).
     pub max_tokens: usize,
     /// Greedy verify mode: a step's micro tokens are sent for as long as they are worth their
-    /// verify cost (`decode::cost`, measured as the model decodes), not by the stop head; off
+    /// verify cost (`decode::draft_length`, measured as the model decodes), not by the stop head; off
     /// where a threshold was asked for. Trust mode and sampled requests follow the stop head.
     pub verify_by_cost: bool,
 }

@@ -1,20 +1,25 @@
-//! Draft length from what drafts are worth here. A draft token is worth verifying when the
-//! chance that it and every draft before it are accepted (one more token) pays for the time it
-//! adds to the verify forward, at the rate decoding already reaches: with `chain` that chance,
-//! `rate` the tokens per millisecond so far, and `forward(n)` a forward's time over n positions,
-//! keep draft j while `chain >= rate * (forward(j + 1) - forward(j) + draft time)`. (The rule of
-//! a renewal process: a round's extra work is worth doing while its yield per millisecond beats
-//! the long-run rate.)
+//! How long a draft is: decided here for every proposer whose drafts are verified.
+//! - By cost (`CostModel`, `RoundCosts`; the default for a draft model and for a multi-token
+//!   model's verify mode): from what drafts are worth on this engine, below.
+//! - By acceptance (`AdaptiveK`): grows after a fully accepted round, shrinks after a poor one
+//!   (a draft model with `cost_aware = false`, and prompt lookup).
+//! - Prompt lookup's back-off (`BackOff`): after a round with nothing accepted it proposes
+//!   nothing for 1, 2, 4, ... up to 16 rounds, so that text that does not repeat itself decodes
+//!   at plain speed.
+//!
+//! By cost: a draft token is worth verifying when the chance that it and every draft before it
+//! are accepted (one more token) pays for the time it adds to the verify forward, at the rate
+//! decoding already reaches: with `chain` that chance, `rate` the tokens per millisecond so far,
+//! and `forward(n)` a forward's time over n positions, keep draft j while
+//! `chain >= rate * (forward(j + 1) - forward(j) + draft time)`. (The rule of a renewal process:
+//! a round's extra work is worth doing while its yield per millisecond beats the long-run rate.)
 //!
 //! All of it is measured on this engine, as it decodes: the forward time by positions (a
 //! memory-bound target's extra positions cost little, a compute-bound one's nearly a step each),
 //! the draft's time per token, the rate, and how often a draft token is accepted given the
 //! draft's own probability of it. That last one is what lets a round stop where the draft is
-//! unsure and run long where it is sure: on kjv-target's prompts, a kjv-draft token with
-//! probability over 0.5 was accepted 99% of the time, one under 0.2 45% of the time.
-//!
-//! Shared by the proposers whose drafts are verified: a draft model's (`speculative`) and a
-//! multi-token model's micro decoder in verify mode (`multitoken`), each with its own model.
+//! unsure and run long where it is sure (a confident draft token is accepted far more often than
+//! an unsure one).
 
 use std::time::{Duration, Instant};
 
@@ -43,8 +48,8 @@ pub(crate) struct CostModel {
     forward_ms: [Option<f64>; POSITIONS],
     /// Target forwards since each count of positions was last measured. A mean that old is
     /// stale: a round goes one draft past where the rule stops to measure it again (else a burst
-    /// of load that inflated it would shorten every round from then on, as seen once on the twin:
-    /// 1.83 tokens per forward where other runs chose 2.5-3.2), and the new time replaces it.
+    /// of load that inflated it would shorten every round from then on), and the new time
+    /// replaces it.
     forward_age: [usize; POSITIONS],
     draft_ms: Option<f64>,
     accepted: [f64; BINS],
@@ -285,6 +290,64 @@ impl CostModel {
     }
 }
 
+/// Draft length by acceptance: grows after a fully accepted round, shrinks after a poor one.
+pub(crate) struct AdaptiveK {
+    k: usize,
+    min: usize,
+    max: usize,
+}
+
+impl AdaptiveK {
+    /// Starts half way up.
+    pub(crate) fn new(min: usize, max: usize) -> Self {
+        AdaptiveK { k: max.div_ceil(2).max(min), min, max }
+    }
+    /// This round's length, within `limit`.
+    pub(crate) fn now(&self, limit: usize) -> usize {
+        self.k.min(limit)
+    }
+    pub(crate) fn min(&self) -> usize {
+        self.min
+    }
+    pub(crate) fn update(&mut self, proposed: usize, accepted: usize) {
+        if proposed > 0 && accepted == proposed {
+            self.k = (self.k + 1).min(self.max);
+        } else if accepted * 2 < proposed {
+            self.k = self.k.saturating_sub(1).max(self.min);
+        }
+    }
+}
+
+/// The longest back-off, in rounds.
+const MAX_BACK_OFF: usize = 16;
+
+/// Prompt lookup's back-off: rounds left to propose nothing, and the next pause after a failed
+/// round.
+pub(crate) struct BackOff {
+    paused: usize,
+    next_pause: usize,
+}
+
+impl BackOff {
+    pub(crate) fn new() -> BackOff {
+        BackOff { paused: 0, next_pause: 1 }
+    }
+    /// Whether this round proposes nothing (one round of the pause used).
+    pub(crate) fn pausing(&mut self) -> bool {
+        let pausing = self.paused > 0;
+        self.paused = self.paused.saturating_sub(1);
+        pausing
+    }
+    pub(crate) fn update(&mut self, proposed: usize, accepted: usize) {
+        if proposed > 0 && accepted == 0 {
+            self.paused = self.next_pause;
+            self.next_pause = (self.next_pause * 2).min(MAX_BACK_OFF);
+        } else if accepted > 0 {
+            self.next_pause = 1;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,8 +388,8 @@ mod tests {
 
     #[test]
     fn a_round_stops_where_the_draft_is_unsure() {
-        // The twin's measured curve (1, 1.21, 1.50, 2.08, 3.28 x 17.8 ms) at its rate of about
-        // 1.5 tokens per step.
+        // A memory-bound curve (1, 1.21, 1.50, 2.08, 3.28 times one position) at a rate of
+        // about 1.5 tokens per step.
         let mut m = model(&[(1, 17.8), (2, 21.5), (3, 26.7), (5, 37.0), (9, 58.4)], 0.95, 50, 50, 1.5 / 17.8);
         // Unsure drafts were accepted 2 times in 10.
         for i in 0..40 {
@@ -444,5 +507,35 @@ mod tests {
         }
         assert!(m.acceptance(0.55) > 0.95, "{}", m.acceptance(0.55));
         assert!((m.acceptance(0.05) - 0.05).abs() < 1e-9, "other bins keep their prior");
+    }
+
+    #[test]
+    fn adaptive_k_moves_within_bounds() {
+        let mut k = AdaptiveK::new(2, 6);
+        assert_eq!(k.k, 3, "starts half way up");
+        assert_eq!(k.now(2), 2, "within the round's limit");
+        k.update(3, 3);
+        k.update(4, 4);
+        k.update(5, 5);
+        k.update(6, 6);
+        assert_eq!(k.k, 6);
+        for _ in 0..10 {
+            k.update(6, 0);
+        }
+        assert_eq!(k.k, 2);
+    }
+
+    #[test]
+    fn the_back_off_doubles_after_each_failed_round_and_resets_on_success() {
+        let mut back_off = BackOff::new();
+        let pauses = |b: &mut BackOff| std::iter::from_fn(|| b.pausing().then_some(())).count();
+        assert_eq!(pauses(&mut back_off), 0);
+        for expected in [1, 2, 4, 8, 16, 16] {
+            back_off.update(3, 0);
+            assert_eq!(pauses(&mut back_off), expected);
+        }
+        back_off.update(3, 1);
+        back_off.update(3, 0);
+        assert_eq!(pauses(&mut back_off), 1, "an accepted draft resets the pause");
     }
 }
