@@ -29,7 +29,7 @@ use ort::AsPointer;
 
 use super::graph::{Graph, KvStates};
 pub use super::graph::{Precision, SharedRunOptions};
-use super::verify::TieMargin;
+use super::tie_margin::TieMargin;
 use crate::error::{Error, Result};
 use crate::model::genai_config::{layer_of, StateKind};
 use crate::model::{DecoderNames, GenaiConfig};
