@@ -9,33 +9,39 @@ use edgellm::service::client::Daemon1Proxy;
 use futures_util::StreamExt;
 use zbus::zvariant::Value;
 
-use crate::kit::bus::{greedy_options, rt, stream_request, test_config, Daemon, PrivateBus};
-use crate::kit::fixtures::{model_dir, references, root};
+use crate::kit::bus::{greedy_options, rt, sampled_options, stream_request, test_config, Daemon, PrivateBus};
+use crate::kit::fixtures::{genai_greedy_texts, model_dir, proc_status_kib, references, root};
 
 /// Streams one Generate through a zbus client; returns (text, reason, tokens received).
 async fn stream(proxy: &Daemon1Proxy<'_>, prompt: &str, options: HashMap<&str, Value<'_>>) -> (String, String, usize) {
     stream_request(proxy, proxy.generate("kjv", prompt, options)).await
 }
 
+/// The first reference prompt of kjv-target, and onnxruntime-genai's greedy text of 64 tokens
+/// for it, run now.
+fn first_prompt_and_genai_text() -> (&'static str, String) {
+    let cases = &references().models["kjv-target"][..1];
+    (&cases[0].prompt, genai_greedy_texts("kjv-target", cases, 64).remove(0))
+}
+
 #[test]
 fn streamed_text_equals_complete_and_cli_and_reference() {
     let daemon = Daemon::start("");
-    let case = &references().models["kjv-target"][0];
+    let (prompt, reference) = first_prompt_and_genai_text();
     // busctl, non-streaming.
-    let reply =
-        daemon.call("Complete", "ssa{sv}", &["kjv", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
+    let reply = daemon.call("Complete", "ssa{sv}", &["kjv", prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
     let complete_text = reply["data"][0].as_str().unwrap().to_string();
-    assert_eq!(complete_text, case.text, "Complete equals onnxruntime-genai's greedy text");
+    assert_eq!(complete_text, reference, "Complete equals onnxruntime-genai's greedy text");
     // zbus client, streaming.
     let (streamed, reason, _) = rt().block_on(async {
         let conn = daemon.connect().await;
         let proxy = Daemon1Proxy::new(&conn).await.unwrap();
-        stream(&proxy, &case.prompt, greedy_options(64)).await
+        stream(&proxy, prompt, greedy_options(64)).await
     });
     assert_eq!(streamed, complete_text);
     assert!(reason == "length" || reason == "stop", "{reason}");
     // The CLI streams the same text to stdout.
-    let out = daemon.cli(&["generate", "--max-new-tokens", "64", "--temperature", "0", &case.prompt]);
+    let out = daemon.cli(&["generate", "--max-new-tokens", "64", "--temperature", "0", prompt]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end_matches('\n'), complete_text);
     // Status counts what was served.
@@ -51,15 +57,15 @@ fn streamed_text_equals_complete_and_cli_and_reference() {
 #[test]
 fn token_signals_keep_their_interval_and_the_end_does_not_wait() {
     let daemon = Daemon::start_with("token_interval_ms = 10000\n", "");
-    let case = &references().models["kjv-target"][0];
+    let (prompt, reference) = first_prompt_and_genai_text();
     let (streamed, reason, signals, took) = rt().block_on(async {
         let conn = daemon.connect().await;
         let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         let started = Instant::now();
-        let (text, reason, count) = stream(&proxy, &case.prompt, greedy_options(64)).await;
+        let (text, reason, count) = stream(&proxy, prompt, greedy_options(64)).await;
         (text, reason, count, started.elapsed())
     });
-    assert_eq!(streamed, case.text, "the streamed text equals onnxruntime-genai's greedy text");
+    assert_eq!(streamed, reference, "the streamed text equals onnxruntime-genai's greedy text");
     assert!(reason == "length" || reason == "stop", "{reason}");
     // One signal when the request ended before the relay's first read, else two.
     assert!((1..=2).contains(&signals), "{signals} Token signals for 64 tokens with 10 s between signals");
@@ -78,14 +84,7 @@ fn other_clients_see_no_tokens_and_cannot_cancel() {
         let owner_proxy = Daemon1Proxy::new(&owner).await.unwrap();
         let other_proxy = Daemon1Proxy::new(&other).await.unwrap();
         let mut tokens = owner_proxy.receive_token().await.unwrap();
-        let id = owner_proxy
-            .generate(
-                "kjv",
-                "And God said",
-                HashMap::from([("max_new_tokens", Value::U32(200)), ("temperature", Value::F64(1.0)), ("seed", Value::U64(3))]),
-            )
-            .await
-            .unwrap();
+        let id = owner_proxy.generate("kjv", "And God said", sampled_options(200, 3)).await.unwrap();
         tokens.next().await.expect("owner gets tokens");
         let err = other_proxy.cancel(id).await.unwrap_err().to_string();
         assert!(err.contains("org.edgellm.Error.RequestNotFound"), "{err}");
@@ -119,7 +118,7 @@ fn cancel_and_disconnect_stop_generation_within_a_step() {
         let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         let mut tokens = proxy.receive_token().await.unwrap();
         let mut finished = proxy.receive_finished().await.unwrap();
-        let options = HashMap::from([("max_new_tokens", Value::U32(1000)), ("temperature", Value::F64(1.0)), ("seed", Value::U64(5))]);
+        let options = sampled_options(1000, 5);
         let id = proxy.generate("kjv", "And it came to pass", options.clone()).await.unwrap();
         tokens.next().await.unwrap();
         proxy.cancel(id).await.unwrap();
@@ -387,13 +386,10 @@ fn load_that_would_not_fit_is_refused_with_the_need() {
 #[test]
 fn unload_returns_the_memory() {
     let daemon = Daemon::start("");
-    let rss = || -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
-        // Anonymous memory: the session, its arena, the KV. File-backed pages (the code a load
-        // runs for the first time, of this binary and of ONNX Runtime) are shared and stay
-        // cached; they are not the model's to give back.
-        status.lines().find(|l| l.starts_with("RssAnon:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
-    };
+    // Anonymous memory: the session, its arena, the KV. File-backed pages (the code a load runs
+    // for the first time, of this binary and of ONNX Runtime) are shared and stay cached; they are
+    // not the model's to give back.
+    let rss = || proc_status_kib(daemon.pid(), "RssAnon").expect("RssAnon of edgellmd");
     let before = rss();
     daemon.call("LoadModel", "s", &["kjv-draft"]).unwrap();
     daemon.call("Complete", "ssa{sv}", &["kjv-draft", "And God said", "1", "max_new_tokens", "u", "32"]).unwrap();
@@ -695,10 +691,10 @@ fn draft_and_target_on_different_execution_providers() {
         model_dir("kjv-draft").display(),
         model_dir("kjv-target").display()
     ));
-    let case = &references().models["kjv-target"][0];
+    let (prompt, reference) = first_prompt_and_genai_text();
     let spec =
-        daemon.call("Complete", "ssa{sv}", &["kjv-spec", &case.prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
-    assert_eq!(spec["data"][0].as_str().unwrap(), case.text, "target on CPU with its draft on OpenVINO: still the target's greedy text");
+        daemon.call("Complete", "ssa{sv}", &["kjv-spec", prompt, "2", "max_new_tokens", "u", "64", "temperature", "d", "0"]).unwrap();
+    assert_eq!(spec["data"][0].as_str().unwrap(), reference, "target on CPU with its draft on OpenVINO: still the target's greedy text");
     assert!(spec["data"][1]["accepted_tokens"]["data"].as_u64().unwrap() > 0);
     let models = daemon.call("ListModels", "", &[]).unwrap();
     let entry = models["data"][0].as_array().unwrap().iter().find(|m| m[0] == "kjv-spec").unwrap().clone();

@@ -7,29 +7,23 @@ use edgellm::model::{ChatMessage, ModelFolder};
 use edgellm::runtime::{Int4Choice, Int4Kernel, Provider, Runtime, SessionOptions};
 use edgellm::Error;
 
-use crate::kit::fixtures::{copy_model, genai_outputs, model_dir, references, runtime};
+use crate::kit::fixtures::{copy_model, genai_greedy, genai_greedy_texts, genai_outputs, model_dir, references, runtime, same_or_near_tie};
+use crate::kit::generate::{greedy, sampled, with_eos};
 
 fn load(name: &str, options: LoadOptions) -> Engine {
     Engine::load(&runtime(), name, &model_dir(name), &options).unwrap_or_else(|e| panic!("load {name}: {e}"))
 }
 
-fn greedy(engine: &mut Engine, ids: &[u32], max_new: usize) -> (Outcome, String) {
-    let options = GenerateOptions { max_new_tokens: Some(max_new), temperature: Some(0.0), ..Default::default() };
+/// Greedy decoding of `ids`: what it gave, and the pieces it streamed, put together.
+fn generate_greedy(engine: &mut Engine, ids: &[u32], max_new: usize) -> (Outcome, String) {
     let mut streamed = String::new();
     let outcome = engine
-        .generate(&Prompt::Tokens(ids.to_vec()), &options, &CancelToken::new(), &mut |piece| {
+        .generate(&Prompt::Tokens(ids.to_vec()), &greedy(max_new), &CancelToken::new(), &mut |piece| {
             streamed.push_str(piece);
             true
         })
         .expect("generate");
     (outcome, streamed)
-}
-
-/// Our ids as onnxruntime-genai reports them: it appends the end-of-sequence token it stopped on.
-fn with_eos(outcome: &Outcome) -> Vec<u32> {
-    let mut ids = outcome.token_ids.clone();
-    ids.extend(outcome.eos_token);
-    ids
 }
 
 /// The engine's greedy ids against onnxruntime-genai's, run now on this machine: the random-weight
@@ -43,8 +37,7 @@ fn check_against_reference(model: &str, options: LoadOptions) {
     let refs = references();
     let cases = &refs.models[model];
     assert!(cases.len() >= 8, "at least 8 reference prompts");
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
-    let genai = genai_outputs(&model_dir(model), "cpu", &prompts, refs.new_tokens);
+    let genai = genai_greedy(model, "cpu", cases, refs.new_tokens);
     let onnxruntime = SessionOptions { int4: Int4Choice::OnnxRuntime, ..options.session.clone() };
     for options in [LoadOptions { session: onnxruntime, ..options.clone() }, options] {
         let mut engine = load(model, options);
@@ -54,12 +47,12 @@ fn check_against_reference(model: &str, options: LoadOptions) {
         for (case, genai_ids) in cases.iter().zip(&genai) {
             let ids = engine.folder.tokenizer.encode_prompt(&case.prompt).unwrap();
             assert_eq!(ids, case.prompt_ids, "{model}: tokenization of {:?} differs from onnxruntime-genai", case.prompt);
-            let (outcome, streamed) = greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
+            let (outcome, streamed) = generate_greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
             if exact {
                 assert_eq!(&with_eos(&outcome), genai_ids, "{model} ({kernel}): greedy ids for {:?} differ from onnxruntime-genai", case.prompt);
             }
             let label = format!("{model} ({kernel}): {}", case.prompt);
-            identical += crate::kit::fixtures::same_or_near_tie(&mut engine, &label, &case.prompt_ids, &with_eos(&outcome), genai_ids, "greedy") as usize;
+            identical += same_or_near_tie(&mut engine, &label, &case.prompt_ids, &with_eos(&outcome), genai_ids, "greedy") as usize;
             assert_eq!(streamed, outcome.text, "streamed pieces concatenate to the final text");
             assert_eq!(outcome.text, engine.folder.tokenizer.decode(&outcome.token_ids).unwrap());
         }
@@ -100,10 +93,10 @@ fn a_prompt_longer_than_one_prefill_chunk_matches_onnxruntime_genai() {
     let genai = genai_outputs(&model_dir("kjv-target"), "cpu", std::slice::from_ref(&prompt), new_tokens).remove(0);
     for layout in [KvLayout::Shared, KvLayout::Growing] {
         let mut engine = load("kjv-target", LoadOptions { kv_layout: Some(layout), ..Default::default() });
-        let (outcome, _) = greedy(&mut engine, &prompt, new_tokens);
+        let (outcome, _) = generate_greedy(&mut engine, &prompt, new_tokens);
         assert!(outcome.stats.target_forwards >= 2 + outcome.token_ids.len() - 1, "the prompt took more than one forward");
         let label = format!("{} prompt tokens, {layout:?}", prompt.len());
-        crate::kit::fixtures::same_or_near_tie(&mut engine, &label, &prompt, &with_eos(&outcome), &genai, "chunked prefill");
+        same_or_near_tie(&mut engine, &label, &prompt, &with_eos(&outcome), &genai, "chunked prefill");
     }
 }
 
@@ -114,7 +107,7 @@ fn a_deadline_passed_during_a_long_prefill_ends_it_within_a_chunk() {
     let prompt = longer_than_a_prefill_chunk();
     let engine = load("kjv-target", LoadOptions::default());
     // Already past when the first chunk ends.
-    let options = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), deadline: Some(Instant::now()), ..Default::default() };
+    let options = GenerateOptions { deadline: Some(Instant::now()), ..greedy(8) };
     let outcome = engine.generate(&Prompt::Tokens(prompt.clone()), &options, &CancelToken::new(), &mut |_| true).unwrap();
     assert_eq!(outcome.reason, FinishReason::Timeout);
     assert_eq!(outcome.stats.target_forwards, 1, "one chunk of {} prompt tokens ran, no more", prompt.len());
@@ -147,19 +140,18 @@ fn openvino_provider_matches_onnxruntime_genai_on_openvino() {
     // Under the emulator (AMD machines) every forward costs ~100x: 4 of the 10 prompts keep the
     // run to minutes, and CI (whose machines are often AMD) under its 30-minute budget.
     let cases = if crate::kit::fixtures::emulated() { &cases[..4] } else { &cases[..] };
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
-    let genai_openvino = genai_outputs(&model_dir("kjv-target"), "openvino", &prompts, refs.new_tokens);
+    let genai_openvino = genai_greedy("kjv-target", "openvino", cases, refs.new_tokens);
+    let genai_cpu = genai_greedy("kjv-target", "cpu", cases, refs.new_tokens);
     // The CPU provider's logits judge a departure from the CPU reference.
     let mut on_cpu = load("kjv-target", LoadOptions::default());
     let mut same_as_cpu = 0;
-    for (case, reference) in cases.iter().zip(&genai_openvino) {
-        let (outcome, _) = greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
+    for ((case, reference), cpu_reference) in cases.iter().zip(&genai_openvino).zip(&genai_cpu) {
+        let (outcome, _) = generate_greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
         let ours = with_eos(&outcome);
         // The same provider in both engines gives the same tokens...
         assert_eq!(&ours, reference, "OpenVINO: edgellm and onnxruntime-genai differ for {:?}", case.prompt);
         // ...and against CPU, OpenVINO's own MatMulNBits kernels may flip a near tie, and only that.
-        same_as_cpu +=
-            crate::kit::fixtures::same_or_near_tie(&mut on_cpu, &case.prompt, &case.prompt_ids, &ours, &case.output_ids, "OpenVINO") as usize;
+        same_as_cpu += same_or_near_tie(&mut on_cpu, &case.prompt, &case.prompt_ids, &ours, cpu_reference, "OpenVINO") as usize;
     }
     eprintln!("openvino vs cpu: {same_as_cpu} of {} prompts identical", cases.len());
 }
@@ -169,8 +161,7 @@ fn sampling_with_a_seed_repeats_and_differs_across_seeds() {
     let engine = load("kjv-target", LoadOptions::default());
     let prompt = Prompt::Text("And the LORD said".into());
     let run = |seed| {
-        let options =
-            GenerateOptions { max_new_tokens: Some(40), temperature: Some(1.0), top_p: Some(0.95), seed: Some(seed), ..Default::default() };
+        let options = GenerateOptions { top_p: Some(0.95), ..sampled(40, seed) };
         engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap().text
     };
     let (a, b, c) = (run(11), run(11), run(12));
@@ -178,15 +169,21 @@ fn sampling_with_a_seed_repeats_and_differs_across_seeds() {
     assert_ne!(a, c);
 }
 
+/// A stop string ends the output before it: stopped at a word from the middle of
+/// onnxruntime-genai's greedy text, run now, the output is that text up to the word. ONNX
+/// Runtime's int4 kernel (onnxruntime-genai's own) gives its greedy ids exactly, so no near tie
+/// can move the word.
 #[test]
 fn stop_string_ends_output_before_it() {
     let refs = references();
-    let case = refs.models["kjv-target"].iter().find(|c| c.text.len() > 40).expect("a long reference");
-    // Stop at a word from the middle of the reference continuation.
-    let stop = case.text[20..].split_whitespace().find(|w| w.len() >= 4).expect("a word").to_string();
-    let expected = &case.text[..case.text.find(&stop).unwrap()];
-    let engine = load("kjv-target", LoadOptions::default());
-    let options = GenerateOptions { max_new_tokens: Some(64), temperature: Some(0.0), stop: vec![stop.clone()], ..Default::default() };
+    let cases = &refs.models["kjv-target"];
+    let texts = genai_greedy_texts("kjv-target", cases, refs.new_tokens);
+    let (case, text) = cases.iter().zip(&texts).find(|(_, text)| text.len() > 40).expect("a long reference");
+    let stop = text[20..].split_whitespace().find(|w| w.len() >= 4).expect("a word").to_string();
+    let expected = &text[..text.find(&stop).unwrap()];
+    let onnxruntime = SessionOptions { int4: Int4Choice::OnnxRuntime, ..Default::default() };
+    let engine = load("kjv-target", LoadOptions { session: onnxruntime, ..Default::default() });
+    let options = GenerateOptions { stop: vec![stop.clone()], ..greedy(refs.new_tokens) };
     let mut streamed = String::new();
     let outcome = engine
         .generate(&Prompt::Tokens(case.prompt_ids.clone()), &options, &CancelToken::new(), &mut |p| {
@@ -203,13 +200,13 @@ fn stop_string_ends_output_before_it() {
 fn max_new_tokens_and_cancel_end_generation() {
     let engine = load("kjv-target", LoadOptions::default());
     let prompt = Prompt::Text("In the beginning".into());
-    let options = GenerateOptions { max_new_tokens: Some(5), temperature: Some(0.0), ..Default::default() };
+    let options = greedy(5);
     let outcome = engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap();
     assert!(outcome.reason == FinishReason::Length && outcome.token_ids.len() == 5 || outcome.reason == FinishReason::Stop);
 
     // Cancelled from another thread after the first piece: ends within one step.
     let cancel = CancelToken::new();
-    let options = GenerateOptions { max_new_tokens: Some(900), temperature: Some(1.0), seed: Some(1), ..Default::default() };
+    let options = sampled(900, 1);
     let mut pieces = 0;
     let outcome = engine
         .generate(&prompt, &options, &cancel, &mut |_| {
@@ -296,7 +293,7 @@ fn a_cancel_interrupts_the_prefill() {
     let engine = load("kjv-target", LoadOptions::default());
     let context = engine.folder.config.context_length;
     let prompt = Prompt::Tokens((0..context as u32 - 8).map(|i| 100 + i % 1000).collect());
-    let options = GenerateOptions { max_new_tokens: Some(1), temperature: Some(0.0), ..Default::default() };
+    let options = greedy(1);
     let whole = engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap();
     assert_eq!(whole.token_ids.len() + whole.eos_token.is_some() as usize, 1);
     let prefill = whole.stats.time_to_first_token;
@@ -484,6 +481,9 @@ fn resident_and_mapped_kib(file: &std::path::Path) -> (u64, u64) {
 /// decodes as onnxruntime-genai.
 #[test]
 fn mapped_weights_stay_out_of_the_resident_set_and_decode_as_onnxruntime_genai() {
+    let refs = references();
+    let case = &refs.models["kjv-target"][0];
+    let genai = genai_greedy("kjv-target", "cpu", std::slice::from_ref(case), refs.new_tokens).remove(0);
     for int4 in [Int4Choice::OnnxRuntime, Int4Choice::Edgellm] {
         let dir = copy_model("kjv-target");
         let data = dir.path().join("model.onnx.data");
@@ -497,18 +497,8 @@ fn mapped_weights_stay_out_of_the_resident_set_and_decode_as_onnxruntime_genai()
         let (resident, mapped) = resident_and_mapped_kib(&data);
         assert!(mapped >= file_kib, "{kernel}: the data file is mapped by edgellm: {mapped} KiB mapped of {file_kib}");
         assert!(resident * 50 < file_kib, "{kernel}: {resident} KiB of the {file_kib} KiB file resident after the load");
-        let refs = references();
-        let case = &refs.models["kjv-target"][0];
-        let genai = genai_outputs(&model_dir("kjv-target"), "cpu", &[case.prompt_ids.clone()], refs.new_tokens);
-        let (outcome, _) = greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
-        assert!(crate::kit::fixtures::same_or_near_tie(
-            &mut engine,
-            &case.prompt,
-            &case.prompt_ids,
-            &with_eos(&outcome),
-            &genai[0],
-            "mapped weights"
-        ));
+        let (outcome, _) = generate_greedy(&mut engine, &case.prompt_ids, refs.new_tokens);
+        assert!(same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &with_eos(&outcome), &genai, "mapped weights"));
         let (resident, _) = resident_and_mapped_kib(&data);
         // What a run reads again comes back, no more: the pages of the embedding's rows of these
         // tokens (half the file is the embedding; 1.2 MiB measured after this run) and the norms.

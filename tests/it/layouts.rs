@@ -7,11 +7,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use edgellm::engine::{CancelToken, Engine, GenerateOptions, LoadOptions, Prompt};
+use edgellm::engine::{CancelToken, Engine, LoadOptions, Prompt};
 use edgellm::service::client::Daemon1Proxy;
 
 use crate::kit::bus::Daemon;
 use crate::kit::fixtures::{genai_outputs, model_dir, runtime, shared_reference};
+use crate::kit::generate::{greedy, with_eos};
 
 /// A model folder for `model`: the shared folder itself when it has a tokenizer, otherwise a
 /// scratch folder of links to its files plus gpt2-fp32's tokenizer (upstream ships none; the ids
@@ -42,11 +43,7 @@ pub(crate) fn folder(model: &str, config: Option<&dyn Fn(&mut serde_json::Value)
 }
 
 fn greedy_ids(engine: &mut Engine, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
-    let options = GenerateOptions { max_new_tokens: Some(new_tokens), temperature: Some(0.0), ..Default::default() };
-    let outcome = engine.generate(&Prompt::Tokens(prompt.to_vec()), &options, &CancelToken::new(), &mut |_| true).expect("generate");
-    let mut ids = outcome.token_ids;
-    ids.extend(outcome.eos_token);
-    ids
+    with_eos(&engine.generate(&Prompt::Tokens(prompt.to_vec()), &greedy(new_tokens), &CancelToken::new(), &mut |_| true).expect("generate"))
 }
 
 /// The prompts of onnxruntime-genai's own tests for these models, and a few more.
@@ -109,15 +106,13 @@ fn genai_test_prompts_after_a_kept_prefix_give_onnxruntime_genais_ids() {
         let new_tokens = 8;
         let genai = genai_outputs(&dir, "cpu", &prompts, new_tokens);
         let engine = Engine::load(&runtime(), model, &dir, &LoadOptions::default()).unwrap();
-        let options = GenerateOptions { max_new_tokens: Some(new_tokens), temperature: Some(0.0), ..Default::default() };
+        let options = greedy(new_tokens);
         let mut cache = None;
         for (prompt, reference) in prompts.iter().zip(&genai) {
             let (outcome, left) = engine
                 .generate_cached(&Prompt::Tokens(prompt.clone()), &options, &CancelToken::new(), &mut |_| true, cache.take())
                 .unwrap_or_else(|e| panic!("{model}: {prompt:?} after a kept prefix: {e}"));
-            let mut ids = outcome.token_ids.clone();
-            ids.extend(outcome.eos_token);
-            assert_eq!(&ids, reference, "{model}: {prompt:?} (reused {} prompt tokens)", outcome.stats.cached_prompt_tokens);
+            assert_eq!(&with_eos(&outcome), reference, "{model}: {prompt:?} (reused {} prompt tokens)", outcome.stats.cached_prompt_tokens);
             cache = left;
         }
     }

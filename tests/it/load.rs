@@ -207,13 +207,13 @@ fn soak_rss_stays_flat_under_load() {
                 let rss = crate::kit::fixtures::rss_kib(daemon.pid());
                 // Anonymous memory is the heap and ONNX Runtime's arenas; file pages are code and
                 // mapped weights, paged in as code paths are first taken (bounded by the files).
-                let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap_or_default();
-                let field = |name: &str| status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).unwrap_or("?").to_string();
+                let field =
+                    |name: &str| crate::kit::fixtures::proc_status_kib(daemon.pid(), name).map_or("?".to_string(), |kib| kib.to_string());
                 eprintln!(
                     "soak: {:>4.0} s  RSS {rss} KiB (anonymous {}, file {})",
                     started.elapsed().as_secs_f64(),
-                    field("RssAnon:"),
-                    field("RssFile:")
+                    field("RssAnon"),
+                    field("RssFile")
                 );
                 samples.push((started.elapsed(), rss));
                 std::thread::sleep(Duration::from_secs(30).min(until.saturating_duration_since(Instant::now())));

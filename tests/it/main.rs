@@ -16,6 +16,7 @@ mod real_models;
 mod reuse;
 mod robustness;
 mod scheduler;
+mod shape;
 mod speculative;
 mod structured;
 mod system_bus;

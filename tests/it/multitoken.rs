@@ -11,6 +11,7 @@ use edgellm::runtime::{Int4Choice, SessionOptions};
 use serde::Deserialize;
 
 use crate::kit::fixtures::{model_dir, root, runtime};
+use crate::kit::generate::{greedy, sampled, with_eos};
 
 #[derive(Debug, Deserialize)]
 struct Case {
@@ -62,14 +63,9 @@ fn engine() -> std::sync::MutexGuard<'static, Engine> {
         .unwrap_or_else(|e| e.into_inner())
 }
 
+/// Greedy decoding in `mode` at `threshold`.
 fn options(mode: Mode, threshold: f32, new_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_new_tokens: Some(new_tokens),
-        temperature: Some(0.0),
-        multitoken_mode: Some(mode),
-        multitoken_threshold: Some(threshold),
-        ..Default::default()
-    }
+    GenerateOptions { multitoken_mode: Some(mode), multitoken_threshold: Some(threshold), ..greedy(new_tokens) }
 }
 
 fn generate(engine: &mut Engine, ids: &[u32], options: &GenerateOptions) -> Outcome {
@@ -82,12 +78,6 @@ fn generate(engine: &mut Engine, ids: &[u32], options: &GenerateOptions) -> Outc
         .unwrap();
     assert_eq!(streamed, out.text, "streamed pieces add up to the text");
     out
-}
-
-fn with_eos(out: &Outcome) -> Vec<u32> {
-    let mut ids = out.token_ids.clone();
-    ids.extend(out.eos_token);
-    ids
 }
 
 #[test]
@@ -214,10 +204,10 @@ fn sampled_steps_are_seeded_and_cancellable() {
     let mut engine = engine();
     let ids = reference().cases[0].prompt_ids.clone();
     for mode in [Mode::Trust, Mode::Verify] {
-        let sampled = |seed: u64| GenerateOptions { temperature: Some(0.8), seed: Some(seed), ..options(mode, 0.7, 48) };
-        let a = generate(&mut engine, &ids, &sampled(7));
-        let b = generate(&mut engine, &ids, &sampled(7));
-        let c = generate(&mut engine, &ids, &sampled(8));
+        let seeded = |seed: u64| GenerateOptions { temperature: Some(0.8), seed: Some(seed), ..options(mode, 0.7, 48) };
+        let a = generate(&mut engine, &ids, &seeded(7));
+        let b = generate(&mut engine, &ids, &seeded(7));
+        let c = generate(&mut engine, &ids, &seeded(8));
         assert_eq!(a.token_ids, b.token_ids, "{mode:?}: same seed, same text");
         assert_ne!(a.token_ids, c.token_ids, "{mode:?}: another seed, another text");
         // Cancelled from the token stream: the request ends within the step.
@@ -283,11 +273,10 @@ fn sampled_verify_follows_the_base_distribution() {
         let mut drafted = 0;
         for seed in 0..seeds {
             let options = GenerateOptions {
-                max_new_tokens: Some(4),
-                temperature: Some(1.0),
+                multitoken_mode: Some(mode),
+                multitoken_threshold: Some(threshold),
                 top_k: Some(8),
-                seed: Some(seed * 7919 + threshold.to_bits() as u64),
-                ..options(mode, threshold, 3)
+                ..sampled(4, seed * 7919 + threshold.to_bits() as u64)
             };
             let out = engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap();
             drafted += out.stats.multitoken.unwrap().drafted;
@@ -316,13 +305,7 @@ fn sampled_verify_follows_the_base_distribution() {
     // Without a threshold, sampled requests keep the stop head too (lengths by cost are for
     // greedy ones): the verify rounds above have measured the costs the rule would use.
     for seed in 0..50 {
-        let options = GenerateOptions {
-            max_new_tokens: Some(16),
-            temperature: Some(1.0),
-            seed: Some(seed),
-            multitoken_threshold: None,
-            ..options(Mode::Verify, 0.0, 16)
-        };
+        let options = GenerateOptions { multitoken_mode: Some(Mode::Verify), ..sampled(16, seed) };
         let out = engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap();
         assert_eq!(out.stats.multitoken.unwrap().steps_by_cost, 0, "seed {seed}: a sampled request's steps went by cost");
     }

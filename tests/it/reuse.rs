@@ -9,18 +9,9 @@ use edgellm::multitoken::Mode;
 use edgellm::speculative::lookup::LookupSettings;
 
 use crate::kit::fixtures::{model_dir, references, runtime, same_or_near_tie};
+use crate::kit::generate::{greedy, with_eos};
 
 const NEW_TOKENS: usize = 24;
-
-fn greedy() -> GenerateOptions {
-    GenerateOptions { max_new_tokens: Some(NEW_TOKENS), temperature: Some(0.0), ..Default::default() }
-}
-
-fn with_eos(out: &Outcome) -> Vec<u32> {
-    let mut ids = out.token_ids.clone();
-    ids.extend(out.eos_token);
-    ids
-}
 
 fn run(engine: &Engine, ids: &[u32], options: &GenerateOptions, cache: Option<PromptCache>) -> (Outcome, Option<PromptCache>) {
     engine.generate_cached(&Prompt::Tokens(ids.to_vec()), options, &CancelToken::new(), &mut |_| true, cache).unwrap()
@@ -87,7 +78,7 @@ fn target(layout: KvLayout) -> Engine {
 fn plain_decoding_reuses_the_kv_in_both_layouts() {
     for layout in [KvLayout::Shared, KvLayout::Growing] {
         let mut engine = target(layout);
-        let (identical, reused) = conversation(&mut engine, &greedy(), &format!("plain {layout:?}"), true);
+        let (identical, reused) = conversation(&mut engine, &greedy(NEW_TOKENS), &format!("plain {layout:?}"), true);
         eprintln!("plain {layout:?}: {identical}/4 identical, {reused} prompt tokens reused");
         assert!(identical >= 3, "plain {layout:?}: only {identical} of 4 identical");
     }
@@ -100,7 +91,7 @@ fn speculative_decoding_reuses_the_target_and_draft_kv() {
         let mut engine = target(layout);
         let draft = ModelFolder::open(&model_dir("kjv-draft")).unwrap();
         engine.attach_draft(&runtime(), &draft, &options, Default::default()).unwrap();
-        let (identical, _) = conversation(&mut engine, &greedy(), &format!("speculative {layout:?}"), true);
+        let (identical, _) = conversation(&mut engine, &greedy(NEW_TOKENS), &format!("speculative {layout:?}"), true);
         assert!(identical >= 3, "speculative {layout:?}: only {identical} of 4 identical");
     }
 }
@@ -109,7 +100,7 @@ fn speculative_decoding_reuses_the_target_and_draft_kv() {
 fn prompt_lookup_reuses_the_kv() {
     let mut engine = target(KvLayout::Shared);
     engine.enable_prompt_lookup(LookupSettings::default()).unwrap();
-    let (identical, _) = conversation(&mut engine, &greedy(), "prompt lookup", true);
+    let (identical, _) = conversation(&mut engine, &greedy(NEW_TOKENS), "prompt lookup", true);
     assert!(identical >= 3, "prompt lookup: only {identical} of 4 identical");
 }
 
@@ -117,7 +108,7 @@ fn prompt_lookup_reuses_the_kv() {
 fn multitoken_trust_and_verify_reuse_the_base_kv() {
     let mut engine = Engine::load(&runtime(), "kjv-hamburger", &model_dir("kjv-hamburger"), &LoadOptions::default()).unwrap();
     for mode in [Mode::Verify, Mode::Trust] {
-        let options = GenerateOptions { multitoken_mode: Some(mode), ..greedy() };
+        let options = GenerateOptions { multitoken_mode: Some(mode), ..greedy(NEW_TOKENS) };
         let (identical, reused) = conversation(&mut engine, &options, &format!("multitoken {mode:?}"), mode == Mode::Verify);
         eprintln!("multitoken {mode:?}: {identical}/4 identical, {reused} reused");
         assert!(identical >= 3, "multitoken {mode:?}: only {identical} of 4 identical");
@@ -129,10 +120,10 @@ fn a_kept_cache_is_not_fed_to_another_engine() {
     let first = target(KvLayout::Shared);
     let second = target(KvLayout::Shared);
     let prompt = &references().models["kjv-target"][0].prompt_ids;
-    let (_, left) = run(&first, prompt, &greedy(), None);
+    let (_, left) = run(&first, prompt, &greedy(NEW_TOKENS), None);
     let mut longer = prompt.clone();
     longer.push(prompt[0]);
-    let (out, _) = run(&second, &longer, &greedy(), left);
+    let (out, _) = run(&second, &longer, &greedy(NEW_TOKENS), left);
     assert_eq!(out.stats.cached_prompt_tokens, 0, "another engine's sessions made that cache");
 }
 
@@ -140,7 +131,7 @@ fn a_kept_cache_is_not_fed_to_another_engine() {
 fn recurrent_states_are_reused_when_extended_and_dropped_when_the_prompt_departs() {
     let (dir, _keep) = crate::layouts::folder("tiny-random-lfm2-fp32", None);
     let engine = Engine::load(&runtime(), "lfm2", &dir, &LoadOptions::default()).unwrap();
-    let options = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
+    let options = greedy(8);
     let prompt: Vec<u32> = vec![0, 0, 195, 731, 12, 77];
     let (first, left) = run(&engine, &prompt, &options, None);
     let left = left.expect("a cache is left");
@@ -160,23 +151,23 @@ fn recurrent_states_are_reused_when_extended_and_dropped_when_the_prompt_departs
 }
 
 mod over_dbus {
-    use std::collections::HashMap;
     use std::time::{Duration, Instant};
 
     use edgellm::service::client::Daemon1Proxy;
-    use zbus::zvariant::{OwnedValue, Value};
+    use zbus::zvariant::Value;
 
-    use crate::kit::bus::{rt, Daemon};
+    use crate::kit::bus::{complete, greedy_options, rt, Daemon};
     use crate::kit::fixtures::references;
 
-    async fn complete(proxy: &Daemon1Proxy<'_>, prompt: &str, session: Option<&str>) -> Result<(String, u32), String> {
-        let mut options: HashMap<&str, Value<'_>> = HashMap::from([("max_new_tokens", Value::U32(24)), ("temperature", Value::F64(0.0))]);
+    /// A greedy turn on `kjv`, in `session` if given; its text and how many prompt tokens it reused.
+    async fn turn(proxy: &Daemon1Proxy<'_>, prompt: &str, session: Option<&str>) -> Result<(String, u32), String> {
+        let mut options = greedy_options(24);
         if let Some(path) = session {
             options.insert("session", Value::ObjectPath(path.try_into().unwrap()));
         }
-        let (text, stats): (String, HashMap<String, OwnedValue>) =
-            proxy.complete("kjv", prompt, options).await.map_err(|e| e.to_string())?;
-        Ok((text, u32::try_from(&stats["cached_prompt_tokens"]).unwrap()))
+        let done = complete(proxy, "kjv", prompt, options).await?;
+        let reused = done.cached_prompt_tokens();
+        Ok((done.text, reused))
     }
 
     async fn kv_caches(proxy: &Daemon1Proxy<'_>) -> (u32, f64) {
@@ -203,38 +194,38 @@ mod over_dbus {
             let a = Daemon1Proxy::new(&a_conn).await.unwrap();
             let b = Daemon1Proxy::new(&b_conn).await.unwrap();
             let watcher = Daemon1Proxy::new(&watcher_conn).await.unwrap();
-            let (first, cached) = complete(&a, &case.prompt, None).await.unwrap();
+            let (first, cached) = turn(&a, &case.prompt, None).await.unwrap();
             assert_eq!(cached, 0);
             // The next turn continues the first: its prompt and answer are reused on A's connection.
             let next = format!("{}{first} And the", case.prompt);
-            let (a_text, a_cached) = complete(&a, &next, None).await.unwrap();
+            let (a_text, a_cached) = turn(&a, &next, None).await.unwrap();
             assert!(a_cached as usize > case.prompt_ids.len(), "A reused its own history: {a_cached}");
             // Another connection with the same prompt reuses nothing, and gets the same text.
-            let (b_text, b_cached) = complete(&b, &next, None).await.unwrap();
+            let (b_text, b_cached) = turn(&b, &next, None).await.unwrap();
             assert_eq!(b_cached, 0, "a second connection never gets the first one's KV");
             assert_eq!(a_text, b_text, "reuse gives the text a fresh prefill gives");
 
             // A session starts apart from the connection's cache, and keeps its own.
             let session = a.create_session("kjv").await.unwrap();
             let path = session.as_str();
-            assert_eq!(complete(&a, &next, Some(path)).await.unwrap().1, 0, "a new session holds nothing yet");
-            let (_, again) = complete(&a, &next, Some(path)).await.unwrap();
+            assert_eq!(turn(&a, &next, Some(path)).await.unwrap().1, 0, "a new session holds nothing yet");
+            let (_, again) = turn(&a, &next, Some(path)).await.unwrap();
             assert!(again > 0, "the session reused its own request");
             // Only its owner may use or close it.
-            let e = complete(&b, &next, Some(path)).await.unwrap_err();
+            let e = turn(&b, &next, Some(path)).await.unwrap_err();
             assert!(e.contains("org.edgellm.Error.AccessDenied"), "{e}");
             let e = b.close_session(&session.as_ref()).await.unwrap_err().to_string();
             assert!(e.contains("org.edgellm.Error.AccessDenied"), "{e}");
             let e = a.create_session("no-such-model").await.unwrap_err().to_string();
             assert!(e.contains("org.edgellm.Error.ModelNotFound"), "{e}");
             let draft_session = a.create_session("kjv-draft").await.unwrap();
-            let e = complete(&a, &next, Some(draft_session.as_str())).await.unwrap_err();
+            let e = turn(&a, &next, Some(draft_session.as_str())).await.unwrap_err();
             assert!(e.contains("InvalidArgument") && e.contains("kjv-draft"), "a session of another model: {e}");
             // A's connection cache, its session's and B's.
             assert_eq!(kv_caches(&watcher).await.0, 3);
             a.close_session(&session.as_ref()).await.unwrap();
             assert_eq!(kv_caches(&watcher).await.0, 2, "closing the session freed its KV");
-            let e = complete(&a, &next, Some(path)).await.unwrap_err();
+            let e = turn(&a, &next, Some(path)).await.unwrap_err();
             assert!(e.contains("InvalidArgument") && e.contains("not an open session"), "{e}");
             // Leaving the bus frees the rest of A's.
             drop(a);
@@ -268,18 +259,18 @@ mod over_dbus {
                 prompts.push(prompt);
             }
             let (a_prompt, b_prompt) = (prompts[0].clone(), prompts[1].clone());
-            let (a_first, _) = complete(&a, &a_prompt, None).await.unwrap();
+            let (a_first, _) = turn(&a, &a_prompt, None).await.unwrap();
             let (count, a_mib) = kv_caches(&a).await;
             assert_eq!(count, 1);
-            let (b_first, _) = complete(&b, &b_prompt, None).await.unwrap();
+            let (b_first, _) = turn(&b, &b_prompt, None).await.unwrap();
             let (count, b_mib) = kv_caches(&a).await;
             assert!(a_mib > 0.5 && b_mib > 0.5, "the test needs caches of over half the bound: {a_mib:.2} and {b_mib:.2} MiB");
             assert_eq!(count, 1, "B's cache evicted A's, the least recently used");
             assert!(b_mib <= 1.0);
             // A's next turn is prefilled afresh (and still served); B's reuses its cache.
-            assert_eq!(complete(&a, &format!("{a_prompt}{a_first} And"), None).await.unwrap().1, 0);
+            assert_eq!(turn(&a, &format!("{a_prompt}{a_first} And"), None).await.unwrap().1, 0);
             assert_eq!(kv_caches(&a).await.0, 1, "A's new cache in turn evicted B's");
-            assert_eq!(complete(&b, &format!("{b_prompt}{b_first} And"), None).await.unwrap().1, 0, "B's was evicted by A's");
+            assert_eq!(turn(&b, &format!("{b_prompt}{b_first} And"), None).await.unwrap().1, 0, "B's was evicted by A's");
             // Unused for kv_cache_idle_s, kept KV is freed.
             let idle_from = Instant::now();
             wait_for_caches(&a, 0).await;

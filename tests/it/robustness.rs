@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use edgellm::service::client::Daemon1Proxy;
 use zbus::zvariant::Value;
 
-use crate::kit::bus::{greedy_options, rt, stream_request, Daemon};
+use crate::kit::bus::{greedy_options, rt, sampled_options, stream_request, Daemon};
 
 /// The id whose text is the byte 0x00 in the bundled models' byte-level tokenizer.
 const NUL_TOKEN: &str = "191";
@@ -179,9 +179,7 @@ fn detokenize_takes_the_tokenizers_ids_as_hugging_face_tokenizers_does() {
 fn a_users_connections_share_one_limit() {
     let daemon = Daemon::start("\n[limits]\nmax_per_user = 2\nmax_per_client = 8\n");
     rt().block_on(async {
-        let long = || {
-            std::collections::HashMap::from([("max_new_tokens", Value::U32(1000)), ("temperature", Value::F64(1.0)), ("seed", Value::U64(3))])
-        };
+        let long = || sampled_options(1000, 3);
         let mut held = Vec::new();
         for _ in 0..2 {
             let conn = daemon.connect().await;

@@ -9,6 +9,7 @@ use edgellm::engine::{GenerateOptions, Prompt};
 use edgellm::scheduler::{Event, Scheduler};
 
 use crate::kit::fixtures::{model_dir, runtime};
+use crate::kit::generate::{greedy, sampled};
 
 fn config(dir: &std::path::Path, threads: u32) -> Config {
     let file = dir.join("edgellm.toml");
@@ -25,7 +26,7 @@ fn config(dir: &std::path::Path, threads: u32) -> Config {
 fn a_reload_during_submit_orphans_no_request() {
     let dir = tempfile::tempdir().unwrap();
     let scheduler = Scheduler::start(runtime(), &config(dir.path(), 1));
-    let options = GenerateOptions { max_new_tokens: Some(1), temperature: Some(0.0), ..Default::default() };
+    let options = greedy(1);
     for round in 0..8u32 {
         // Each reload changes the model, so that its slot is replaced and the next submit opens
         // the new slot's folder (milliseconds, in which the reload below lands).
@@ -90,7 +91,7 @@ fn a_submit_while_a_reload_is_halfway_lands_on_the_replacement() {
         std::thread::spawn(move || scheduler.reload(&next))
     };
     reached.recv_timeout(Duration::from_secs(30)).expect("the reload reached its halfway point");
-    let options = GenerateOptions { max_new_tokens: Some(1), temperature: Some(0.0), ..Default::default() };
+    let options = greedy(1);
     let submitted = scheduler.submit("client", "kjv-halfway-reload", &Prompt::Text("And God said".into()), options);
     go_on.send(()).unwrap();
     assert_eq!(reloader.join().unwrap(), vec!["kjv-halfway-reload changed".to_string()]);
@@ -108,7 +109,7 @@ fn a_submit_while_a_reload_is_halfway_lands_on_the_replacement() {
 fn a_request_waiting_for_its_models_load_is_in_flight_and_shutdown_cancels_it() {
     let dir = tempfile::tempdir().unwrap();
     let scheduler = Scheduler::start(runtime(), &config(dir.path(), 1));
-    let options = GenerateOptions { max_new_tokens: Some(900), temperature: Some(1.0), seed: Some(1), ..Default::default() };
+    let options = sampled(900, 1);
     let mut submitted = scheduler.submit("client", "kjv", &Prompt::Text("And God said".into()), options).unwrap();
     // The engine thread takes the job and loads the model (a few hundred milliseconds).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -153,7 +154,7 @@ fn a_panicking_engine_ends_its_request_with_an_error_and_the_model_serves_again(
     let scheduler = Scheduler::start(runtime(), &Config::parse(&dir.path().join("edgellm.toml"), &text).unwrap());
     let scenario = fail::FailScenario::setup();
     fail::cfg("scheduler::generate", "1*panic(injected by the test)").unwrap();
-    let options = GenerateOptions { max_new_tokens: Some(4), temperature: Some(0.0), ..Default::default() };
+    let options = greedy(4);
     let prompt = Prompt::Text("And God said".into());
 
     let first = run_to_end(&mut scheduler.submit("client", "kjv-failpoint", &prompt, options.clone()).unwrap());
@@ -191,7 +192,7 @@ fn concurrent_submits_never_overfill_the_queue() {
         .map(|i| {
             let (scheduler, start) = (scheduler.clone(), start.clone());
             std::thread::spawn(move || {
-                let options = GenerateOptions { max_new_tokens: Some(2), temperature: Some(0.0), ..Default::default() };
+                let options = greedy(2);
                 start.wait();
                 scheduler.submit(&format!("client-{i}"), "kjv-failpoint", &Prompt::Text("And God said unto Moses".into()), options)
             })
@@ -281,13 +282,13 @@ fn an_engine_holding_back_text_is_not_a_stall() {
     let dir = tempfile::tempdir().unwrap();
     let scheduler = Scheduler::start(runtime(), &config(dir.path(), 1));
     let case = &crate::kit::fixtures::references().models["kjv-target"][0];
-    let greedy = |stop: Vec<String>| GenerateOptions { max_new_tokens: Some(800), temperature: Some(0.0), stop, ..Default::default() };
     // Loads the model (so that the run below is decoding only) and gives its greedy text.
-    let plain = run_to_end(&mut scheduler.submit("client", "kjv", &Prompt::Text(case.prompt.clone()), greedy(Vec::new())).unwrap());
+    let plain = run_to_end(&mut scheduler.submit("client", "kjv", &Prompt::Text(case.prompt.clone()), greedy(800)).unwrap());
 
     // A stop string that the whole greedy output is a prefix of, and that never completes.
     let stop = format!("{}\u{1}", plain.text);
-    let mut submitted = scheduler.submit("client", "kjv", &Prompt::Text(case.prompt.clone()), greedy(vec![stop])).unwrap();
+    let mut submitted =
+        scheduler.submit("client", "kjv", &Prompt::Text(case.prompt.clone()), GenerateOptions { stop: vec![stop], ..greedy(800) }).unwrap();
     let stall = Duration::from_millis(60);
     let started = std::time::Instant::now();
     let (mut readings, mut stalled, mut texts) = (0, 0, 0);
@@ -320,7 +321,7 @@ fn an_engine_holding_back_text_is_not_a_stall() {
 fn the_drain_waits_for_every_request_and_its_caller() {
     let dir = tempfile::tempdir().unwrap();
     let scheduler = Scheduler::start(runtime(), &config(dir.path(), 1));
-    let options = GenerateOptions { max_new_tokens: Some(64), temperature: Some(0.0), ..Default::default() };
+    let options = greedy(64);
     let mut submitted = scheduler.submit("client", "kjv", &Prompt::Text("And God said".into()), options.clone()).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let drain = {
@@ -349,8 +350,8 @@ fn interactive_requests_overtake_queued_background_ones() {
     use edgellm::scheduler::Priority;
     let dir = tempfile::tempdir().unwrap();
     let scheduler = Scheduler::start(runtime(), &config(dir.path(), 1));
-    let long = GenerateOptions { max_new_tokens: Some(400), temperature: Some(1.0), seed: Some(2), ..Default::default() };
-    let short = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
+    let long = sampled(400, 2);
+    let short = greedy(8);
     let prompt = Prompt::Text("And God said".into());
     // One running and two waiting background requests, then an interactive one. The first is
     // running (its first token is out) before the others queue: queued together, the per-client
@@ -431,8 +432,8 @@ fn a_running_background_request_pauses_for_an_interactive_one() {
     let dir = tempfile::tempdir().unwrap();
     let scheduler = scheduler_with(dir.path(), "");
     let prompt = Prompt::Text("And God said".into());
-    let long = GenerateOptions { max_new_tokens: Some(300), temperature: Some(0.0), ..Default::default() };
-    let short = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
+    let long = greedy(300);
+    let short = greedy(8);
     let rt = crate::kit::bus::rt();
     let alone = rt.block_on(collect(scheduler.submit_as("indexer", "kjv", &prompt, long.clone(), Priority::Background).unwrap()));
     assert_eq!(alone.finished.stats.paused, Duration::ZERO);
@@ -466,8 +467,8 @@ fn background_work_keeps_its_share_under_continuous_interactive_work() {
     let dir = tempfile::tempdir().unwrap();
     let scheduler = scheduler_with(dir.path(), "background_min_share = 0.3\nmax_per_client = 16\n");
     let prompt = Prompt::Text("And God said".into());
-    let long = GenerateOptions { max_new_tokens: Some(600), temperature: Some(0.0), ..Default::default() };
-    let short = GenerateOptions { max_new_tokens: Some(24), temperature: Some(0.0), ..Default::default() };
+    let long = greedy(600);
+    let short = greedy(24);
     let rt = crate::kit::bus::rt();
     let (background, interactive) = rt.block_on(async {
         let mut submitted = scheduler.submit_as("indexer", "kjv", &prompt, long, Priority::Background).unwrap();

@@ -6,7 +6,8 @@ use edgellm::runtime::{Int4Choice, SessionOptions};
 use edgellm::speculative::lookup::LookupSettings;
 use edgellm::speculative::Settings;
 
-use crate::kit::fixtures::{model_dir, references, runtime};
+use crate::kit::fixtures::{genai_greedy, model_dir, references, runtime, same_or_near_tie};
+use crate::kit::generate::{greedy, sampled, with_eos};
 
 /// kjv-target with `draft`; draft lengths by acceptance alone, or (`cost_aware`) by what drafts
 /// are worth on this engine.
@@ -29,18 +30,21 @@ fn greedy_lossless(layout: KvLayout) {
     greedy_lossless_with(pair("kjv-draft", layout, 6), layout, true);
 }
 
-/// `every_position`: rounds ended at every draft position up to the longest accepted (lengths by
-/// acceptance try every length). By cost, how many drafts are sent and how long follows this
-/// machine's timings (on this compute-bound model the draft may pause for most of a run, and a
-/// near tie's re-check then makes a prompt's forwards outnumber its tokens): the output must
-/// equal the target's whatever was sent, and some drafts must have been.
+/// Greedy speculative ids against onnxruntime-genai's greedy ids of the target alone, run now
+/// (near-tie rule). `every_position`: rounds ended at every draft position up to the longest
+/// accepted (lengths by acceptance try every length). By cost, how many drafts are sent and how
+/// long follows this machine's timings (on this compute-bound model the draft may pause for most
+/// of a run, and a near tie's re-check then makes a prompt's forwards outnumber its tokens): the
+/// output must equal the target's whatever was sent, and some drafts must have been.
 fn greedy_lossless_with(mut engine: Engine, layout: KvLayout, every_position: bool) {
     let refs = references();
+    let cases = &refs.models["kjv-target"];
+    let genai = genai_greedy("kjv-target", "cpu", cases, refs.new_tokens);
     let mut per_round = [0usize; 17];
     let (mut proposed, mut accepted, mut forwards, mut tokens) = (0, 0, 0, 0);
     let (mut identical, mut near_ties) = (0, 0);
-    for case in &refs.models["kjv-target"] {
-        let options = GenerateOptions { max_new_tokens: Some(refs.new_tokens), temperature: Some(0.0), ..Default::default() };
+    for (case, reference) in cases.iter().zip(&genai) {
+        let options = greedy(refs.new_tokens);
         let mut streamed = String::new();
         let out = engine
             .generate(&Prompt::Tokens(case.prompt_ids.clone()), &options, &CancelToken::new(), &mut |p| {
@@ -48,10 +52,9 @@ fn greedy_lossless_with(mut engine: Engine, layout: KvLayout, every_position: bo
                 true
             })
             .unwrap();
-        let mut ids = out.token_ids.clone();
-        ids.extend(out.eos_token);
+        let ids = with_eos(&out);
         assert_eq!(streamed, out.text);
-        if crate::kit::fixtures::same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &ids, &case.output_ids, "speculative greedy") {
+        if same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &ids, reference, "speculative greedy") {
             identical += 1;
         } else {
             near_ties += 1;
@@ -74,8 +77,11 @@ fn greedy_lossless_with(mut engine: Engine, layout: KvLayout, every_position: bo
         forwards += out.stats.target_forwards;
         tokens += ids.len();
     }
-    eprintln!("{layout:?}: acceptance {accepted}/{proposed}, rounds by accepted drafts {:?}; {identical} identical, {near_ties} differ after a near tie", &per_round[..8]);
-    assert!(identical * 10 >= refs.models["kjv-target"].len() * 7, "only {identical} prompts identical");
+    eprintln!(
+        "{layout:?}: acceptance {accepted}/{proposed}, rounds by accepted drafts {:?}; {identical} identical to onnxruntime-genai, {near_ties} differ after a near tie",
+        &per_round[..8]
+    );
+    assert!(identical * 10 >= cases.len() * 7, "only {identical} of {} prompts identical to onnxruntime-genai", cases.len());
     // Rejections happened at every draft position 0..k (and so did rollbacks), output unchanged.
     if !every_position {
         assert!(proposed > 0, "no draft was sent: {per_round:?}");
@@ -120,12 +126,7 @@ fn greedy_speculative_is_plain_decoding_exactly_on_every_run() {
     let (mut drafted, mut runs) = (0, 0);
     for case in &refs.models["kjv-target"] {
         let prompt = Prompt::Tokens(case.prompt_ids.clone());
-        let options = |speculative| GenerateOptions {
-            max_new_tokens: Some(refs.new_tokens),
-            temperature: Some(0.0),
-            speculative: Some(speculative),
-            ..Default::default()
-        };
+        let options = |speculative| GenerateOptions { speculative: Some(speculative), ..greedy(refs.new_tokens) };
         let plain = engine.generate(&prompt, &options(false), &CancelToken::new(), &mut |_| true).unwrap();
         for run in 0..3 {
             let out = engine.generate(&prompt, &options(true), &CancelToken::new(), &mut |_| true).unwrap();
@@ -151,20 +152,17 @@ fn greedy_speculative_is_plain_decoding_exactly_on_every_run() {
 fn a_near_tie_inside_a_round_keeps_the_rows_after_it_and_the_output() {
     use edgellm::decode::{TIE_MARGIN, TIE_SAMPLES};
     let cases = &references().models["kjv-target"];
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
-    let genai = crate::kit::fixtures::genai_outputs(&model_dir("kjv-target"), "cpu", &prompts, 128);
+    let genai = genai_greedy("kjv-target", "cpu", cases, 128);
     for layout in [KvLayout::Shared, KvLayout::Growing] {
         let session = SessionOptions { int4: Int4Choice::OnnxRuntime, ..Default::default() };
         let mut engine = pair_on(LoadOptions { kv_layout: Some(layout), session }, "kjv-draft", 6, false);
         let (mut inside, mut recomputed, mut identical, mut margin) = (0, 0, 0, TIE_MARGIN);
         for (case, reference) in cases.iter().zip(&genai) {
-            let options = GenerateOptions { max_new_tokens: Some(128), temperature: Some(0.0), ..Default::default() };
-            let out = engine.generate(&Prompt::Tokens(case.prompt_ids.clone()), &options, &CancelToken::new(), &mut |_| true).unwrap();
+            let out = engine.generate(&Prompt::Tokens(case.prompt_ids.clone()), &greedy(128), &CancelToken::new(), &mut |_| true).unwrap();
             let spec = out.stats.speculative.expect("speculative stats");
             (inside, recomputed, margin) = (inside + spec.near_ties_inside, recomputed + spec.near_tie_recomputes, spec.tie_margin);
-            let ids: Vec<u32> = out.token_ids.iter().copied().chain(out.eos_token).collect();
             identical +=
-                crate::kit::fixtures::same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &ids, reference, "near ties inside rounds")
+                same_or_near_tie(&mut engine, &case.prompt, &case.prompt_ids, &with_eos(&out), reference, "near ties inside rounds")
                     as usize;
         }
         eprintln!("{layout:?}: near ties {recomputed}, {inside} inside a round, margin {margin}; {identical} of {} identical to onnxruntime-genai", cases.len());
@@ -204,8 +202,8 @@ fn total_variation(a: &Counts, b: &Counts) -> f64 {
 }
 
 /// Sampling options of the distribution tests: three tokens, temperature 1, top-k 8.
-fn sampled(seed: u64) -> GenerateOptions {
-    GenerateOptions { max_new_tokens: Some(3), temperature: Some(1.0), top_k: Some(8), seed: Some(seed * 7919), ..Default::default() }
+fn distribution_sampling(seed: u64) -> GenerateOptions {
+    GenerateOptions { top_k: Some(8), ..sampled(3, seed * 7919) }
 }
 
 /// Sampled speculative decoding draws from the target's distribution: compare the tokens at
@@ -220,7 +218,7 @@ fn sampled_speculative_follows_the_target_distribution() {
         token_counts(engine, &prompt, seeds, |seed| GenerateOptions {
             seed: Some(seed * 7919 + speculative as u64),
             speculative: Some(speculative),
-            ..sampled(seed)
+            ..distribution_sampling(seed)
         })
     };
     // By acceptance, both drafts; by cost (the default), kjv-draft, whose drafts it sends only
@@ -231,9 +229,8 @@ fn sampled_speculative_follows_the_target_distribution() {
         if cost_aware {
             // Greedy requests first, so that the costs are known and the rule decides from the
             // first sampled request on.
-            let greedy = GenerateOptions { max_new_tokens: Some(64), temperature: Some(0.0), ..Default::default() };
             for case in references().models["kjv-target"].iter().take(3) {
-                engine.generate(&Prompt::Tokens(case.prompt_ids.clone()), &greedy, &CancelToken::new(), &mut |_| true).unwrap();
+                engine.generate(&Prompt::Tokens(case.prompt_ids.clone()), &greedy(64), &CancelToken::new(), &mut |_| true).unwrap();
             }
         }
         let (plain, _) = sample(&mut engine, false);
@@ -248,7 +245,7 @@ fn sampled_speculative_follows_the_target_distribution() {
             let (more, more_drafted) = token_counts(&mut engine, &prompt, seeds, |seed| GenerateOptions {
                 seed: Some((seed + batch * seeds) * 7919 + 1),
                 speculative: Some(true),
-                ..sampled(seed)
+                ..distribution_sampling(seed)
             });
             for (counts, more) in spec.iter_mut().zip(more) {
                 more.into_iter().for_each(|(token, n)| *counts.entry(token).or_default() += n);
@@ -281,7 +278,7 @@ fn a_cancel_interrupts_the_drafts_prefill() {
     let engine = pair("kjv-target", KvLayout::Growing, 4);
     let context = engine.folder.config.context_length;
     let prompt = Prompt::Tokens((0..context as u32 - 32).map(|i| 100 + i % 1000).collect());
-    let options = GenerateOptions { max_new_tokens: Some(8), temperature: Some(0.0), ..Default::default() };
+    let options = greedy(8);
     // The target's prefill alone, the shorter of two runs.
     let prefill = (0..2)
         .map(|_| engine.generate(&prompt, &options, &CancelToken::new(), &mut |_| true).unwrap().stats.time_to_first_token)
@@ -347,12 +344,7 @@ fn greedy_prompt_lookup_equals_plain_decoding() {
         let (mut proposed, mut accepted, mut identical) = (0, 0, 0);
         for (i, prompt) in prompts.iter().enumerate() {
             let run = |engine: &mut Engine, lookup: bool| {
-                let options = GenerateOptions {
-                    max_new_tokens: Some(refs.new_tokens),
-                    temperature: Some(0.0),
-                    prompt_lookup: Some(lookup),
-                    ..Default::default()
-                };
+                let options = GenerateOptions { prompt_lookup: Some(lookup), ..greedy(refs.new_tokens) };
                 engine.generate(&Prompt::Tokens(prompt.clone()), &options, &CancelToken::new(), &mut |_| true).unwrap()
             };
             let plain = run(&mut engine, false);
@@ -370,12 +362,8 @@ fn greedy_prompt_lookup_equals_plain_decoding() {
             }
             proposed += spec.draft_tokens;
             accepted += spec.accepted_tokens;
-            let mut ours = looked.token_ids.clone();
-            ours.extend(looked.eos_token);
-            let mut reference = plain.token_ids.clone();
-            reference.extend(plain.eos_token);
             identical +=
-                crate::kit::fixtures::same_or_near_tie(&mut engine, "prompt lookup", prompt, &ours, &reference, "prompt lookup") as usize;
+                same_or_near_tie(&mut engine, "prompt lookup", prompt, &with_eos(&looked), &with_eos(&plain), "prompt lookup") as usize;
         }
         eprintln!("{layout:?}: prompt lookup accepted {accepted}/{proposed}; {identical}/{} identical", prompts.len());
         assert!(accepted > 0 && proposed > accepted, "drafts were proposed, some accepted and some not: {accepted}/{proposed}");
@@ -398,7 +386,7 @@ fn sampled_prompt_lookup_follows_the_target_distribution() {
         token_counts(engine, &prompt, seeds, |seed| GenerateOptions {
             seed: Some(seed * 7919 + offset),
             prompt_lookup: Some(lookup),
-            ..sampled(seed)
+            ..distribution_sampling(seed)
         })
     };
     let (plain, _) = sample(&mut engine, false, 0);

@@ -2,13 +2,11 @@
 //! temperature 1 with five seeds, parses and validates with Python's `jsonschema`, in plain,
 //! speculative, prompt-lookup and multi-token decoding; rejected schemas are InvalidArgument.
 
-use std::collections::HashMap;
-
 use edgellm::service::client::Daemon1Proxy;
 use serde_json::{json, Value as Json};
-use zbus::zvariant::{OwnedValue, Value};
+use zbus::zvariant::Value;
 
-use crate::kit::bus::{rt, Daemon};
+use crate::kit::bus::{complete, rt, sampled_options, Daemon};
 use crate::kit::fixtures::{model_dir, python_reference};
 
 fn schemas() -> Vec<Json> {
@@ -27,22 +25,6 @@ fn schemas() -> Vec<Json> {
         object(json!({"a": string(8), "b": int(-10, 10)}), &["a"]),
         object(json!({"grid": {"type": "array", "maxItems": 2, "items": {"type": "array", "maxItems": 3, "items": int(0, 9)}}}), &["grid"]),
     ]
-}
-
-/// `Complete` with `options`; (text, finish_reason) or the D-Bus error.
-async fn complete(
-    proxy: &Daemon1Proxy<'_>,
-    model: &str,
-    prompt: &str,
-    options: HashMap<&str, Value<'_>>,
-) -> Result<(String, String), String> {
-    let (text, stats): (String, HashMap<String, OwnedValue>) = proxy.complete(model, prompt, options).await.map_err(|e| e.to_string())?;
-    let reason = stats.get("finish_reason").and_then(|r| <&str>::try_from(r).ok()).unwrap_or_default().to_string();
-    Ok((text, reason))
-}
-
-fn sampled(seed: u64, max: u32) -> HashMap<&'static str, Value<'static>> {
-    HashMap::from([("max_new_tokens", Value::U32(max)), ("temperature", Value::F64(1.0)), ("seed", Value::U64(seed))])
 }
 
 const PROMPT: &str = "And the record of it, written as JSON:";
@@ -71,11 +53,12 @@ fn every_output_matches_its_schema_in_every_decoding_mode() {
         for (model, extra, seeds) in &modes {
             for schema in &schemas {
                 for &seed in seeds {
-                    let mut options = sampled(seed, 200);
+                    let mut options = sampled_options(200, seed);
                     options.insert("json_schema", Value::from(schema.to_string()));
                     options.extend(extra.iter().map(|(k, v)| (*k, v.try_clone().unwrap())));
-                    let (text, reason) = complete(&proxy, model, PROMPT, options).await.unwrap_or_else(|e| panic!("{model} {schema}: {e}"));
-                    outputs.push((format!("{model} {extra:?} seed {seed}"), schema.clone(), text, reason));
+                    let done = complete(&proxy, model, PROMPT, options).await.unwrap_or_else(|e| panic!("{model} {schema}: {e}"));
+                    let reason = done.finish_reason().to_string();
+                    outputs.push((format!("{model} {extra:?} seed {seed}"), schema.clone(), done.text, reason));
                 }
             }
         }
@@ -103,33 +86,33 @@ fn grammars_cut_short_and_rejected_schemas() {
         let proxy = Daemon1Proxy::new(&conn).await.unwrap();
         // A Lark grammar.
         for seed in 1..=5 {
-            let mut options = sampled(seed, 20);
+            let mut options = sampled_options(20, seed);
             options.insert("grammar", Value::from(r#"start: ("yea" | "nay") "." "#));
-            let (text, reason) = complete(&proxy, "kjv", PROMPT, options).await.unwrap();
-            assert!(["yea.", "nay."].contains(&text.as_str()) && reason == "stop", "{text:?} {reason}");
+            let done = complete(&proxy, "kjv", PROMPT, options).await.unwrap();
+            let (text, reason) = (done.text.as_str(), done.finish_reason());
+            assert!(["yea.", "nay."].contains(&text) && reason == "stop", "{text:?} {reason}");
         }
         // Cut short by max_new_tokens: `length`, as any other request.
-        let mut options = sampled(1, 3);
+        let mut options = sampled_options(3, 1);
         options.insert("json_schema", Value::from(json!({"type": "array", "items": {"type": "string"}, "minItems": 5}).to_string()));
-        let (_, reason) = complete(&proxy, "kjv", PROMPT, options).await.unwrap();
-        assert_eq!(reason, "length");
+        assert_eq!(complete(&proxy, "kjv", PROMPT, options).await.unwrap().finish_reason(), "length");
         // What llguidance rejects is InvalidArgument with its message, naming the option.
         for (name, text, says) in [
             ("json_schema", "{not json", "not JSON"),
             ("json_schema", r#"{"type": "no-such-type"}"#, "llguidance"),
             ("grammar", "start: undefined_rule", "llguidance"),
         ] {
-            let mut options = sampled(1, 8);
+            let mut options = sampled_options(8, 1);
             options.insert(name, Value::from(text));
             let e = complete(&proxy, "kjv", PROMPT, options).await.unwrap_err();
             assert!(e.contains("InvalidArgument") && e.contains(name) && e.contains(says), "{name} {text}: {e}");
         }
-        let mut options = sampled(1, 8);
+        let mut options = sampled_options(8, 1);
         options.insert("json_schema", Value::from("{}"));
         options.insert("grammar", Value::from("start: \"a\""));
         let e = complete(&proxy, "kjv", PROMPT, options).await.unwrap_err();
         assert!(e.contains("InvalidArgument") && e.contains("not both"), "{e}");
         // The daemon keeps serving.
-        assert!(complete(&proxy, "kjv", PROMPT, sampled(1, 4)).await.is_ok());
+        assert!(complete(&proxy, "kjv", PROMPT, sampled_options(4, 1)).await.is_ok());
     });
 }

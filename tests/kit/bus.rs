@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use edgellm::service::client::Daemon1Proxy;
 use futures_util::StreamExt;
-use zbus::zvariant::Value;
+use zbus::zvariant::{OwnedValue, Value};
 
 use super::fixtures::{command, emulated, model_dir};
 
@@ -207,8 +207,38 @@ impl Drop for Daemon {
     }
 }
 
+/// A request's options for greedy decoding of at most `n` tokens.
 pub fn greedy_options(n: u32) -> HashMap<&'static str, Value<'static>> {
     HashMap::from([("max_new_tokens", Value::U32(n)), ("temperature", Value::F64(0.0))])
+}
+
+/// A request's options for sampling at temperature 1 from `seed`, at most `n` tokens.
+pub fn sampled_options(n: u32, seed: u64) -> HashMap<&'static str, Value<'static>> {
+    HashMap::from([("max_new_tokens", Value::U32(n)), ("temperature", Value::F64(1.0)), ("seed", Value::U64(seed))])
+}
+
+/// What `Complete` returned.
+#[derive(Debug)]
+pub struct Completed {
+    pub text: String,
+    pub stats: HashMap<String, OwnedValue>,
+}
+
+impl Completed {
+    pub fn finish_reason(&self) -> &str {
+        self.stats.get("finish_reason").and_then(|r| <&str>::try_from(r).ok()).unwrap_or_default()
+    }
+
+    pub fn cached_prompt_tokens(&self) -> u32 {
+        u32::try_from(&self.stats["cached_prompt_tokens"]).expect("cached_prompt_tokens is a u32")
+    }
+}
+
+/// `Complete` through a zbus client, or the D-Bus error as text (its name and message, for the
+/// tests to look into).
+pub async fn complete(proxy: &Daemon1Proxy<'_>, model: &str, prompt: &str, options: HashMap<&str, Value<'_>>) -> Result<Completed, String> {
+    let (text, stats) = proxy.complete(model, prompt, options).await.map_err(|e| e.to_string())?;
+    Ok(Completed { text, stats })
 }
 
 /// Streams the request that `start` makes (Generate or Chat), subscribed before it is made.

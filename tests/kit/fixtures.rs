@@ -21,6 +21,9 @@ pub fn runtime() -> Arc<Runtime> {
     RUNTIME.get_or_init(|| Runtime::load(None).expect("ONNX Runtime: run scripts/setup-runtime.sh first")).clone()
 }
 
+/// A committed prompt and onnxruntime-genai's greedy answer to it. The answer (`output_ids`,
+/// `text`) was made on the machine that built the models: the tests take the prompt from here and
+/// compare with `genai_greedy`, onnxruntime-genai run on this machine.
 #[derive(Debug, Deserialize)]
 pub struct ReferenceCase {
     pub prompt: String,
@@ -209,6 +212,22 @@ pub fn genai_outputs(model: &std::path::Path, provider: &str, prompts: &[Vec<u32
     serde_json::from_value(report["outputs"].clone()).unwrap()
 }
 
+/// onnxruntime-genai's greedy ids (its eos included) on `provider` for the committed prompts of
+/// `cases`, run now: the committed `output_ids` were made on another CPU, whose kernels resolve
+/// the random-weight models' near ties otherwise, so they give the prompts, not the answers.
+pub fn genai_greedy(model: &str, provider: &str, cases: &[ReferenceCase], new_tokens: usize) -> Vec<Vec<u32>> {
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| c.prompt_ids.clone()).collect();
+    genai_outputs(&model_dir(model), provider, &prompts, new_tokens)
+}
+
+/// onnxruntime-genai's greedy text on the CPU for the committed prompts of `cases`: its ids, run
+/// now (`genai_greedy`), decoded by the model's tokenizer, as models/build.py made the committed
+/// `text`.
+pub fn genai_greedy_texts(model: &str, cases: &[ReferenceCase], new_tokens: usize) -> Vec<String> {
+    let tokenizer = edgellm::model::ModelFolder::open(&model_dir(model)).expect("model folder").tokenizer;
+    genai_greedy(model, "cpu", cases, new_tokens).iter().map(|ids| tokenizer.decode(ids).expect("decode")).collect()
+}
+
 /// Whether this CPU runs edgellm's own kernels (AVX-512 VNNI); if not, says the test is skipped.
 pub fn edgellm_kernels_run(test: &str) -> bool {
     let supported = edgellm::runtime::int4_supported();
@@ -218,13 +237,14 @@ pub fn edgellm_kernels_run(test: &str) -> bool {
     supported
 }
 
+/// A field of a process's /proc status in KiB (`VmRSS`, `RssAnon`, `RssFile`), if the process
+/// and the field are there.
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|line| line.strip_prefix(field)?.strip_prefix(':')?.split_whitespace().next()?.parse().ok())
+}
+
 /// A process's resident set, from /proc.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    proc_status_kib(pid, "VmRSS").unwrap_or_else(|| panic!("no VmRSS for process {pid}"))
 }
