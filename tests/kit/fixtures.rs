@@ -208,7 +208,7 @@ pub fn genai_outputs(model: &std::path::Path, provider: &str, prompts: &[Vec<u32
         .expect("onnxruntime-genai (scripts/setup-runtime.sh installs it)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value =
-        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).last().unwrap()).unwrap();
+        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').rfind(|l| !l.is_empty()).unwrap()).unwrap();
     serde_json::from_value(report["outputs"].clone()).unwrap()
 }
 
