@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use half::f16;
+use ort::session::Session;
 use ort::sys::OrtValue;
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 use ort::AsPointer;
@@ -300,67 +301,57 @@ fn state_shape(ty: &ValueType, kind: StateKind, config: &GenaiConfig) -> std::re
         .collect())
 }
 
-impl Decoder {
-    pub fn load(runtime: &Runtime, dir: &Path, config: &GenaiConfig, options: &SessionOptions) -> Result<Decoder> {
-        let graph_path = dir.join(&config.decoder_file);
-        let (session, provider) = runtime.session(&graph_path, options)?;
-        let rows_exact = provider.int4.rows_exact();
-        let names = &config.names;
-        let output = |name: &str| session.outputs().iter().find(|o| o.name() == name);
-        let input_ids = names.input_ids.clone().ok_or_else(|| Error::ModelConfig {
-            path: config.path.clone(),
-            field: "model.decoder.inputs.input_ids".into(),
-            reason: "missing: this decoder takes inputs_embeds, which only a multi-token model (multitoken_config.json) feeds".into(),
-        })?;
-        let logits = output(&names.logits).ok_or_else(|| Error::ModelConfig {
-            path: config.path.clone(),
-            field: "model.decoder.outputs.logits".into(),
-            reason: format!("the graph {} has no output named `{}`", config.decoder_file, names.logits),
-        })?;
-        let logits_precision = Precision::of(logits.dtype(), "logits")?;
-        // One-token steps write the logits into a [1, 1, vocab_size] buffer: the graph must agree.
-        if let Some(&last) = logits.dtype().tensor_shape().and_then(|s| s.last()) {
-            if last > 0 && last as usize != config.vocab_size {
-                return Err(Error::ModelConfig {
-                    path: config.path.clone(),
-                    field: "model.vocab_size".into(),
-                    reason: format!("{} but the graph's `{}` output has {last} per position", config.vocab_size, names.logits),
-                });
-            }
+/// The element type of the graph's logits output, which must have `vocab_size` per position:
+/// one-token steps write the logits into a [1, 1, vocab_size] buffer.
+fn logits_precision(session: &Session, config: &GenaiConfig) -> Result<Precision> {
+    let names = &config.names;
+    let logits = session.outputs().iter().find(|o| o.name() == names.logits).ok_or_else(|| Error::ModelConfig {
+        path: config.path.clone(),
+        field: "model.decoder.outputs.logits".into(),
+        reason: format!("the graph {} has no output named `{}`", config.decoder_file, names.logits),
+    })?;
+    let precision = Precision::of(logits.dtype(), "logits")?;
+    if let Some(&last) = logits.dtype().tensor_shape().and_then(|s| s.last()) {
+        if last > 0 && last as usize != config.vocab_size {
+            return Err(Error::ModelConfig {
+                path: config.path.clone(),
+                field: "model.vocab_size".into(),
+                reason: format!("{} but the graph's `{}` output has {last} per position", config.vocab_size, names.logits),
+            });
         }
+    }
+    Ok(precision)
+}
 
-        // Every graph input is one edgellm knows how to feed, or the model does not load.
+/// What the graph's inputs take: the element types of the ids, mask and positions (the last two
+/// optional) and the per-layer states, layer by layer.
+struct GraphInputs {
+    ids_type: IntType,
+    mask_type: Option<IntType>,
+    positions_type: Option<IntType>,
+    states: Vec<State>,
+}
+
+impl GraphInputs {
+    /// Every graph input is one edgellm knows how to feed, or the model does not load.
+    fn read(session: &Session, graph_path: &Path, config: &GenaiConfig, input_ids: &str) -> Result<GraphInputs> {
+        let names = &config.names;
         let (mut ids_type, mut mask_type, mut positions_type) = (None, None, None);
         let mut states: Vec<(usize, usize, State)> = Vec::new();
         for input in session.inputs() {
             let name = input.name();
             let ty = input.dtype();
             if name == input_ids {
-                ids_type = Some(IntType::of(ty, name, &graph_path)?);
+                ids_type = Some(IntType::of(ty, name, graph_path)?);
             } else if name == names.attention_mask {
-                mask_type = Some(IntType::of(ty, name, &graph_path)?);
+                mask_type = Some(IntType::of(ty, name, graph_path)?);
             } else if name == names.position_ids {
-                positions_type = Some(IntType::of(ty, name, &graph_path)?);
-            } else if let Some((order, layer, present_pattern, kind)) = names
-                .state_patterns()
-                .into_iter()
-                .enumerate()
-                .find_map(|(order, (past, present, kind))| layer_of(past, name).map(|layer| (order, layer, present, kind)))
-            {
-                let present = DecoderNames::layer(present_pattern, layer);
-                if output(&present).is_none() {
-                    return Err(Error::ModelFile {
-                        path: graph_path.clone(),
-                        reason: format!("graph input `{name}` has no matching output `{present}` (genai_config's present names)"),
-                    });
-                }
-                let shape = state_shape(ty, kind, config)
-                    .map_err(|reason| Error::ModelFile { path: graph_path.clone(), reason: format!("graph input `{name}`: {reason}") })?;
-                let precision = Precision::of(ty, name)?;
-                states.push((layer, order, State { past: name.to_string(), present, kind, precision, shape }));
+                positions_type = Some(IntType::of(ty, name, graph_path)?);
+            } else if let Some(state) = state_input(session, graph_path, config, name, ty)? {
+                states.push(state);
             } else {
                 return Err(Error::ModelFile {
-                    path: graph_path.clone(),
+                    path: graph_path.to_path_buf(),
                     reason: format!(
                         "graph input `{name}` is one edgellm cannot supply: it feeds `{input_ids}`, `{}`, `{}` and the per-layer states that genai_config's model.decoder.inputs names (check past_key_names, past_value_names, past_names, past_conv_names there)",
                         names.attention_mask, names.position_ids
@@ -387,16 +378,63 @@ impl Decoder {
         // keeps the slots readable in a debugger.
         states.sort_by_key(|(layer, order, _)| (*layer, *order));
         let states: Vec<State> = states.into_iter().map(|(_, _, s)| s).collect();
+        Ok(GraphInputs { ids_type, mask_type, positions_type, states })
+    }
+}
 
+/// The per-layer state graph input `name` is, with its layer and the order of its kind among
+/// genai_config's state patterns; `None` if it matches no pattern.
+fn state_input(
+    session: &Session,
+    graph_path: &Path,
+    config: &GenaiConfig,
+    name: &str,
+    ty: &ValueType,
+) -> Result<Option<(usize, usize, State)>> {
+    let Some((order, layer, present_pattern, kind)) = config
+        .names
+        .state_patterns()
+        .into_iter()
+        .enumerate()
+        .find_map(|(order, (past, present, kind))| layer_of(past, name).map(|layer| (order, layer, present, kind)))
+    else {
+        return Ok(None);
+    };
+    let present = DecoderNames::layer(present_pattern, layer);
+    if !session.outputs().iter().any(|o| o.name() == present) {
+        return Err(Error::ModelFile {
+            path: graph_path.to_path_buf(),
+            reason: format!("graph input `{name}` has no matching output `{present}` (genai_config's present names)"),
+        });
+    }
+    let shape = state_shape(ty, kind, config)
+        .map_err(|reason| Error::ModelFile { path: graph_path.to_path_buf(), reason: format!("graph input `{name}`: {reason}") })?;
+    let precision = Precision::of(ty, name)?;
+    Ok(Some((layer, order, State { past: name.to_string(), present, kind, precision, shape })))
+}
+
+impl Decoder {
+    pub fn load(runtime: &Runtime, dir: &Path, config: &GenaiConfig, options: &SessionOptions) -> Result<Decoder> {
+        let graph_path = dir.join(&config.decoder_file);
+        let (session, provider) = runtime.session(&graph_path, options)?;
+        let rows_exact = provider.int4.rows_exact();
+        let names = &config.names;
+        let input_ids = names.input_ids.clone().ok_or_else(|| Error::ModelConfig {
+            path: config.path.clone(),
+            field: "model.decoder.inputs.input_ids".into(),
+            reason: "missing: this decoder takes inputs_embeds, which only a multi-token model (multitoken_config.json) feeds".into(),
+        })?;
+        let logits_precision = logits_precision(&session, config)?;
+        let inputs = GraphInputs::read(&session, &graph_path, config, &input_ids)?;
         let mut feed: Vec<&str> = vec![&input_ids];
-        if mask_type.is_some() {
+        if inputs.mask_type.is_some() {
             feed.push(&names.attention_mask);
         }
-        if positions_type.is_some() {
+        if inputs.positions_type.is_some() {
             feed.push(&names.position_ids);
         }
-        feed.extend(states.iter().map(|s| s.past.as_str()));
-        let fetch: Vec<&str> = std::iter::once(names.logits.as_str()).chain(states.iter().map(|s| s.present.as_str())).collect();
+        feed.extend(inputs.states.iter().map(|s| s.past.as_str()));
+        let fetch: Vec<&str> = std::iter::once(names.logits.as_str()).chain(inputs.states.iter().map(|s| s.present.as_str())).collect();
         // Input names in the order `forward` feeds them (ids, mask and positions if any, pasts),
         // output names (logits, presents).
         let graph = Graph::new(session, &graph_path, &feed, &fetch)?;
@@ -405,10 +443,10 @@ impl Decoder {
             context: config.context_length,
             vocab: config.vocab_size,
             logits_precision,
-            ids_type,
-            mask_type,
-            positions_type,
-            states,
+            ids_type: inputs.ids_type,
+            mask_type: inputs.mask_type,
+            positions_type: inputs.positions_type,
+            states: inputs.states,
             provider,
             ties: Mutex::new(if rows_exact { TieMargin::exact() } else { TieMargin::default() }),
             extends: AtomicU8::new(EXTENDS_UNKNOWN),

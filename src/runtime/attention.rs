@@ -3,11 +3,11 @@
 //! (a speculative verify, a prefill).
 //!
 //! Why: ONNX Runtime's kernel multiplies a head's query rows with the keys and values as one
-//! matrix product, and its product for one row sums in another order than for several (measured:
-//! row 0 of a 2-9 row call differs from the same row alone by up to 6e-7). Through 24 layers that
-//! is ~0.006 in the logits, so a verify's decision at a near tie could differ from plain
-//! decoding's, and every near tie was re-run as a one-position forward (6% of a speculative run's
-//! target forwards on the memory-bound twin). With this kernel and edgellm's int4 products, every
+//! matrix product, and its product for one row sums in another order than for several: a row of a
+//! several-row call differs from the same row alone in its last bits. Through the layers that
+//! grows to a difference in the logits, so a verify's decision at a near tie could differ from
+//! plain decoding's, and every near tie was re-run as a one-position forward (a share of a
+//! speculative run's target forwards). With this kernel and edgellm's int4 products, every
 //! node of the builder's graph computes a row from that row alone, and a verify's rows are plain
 //! decoding's exactly (`Int4Kernel::rows_exact`).
 //!
@@ -19,12 +19,12 @@
 //! edgellm runs one sequence per cache.
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
-use ort::value::TensorElementType;
+use ort::value::{TensorElementType, ValueRef};
 
 use std::collections::HashMap;
 
 use super::int4::TaskPointer;
-use super::weights::{Initializer, Node};
+use super::onnx_proto::{Initializer, Node};
 
 pub(crate) const OP: &str = "GroupQueryAttention";
 
@@ -125,58 +125,21 @@ pub(crate) struct Attention {
 
 impl Kernel for Attention {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        let fail = |what: String| ort::Error::new(format!("GroupQueryAttention: {what}"));
-        let input = |i: usize| ctx.input(i);
-        let query = input(0)?.ok_or_else(|| fail("no query".into()))?;
+        let query = ctx.input(0)?.ok_or_else(|| fail("no query".into()))?;
         let (q_shape, q) = query.try_extract_tensor::<f32>()?;
-        let [batch, rows, width] = q_shape[..] else { return Err(fail(format!("a query of shape {q_shape:?}"))) };
-        if batch != 1 {
-            return Err(fail(format!("a batch of {batch}; edgellm's kernel runs batch 1")));
-        }
-        let (rows, width) = (rows as usize, width as usize);
-        if rows == 0 {
-            return Err(fail("a query of no positions".into()));
-        }
-        let key = input(1)?;
-        let value = input(2)?;
-        let packed = key.is_none();
-        let head = if packed { width / (self.heads + 2 * self.kv_heads) } else { width / self.heads };
-        if head == 0 || head * if packed { self.heads + 2 * self.kv_heads } else { self.heads } != width {
-            return Err(fail(format!("a query width of {width} for {} heads and {} KV heads", self.heads, self.kv_heads)));
-        }
-        let row_width = if packed { width } else { self.kv_heads * head };
-        let (k_in, v_in): (&[f32], &[f32]) = if packed {
-            (&q[self.heads * head..], &q[(self.heads + self.kv_heads) * head..])
-        } else {
-            let (Some(k), Some(v)) = (&key, &value) else { return Err(fail("a key without a value".into())) };
-            (k.try_extract_tensor::<f32>()?.1, v.try_extract_tensor::<f32>()?.1)
-        };
-        if k_in.len() < (rows - 1) * row_width + self.kv_heads * head || v_in.len() < (rows - 1) * row_width + self.kv_heads * head {
-            return Err(fail("keys or values shorter than the query".into()));
-        }
-        let seqlens = input(5)?.ok_or_else(|| fail("no seqlens_k".into()))?;
+        let (rows, width) = query_rows(q_shape)?;
+        let (key, value) = (ctx.input(1)?, ctx.input(2)?);
+        let shape = self.shape(rows, width, key.is_none())?;
+        let (new_keys, new_values) = shape.new_keys_and_values(q, key.as_ref(), value.as_ref())?;
+        let seqlens = ctx.input(5)?.ok_or_else(|| fail("no seqlens_k".into()))?;
         let total = usize::try_from(seqlens.try_extract_tensor::<i32>()?.1[0] + 1).map_err(|_| fail("a negative seqlens_k".into()))?;
-        let total_input = input(6)?.ok_or_else(|| fail("no total_sequence_length".into()))?;
+        let total_input = ctx.input(6)?.ok_or_else(|| fail("no total_sequence_length".into()))?;
         let total_length = total_input.try_extract_tensor::<i32>()?.1[0].max(0) as usize;
         let past = total.checked_sub(rows).ok_or_else(|| fail(format!("{rows} new rows with seqlens_k + 1 = {total}")))?;
-        let (cos_input, sin_input) = (input(7)?, input(8)?);
-        let rotary = match (self.rotary, &cos_input, &sin_input) {
-            (false, _, _) => Rotary { cos: &[], sin: &[], half: 0, interleaved: false },
-            (true, Some(cos), Some(sin)) => {
-                let (cos_shape, cos) = cos.try_extract_tensor::<f32>()?;
-                let (_, sin) = sin.try_extract_tensor::<f32>()?;
-                let half = cos_shape.get(1).copied().unwrap_or(0) as usize;
-                if half == 0 || 2 * half > head || (total * half) > cos.len() || cos.len() != sin.len() {
-                    return Err(fail(format!("a cos cache of shape {cos_shape:?} for head size {head} and position {}", total - 1)));
-                }
-                Rotary { cos, sin, half, interleaved: self.interleaved }
-            }
-            (true, _, _) => return Err(fail("do_rotary without a cos and a sin cache".into())),
-        };
-
+        let (cos_input, sin_input) = (ctx.input(7)?, ctx.input(8)?);
+        let rotary = self.rotary(cos_input.as_ref(), sin_input.as_ref(), shape.head, total)?;
         // The cache: past (if any) and present, which may be one buffer.
-        let past_key = input(3)?;
-        let past_value = input(4)?;
+        let (past_key, past_value) = (ctx.input(3)?, ctx.input(4)?);
         let (past_keys, past_values, past_len) = match (&past_key, &past_value) {
             (Some(k), Some(v)) => {
                 let (shape, k) = k.try_extract_tensor::<f32>()?;
@@ -186,17 +149,151 @@ impl Kernel for Attention {
             _ => (std::ptr::null(), std::ptr::null(), 0),
         };
         let present_len = total_length.max(past_len).max(total);
-        let present_shape = [1, self.kv_heads as i64, present_len as i64, head as i64];
-        let mut output = ctx.output(0, [1, rows as i64, (self.heads * head) as i64])?.ok_or_else(|| fail("no output".into()))?;
+        let present_shape = [1, self.kv_heads as i64, present_len as i64, shape.head as i64];
+        let mut output = ctx.output(0, [1, rows as i64, (self.heads * shape.head) as i64])?.ok_or_else(|| fail("no output".into()))?;
         let mut present_key = ctx.output(1, present_shape)?.ok_or_else(|| fail("no present key".into()))?;
         let mut present_value = ctx.output(2, present_shape)?.ok_or_else(|| fail("no present value".into()))?;
         let out = output.try_extract_tensor_mut::<f32>()?.1.as_mut_ptr();
-        let keys = present_key.try_extract_tensor_mut::<f32>()?.1.as_mut_ptr();
-        let values = present_value.try_extract_tensor_mut::<f32>()?.1.as_mut_ptr();
-        let shared = std::ptr::eq(keys, past_keys) && std::ptr::eq(values, past_values);
+        let cache = Cache {
+            keys: present_key.try_extract_tensor_mut::<f32>()?.1.as_mut_ptr(),
+            values: present_value.try_extract_tensor_mut::<f32>()?.1.as_mut_ptr(),
+            present_len,
+            past,
+            total,
+            past_keys,
+            past_values,
+            past_len,
+        };
         if !past_keys.is_null() && past_len < past {
             return Err(fail(format!("a past of {past_len} positions where seqlens_k says {past}")));
         }
+        shape.append_to_cache(&cache, new_keys, new_values, &rotary)?;
+        shape.attend_every_head(ctx, q, &rotary, &cache, out)
+    }
+}
+
+fn fail(what: String) -> ort::Error {
+    ort::Error::new(format!("GroupQueryAttention: {what}"))
+}
+
+/// The query's rows and their width, from its shape `[1, rows, width]`.
+fn query_rows(q_shape: &[i64]) -> ort::Result<(usize, usize)> {
+    let [batch, rows, width] = q_shape[..] else { return Err(fail(format!("a query of shape {q_shape:?}"))) };
+    if batch != 1 {
+        return Err(fail(format!("a batch of {batch}; edgellm's kernel runs batch 1")));
+    }
+    let (rows, width) = (rows as usize, width as usize);
+    if rows == 0 {
+        return Err(fail("a query of no positions".into()));
+    }
+    Ok((rows, width))
+}
+
+impl Attention {
+    /// The call's heads and rows; `packed` where the query input also holds the new keys and values.
+    fn shape(&self, rows: usize, width: usize, packed: bool) -> ort::Result<Shape> {
+        let (heads, kv_heads) = (self.heads, self.kv_heads);
+        let head = if packed { width / (heads + 2 * kv_heads) } else { width / heads };
+        if head == 0 || head * if packed { heads + 2 * kv_heads } else { heads } != width {
+            return Err(fail(format!("a query width of {width} for {heads} heads and {kv_heads} KV heads")));
+        }
+        let scale = if self.scale == 0.0 { 1.0 / (head as f32).sqrt() } else { self.scale };
+        Ok(Shape { heads, kv_heads, head, rows, width, packed, scale })
+    }
+
+    /// The rotation of the new rows: none where the graph rotated them, else by the cos and sin
+    /// caches, which must reach position `total - 1`.
+    fn rotary<'a>(
+        &self,
+        cos: Option<&'a ValueRef<'_>>,
+        sin: Option<&'a ValueRef<'_>>,
+        head: usize,
+        total: usize,
+    ) -> ort::Result<Rotary<'a>> {
+        match (self.rotary, cos, sin) {
+            (false, _, _) => Ok(Rotary { cos: &[], sin: &[], half: 0, interleaved: false }),
+            (true, Some(cos), Some(sin)) => {
+                let (cos_shape, cos) = cos.try_extract_tensor::<f32>()?;
+                let (_, sin) = sin.try_extract_tensor::<f32>()?;
+                let half = cos_shape.get(1).copied().unwrap_or(0) as usize;
+                if half == 0 || 2 * half > head || (total * half) > cos.len() || cos.len() != sin.len() {
+                    return Err(fail(format!("a cos cache of shape {cos_shape:?} for head size {head} and position {}", total - 1)));
+                }
+                Ok(Rotary { cos, sin, half, interleaved: self.interleaved })
+            }
+            (true, _, _) => Err(fail("do_rotary without a cos and a sin cache".into())),
+        }
+    }
+}
+
+/// One call's heads and rows.
+struct Shape {
+    heads: usize,
+    kv_heads: usize,
+    /// The head size.
+    head: usize,
+    /// New positions.
+    rows: usize,
+    /// A query row's width: its heads, and with `packed` the new key and value heads after them.
+    width: usize,
+    packed: bool,
+    scale: f32,
+}
+
+/// The KV cache a call writes: `present_len` positions a KV head, of which the first `past` were
+/// there before the call and `total` are after it. The past comes from a separate buffer (read
+/// only) unless both are one.
+struct Cache {
+    keys: *mut f32,
+    values: *mut f32,
+    present_len: usize,
+    past: usize,
+    total: usize,
+    /// Null without a past input.
+    past_keys: *const f32,
+    past_values: *const f32,
+    past_len: usize,
+}
+
+impl Shape {
+    /// The width from one new key or value row to the next in their inputs.
+    #[inline]
+    fn new_row_width(&self) -> usize {
+        if self.packed {
+            self.width
+        } else {
+            self.kv_heads * self.head
+        }
+    }
+
+    /// The new key and value rows: in the query where packed, else their own inputs.
+    fn new_keys_and_values<'a>(
+        &self,
+        q: &'a [f32],
+        key: Option<&'a ValueRef<'_>>,
+        value: Option<&'a ValueRef<'_>>,
+    ) -> ort::Result<(&'a [f32], &'a [f32])> {
+        let head = self.head;
+        let (k_in, v_in): (&[f32], &[f32]) = if self.packed {
+            (&q[self.heads * head..], &q[(self.heads + self.kv_heads) * head..])
+        } else {
+            let (Some(k), Some(v)) = (key, value) else { return Err(fail("a key without a value".into())) };
+            (k.try_extract_tensor::<f32>()?.1, v.try_extract_tensor::<f32>()?.1)
+        };
+        let needed = (self.rows - 1) * self.new_row_width() + self.kv_heads * head;
+        if k_in.len() < needed || v_in.len() < needed {
+            return Err(fail("keys or values shorter than the query".into()));
+        }
+        Ok((k_in, v_in))
+    }
+
+    /// Copies the past into the present (unless they are one buffer) and writes the new rows
+    /// after it, keys rotated.
+    fn append_to_cache(&self, cache: &Cache, new_keys: &[f32], new_values: &[f32], rotary: &Rotary) -> ort::Result<()> {
+        let (head, past, present_len) = (self.head, cache.past, cache.present_len);
+        let (keys, values) = (cache.keys, cache.values);
+        let shared = std::ptr::eq(keys, cache.past_keys) && std::ptr::eq(values, cache.past_values);
+        let row_width = self.new_row_width();
         // SAFETY: `keys` and `values` hold kv_heads x present_len x head floats (their shape), the
         // past ones kv_heads x past_len x head; a separate past is only read, and every position
         // written is below total <= present_len.
@@ -204,25 +301,30 @@ impl Kernel for Attention {
             for kv in 0..self.kv_heads {
                 let at = kv * present_len * head;
                 if !shared && past > 0 {
-                    if past_keys.is_null() {
+                    if cache.past_keys.is_null() {
                         return Err(fail(format!("no past for {past} positions")));
                     }
-                    let from = kv * past_len * head;
-                    std::ptr::copy_nonoverlapping(past_keys.add(from), keys.add(at), past * head);
-                    std::ptr::copy_nonoverlapping(past_values.add(from), values.add(at), past * head);
+                    let from = kv * cache.past_len * head;
+                    std::ptr::copy_nonoverlapping(cache.past_keys.add(from), keys.add(at), past * head);
+                    std::ptr::copy_nonoverlapping(cache.past_values.add(from), values.add(at), past * head);
                 }
-                for r in 0..rows {
+                for r in 0..self.rows {
                     let source = r * row_width + kv * head;
                     let slot = at + (past + r) * head;
-                    rotary.apply(&k_in[source..source + head], std::slice::from_raw_parts_mut(keys.add(slot), head), past + r);
-                    std::ptr::copy_nonoverlapping(v_in[source..].as_ptr(), values.add(slot), head);
+                    rotary.apply(&new_keys[source..source + head], std::slice::from_raw_parts_mut(keys.add(slot), head), past + r);
+                    std::ptr::copy_nonoverlapping(new_values[source..].as_ptr(), values.add(slot), head);
                 }
             }
         }
-        let scale = if self.scale == 0.0 { 1.0 / (head as f32).sqrt() } else { self.scale };
-        let (heads, group) = (self.heads, self.heads / self.kv_heads);
-        let (out, keys, values) = (TaskPointer(out), TaskPointer(keys), TaskPointer(values));
-        let q_stride = if packed { width } else { self.heads * head };
+        Ok(())
+    }
+
+    /// Every query row of every head against the cache, into `out` (rows x heads x head).
+    fn attend_every_head(&self, ctx: &ComputeContext, q: &[f32], rotary: &Rotary, cache: &Cache, out: *mut f32) -> ort::Result<()> {
+        let (head, rows, past, total, present_len) = (self.head, self.rows, cache.past, cache.total, cache.present_len);
+        let (heads, group, scale) = (self.heads, self.heads / self.kv_heads, self.scale);
+        let (out, keys, values) = (TaskPointer(out), TaskPointer(cache.keys), TaskPointer(cache.values));
+        let q_stride = if self.packed { self.width } else { self.heads * head };
         let wide = head % 16 == 0 && super::int4::supported();
         let run = |h: usize| {
             let (out, keys, values) = (out, keys, values);
@@ -255,7 +357,8 @@ impl Kernel for Attention {
                 }
             });
         };
-        // Waking the pool costs a few microseconds: worth it from ~64 K multiply-adds.
+        // Waking the pool costs more than a small call's work: it runs on this thread below the
+        // threshold.
         if rows * total * heads * head < 1 << 16 {
             (0..heads).for_each(run);
             Ok(())
@@ -283,8 +386,8 @@ fn attend(query: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut 
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// `super::attend` in 512-bit vectors, for a head of whole vectors: on the twin the scalar
-    /// loops cost ~2 ms a token (plain 60.8 against 69.1 tok/s). One fixed order of sums for every row.
+    /// `super::attend` in 512-bit vectors, for a head of whole vectors: the scalar loops are a
+    /// visible part of a decode step's time. One fixed order of sums for every row.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn attend(query: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut [f32], row: &mut [f32]) {
         let head = query.len();

@@ -3,7 +3,7 @@
 //!
 //! Why not ONNX Runtime's: on the CPU, MLAS repacks the weights at load with a float block sum
 //! beside every block's scale, so a decode step reads 1.2x the model's bytes, and its single-row
-//! product stays below the memory's speed on 2 cores (README, "The bound").
+//! product stays below the memory's speed on 2 cores (docs/performance.md, "The memory-bound twin in detail").
 //!
 //! The arithmetic is MLAS's `accuracy_level = 4`: each block of 32 activations is quantized to
 //! int8 with the scale `max|x| / 127` (round half to even), multiplied with the 4-bit weights in
@@ -15,9 +15,8 @@
 //! the scales, one FMA) is shared by 512 weights; in the model's own layout, where a register held
 //! four blocks of one row, it was shared by 128, and each row's sum ended in a horizontal add. A
 //! group of 16 rows is read once per call, whatever the number of activation rows, and prefetched
-//! ahead, so that reading it overlaps the arithmetic on the group before (measured on 190 MB of
-//! weights on 2 cores: 9 activation rows 10.2-10.8 ms against 16.4-18.5 in the model's layout;
-//! one row the same, 6.3-6.7 ms).
+//! ahead, so that reading it overlaps the arithmetic on the group before: a verify's several
+//! activation rows cost little more than one row, where the model's layout costs much more.
 //!
 //! Packed layout, per group of `w` rows (16, fewer in the last group) and per block, the group's
 //! blocks in order: four vectors of `4w` bytes, then `w` scales. In vector `m`, lane `l` holds row
@@ -33,8 +32,8 @@ pub(crate) const GROUP: usize = 16;
 /// Activation rows per pass over a group: their sums stay in registers beside the group's 8
 /// weight registers and the scales (16 + 8 + 1 + 4 temporaries of 32).
 const MAX_TILE: usize = 16;
-/// How far ahead of the block being multiplied its group's stream is prefetched: 1-8 KiB
-/// measured alike; without it, reading and arithmetic took turns (9 rows 14.6 ms instead of 10.5).
+/// How far ahead of the block being multiplied its group's stream is prefetched (anywhere from 1
+/// to 8 KiB serves alike); without it, reading and arithmetic take turns.
 const PREFETCH_BYTES: usize = 2048;
 
 /// Whether this CPU runs the kernel (AVX-512 with VNNI: Intel since Ice Lake / Cascade Lake,
@@ -164,7 +163,7 @@ impl Activations {
     }
 
     /// `quantize`, into this value's buffers (a decode step makes one product per weight: their
-    /// allocations measured a tenth of the time on the compute-bound kjv-target).
+    /// allocations would be a visible part of a small model's step).
     pub fn quantize_into(&mut self, x: &[f32], rows: usize, k: usize) {
         assert_eq!(x.len(), rows * k, "activations are rows x k");
         let blocks_per_row = k.div_ceil(BLOCK);
@@ -196,8 +195,8 @@ impl Activations {
 }
 
 /// Quantizes a block into `values`; returns its largest magnitude and the sum of its values.
-/// The vector version (a decode step quantizes every product's input: 6% of a forward's time
-/// in the scalar loop) computes the same values.
+/// The vector version (a decode step quantizes every product's input, a visible share of a
+/// forward's time in the scalar loop) computes the same values.
 fn quantize_block(block: &[f32], values: &mut [i8]) -> (f32, i32) {
     let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
     let inverse = if max != 0.0 { 127.0 / max } else { 0.0 };

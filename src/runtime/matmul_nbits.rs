@@ -14,7 +14,7 @@ use ort::value::{TensorElementType, TensorValueType};
 
 use super::attention;
 use super::int4::{self, Activations, Int4Weights, PackedWeights, TaskPointer, BLOCK};
-use super::weights::{graph_input_types, graph_nodes, initializers, Initializer, Node};
+use super::onnx_proto::{graph_input_types, graph_nodes, initializers, Initializer, Node};
 
 const DOMAIN: &str = "com.microsoft";
 const OP: &str = "MatMulNBits";
@@ -303,7 +303,7 @@ impl Product {
 
 #[cfg(test)]
 mod tests {
-    use super::super::weights::wire_writer::{bytes, int};
+    use super::super::onnx_proto::wire_writer::{bytes, int};
     use super::*;
 
     /// A ModelProto with one MatMulNBits node (K = 64, N = 8) on initializers of `n_rows` rows,

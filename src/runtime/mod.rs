@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 mod attention;
 mod int4;
 mod matmul_nbits;
+mod onnx_proto;
 mod weights;
 pub use matmul_nbits::{Attention, Int4Kernel};
 
@@ -70,7 +71,7 @@ pub struct SessionOptions {
     /// Whether they go on spinning after a `Run` returns (ONNX Runtime's default) or stop until
     /// the next one (`session.force_spinning_stop`), leaving the cores between decode steps to
     /// the token's way out: the D-Bus connection, dbus-daemon and the client. Off by default:
-    /// streaming measured faster and `Complete` no slower (README, "Streaming").
+    /// streaming measured faster and `Complete` no slower (docs/performance.md, "Streaming over D-Bus").
     pub spin_between_runs: bool,
     /// Passed through to the provider that runs (e.g. OpenVINO `device_type`, CUDA `device_id`).
     pub provider_options: Vec<(String, String)>,
@@ -98,8 +99,8 @@ pub enum WeightLoading {
     File,
     /// edgellm maps the external data files and hands each initializer to ONNX Runtime in place;
     /// the pages ONNX Runtime does not read after its load leave the resident set
-    /// (`weights::MappedWeights`). Measured on the memory-bound twin: peak RSS 1.17x the weight
-    /// bytes against 1.36x with `File` (README, "Loading").
+    /// (`weights::MappedWeights`), so the peak resident set stays lower than with `File`
+    /// (docs/performance.md, "Loading").
     #[default]
     Mapped,
 }
@@ -181,8 +182,8 @@ impl Runtime {
         let env =
             builder.with_name("edgellm").build().map_err(|e| Error::RuntimeLibrary { path: library.clone(), reason: e.to_string() })?;
         // ort forwards ONNX Runtime's log to `tracing` and opens it at VERBOSE, so ONNX Runtime
-        // formats ~30 messages per forward pass that are then dropped (callgrind: 22k per 700
-        // tokens). Open it only as far as tracing listens.
+        // formats messages on every forward pass that are then dropped. Open it only as far as
+        // tracing listens.
         env.set_log_level(ort_log_level(tracing::level_filters::LevelFilter::current()));
         // The OpenVINO plugin lives beside the runtime library when the setup script installed it.
         // A symlink is resolved so that the plugin finds its OpenVINO libraries beside itself.
@@ -272,66 +273,7 @@ impl Runtime {
     }
 
     fn session_on(&self, model_file: &Path, provider: Provider, options: &SessionOptions) -> Result<LoadedSession> {
-        let unavailable = |reason: String| Error::ProviderUnavailable { provider: provider.name().into(), reason };
-        let mut builder = self.builder(options)?;
-        match provider {
-            Provider::Cpu => {
-                // Name the CPU provider's device explicitly: ort otherwise sets an automatic
-                // device policy, which picks the OpenVINO plugin's CPU device once that is
-                // registered (seen here as different logits from plain ONNX Runtime).
-                let devices: Vec<_> = self.env.devices().filter(|d| d.ep().map(|n| n == CPU_EP).unwrap_or(false)).collect();
-                builder = builder.with_devices(devices, None).map_err(|e| unavailable(e.to_string()))?;
-            }
-            Provider::Cuda => {
-                let mut cuda = ep::CUDA::default();
-                for (key, value) in &options.provider_options {
-                    cuda = cuda.with_arbitrary_config(key, value);
-                }
-                builder = builder
-                    .with_execution_providers([cuda.build().error_on_failure()])
-                    .map_err(|e| unavailable(format!("{e} (install the `onnxruntime-gpu` wheel and point `[runtime] library` at its libonnxruntime.so; a CUDA GPU and driver are needed)")))?;
-            }
-            Provider::OpenVino => {
-                if self.openvino_plugin.is_none() {
-                    return Err(unavailable(format!(
-                        "{OPENVINO_PLUGIN} was not found beside {} (scripts/setup-runtime.sh installs it from the `onnxruntime-ep-openvino` wheel)",
-                        self.library.display()
-                    )));
-                }
-                let device_type = options
-                    .provider_options
-                    .iter()
-                    .find(|(k, _)| k == "device_type")
-                    .map(|(_, v)| v.to_uppercase())
-                    .unwrap_or_else(|| "CPU".into());
-                let devices: Vec<_> = self
-                    .env
-                    .devices()
-                    .filter(|d| d.ep().map(|n| n == OPENVINO_EP).unwrap_or(false))
-                    .filter(|d| {
-                        format!("{:?}", d.hardware_device().ty()).eq_ignore_ascii_case(device_type.split('.').next().unwrap_or("CPU"))
-                    })
-                    .take(1) // one device, as onnxruntime-genai passes it
-                    .collect();
-                if devices.is_empty() {
-                    let why = match self.cpu_vendor() {
-                        // Seen here: on an AMD EPYC the plugin (1.8.1) offers no device at all.
-                        Some(vendor) if !vendor.to_ascii_lowercase().contains("intel") => format!(
-                            " (the onnxruntime-ep-openvino plugin offers devices on Intel hardware; this machine's CPU is from {vendor})"
-                        ),
-                        _ => String::new(),
-                    };
-                    return Err(unavailable(format!("OpenVINO offers no {device_type} device on this machine{why}")));
-                }
-                let prefixed: Vec<(String, String)> = options
-                    .provider_options
-                    .iter()
-                    .filter(|(k, _)| k != "device_type")
-                    .map(|(k, v)| (format!("{OPENVINO_EP}.{k}"), v.clone()))
-                    .collect();
-                builder = builder.with_devices(devices, Some(&prefixed)).map_err(|e| unavailable(e.to_string()))?;
-            }
-        }
+        let mut builder = self.on_provider(self.builder(options)?, provider, options)?;
         // The graph's bytes, read once for the CPU provider's two uses of them.
         let graph = match provider {
             Provider::Cpu => {
@@ -359,11 +301,82 @@ impl Runtime {
             if provider == Provider::Cpu {
                 Error::ModelFile { path: model_file.to_path_buf(), reason: e.to_string() }
             } else {
-                unavailable(e.to_string())
+                unavailable(provider, e.to_string())
             }
         })?;
         Ok(LoadedSession { session, int4, _weights: weights })
     }
+
+    /// `builder` set to run on `provider`, or why it cannot.
+    fn on_provider(&self, builder: SessionBuilder, provider: Provider, options: &SessionOptions) -> Result<SessionBuilder> {
+        match provider {
+            Provider::Cpu => {
+                // Name the CPU provider's device explicitly: ort otherwise sets an automatic
+                // device policy, which picks the OpenVINO plugin's CPU device once that is
+                // registered (seen here as different logits from plain ONNX Runtime).
+                let devices: Vec<_> = self.env.devices().filter(|d| d.ep().map(|n| n == CPU_EP).unwrap_or(false)).collect();
+                builder.with_devices(devices, None).map_err(|e| unavailable(provider, e.to_string()))
+            }
+            Provider::Cuda => {
+                let mut cuda = ep::CUDA::default();
+                for (key, value) in &options.provider_options {
+                    cuda = cuda.with_arbitrary_config(key, value);
+                }
+                builder.with_execution_providers([cuda.build().error_on_failure()]).map_err(|e| {
+                    unavailable(provider, format!("{e} (install the `onnxruntime-gpu` wheel and point `[runtime] library` at its libonnxruntime.so; a CUDA GPU and driver are needed)"))
+                })
+            }
+            Provider::OpenVino => self.on_openvino(builder, options),
+        }
+    }
+
+    /// `builder` set to run on the OpenVINO plugin's device of the options' `device_type` (CPU
+    /// if unset), the other provider options passed to it.
+    fn on_openvino(&self, builder: SessionBuilder, options: &SessionOptions) -> Result<SessionBuilder> {
+        if self.openvino_plugin.is_none() {
+            return Err(unavailable(
+                Provider::OpenVino,
+                format!(
+                    "{OPENVINO_PLUGIN} was not found beside {} (scripts/setup-runtime.sh installs it from the `onnxruntime-ep-openvino` wheel)",
+                    self.library.display()
+                ),
+            ));
+        }
+        let device_type = options
+            .provider_options
+            .iter()
+            .find(|(k, _)| k == "device_type")
+            .map(|(_, v)| v.to_uppercase())
+            .unwrap_or_else(|| "CPU".into());
+        let devices: Vec<_> = self
+            .env
+            .devices()
+            .filter(|d| d.ep().map(|n| n == OPENVINO_EP).unwrap_or(false))
+            .filter(|d| format!("{:?}", d.hardware_device().ty()).eq_ignore_ascii_case(device_type.split('.').next().unwrap_or("CPU")))
+            .take(1) // one device, as onnxruntime-genai passes it
+            .collect();
+        if devices.is_empty() {
+            let why = match self.cpu_vendor() {
+                // Seen here: on an AMD EPYC the plugin (1.8.1) offers no device at all.
+                Some(vendor) if !vendor.to_ascii_lowercase().contains("intel") => {
+                    format!(" (the onnxruntime-ep-openvino plugin offers devices on Intel hardware; this machine's CPU is from {vendor})")
+                }
+                _ => String::new(),
+            };
+            return Err(unavailable(Provider::OpenVino, format!("OpenVINO offers no {device_type} device on this machine{why}")));
+        }
+        let prefixed: Vec<(String, String)> = options
+            .provider_options
+            .iter()
+            .filter(|(k, _)| k != "device_type")
+            .map(|(k, v)| (format!("{OPENVINO_EP}.{k}"), v.clone()))
+            .collect();
+        builder.with_devices(devices, Some(&prefixed)).map_err(|e| unavailable(Provider::OpenVino, e.to_string()))
+    }
+}
+
+fn unavailable(provider: Provider, reason: String) -> Error {
+    Error::ProviderUnavailable { provider: provider.name().into(), reason }
 }
 
 /// A session and, where edgellm mapped its weights, the maps its initializers point into. The
