@@ -510,65 +510,15 @@ async fn run(mut cli: Cli) -> Result<ExitCode, String> {
     let proxy = Daemon1Proxy::new(&conn).await.map_err(|e| e.to_string())?;
     match &cli.command {
         Command::Generate { args, prompt } => Ok(stream(&proxy, &args.model, proxy.generate(&args.model, prompt, args.options())).await?.0),
-        Command::Chat { args, system_prompt, message } => {
-            let mut history: Vec<(&'static str, String)> = Vec::new();
-            if let Some(s) = system_prompt {
-                history.push(("system", s.clone()));
-            }
-            match message {
-                Some(message) => {
-                    history.push(("user", message.clone()));
-                    let messages: Vec<(&str, &str)> = history.iter().map(|(r, c)| (*r, c.as_str())).collect();
-                    Ok(stream(&proxy, &args.model, proxy.chat(&args.model, &messages, args.options())).await?.0)
-                }
-                None => conversation(&proxy, args, history).await,
-            }
-        }
+        Command::Chat { args, system_prompt, message } => chat(&proxy, args, system_prompt.as_deref(), message.as_deref()).await,
         Command::Complete { args, prompt } => {
             let (text, stats) = proxy.complete(&args.model, prompt, args.options()).await.map_err(|e| e.to_string())?;
             println!("{text}");
             eprintln!("{}", show_dict(&stats));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Models { json } => {
-            let models = proxy.list_models().await.map_err(|e| e.to_string())?;
-            if *json {
-                let list: Vec<serde_json::Value> = models
-                    .iter()
-                    .map(|(name, d)| {
-                        let mut object = dict_json(d);
-                        object.insert("name".into(), name.clone().into());
-                        serde_json::Value::Object(object)
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(list));
-            } else {
-                print!("{}", models_table(&models));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Load { name } => {
-            let started = Instant::now();
-            // The model's state changes as the daemon announces them (ModelStateChanged), with
-            // the time since the call, while the load runs.
-            let states = proxy.receive_model_state_changed().await.map_err(|e| e.to_string())?;
-            let show_states = states.for_each(|signal| {
-                if let Ok(args) = signal.args() {
-                    if args.name == *name {
-                        eprintln!("\r{}: {} ({:.1} s)", args.name, args.state, started.elapsed().as_secs_f64());
-                    }
-                }
-                std::future::ready(())
-            });
-            let what = format!("loading {name}");
-            let loaded = tokio::select! {
-                loaded = with_progress(&what, proxy.load_model(name)) => loaded,
-                _ = show_states => unreachable!("the signal stream ends only with the connection"),
-            };
-            loaded.map_err(|e| e.to_string())?;
-            println!("{name}: ready in {:.1} s", started.elapsed().as_secs_f64());
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Models { json } => list_models(&proxy, *json).await,
+        Command::Load { name } => load(&proxy, name).await,
         Command::Unload { name } => {
             proxy.unload_model(name).await.map_err(|e| e.to_string())?;
             println!("{name}: unloaded");
@@ -594,6 +544,65 @@ async fn run(mut cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Serve { .. } => unreachable!("served above, without a connection of its own"),
     }
+}
+
+/// `edgellm chat`: one answer to `message`, or without one a conversation on stdin.
+async fn chat(proxy: &Daemon1Proxy<'_>, args: &GenArgs, system_prompt: Option<&str>, message: Option<&str>) -> Result<ExitCode, String> {
+    let mut history: Vec<(&'static str, String)> = Vec::new();
+    if let Some(s) = system_prompt {
+        history.push(("system", s.to_string()));
+    }
+    match message {
+        Some(message) => {
+            history.push(("user", message.to_string()));
+            let messages: Vec<(&str, &str)> = history.iter().map(|(r, c)| (*r, c.as_str())).collect();
+            Ok(stream(proxy, &args.model, proxy.chat(&args.model, &messages, args.options())).await?.0)
+        }
+        None => conversation(proxy, args, history).await,
+    }
+}
+
+/// `edgellm models`: a table, or JSON for scripts.
+async fn list_models(proxy: &Daemon1Proxy<'_>, json: bool) -> Result<ExitCode, String> {
+    let models = proxy.list_models().await.map_err(|e| e.to_string())?;
+    if json {
+        let list: Vec<serde_json::Value> = models
+            .iter()
+            .map(|(name, d)| {
+                let mut object = dict_json(d);
+                object.insert("name".into(), name.clone().into());
+                serde_json::Value::Object(object)
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        print!("{}", models_table(&models));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `edgellm load`: loads the model and waits for it, showing its states meanwhile.
+async fn load(proxy: &Daemon1Proxy<'_>, name: &str) -> Result<ExitCode, String> {
+    let started = Instant::now();
+    // The model's state changes as the daemon announces them (ModelStateChanged), with the time
+    // since the call, while the load runs.
+    let states = proxy.receive_model_state_changed().await.map_err(|e| e.to_string())?;
+    let show_states = states.for_each(|signal| {
+        if let Ok(args) = signal.args() {
+            if args.name == name {
+                eprintln!("\r{}: {} ({:.1} s)", args.name, args.state, started.elapsed().as_secs_f64());
+            }
+        }
+        std::future::ready(())
+    });
+    let what = format!("loading {name}");
+    let loaded = tokio::select! {
+        loaded = with_progress(&what, proxy.load_model(name)) => loaded,
+        _ = show_states => unreachable!("the signal stream ends only with the connection"),
+    };
+    loaded.map_err(|e| e.to_string())?;
+    println!("{name}: ready in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {

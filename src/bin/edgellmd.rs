@@ -91,42 +91,9 @@ async fn run(config: Config) -> Result<(), String> {
         tracing::warn!(group = %name, "daemon.admin_group names no group in /etc/group");
     }
     let daemon = Daemon::new(scheduler.clone(), admin, config.daemon.log_text, config.daemon.token_interval);
-    let builder = match &config.daemon.bus {
-        Bus::Session => zbus::connection::Builder::session(),
-        Bus::System => zbus::connection::Builder::system(),
-        Bus::Address(a) => zbus::connection::Builder::address(a.as_str()),
-    }
-    .map_err(|e| format!("cannot connect to the D-Bus bus: {e}"))?;
-    // Serve the object before taking the name, so no caller finds the name without the object.
-    let connecting = builder.serve_at(OBJECT_PATH, daemon).map_err(|e| e.to_string())?.build();
-    // A bus that accepts the socket but never answers would otherwise hang the start silently.
-    let conn = tokio::time::timeout(Duration::from_secs(30), connecting)
-        .await
-        .map_err(|_| format!("the D-Bus bus ({:?}) did not answer within 30 s", config.daemon.bus))?
-        .map_err(|e| format!("cannot connect to the D-Bus bus ({:?}): {e}", config.daemon.bus))?;
-    match conn.request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into()).await {
-        Ok(RequestNameReply::PrimaryOwner) | Ok(RequestNameReply::AlreadyOwner) => {}
-        Ok(_) | Err(zbus::Error::NameTaken) => {
-            return Err(format!("another process already owns {BUS_NAME} on this bus: is edgellmd already running?"))
-        }
-        Err(e) => return Err(format!("cannot own {BUS_NAME}: {e} (on the system bus the D-Bus policy must allow this user)")),
-    }
+    let conn = serve_on_bus(&config.daemon.bus, daemon).await?;
     tracing::info!(bus = ?config.daemon.bus, name = BUS_NAME, "serving");
-
-    let iface = conn.object_server().interface::<_, Daemon>(OBJECT_PATH).await.map_err(|e| e.to_string())?;
-    // A client that leaves the bus has its requests cancelled.
-    let dbus = DBusProxy::new(&conn).await.map_err(|e| e.to_string())?;
-    let mut owners = dbus.receive_name_owner_changed().await.map_err(|e| e.to_string())?;
-    let gone_iface = iface.clone();
-    tokio::spawn(async move {
-        while let Some(signal) = owners.next().await {
-            if let Ok(args) = signal.args() {
-                if args.name().starts_with(':') && args.new_owner().is_none() {
-                    gone_iface.get().await.client_gone(args.name());
-                }
-            }
-        }
-    });
+    cancel_requests_of_departed_clients(&conn).await?;
     tokio::spawn(edgellm::service::relay_model_states(scheduler.subscribe_states(), conn.clone()));
 
     // Before preloading, which may take long: a SIGTERM or SIGHUP meanwhile waits for the loop
@@ -137,28 +104,85 @@ async fn run(config: Config) -> Result<(), String> {
     notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!("ready");
 
+    if let Some(why) = serve_until_stopped(&conn, &scheduler, config.clone(), &mut term, &mut hup).await {
+        // Nobody can reach the daemon or hear its answers: stop at once and fail, so that the
+        // service manager restarts it (Restart=on-failure) and it takes its name again.
+        notify(&[sd_notify::NotifyState::Stopping]);
+        let stopper = scheduler.clone();
+        let _ = tokio::task::spawn_blocking(move || stopper.shutdown()).await;
+        return Err(format!("lost the D-Bus bus: {why}; exiting so that the service manager restarts edgellmd"));
+    }
+    shut_down(&conn, &scheduler, config.daemon.shutdown_grace).await;
+    Ok(())
+}
+
+/// Connects to `bus`, serves `daemon` at its object path and takes the well-known name.
+async fn serve_on_bus(bus: &Bus, daemon: Daemon) -> Result<zbus::Connection, String> {
+    let builder = match bus {
+        Bus::Session => zbus::connection::Builder::session(),
+        Bus::System => zbus::connection::Builder::system(),
+        Bus::Address(a) => zbus::connection::Builder::address(a.as_str()),
+    }
+    .map_err(|e| format!("cannot connect to the D-Bus bus: {e}"))?;
+    // Serve the object before taking the name, so no caller finds the name without the object.
+    let connecting = builder.serve_at(OBJECT_PATH, daemon).map_err(|e| e.to_string())?.build();
+    // A bus that accepts the socket but never answers would otherwise hang the start silently.
+    let conn = tokio::time::timeout(Duration::from_secs(30), connecting)
+        .await
+        .map_err(|_| format!("the D-Bus bus ({bus:?}) did not answer within 30 s"))?
+        .map_err(|e| format!("cannot connect to the D-Bus bus ({bus:?}): {e}"))?;
+    match conn.request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into()).await {
+        Ok(RequestNameReply::PrimaryOwner) | Ok(RequestNameReply::AlreadyOwner) => Ok(conn),
+        Ok(_) | Err(zbus::Error::NameTaken) => {
+            Err(format!("another process already owns {BUS_NAME} on this bus: is edgellmd already running?"))
+        }
+        Err(e) => Err(format!("cannot own {BUS_NAME}: {e} (on the system bus the D-Bus policy must allow this user)")),
+    }
+}
+
+/// A client that leaves the bus has its requests cancelled: watches the bus's NameOwnerChanged.
+async fn cancel_requests_of_departed_clients(conn: &zbus::Connection) -> Result<(), String> {
+    let iface = conn.object_server().interface::<_, Daemon>(OBJECT_PATH).await.map_err(|e| e.to_string())?;
+    let dbus = DBusProxy::new(conn).await.map_err(|e| e.to_string())?;
+    let mut owners = dbus.receive_name_owner_changed().await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        while let Some(signal) = owners.next().await {
+            if let Ok(args) = signal.args() {
+                if args.name().starts_with(':') && args.new_owner().is_none() {
+                    iface.get().await.client_gone(args.name());
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The daemon's life once ready: reloads on SIGHUP, pings the watchdog, trims the heap, until
+/// SIGTERM or Ctrl-C (`None`) or until it is off the bus (`Some(why)`).
+async fn serve_until_stopped(
+    conn: &zbus::Connection,
+    scheduler: &Scheduler,
+    mut current: Config,
+    term: &mut tokio::signal::unix::Signal,
+    hup: &mut tokio::signal::unix::Signal,
+) -> Option<String> {
     let mut watchdog_usec = 0;
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
     let mut tick = tokio::time::interval(Duration::from_micros(if watchdog { watchdog_usec / 2 } else { 3_600_000_000 }));
-    let mut current = config.clone();
-    let bus_lost = watch_bus(&conn);
+    let bus_lost = watch_bus(conn);
     tokio::pin!(bus_lost);
-    let mut lost = None;
-    // Freed heap back to the system now and then: under a steady load glibc's arenas grew by
-    // about 1 KB a request while the bytes in use stayed flat (heap fragments, not objects).
+    // Freed heap back to the system now and then: under a steady load glibc's arenas grow with
+    // the requests while the bytes in use stay flat (heap fragments, not objects).
     let mut trim = tokio::time::interval(HEAP_TRIM_INTERVAL);
     loop {
         tokio::select! {
             _ = trim.tick() => {
                 tokio::task::spawn_blocking(edgellm::scheduler::trim_heap);
             }
-            _ = term.recv() => break,
-            why = &mut bus_lost => {
-                lost = Some(why);
-                break;
-            }
-            _ = hup.recv() => reload(&mut current, &scheduler),
-            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => return None,
+            why = &mut bus_lost => return Some(why),
+            _ = hup.recv() => reload(&mut current, scheduler),
+            _ = tokio::signal::ctrl_c() => return None,
             _ = tick.tick() => if watchdog {
                 // From the engines' progress, not from this timer alone: a hung engine stops the pings.
                 if scheduler.engines_alive(Duration::from_micros(watchdog_usec)) {
@@ -169,20 +193,14 @@ async fn run(config: Config) -> Result<(), String> {
             },
         }
     }
+}
 
-    if let Some(why) = lost {
-        // Nobody can reach the daemon or hear its answers: stop at once and fail, so that the
-        // service manager restarts it (Restart=on-failure) and it takes its name again.
-        notify(&[sd_notify::NotifyState::Stopping]);
-        let stopper = scheduler.clone();
-        let _ = tokio::task::spawn_blocking(move || stopper.shutdown()).await;
-        return Err(format!("lost the D-Bus bus: {why}; exiting so that the service manager restarts edgellmd"));
-    }
-
-    // Shutdown: no new requests; in-flight ones get the grace period, then are cancelled.
+/// Shutdown: no new requests; in-flight ones get the grace period, then are cancelled, and the
+/// name is released once their callers have been told.
+async fn shut_down(conn: &zbus::Connection, scheduler: &Scheduler, grace: Duration) {
     notify(&[sd_notify::NotifyState::Stopping]);
-    tracing::info!(grace_s = config.daemon.shutdown_grace.as_secs(), "shutting down");
-    if tokio::time::timeout(config.daemon.shutdown_grace, scheduler.drained()).await.is_err() {
+    tracing::info!(grace_s = grace.as_secs(), "shutting down");
+    if tokio::time::timeout(grace, scheduler.drained()).await.is_err() {
         tracing::warn!("the grace period is over: cancelling the requests still running");
     }
     let stopper = scheduler.clone();
@@ -195,7 +213,6 @@ async fn run(config: Config) -> Result<(), String> {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let _ = conn.release_name(BUS_NAME).await;
     tracing::info!("stopped");
-    Ok(())
 }
 
 /// How often freed heap is handed back to the system.

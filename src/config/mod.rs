@@ -229,41 +229,62 @@ impl Config {
     }
 
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
-        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let source = Source { file, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_path_buf(),
-            line: e.span().map(|s| line_of(s.start)),
+            line: e.span().map(|s| source.line_of(s.start)),
             message: e.message().trim().to_string(),
         })?;
-        let err = |span: std::ops::Range<usize>, message: String| ConfigError {
-            file: file.to_path_buf(),
-            line: Some(line_of(span.start)),
-            message,
-        };
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let daemon = raw.daemon.validate(&source)?;
+        let limits = raw.limits.validate(&source)?;
+        let models = validate_models(&raw.model, &base, &source)?;
+        Ok(Config { file: file.to_path_buf(), daemon, runtime_library: raw.runtime.library.map(|l| base.join(l)), limits, models })
+    }
+}
 
-        let bus = match (&raw.daemon.address, &raw.daemon.bus) {
+/// The file being parsed: turns a span of its text into an error that names the file and line.
+struct Source<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+    }
+
+    fn err(&self, span: std::ops::Range<usize>, message: String) -> ConfigError {
+        ConfigError { file: self.file.to_path_buf(), line: Some(self.line_of(span.start)), message }
+    }
+}
+
+impl RawDaemon {
+    fn validate(&self, source: &Source) -> Result<DaemonConfig, ConfigError> {
+        let bus = match (&self.address, &self.bus) {
             (Some(address), _) => Bus::Address(address.clone()),
             (None, None) => Bus::Session,
             (None, Some(bus)) => match bus.get_ref().as_str() {
                 "session" => Bus::Session,
                 "system" => Bus::System,
                 other => {
-                    return Err(err(
+                    return Err(source.err(
                         bus.span(),
                         format!("field `daemon.bus`: `{other}` is not a bus; use \"session\" or \"system\", or set `daemon.address`"),
                     ))
                 }
             },
         };
-        let grace = match &raw.daemon.shutdown_grace_s {
-            Some(g) if *g.get_ref() > 3600 => return Err(err(g.span(), "field `daemon.shutdown_grace_s`: at most 3600 seconds".into())),
+        let grace = match &self.shutdown_grace_s {
+            Some(g) if *g.get_ref() > 3600 => {
+                return Err(source.err(g.span(), "field `daemon.shutdown_grace_s`: at most 3600 seconds".into()))
+            }
             Some(g) => *g.get_ref(),
             None => 10,
         };
-        let token_interval = match &raw.daemon.token_interval_ms {
+        let token_interval = match &self.token_interval_ms {
             Some(t) if *t.get_ref() > 60_000 => {
-                return Err(err(
+                return Err(source.err(
                     t.span(),
                     "field `daemon.token_interval_ms`: at most 60000 milliseconds (0 sends every piece as it comes)".into(),
                 ))
@@ -271,236 +292,288 @@ impl Config {
             Some(t) => std::time::Duration::from_millis(*t.get_ref()),
             None => DEFAULT_TOKEN_INTERVAL,
         };
-        let daemon = DaemonConfig {
+        Ok(DaemonConfig {
             bus,
-            admin_group: raw.daemon.admin_group.clone(),
-            log_text: raw.daemon.log_text.unwrap_or(false),
+            admin_group: self.admin_group.clone(),
+            log_text: self.log_text.unwrap_or(false),
             shutdown_grace: std::time::Duration::from_secs(grace),
             token_interval,
-        };
+        })
+    }
+}
 
+impl RawLimits {
+    fn validate(&self, source: &Source) -> Result<Limits, ConfigError> {
         let defaults = Limits::default();
         let positive = |v: &Option<Spanned<u32>>, field: &str, default: usize| -> Result<usize, ConfigError> {
             match v {
                 None => Ok(default),
-                Some(s) if *s.get_ref() == 0 => Err(err(s.span(), format!("field `limits.{field}`: must be at least 1"))),
+                Some(s) if *s.get_ref() == 0 => Err(source.err(s.span(), format!("field `limits.{field}`: must be at least 1"))),
                 Some(s) => Ok(*s.get_ref() as usize),
             }
         };
-        let limits = Limits {
-            max_queue: positive(&raw.limits.max_queue, "max_queue", defaults.max_queue)?,
-            max_per_client: positive(&raw.limits.max_per_client, "max_per_client", defaults.max_per_client)?,
-            max_per_user: positive(&raw.limits.max_per_user, "max_per_user", defaults.max_per_user)?,
-            max_prompt_bytes: positive(&raw.limits.max_prompt_bytes, "max_prompt_bytes", defaults.max_prompt_bytes)?,
-            max_new_tokens: positive(&raw.limits.max_new_tokens, "max_new_tokens", defaults.max_new_tokens)?,
-            request_timeout: match &raw.limits.request_timeout_s {
+        Ok(Limits {
+            max_queue: positive(&self.max_queue, "max_queue", defaults.max_queue)?,
+            max_per_client: positive(&self.max_per_client, "max_per_client", defaults.max_per_client)?,
+            max_per_user: positive(&self.max_per_user, "max_per_user", defaults.max_per_user)?,
+            max_prompt_bytes: positive(&self.max_prompt_bytes, "max_prompt_bytes", defaults.max_prompt_bytes)?,
+            max_new_tokens: positive(&self.max_new_tokens, "max_new_tokens", defaults.max_new_tokens)?,
+            request_timeout: match &self.request_timeout_s {
                 None => defaults.request_timeout,
-                Some(s) if *s.get_ref() == 0 => return Err(err(s.span(), "field `limits.request_timeout_s`: must be at least 1".into())),
+                Some(s) if *s.get_ref() == 0 => {
+                    return Err(source.err(s.span(), "field `limits.request_timeout_s`: must be at least 1".into()))
+                }
                 Some(s) => std::time::Duration::from_secs(*s.get_ref()),
             },
-            memory_reserve_mib: raw.limits.memory_reserve_mib.as_ref().map(|s| *s.get_ref()).unwrap_or(defaults.memory_reserve_mib),
-            background_users: raw.limits.background_users.clone().unwrap_or_default(),
-            background_min_share: match &raw.limits.background_min_share {
+            memory_reserve_mib: self.memory_reserve_mib.as_ref().map(|s| *s.get_ref()).unwrap_or(defaults.memory_reserve_mib),
+            background_users: self.background_users.clone().unwrap_or_default(),
+            background_min_share: match &self.background_min_share {
                 None => defaults.background_min_share,
                 Some(s) if s.get_ref().is_finite() && *s.get_ref() > 0.0 && *s.get_ref() <= 1.0 => *s.get_ref(),
                 Some(s) => {
-                    return Err(err(
+                    return Err(source.err(
                         s.span(),
                         format!("field `limits.background_min_share`: {} is out of range: use a share in (0, 1]", s.get_ref()),
                     ))
                 }
             },
-            kv_cache_mib: raw.limits.kv_cache_mib.as_ref().map(|s| *s.get_ref()).unwrap_or(defaults.kv_cache_mib),
-            kv_cache_idle: match &raw.limits.kv_cache_idle_s {
+            kv_cache_mib: self.kv_cache_mib.as_ref().map(|s| *s.get_ref()).unwrap_or(defaults.kv_cache_mib),
+            kv_cache_idle: match &self.kv_cache_idle_s {
                 None => defaults.kv_cache_idle,
                 Some(s) if *s.get_ref() == 0 => {
-                    return Err(err(
+                    return Err(source.err(
                         s.span(),
                         "field `limits.kv_cache_idle_s`: must be at least 1 (to keep no KV, set `kv_cache_mib = 0`)".into(),
                     ))
                 }
                 Some(s) => std::time::Duration::from_secs(*s.get_ref()),
             },
-        };
+        })
+    }
+}
 
-        let mut models: Vec<ModelConfig> = Vec::new();
-        for m in &raw.model {
-            let name = m.name.get_ref().clone();
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                return Err(err(m.name.span(), format!("field `model.name`: `{name}` may use only letters, digits, `-`, `_` and `.`")));
-            }
-            if models.iter().any(|o| o.name == name) {
-                return Err(err(m.name.span(), format!("field `model.name`: `{name}` is configured twice")));
-            }
-            let path = base.join(m.path.get_ref());
-            let providers = match &m.providers {
-                None => vec![Provider::Cpu],
-                Some(list) => {
-                    if list.get_ref().is_empty() {
-                        return Err(err(
-                            list.span(),
-                            "field `model.providers`: empty; list at least one of \"cuda\", \"openvino\", \"cpu\"".into(),
-                        ));
-                    }
-                    let mut out = Vec::new();
-                    for p in list.get_ref() {
-                        out.push(Provider::parse(p).ok_or_else(|| {
-                            err(
-                                list.span(),
-                                format!("field `model.providers`: unknown provider `{p}`; use \"cuda\", \"openvino\" or \"cpu\""),
-                            )
-                        })?);
-                    }
-                    out
-                }
-            };
-            let mut provider_options = Vec::new();
-            if let Some(opts) = &m.provider_options {
-                for (k, v) in opts.get_ref() {
-                    let value = match v {
-                        toml::Value::String(s) => s.clone(),
-                        toml::Value::Integer(i) => i.to_string(),
-                        toml::Value::Boolean(b) => b.to_string(),
-                        toml::Value::Float(f) => f.to_string(),
-                        _ => return Err(err(opts.span(), format!("field `model.provider_options.{k}`: use a string, number or boolean"))),
-                    };
-                    provider_options.push((k.clone(), value));
-                }
-            }
-            let kv_layout = match &m.kv_layout {
-                None => None,
-                Some(s) => match s.get_ref().as_str() {
-                    "shared" => Some(KvLayout::Shared),
-                    "growing" => Some(KvLayout::Growing),
-                    "auto" => None,
-                    other => {
-                        return Err(err(s.span(), format!("field `model.kv_layout`: `{other}`; use \"auto\", \"shared\" or \"growing\"")))
-                    }
-                },
-            };
-            let min_tokens = m.speculative_min_tokens.as_ref().map(|s| (*s.get_ref() as usize, s.span()));
-            let max_tokens = m.speculative_max_tokens.as_ref().map(|s| (*s.get_ref() as usize, s.span()));
-            let (min_k, max_k) = (min_tokens.clone().map(|v| v.0).unwrap_or(1), max_tokens.clone().map(|v| v.0).unwrap_or(8));
-            if min_k == 0 || max_k > 16 || min_k > max_k {
-                let span = min_tokens.or(max_tokens).map(|v| v.1).unwrap_or(m.name.span());
-                return Err(err(span, format!("fields `model.speculative_min_tokens` ({min_k}) and `speculative_max_tokens` ({max_k}): need 1 <= min <= max <= 16")));
-            }
-            let min_confidence = match &m.speculative_min_confidence {
-                Some(c) if !(0.0..=1.0).contains(c.get_ref()) => {
-                    return Err(err(c.span(), "field `model.speculative_min_confidence`: between 0 and 1".into()))
-                }
-                Some(c) => *c.get_ref() as f32,
-                None => 0.0,
-            };
-            let mode = match &m.multitoken_mode {
-                None => None,
-                Some(s) => Some(crate::multitoken::Mode::parse(s.get_ref()).ok_or_else(|| {
-                    err(s.span(), format!("field `model.multitoken_mode`: `{}`; use \"trust\" or \"verify\"", s.get_ref()))
-                })?),
-            };
-            let threshold = match &m.multitoken_threshold {
-                Some(c) if !(0.0..=1.0).contains(c.get_ref()) => {
-                    return Err(err(
-                        c.span(),
-                        "field `model.multitoken_threshold`: between 0 and 1 (1 stops every step after one token)".into(),
-                    ))
-                }
-                c => c.as_ref().map(|c| *c.get_ref() as f32),
-            };
-            let max_step = match &m.multitoken_max_tokens {
-                Some(n) if *n.get_ref() == 0 => return Err(err(n.span(), "field `model.multitoken_max_tokens`: at least 1".into())),
-                n => n.as_ref().map(|n| *n.get_ref() as usize),
-            };
-            let int4 = match m.int4_kernel.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
-                None | Some(("auto", _)) => Int4Choice::Auto,
-                Some(("edgellm", _)) => Int4Choice::Edgellm,
-                Some(("onnxruntime", _)) => Int4Choice::OnnxRuntime,
-                Some((other, span)) => {
-                    return Err(err(span, format!("field `model.int4_kernel`: `{other}`; use \"auto\", \"edgellm\" or \"onnxruntime\"")))
-                }
-            };
-            let lookup_keys = m.prompt_lookup_ngram.as_ref().map(|n| n.span()).or(m.prompt_lookup_max_draft.as_ref().map(|n| n.span()));
-            let prompt_lookup = match &m.prompt_lookup {
-                Some(on) if *on.get_ref() => {
-                    if let Some(d) = &m.draft {
-                        return Err(err(
-                            on.span(),
-                            format!("fields `model.draft` (`{}`) and `model.prompt_lookup`: a model drafts with one proposer; remove one of them", d.get_ref()),
-                        ));
-                    }
-                    let ngram = m.prompt_lookup_ngram.as_ref().map(|n| (*n.get_ref() as usize, n.span()));
-                    if let Some((n, span)) = ngram.clone().filter(|(n, _)| !(2..=8).contains(n)) {
-                        return Err(err(span, format!("field `model.prompt_lookup_ngram`: {n}; use 2 to 8")));
-                    }
-                    let max_draft = m.prompt_lookup_max_draft.as_ref().map(|n| (*n.get_ref() as usize, n.span()));
-                    if let Some((n, span)) = max_draft.clone().filter(|(n, _)| !(1..=16).contains(n)) {
-                        return Err(err(span, format!("field `model.prompt_lookup_max_draft`: {n}; use 1 to 16")));
-                    }
-                    let defaults = LookupSettings::default();
-                    Some(LookupSettings {
-                        ngram: ngram.map(|v| v.0).unwrap_or(defaults.ngram),
-                        max_draft: max_draft.map(|v| v.0).unwrap_or(defaults.max_draft),
-                    })
-                }
-                _ if lookup_keys.is_some() => {
-                    return Err(err(
-                        lookup_keys.expect("checked"),
-                        "fields `model.prompt_lookup_ngram`/`prompt_lookup_max_draft` take effect with `prompt_lookup = true`".into(),
-                    ))
-                }
-                _ => None,
-            };
-            models.push(ModelConfig {
-                prompt_lookup,
-                name,
-                path,
-                load: LoadOptions {
-                    session: SessionOptions {
-                        providers,
-                        strict: m.strict.unwrap_or(false),
-                        threads: m.threads.unwrap_or(0) as usize,
-                        spinning: m.spinning.unwrap_or(true),
-                        spin_between_runs: m.spin_between_runs.unwrap_or(false),
-                        provider_options,
-                        weights: Default::default(),
-                        int4,
-                    },
-                    kv_layout,
-                },
-                draft: m.draft.as_ref().map(|d| d.get_ref().clone()),
-                preload: m.preload.unwrap_or(true),
-                // Never for a preloaded model, five minutes (Ollama's default) for one loaded on use.
-                keep_alive: match m.keep_alive_s.unwrap_or(if m.preload.unwrap_or(true) { 0 } else { DEFAULT_KEEP_ALIVE_S }) {
-                    0 => None,
-                    s => Some(std::time::Duration::from_secs(s)),
-                },
-                speculative: SpeculativeConfig {
-                    min_tokens: min_k,
-                    max_tokens: max_k,
-                    min_confidence,
-                    cost_aware: m.speculative_cost_aware.unwrap_or(true),
-                },
-                multitoken: MultiTokenConfig { mode, threshold, max_tokens: max_step },
-            });
-        }
-        // A daemon with no model serves nothing: on SIGHUP an emptied file would unload every
-        // model, so a config without one is an error like any other and the running one stays.
-        if models.is_empty() {
-            return Err(ConfigError {
-                file: file.to_path_buf(),
-                line: None,
-                message: "no [[model]] is configured: add one (`[[model]]` with `name` and `path`, see config/edgellm.toml)".into(),
-            });
-        }
-        // Drafts must name another configured model.
-        for (m, raw_m) in models.iter().zip(&raw.model) {
-            if let (Some(draft), Some(span)) = (&m.draft, raw_m.draft.as_ref().map(|d| d.span())) {
-                if draft == &m.name || !models.iter().any(|o| &o.name == draft) {
-                    return Err(err(span, format!("field `model.draft`: `{draft}` is not another configured [[model]]")));
-                }
+/// Every `[[model]]`, each validated in file order, then the checks across them: at least one
+/// model, and drafts that name another one.
+fn validate_models(raw: &[RawModel], base: &Path, source: &Source) -> Result<Vec<ModelConfig>, ConfigError> {
+    let mut models: Vec<ModelConfig> = Vec::new();
+    for m in raw {
+        let model = m.validate(base, source, &models)?;
+        models.push(model);
+    }
+    // A daemon with no model serves nothing: on SIGHUP an emptied file would unload every
+    // model, so a config without one is an error like any other and the running one stays.
+    if models.is_empty() {
+        return Err(ConfigError {
+            file: source.file.to_path_buf(),
+            line: None,
+            message: "no [[model]] is configured: add one (`[[model]]` with `name` and `path`, see config/edgellm.toml)".into(),
+        });
+    }
+    // Drafts must name another configured model.
+    for (m, raw_m) in models.iter().zip(raw) {
+        if let (Some(draft), Some(span)) = (&m.draft, raw_m.draft.as_ref().map(|d| d.span())) {
+            if draft == &m.name || !models.iter().any(|o| &o.name == draft) {
+                return Err(source.err(span, format!("field `model.draft`: `{draft}` is not another configured [[model]]")));
             }
         }
-        Ok(Config { file: file.to_path_buf(), daemon, runtime_library: raw.runtime.library.map(|l| base.join(l)), limits, models })
+    }
+    Ok(models)
+}
+
+impl RawModel {
+    /// This model's section; `earlier` are the models before it in the file.
+    fn validate(&self, base: &Path, source: &Source, earlier: &[ModelConfig]) -> Result<ModelConfig, ConfigError> {
+        let name = self.validate_name(source, earlier)?;
+        let path = base.join(self.path.get_ref());
+        let providers = self.validate_providers(source)?;
+        let provider_options = self.validate_provider_options(source)?;
+        let kv_layout = self.validate_kv_layout(source)?;
+        let speculative = self.validate_speculative(source)?;
+        let multitoken = self.validate_multitoken(source)?;
+        let int4 = self.validate_int4_kernel(source)?;
+        let prompt_lookup = self.validate_prompt_lookup(source)?;
+        let preload = self.preload.unwrap_or(true);
+        Ok(ModelConfig {
+            prompt_lookup,
+            name,
+            path,
+            load: LoadOptions {
+                session: SessionOptions {
+                    providers,
+                    strict: self.strict.unwrap_or(false),
+                    threads: self.threads.unwrap_or(0) as usize,
+                    spinning: self.spinning.unwrap_or(true),
+                    spin_between_runs: self.spin_between_runs.unwrap_or(false),
+                    provider_options,
+                    weights: Default::default(),
+                    int4,
+                },
+                kv_layout,
+            },
+            draft: self.draft.as_ref().map(|d| d.get_ref().clone()),
+            preload,
+            // Never for a preloaded model, five minutes (Ollama's default) for one loaded on use.
+            keep_alive: match self.keep_alive_s.unwrap_or(if preload { 0 } else { DEFAULT_KEEP_ALIVE_S }) {
+                0 => None,
+                s => Some(std::time::Duration::from_secs(s)),
+            },
+            speculative,
+            multitoken,
+        })
+    }
+
+    fn validate_name(&self, source: &Source, earlier: &[ModelConfig]) -> Result<String, ConfigError> {
+        let name = self.name.get_ref().clone();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(
+                source.err(self.name.span(), format!("field `model.name`: `{name}` may use only letters, digits, `-`, `_` and `.`"))
+            );
+        }
+        if earlier.iter().any(|o| o.name == name) {
+            return Err(source.err(self.name.span(), format!("field `model.name`: `{name}` is configured twice")));
+        }
+        Ok(name)
+    }
+
+    fn validate_providers(&self, source: &Source) -> Result<Vec<Provider>, ConfigError> {
+        let Some(list) = &self.providers else { return Ok(vec![Provider::Cpu]) };
+        if list.get_ref().is_empty() {
+            return Err(
+                source.err(list.span(), "field `model.providers`: empty; list at least one of \"cuda\", \"openvino\", \"cpu\"".into())
+            );
+        }
+        let mut out = Vec::new();
+        for p in list.get_ref() {
+            out.push(Provider::parse(p).ok_or_else(|| {
+                source.err(list.span(), format!("field `model.providers`: unknown provider `{p}`; use \"cuda\", \"openvino\" or \"cpu\""))
+            })?);
+        }
+        Ok(out)
+    }
+
+    fn validate_provider_options(&self, source: &Source) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut provider_options = Vec::new();
+        if let Some(opts) = &self.provider_options {
+            for (k, v) in opts.get_ref() {
+                let value = match v {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    toml::Value::Float(f) => f.to_string(),
+                    _ => {
+                        return Err(source.err(opts.span(), format!("field `model.provider_options.{k}`: use a string, number or boolean")))
+                    }
+                };
+                provider_options.push((k.clone(), value));
+            }
+        }
+        Ok(provider_options)
+    }
+
+    fn validate_kv_layout(&self, source: &Source) -> Result<Option<KvLayout>, ConfigError> {
+        let Some(s) = &self.kv_layout else { return Ok(None) };
+        match s.get_ref().as_str() {
+            "shared" => Ok(Some(KvLayout::Shared)),
+            "growing" => Ok(Some(KvLayout::Growing)),
+            "auto" => Ok(None),
+            other => Err(source.err(s.span(), format!("field `model.kv_layout`: `{other}`; use \"auto\", \"shared\" or \"growing\""))),
+        }
+    }
+
+    fn validate_speculative(&self, source: &Source) -> Result<SpeculativeConfig, ConfigError> {
+        let min_tokens = self.speculative_min_tokens.as_ref().map(|s| (*s.get_ref() as usize, s.span()));
+        let max_tokens = self.speculative_max_tokens.as_ref().map(|s| (*s.get_ref() as usize, s.span()));
+        let (min_k, max_k) = (min_tokens.clone().map(|v| v.0).unwrap_or(1), max_tokens.clone().map(|v| v.0).unwrap_or(8));
+        if min_k == 0 || max_k > 16 || min_k > max_k {
+            let span = min_tokens.or(max_tokens).map(|v| v.1).unwrap_or(self.name.span());
+            return Err(source.err(
+                span,
+                format!(
+                    "fields `model.speculative_min_tokens` ({min_k}) and `speculative_max_tokens` ({max_k}): need 1 <= min <= max <= 16"
+                ),
+            ));
+        }
+        let min_confidence = match &self.speculative_min_confidence {
+            Some(c) if !(0.0..=1.0).contains(c.get_ref()) => {
+                return Err(source.err(c.span(), "field `model.speculative_min_confidence`: between 0 and 1".into()))
+            }
+            Some(c) => *c.get_ref() as f32,
+            None => 0.0,
+        };
+        Ok(SpeculativeConfig {
+            min_tokens: min_k,
+            max_tokens: max_k,
+            min_confidence,
+            cost_aware: self.speculative_cost_aware.unwrap_or(true),
+        })
+    }
+
+    fn validate_multitoken(&self, source: &Source) -> Result<MultiTokenConfig, ConfigError> {
+        let mode = match &self.multitoken_mode {
+            None => None,
+            Some(s) => Some(crate::multitoken::Mode::parse(s.get_ref()).ok_or_else(|| {
+                source.err(s.span(), format!("field `model.multitoken_mode`: `{}`; use \"trust\" or \"verify\"", s.get_ref()))
+            })?),
+        };
+        let threshold = match &self.multitoken_threshold {
+            Some(c) if !(0.0..=1.0).contains(c.get_ref()) => {
+                return Err(
+                    source.err(c.span(), "field `model.multitoken_threshold`: between 0 and 1 (1 stops every step after one token)".into())
+                )
+            }
+            c => c.as_ref().map(|c| *c.get_ref() as f32),
+        };
+        let max_tokens = match &self.multitoken_max_tokens {
+            Some(n) if *n.get_ref() == 0 => return Err(source.err(n.span(), "field `model.multitoken_max_tokens`: at least 1".into())),
+            n => n.as_ref().map(|n| *n.get_ref() as usize),
+        };
+        Ok(MultiTokenConfig { mode, threshold, max_tokens })
+    }
+
+    fn validate_int4_kernel(&self, source: &Source) -> Result<Int4Choice, ConfigError> {
+        match self.int4_kernel.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
+            None | Some(("auto", _)) => Ok(Int4Choice::Auto),
+            Some(("edgellm", _)) => Ok(Int4Choice::Edgellm),
+            Some(("onnxruntime", _)) => Ok(Int4Choice::OnnxRuntime),
+            Some((other, span)) => {
+                Err(source.err(span, format!("field `model.int4_kernel`: `{other}`; use \"auto\", \"edgellm\" or \"onnxruntime\"")))
+            }
+        }
+    }
+
+    fn validate_prompt_lookup(&self, source: &Source) -> Result<Option<LookupSettings>, ConfigError> {
+        let lookup_keys = self.prompt_lookup_ngram.as_ref().map(|n| n.span()).or(self.prompt_lookup_max_draft.as_ref().map(|n| n.span()));
+        match &self.prompt_lookup {
+            Some(on) if *on.get_ref() => {
+                if let Some(d) = &self.draft {
+                    return Err(source.err(
+                        on.span(),
+                        format!(
+                            "fields `model.draft` (`{}`) and `model.prompt_lookup`: a model drafts with one proposer; remove one of them",
+                            d.get_ref()
+                        ),
+                    ));
+                }
+                let ngram = self.prompt_lookup_ngram.as_ref().map(|n| (*n.get_ref() as usize, n.span()));
+                if let Some((n, span)) = ngram.clone().filter(|(n, _)| !(2..=8).contains(n)) {
+                    return Err(source.err(span, format!("field `model.prompt_lookup_ngram`: {n}; use 2 to 8")));
+                }
+                let max_draft = self.prompt_lookup_max_draft.as_ref().map(|n| (*n.get_ref() as usize, n.span()));
+                if let Some((n, span)) = max_draft.clone().filter(|(n, _)| !(1..=16).contains(n)) {
+                    return Err(source.err(span, format!("field `model.prompt_lookup_max_draft`: {n}; use 1 to 16")));
+                }
+                let defaults = LookupSettings::default();
+                Ok(Some(LookupSettings {
+                    ngram: ngram.map(|v| v.0).unwrap_or(defaults.ngram),
+                    max_draft: max_draft.map(|v| v.0).unwrap_or(defaults.max_draft),
+                }))
+            }
+            _ if lookup_keys.is_some() => Err(source.err(
+                lookup_keys.expect("checked"),
+                "fields `model.prompt_lookup_ngram`/`prompt_lookup_max_draft` take effect with `prompt_lookup = true`".into(),
+            )),
+            _ => Ok(None),
+        }
     }
 }
 

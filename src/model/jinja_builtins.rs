@@ -731,7 +731,17 @@ fn methods(state: &State, value: &Value, method: &str, args: &[Value]) -> R<Valu
 
 fn str_method(s: &str, method: &str, args: &[Value]) -> R<Option<Value>> {
     let a = Args::new(args)?;
-    let none = |n: usize| a.at_most(n);
+    if let Some(v) = str_test_or_case(s, method) {
+        return Ok(Some(v));
+    }
+    if let Some(v) = str_layout_method(s, method, &a)? {
+        return Ok(Some(v));
+    }
+    str_search_method(s, method, &a)
+}
+
+/// The `str` methods that take no argument: the `is*` tests and the case changes.
+fn str_test_or_case(s: &str, method: &str) -> Option<Value> {
     let v = match method {
         "upper" => Value::from(s.to_uppercase()),
         "lower" => Value::from(s.to_lowercase()),
@@ -754,6 +764,15 @@ fn str_method(s: &str, method: &str, args: &[Value]) -> R<Option<Value>> {
             let mut it = s.chars();
             Value::from(it.next().is_some_and(|c| c == '_' || c.is_alphabetic()) && it.all(|c| c == '_' || c.is_alphanumeric()))
         }
+        _ => return None,
+    };
+    Some(v)
+}
+
+/// The `str` methods that cut, split or pad a string.
+fn str_layout_method(s: &str, method: &str, a: &Args) -> R<Option<Value>> {
+    let none = |n: usize| a.at_most(n);
+    let v = match method {
         "strip" | "lstrip" | "rstrip" => {
             none(1)?;
             let chars = a.str(0, "chars")?;
@@ -812,6 +831,15 @@ fn str_method(s: &str, method: &str, args: &[Value]) -> R<Option<Value>> {
                 }
             }
         }
+        "expandtabs" => Value::from(expandtabs(s, a.int(0, "tabsize", 8)?)),
+        _ => return Ok(None),
+    };
+    Ok(Some(v))
+}
+
+/// The `str` methods that search a string, replace in it, join with it or format it.
+fn str_search_method(s: &str, method: &str, a: &Args) -> R<Option<Value>> {
+    let v = match method {
         "count" | "find" | "rfind" | "index" | "rindex" => {
             let sub = chars(&a.req_str(0, "sub")?);
             let c = chars(s);
@@ -839,7 +867,6 @@ fn str_method(s: &str, method: &str, args: &[Value]) -> R<Option<Value>> {
             let count = a.int(2, "count", -1)?;
             Value::from(py_replace(s, &old, &new, count))
         }
-        "expandtabs" => Value::from(expandtabs(s, a.int(0, "tabsize", 8)?)),
         "removeprefix" => {
             let p = a.req_str(0, "prefix")?;
             Value::from(s.strip_prefix(p.as_str()).unwrap_or(s))
@@ -848,33 +875,7 @@ fn str_method(s: &str, method: &str, args: &[Value]) -> R<Option<Value>> {
             let p = a.req_str(0, "suffix")?;
             Value::from(s.strip_suffix(p.as_str()).unwrap_or(s))
         }
-        "startswith" | "endswith" => {
-            let what = a.get(0, "prefix")?.ok_or_else(|| type_error(format!("{method}() takes at least 1 argument")))?;
-            let c = chars(s);
-            let (from, to) = bounds(c.len(), a.pos.get(1), a.pos.get(2))?;
-            let part = if from <= to { string(&c[from..to]) } else { String::new() };
-            let test = |p: &Value| -> R<bool> {
-                let p = p
-                    .as_str()
-                    .ok_or_else(|| type_error(format!("{method} first arg must be str or a tuple of str, not {}", py_type(p))))?;
-                if from > c.len() {
-                    return Ok(false);
-                }
-                Ok(if method == "startswith" { part.starts_with(p) } else { part.ends_with(p) })
-            };
-            let hit = if what.kind() == ValueKind::String {
-                test(&what)?
-            } else if what.kind() == ValueKind::Seq {
-                let mut hit = false;
-                for p in what.try_iter()? {
-                    hit |= test(&p)?;
-                }
-                hit
-            } else {
-                return Err(type_error(format!("{method} first arg must be str or a tuple of str, not {}", py_type(&what))));
-            };
-            Value::from(hit)
-        }
+        "startswith" | "endswith" => Value::from(affix_test(s, method, a)?),
         "join" => {
             let items = a.get(0, "iterable")?.ok_or_else(|| type_error("join() takes exactly one argument (0 given)"))?;
             let mut out = String::new();
@@ -889,10 +890,38 @@ fn str_method(s: &str, method: &str, args: &[Value]) -> R<Option<Value>> {
             }
             Value::from(out)
         }
-        "format" => Value::from(str_format(s, &a)?),
+        "format" => Value::from(str_format(s, a)?),
         _ => return Ok(None),
     };
     Ok(Some(v))
+}
+
+/// `str.startswith` or `str.endswith` (`method`): a prefix, or a tuple of them, within the
+/// optional start and end.
+fn affix_test(s: &str, method: &str, a: &Args) -> R<bool> {
+    let what = a.get(0, "prefix")?.ok_or_else(|| type_error(format!("{method}() takes at least 1 argument")))?;
+    let c = chars(s);
+    let (from, to) = bounds(c.len(), a.pos.get(1), a.pos.get(2))?;
+    let part = if from <= to { string(&c[from..to]) } else { String::new() };
+    let test = |p: &Value| -> R<bool> {
+        let p = p.as_str().ok_or_else(|| type_error(format!("{method} first arg must be str or a tuple of str, not {}", py_type(p))))?;
+        if from > c.len() {
+            return Ok(false);
+        }
+        Ok(if method == "startswith" { part.starts_with(p) } else { part.ends_with(p) })
+    };
+    let hit = if what.kind() == ValueKind::String {
+        test(&what)?
+    } else if what.kind() == ValueKind::Seq {
+        let mut hit = false;
+        for p in what.try_iter()? {
+            hit |= test(&p)?;
+        }
+        hit
+    } else {
+        return Err(type_error(format!("{method} first arg must be str or a tuple of str, not {}", py_type(&what))));
+    };
+    Ok(hit)
 }
 
 fn seq_method(value: &Value, method: &str, args: &[Value]) -> R<Option<Value>> {
@@ -1062,65 +1091,11 @@ fn general_format(x: f64, precision: usize, alternate: bool, upper: bool) -> Str
 fn format_value(value: &Value, spec: &Spec) -> R<String> {
     let numeric = matches!(value.kind(), ValueKind::Number | ValueKind::Bool);
     let ty = spec.ty;
-    let mut body;
-    let mut negative = false;
-    match ty {
-        None | Some('s') if !numeric || ty == Some('s') => {
-            if ty == Some('s') && value.kind() != ValueKind::String {
-                return Err(value_error(format!("Unknown format code 's' for object of type '{}'", py_type(value))));
-            }
-            body = py_str(value);
-            if let Some(p) = spec.precision {
-                body = body.chars().take(p).collect();
-            }
-        }
-        Some('d' | 'x' | 'X' | 'o' | 'b' | 'c') => {
-            if !numeric || !(value.is_integer() || value.kind() == ValueKind::Bool) {
-                return Err(value_error(format!("Unknown format code '{}' for object of type '{}'", ty.unwrap(), py_type(value))));
-            }
-            let n = if value.kind() == ValueKind::Bool { value.is_true() as i128 } else { i128::try_from(value.clone())? };
-            negative = n < 0;
-            let m = n.unsigned_abs();
-            body = match ty {
-                Some('x') => format!("{}{m:x}", if spec.alternate { "0x" } else { "" }),
-                Some('X') => format!("{}{m:X}", if spec.alternate { "0X" } else { "" }),
-                Some('o') => format!("{}{m:o}", if spec.alternate { "0o" } else { "" }),
-                Some('b') => format!("{}{m:b}", if spec.alternate { "0b" } else { "" }),
-                Some('c') => char::from_u32(n as u32).map(String::from).unwrap_or_default(),
-                _ => m.to_string(),
-            };
-            if let Some(g) = spec.grouping {
-                body = group(&body, g);
-            }
-        }
-        _ => {
-            if !numeric {
-                return Err(value_error(format!("Unknown format code '{}' for object of type '{}'", ty.unwrap_or('?'), py_type(value))));
-            }
-            let x = f64::try_from(value.clone()).unwrap_or(0.0);
-            negative = x.is_sign_negative() && x != 0.0 || (x == 0.0 && x.is_sign_negative());
-            let a = x.abs();
-            body = match ty {
-                None if value.is_integer() || value.kind() == ValueKind::Bool => {
-                    let n = if value.kind() == ValueKind::Bool { value.is_true() as i128 } else { i128::try_from(value.clone())? };
-                    negative = n < 0;
-                    n.unsigned_abs().to_string()
-                }
-                None => match spec.precision {
-                    Some(p) => general_format(a, p, spec.alternate, false),
-                    None => py_float(a),
-                },
-                Some('f' | 'F') => format!("{:.*}", spec.precision.unwrap_or(6), a),
-                Some('e' | 'E') => exp_format(a, spec.precision.unwrap_or(6), ty == Some('E')),
-                Some('g' | 'G' | 'n') => general_format(a, spec.precision.unwrap_or(6), spec.alternate, ty == Some('G')),
-                Some('%') => format!("{:.*}%", spec.precision.unwrap_or(6), a * 100.0),
-                Some(t) => return Err(value_error(format!("Unknown format code '{t}' for object of type '{}'", py_type(value)))),
-            };
-            if let Some(g) = spec.grouping {
-                body = group(&body, g);
-            }
-        }
-    }
+    let (body, negative) = match ty {
+        None | Some('s') if !numeric || ty == Some('s') => (string_body(value, spec)?, false),
+        Some('d' | 'x' | 'X' | 'o' | 'b' | 'c') => integer_body(value, spec, numeric)?,
+        _ => number_body(value, spec, numeric)?,
+    };
     let sign = if negative {
         "-"
     } else if numeric {
@@ -1132,6 +1107,78 @@ fn format_value(value: &Value, spec: &Spec) -> R<String> {
     } else {
         ""
     };
+    Ok(pad_formatted(sign, &body, spec, numeric))
+}
+
+/// A value formatted as a string (`s`, or no type for a non-number), cut to the precision.
+fn string_body(value: &Value, spec: &Spec) -> R<String> {
+    if spec.ty == Some('s') && value.kind() != ValueKind::String {
+        return Err(value_error(format!("Unknown format code 's' for object of type '{}'", py_type(value))));
+    }
+    let mut body = py_str(value);
+    if let Some(p) = spec.precision {
+        body = body.chars().take(p).collect();
+    }
+    Ok(body)
+}
+
+/// An integer's digits without a sign, in the spec's base (`d`, `x`, `X`, `o`, `b`) or as a
+/// character (`c`), and whether it is negative.
+fn integer_body(value: &Value, spec: &Spec, numeric: bool) -> R<(String, bool)> {
+    let ty = spec.ty;
+    if !numeric || !(value.is_integer() || value.kind() == ValueKind::Bool) {
+        return Err(value_error(format!("Unknown format code '{}' for object of type '{}'", ty.unwrap(), py_type(value))));
+    }
+    let n = if value.kind() == ValueKind::Bool { value.is_true() as i128 } else { i128::try_from(value.clone())? };
+    let m = n.unsigned_abs();
+    let mut body = match ty {
+        Some('x') => format!("{}{m:x}", if spec.alternate { "0x" } else { "" }),
+        Some('X') => format!("{}{m:X}", if spec.alternate { "0X" } else { "" }),
+        Some('o') => format!("{}{m:o}", if spec.alternate { "0o" } else { "" }),
+        Some('b') => format!("{}{m:b}", if spec.alternate { "0b" } else { "" }),
+        Some('c') => char::from_u32(n as u32).map(String::from).unwrap_or_default(),
+        _ => m.to_string(),
+    };
+    if let Some(g) = spec.grouping {
+        body = group(&body, g);
+    }
+    Ok((body, n < 0))
+}
+
+/// A number's digits without a sign, as a float type asks (`f`, `e`, `g`, `%`, or none), and
+/// whether it is negative.
+fn number_body(value: &Value, spec: &Spec, numeric: bool) -> R<(String, bool)> {
+    let ty = spec.ty;
+    if !numeric {
+        return Err(value_error(format!("Unknown format code '{}' for object of type '{}'", ty.unwrap_or('?'), py_type(value))));
+    }
+    let x = f64::try_from(value.clone()).unwrap_or(0.0);
+    let mut negative = x.is_sign_negative() && x != 0.0 || (x == 0.0 && x.is_sign_negative());
+    let a = x.abs();
+    let mut body = match ty {
+        None if value.is_integer() || value.kind() == ValueKind::Bool => {
+            let n = if value.kind() == ValueKind::Bool { value.is_true() as i128 } else { i128::try_from(value.clone())? };
+            negative = n < 0;
+            n.unsigned_abs().to_string()
+        }
+        None => match spec.precision {
+            Some(p) => general_format(a, p, spec.alternate, false),
+            None => py_float(a),
+        },
+        Some('f' | 'F') => format!("{:.*}", spec.precision.unwrap_or(6), a),
+        Some('e' | 'E') => exp_format(a, spec.precision.unwrap_or(6), ty == Some('E')),
+        Some('g' | 'G' | 'n') => general_format(a, spec.precision.unwrap_or(6), spec.alternate, ty == Some('G')),
+        Some('%') => format!("{:.*}%", spec.precision.unwrap_or(6), a * 100.0),
+        Some(t) => return Err(value_error(format!("Unknown format code '{t}' for object of type '{}'", py_type(value)))),
+    };
+    if let Some(g) = spec.grouping {
+        body = group(&body, g);
+    }
+    Ok((body, negative))
+}
+
+/// `sign` and `body` padded to the spec's width with its fill and alignment.
+fn pad_formatted(sign: &str, body: &str, spec: &Spec, numeric: bool) -> String {
     let len = sign.chars().count() + body.chars().count();
     let fill = spec.fill.unwrap_or(if spec.zero && spec.align.is_none() { '0' } else { ' ' });
     let align = spec.align.unwrap_or(if spec.zero && numeric {
@@ -1142,16 +1189,16 @@ fn format_value(value: &Value, spec: &Spec) -> R<String> {
         '<'
     });
     if spec.width <= len {
-        return Ok(format!("{sign}{body}"));
+        return format!("{sign}{body}");
     }
     let marg = spec.width - len;
     let padding = |n: usize| std::iter::repeat_n(fill, n).collect::<String>();
-    Ok(match align {
+    match align {
         '<' => format!("{sign}{body}{}", padding(marg)),
         '>' => format!("{}{sign}{body}", padding(marg)),
         '^' => format!("{}{sign}{body}{}", padding(marg / 2), padding(marg - marg / 2)),
         _ => format!("{sign}{}{body}", padding(marg)),
-    })
+    }
 }
 
 /// Python's `str.format`.
@@ -1172,84 +1219,10 @@ fn str_format(s: &str, a: &Args) -> R<String> {
             }
             '}' => return Err(value_error("Single '}' encountered in format string")),
             '{' => {
-                let mut depth = 1;
-                let mut j = i + 1;
-                while j < c.len() {
-                    match c[j] {
-                        '{' => depth += 1,
-                        '}' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                break;
-                            }
-                        }
-                        _ => {}
-                    }
-                    j += 1;
-                }
-                if j >= c.len() {
-                    return Err(value_error("expected '}' before end of string"));
-                }
+                let j = closing_brace(&c, i)?;
                 let field = string(&c[i + 1..j]);
                 i = j + 1;
-                let (field, spec) = match field.find(':') {
-                    Some(k) => (field[..k].to_string(), field[k + 1..].to_string()),
-                    None => (field, String::new()),
-                };
-                let (field, conversion) = match field.find('!') {
-                    Some(k) => (field[..k].to_string(), Some(field[k + 1..].to_string())),
-                    None => (field, None),
-                };
-                let name_end = field.find(['.', '[']).unwrap_or(field.len());
-                let (name, mut rest) = field.split_at(name_end);
-                let mut value = if name.is_empty() {
-                    let v = a
-                        .pos
-                        .get(auto)
-                        .cloned()
-                        .ok_or_else(|| err("IndexError", format!("Replacement index {auto} out of range for positional args tuple")))?;
-                    auto += 1;
-                    v
-                } else if let Ok(n) = name.parse::<usize>() {
-                    a.pos
-                        .get(n)
-                        .cloned()
-                        .ok_or_else(|| err("IndexError", format!("Replacement index {n} out of range for positional args tuple")))?
-                } else {
-                    match &a.kw {
-                        Some(kw) if kw.has(name) => kw.get::<Value>(name)?,
-                        _ => return Err(err("KeyError", py_str_repr(name))),
-                    }
-                };
-                while !rest.is_empty() {
-                    if let Some(r) = rest.strip_prefix('.') {
-                        let end = r.find(['.', '[']).unwrap_or(r.len());
-                        value = value.get_attr(&r[..end])?;
-                        rest = &r[end..];
-                    } else if let Some(r) = rest.strip_prefix('[') {
-                        let end = r.find(']').ok_or_else(|| value_error("Missing ']' in format string"))?;
-                        let key = &r[..end];
-                        value = match key.parse::<i64>() {
-                            Ok(n) => value.get_item(&Value::from(n))?,
-                            Err(_) => value.get_item(&Value::from(key))?,
-                        };
-                        rest = &r[end + 1..];
-                    } else {
-                        return Err(value_error("Only '.' or '[' may follow ']' in format field specifier"));
-                    }
-                }
-                if value.is_undefined() {
-                    return Err(err("KeyError", py_str_repr(&field)));
-                }
-                let value = match conversion.as_deref() {
-                    None => value,
-                    Some("s") => Value::from(py_str(&value)),
-                    Some("r") | Some("a") => Value::from(py_repr(&value)),
-                    Some(other) => return Err(value_error(format!("Unknown conversion specifier {other}"))),
-                };
-                // A spec may hold nested fields (`{:{width}}`).
-                let spec = if spec.contains('{') { str_format(&spec, a)? } else { spec };
-                out.push_str(&format_value(&value, &parse_spec(&spec)?)?);
+                out.push_str(&replacement_field(field, a, &mut auto)?);
             }
             ch => {
                 out.push(ch);
@@ -1258,6 +1231,96 @@ fn str_format(s: &str, a: &Args) -> R<String> {
         }
     }
     Ok(out)
+}
+
+/// The index of the `}` that closes the `{` at `open` (nested fields included).
+fn closing_brace(c: &[char], open: usize) -> R<usize> {
+    let mut depth = 1;
+    let mut j = open + 1;
+    while j < c.len() {
+        match c[j] {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    break;
+                }
+            }
+            _ => {}
+        }
+        j += 1;
+    }
+    if j >= c.len() {
+        return Err(value_error("expected '}' before end of string"));
+    }
+    Ok(j)
+}
+
+/// A replacement field of `str.format` (`name.attr[key]!conversion:spec`, without its braces)
+/// formatted; `auto` is the next automatic positional index.
+fn replacement_field(field: String, a: &Args, auto: &mut usize) -> R<String> {
+    let (field, spec) = match field.find(':') {
+        Some(k) => (field[..k].to_string(), field[k + 1..].to_string()),
+        None => (field, String::new()),
+    };
+    let (field, conversion) = match field.find('!') {
+        Some(k) => (field[..k].to_string(), Some(field[k + 1..].to_string())),
+        None => (field, None),
+    };
+    let value = field_value(&field, a, auto)?;
+    let value = match conversion.as_deref() {
+        None => value,
+        Some("s") => Value::from(py_str(&value)),
+        Some("r") | Some("a") => Value::from(py_repr(&value)),
+        Some(other) => return Err(value_error(format!("Unknown conversion specifier {other}"))),
+    };
+    // A spec may hold nested fields (`{:{width}}`).
+    let spec = if spec.contains('{') { str_format(&spec, a)? } else { spec };
+    format_value(&value, &parse_spec(&spec)?)
+}
+
+/// The value a field name picks: an argument (automatic, by index or by keyword), then its
+/// attributes (`.name`) and items (`[key]`).
+fn field_value(field: &str, a: &Args, auto: &mut usize) -> R<Value> {
+    let name_end = field.find(['.', '[']).unwrap_or(field.len());
+    let (name, mut rest) = field.split_at(name_end);
+    let mut value = if name.is_empty() {
+        let v = a
+            .pos
+            .get(*auto)
+            .cloned()
+            .ok_or_else(|| err("IndexError", format!("Replacement index {auto} out of range for positional args tuple")))?;
+        *auto += 1;
+        v
+    } else if let Ok(n) = name.parse::<usize>() {
+        a.pos.get(n).cloned().ok_or_else(|| err("IndexError", format!("Replacement index {n} out of range for positional args tuple")))?
+    } else {
+        match &a.kw {
+            Some(kw) if kw.has(name) => kw.get::<Value>(name)?,
+            _ => return Err(err("KeyError", py_str_repr(name))),
+        }
+    };
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix('.') {
+            let end = r.find(['.', '[']).unwrap_or(r.len());
+            value = value.get_attr(&r[..end])?;
+            rest = &r[end..];
+        } else if let Some(r) = rest.strip_prefix('[') {
+            let end = r.find(']').ok_or_else(|| value_error("Missing ']' in format string"))?;
+            let key = &r[..end];
+            value = match key.parse::<i64>() {
+                Ok(n) => value.get_item(&Value::from(n))?,
+                Err(_) => value.get_item(&Value::from(key))?,
+            };
+            rest = &r[end + 1..];
+        } else {
+            return Err(value_error("Only '.' or '[' may follow ']' in format field specifier"));
+        }
+    }
+    if value.is_undefined() {
+        return Err(err("KeyError", py_str_repr(field)));
+    }
+    Ok(value)
 }
 
 /// Python's `%` formatting (jinja2's `format` filter: `value % args`, or `% kwargs`).
@@ -1284,38 +1347,16 @@ fn percent_format(s: &str, args: &[Value], kwargs: Option<&Value>) -> R<String> 
             key = Some(string(&c[i + 1..end]));
             i = end + 1;
         }
-        let mut spec = Spec::default();
-        while i < c.len() && matches!(c[i], '-' | '+' | ' ' | '#' | '0') {
-            match c[i] {
-                '-' => spec.align = Some('<'),
-                '+' => spec.sign = Some('+'),
-                ' ' => {
-                    if spec.sign.is_none() {
-                        spec.sign = Some(' ')
-                    }
-                }
-                '#' => spec.alternate = true,
-                _ => spec.zero = true,
-            }
-            i += 1;
-        }
-        let start = i;
+        let mut spec = percent_flags(&c, &mut i);
         if c.get(i) == Some(&'*') {
             spec.width = take(&mut next)?.as_usize().unwrap_or(0);
             i += 1;
         } else {
-            while i < c.len() && c[i].is_ascii_digit() {
-                i += 1;
-            }
-            spec.width = string(&c[start..i]).parse().unwrap_or(0);
+            spec.width = digits(&c, &mut i).parse().unwrap_or(0);
         }
         if c.get(i) == Some(&'.') {
             i += 1;
-            let start = i;
-            while i < c.len() && c[i].is_ascii_digit() {
-                i += 1;
-            }
-            spec.precision = Some(string(&c[start..i]).parse().unwrap_or(0));
+            spec.precision = Some(digits(&c, &mut i).parse().unwrap_or(0));
         }
         let Some(&ty) = c.get(i) else {
             return Err(value_error("incomplete format"));
@@ -1333,53 +1374,86 @@ fn percent_format(s: &str, args: &[Value], kwargs: Option<&Value>) -> R<String> 
                 .ok_or_else(|| err("KeyError", py_str_repr(k)))?,
             None => take(&mut next)?,
         };
-        if spec.align == Some('<') {
-            spec.zero = false;
-        }
-        let numeric = matches!(value.kind(), ValueKind::Number | ValueKind::Bool);
-        let text = match ty {
-            's' | 'r' | 'a' => {
-                let text = if ty == 's' { py_str(&value) } else { py_repr(&value) };
-                spec.zero = false;
-                spec.ty = None;
-                spec.align = Some(spec.align.unwrap_or('>'));
-                format_value(&Value::from(text), &spec)?
-            }
-            'd' | 'i' | 'u' => {
-                if !numeric {
-                    return Err(type_error(format!("%{ty} format: a real number is required, not {}", py_type(&value))));
-                }
-                let n = f64::try_from(value.clone()).unwrap_or(0.0).trunc();
-                let v = if value.is_integer() { value.clone() } else { Value::from(n as i64) };
-                spec.ty = Some('d');
-                spec.precision = None;
-                format_value(&v, &spec)?
-            }
-            'x' | 'X' | 'o' => {
-                if !value.is_integer() {
-                    return Err(type_error(format!("%{ty} format: an integer is required, not {}", py_type(&value))));
-                }
-                spec.ty = Some(ty);
-                spec.precision = None;
-                format_value(&value, &spec)?
-            }
-            'f' | 'F' | 'e' | 'E' | 'g' | 'G' => {
-                if !numeric {
-                    return Err(type_error(format!("must be real number, not {}", py_type(&value))));
-                }
-                spec.ty = Some(ty);
-                let x = Value::from(f64::try_from(value.clone()).unwrap_or(0.0));
-                format_value(&x, &spec)?
-            }
-            'c' => py_str(&value),
-            other => return Err(value_error(format!("unsupported format character '{other}'"))),
-        };
-        out.push_str(&text);
+        out.push_str(&percent_conversion(ty, &value, spec)?);
     }
     if kwargs.is_none() && next < args.len() {
         return Err(type_error("not all arguments converted during string formatting"));
     }
     Ok(out)
+}
+
+/// The flags of a `%` conversion (`-`, `+`, space, `#`, `0`) from `c[*i]` on, as a spec.
+fn percent_flags(c: &[char], i: &mut usize) -> Spec {
+    let mut spec = Spec::default();
+    while *i < c.len() && matches!(c[*i], '-' | '+' | ' ' | '#' | '0') {
+        match c[*i] {
+            '-' => spec.align = Some('<'),
+            '+' => spec.sign = Some('+'),
+            ' ' => {
+                if spec.sign.is_none() {
+                    spec.sign = Some(' ')
+                }
+            }
+            '#' => spec.alternate = true,
+            _ => spec.zero = true,
+        }
+        *i += 1;
+    }
+    spec
+}
+
+/// The ASCII digits from `c[*i]` on (maybe none), `*i` moved past them.
+fn digits(c: &[char], i: &mut usize) -> String {
+    let start = *i;
+    while *i < c.len() && c[*i].is_ascii_digit() {
+        *i += 1;
+    }
+    string(&c[start..*i])
+}
+
+/// `value` formatted by the `%` conversion `ty` with the flags, width and precision of `spec`.
+fn percent_conversion(ty: char, value: &Value, mut spec: Spec) -> R<String> {
+    if spec.align == Some('<') {
+        spec.zero = false;
+    }
+    let numeric = matches!(value.kind(), ValueKind::Number | ValueKind::Bool);
+    Ok(match ty {
+        's' | 'r' | 'a' => {
+            let text = if ty == 's' { py_str(value) } else { py_repr(value) };
+            spec.zero = false;
+            spec.ty = None;
+            spec.align = Some(spec.align.unwrap_or('>'));
+            format_value(&Value::from(text), &spec)?
+        }
+        'd' | 'i' | 'u' => {
+            if !numeric {
+                return Err(type_error(format!("%{ty} format: a real number is required, not {}", py_type(value))));
+            }
+            let n = f64::try_from(value.clone()).unwrap_or(0.0).trunc();
+            let v = if value.is_integer() { value.clone() } else { Value::from(n as i64) };
+            spec.ty = Some('d');
+            spec.precision = None;
+            format_value(&v, &spec)?
+        }
+        'x' | 'X' | 'o' => {
+            if !value.is_integer() {
+                return Err(type_error(format!("%{ty} format: an integer is required, not {}", py_type(value))));
+            }
+            spec.ty = Some(ty);
+            spec.precision = None;
+            format_value(value, &spec)?
+        }
+        'f' | 'F' | 'e' | 'E' | 'g' | 'G' => {
+            if !numeric {
+                return Err(type_error(format!("must be real number, not {}", py_type(value))));
+            }
+            spec.ty = Some(ty);
+            let x = Value::from(f64::try_from(value.clone()).unwrap_or(0.0));
+            format_value(&x, &spec)?
+        }
+        'c' => py_str(value),
+        other => return Err(value_error(format!("unsupported format character '{other}'"))),
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2021,14 +2095,28 @@ fn urlize(value: Value, pos: Rest<Value>, kw: Kwargs) -> R<String> {
     rel_parts.push("noopener".into());
     rel_parts.sort();
     rel_parts.dedup();
-    let rel_attr = format!(" rel=\"{}\"", html_escape(&rel_parts.join(" ")));
-    let target_attr = target.map(|t| format!(" target=\"{}\"", html_escape(&t))).unwrap_or_default();
-    let trim_url = |x: &str| match trim {
-        Some(n) if x.chars().count() as i64 > n => format!("{}...", x.chars().take(n.max(0) as usize).collect::<String>()),
-        _ => x.to_string(),
+    let links = Links {
+        rel_attr: format!(" rel=\"{}\"", html_escape(&rel_parts.join(" "))),
+        target_attr: target.map(|t| format!(" target=\"{}\"", html_escape(&t))).unwrap_or_default(),
+        trim,
     };
     let text = html_escape(&py_str(&value));
-    // re.split(r"(\s+)"): words and the whitespace between them
+    let mut out = String::new();
+    for word in words_and_spaces(&text) {
+        if word.chars().next().is_some_and(py_isspace) {
+            out.push_str(&word);
+            continue;
+        }
+        let (head, middle, tail) = strip_punctuation(&word);
+        out.push_str(head);
+        out.push_str(&links.link(&middle));
+        out.push_str(&tail);
+    }
+    Ok(out)
+}
+
+/// `re.split(r"(\s+)", text)`: the words and the whitespace between them.
+fn words_and_spaces(text: &str) -> Vec<String> {
     let mut words: Vec<String> = Vec::new();
     let mut current = String::new();
     let mut in_space = false;
@@ -2043,56 +2131,69 @@ fn urlize(value: Value, pos: Rest<Value>, kw: Kwargs) -> R<String> {
     if !current.is_empty() || words.is_empty() {
         words.push(current);
     }
-    let mut out = String::new();
-    for word in words {
-        if word.chars().next().is_some_and(py_isspace) {
-            out.push_str(&word);
+    words
+}
+
+/// A word as jinja2's `urlize` splits it: the opening brackets before it, the word, and the
+/// closing brackets and punctuation after it (a closing bracket that an opening one in the word
+/// needs stays in the word).
+fn strip_punctuation(word: &str) -> (&str, String, String) {
+    let mut head_len = 0;
+    loop {
+        let m = &word[head_len..];
+        if m.starts_with('(') || m.starts_with('<') {
+            head_len += 1;
+        } else if m.starts_with("&lt;") {
+            head_len += 4;
+        } else {
+            break;
+        }
+    }
+    let (head, middle) = word.split_at(head_len);
+    let mut tail_start = middle.len();
+    loop {
+        let m = &middle[..tail_start];
+        if m.ends_with([')', '>', '.', ',', '\n']) {
+            tail_start -= 1;
+        } else if m.ends_with("&gt;") {
+            tail_start -= 4;
+        } else {
+            break;
+        }
+    }
+    let mut middle_s = middle[..tail_start].to_string();
+    let mut tail = middle[tail_start..].to_string();
+    for (open, close) in [("(", ")"), ("<", ">"), ("&lt;", "&gt;")] {
+        let start_count = middle_s.matches(open).count();
+        if start_count <= middle_s.matches(close).count() {
             continue;
         }
-        let mut middle = word.as_str();
-        let mut head_len = 0;
-        loop {
-            let m = &middle[head_len..];
-            if m.starts_with('(') || m.starts_with('<') {
-                head_len += 1;
-            } else if m.starts_with("&lt;") {
-                head_len += 4;
-            } else {
-                break;
-            }
+        for _ in 0..start_count.min(tail.matches(close).count()) {
+            let end_index = tail.find(close).unwrap() + close.len();
+            middle_s.push_str(&tail[..end_index]);
+            tail = tail[end_index..].to_string();
         }
-        let head = middle[..head_len].to_string();
-        middle = &middle[head_len..];
-        let mut tail_start = middle.len();
-        loop {
-            let m = &middle[..tail_start];
-            if m.ends_with([')', '>', '.', ',', '\n']) {
-                tail_start -= 1;
-            } else if m.ends_with("&gt;") {
-                tail_start -= 4;
-            } else {
-                break;
-            }
-        }
-        let mut middle_s = middle[..tail_start].to_string();
-        let mut tail = middle[tail_start..].to_string();
-        for (open, close) in [("(", ")"), ("<", ">"), ("&lt;", "&gt;")] {
-            let start_count = middle_s.matches(open).count();
-            if start_count <= middle_s.matches(close).count() {
-                continue;
-            }
-            for _ in 0..start_count.min(tail.matches(close).count()) {
-                let end_index = tail.find(close).unwrap() + close.len();
-                middle_s.push_str(&tail[..end_index]);
-                tail = tail[end_index..].to_string();
-            }
-        }
-        let m = middle_s.as_str();
-        let linked = if is_http(m) {
+    }
+    (head, middle_s, tail)
+}
+
+/// How `urlize` writes a link: its `rel` and `target` attributes, and the length its text is
+/// cut to.
+struct Links {
+    rel_attr: String,
+    target_attr: String,
+    trim: Option<i64>,
+}
+
+impl Links {
+    /// `m` as a link if it is a web address or an email address, else as it is.
+    fn link(&self, m: &str) -> String {
+        let Links { rel_attr, target_attr, .. } = self;
+        if is_http(m) {
             if m.starts_with("https://") || m.starts_with("http://") {
-                format!("<a href=\"{m}\"{rel_attr}{target_attr}>{}</a>", trim_url(m))
+                format!("<a href=\"{m}\"{rel_attr}{target_attr}>{}</a>", self.trim_url(m))
             } else {
-                format!("<a href=\"https://{m}\"{rel_attr}{target_attr}>{}</a>", trim_url(m))
+                format!("<a href=\"https://{m}\"{rel_attr}{target_attr}>{}</a>", self.trim_url(m))
             }
         } else if m.starts_with("mailto:") && is_email(&m[7..]) {
             format!("<a href=\"{m}\">{}</a>", &m[7..])
@@ -2100,12 +2201,15 @@ fn urlize(value: Value, pos: Rest<Value>, kw: Kwargs) -> R<String> {
             format!("<a href=\"mailto:{m}\">{m}</a>")
         } else {
             m.to_string()
-        };
-        out.push_str(&head);
-        out.push_str(&linked);
-        out.push_str(&tail);
+        }
     }
-    Ok(out)
+
+    fn trim_url(&self, x: &str) -> String {
+        match self.trim {
+            Some(n) if x.chars().count() as i64 > n => format!("{}...", x.chars().take(n.max(0) as usize).collect::<String>()),
+            _ => x.to_string(),
+        }
+    }
 }
 
 /// Python's textwrap chunks: whitespace runs and words, words split after hyphens between

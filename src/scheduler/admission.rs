@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use super::events::{ClientId, SchedulerError};
+use super::error::SchedulerError;
+use super::ClientId;
 use crate::config::Limits;
 
 /// Held by every admitted request, by its job and by its caller's `Submitted`: the drain at

@@ -1,7 +1,8 @@
 //! Admission, queues and the engine threads: the scheduler's handle and the models' lifecycle
 //! (start, reload, load and unload, preload, shutdown). Its parts each own their state:
 //! `admission` the per-client and queue counts and the drain, `worker` each model's engine
-//! thread and queue, `events` what callers are told.
+//! thread and queue, `events` what a request's caller is told, `model_status` what a model is
+//! doing, `error` why a request or a model operation failed.
 //!
 //! Each configured model has one engine thread that owns its ONNX Runtime session and runs one
 //! request at a time. Requests wait in a per-model queue that takes clients in turn (one
@@ -11,8 +12,10 @@
 //! name).
 
 mod admission;
+mod error;
 mod events;
 mod kv_store;
+mod model_status;
 mod queue;
 mod worker;
 
@@ -23,8 +26,10 @@ use std::time::Instant;
 use tokio::sync::{broadcast, oneshot};
 
 pub use admission::DrainGuard;
-pub use events::{ClientId, Event, EventSender, EventStream, Finished, ModelInfo, ModelState, RequestId, SchedulerError};
+pub use error::SchedulerError;
+pub use events::{Event, EventSender, EventStream, Finished};
 pub use kv_store::CacheKey;
+pub use model_status::{ModelInfo, ModelState};
 
 use crate::config::{Config, Limits, ModelConfig};
 use crate::engine::{CancelToken, FinishReason, GenerateOptions, Prompt};
@@ -37,12 +42,29 @@ pub use queue::Priority;
 pub use worker::trim_heap;
 use worker::{engine_thread, finish_unrun, open_folder, Control, Counters, GenerateJob, Inner, ModelSlot};
 
+/// A client, as the service names it (its D-Bus unique name).
+pub type ClientId = String;
+/// A request, unique for the daemon's lifetime.
+pub type RequestId = u64;
+
 pub struct Submitted {
     pub id: RequestId,
     pub events: EventStream,
     pub cancel: CancelToken,
     /// Held by whoever relays the events, until the caller has them all.
     pub drain: DrainGuard,
+}
+
+/// A request as it is submitted: who asks (the client's connection and, where known, its Unix
+/// user), for what (model, prompt, options), how urgently, and under which key its KV is kept.
+pub struct Submission<'a> {
+    pub client: &'a str,
+    pub user: Option<u32>,
+    pub model: &'a str,
+    pub prompt: &'a Prompt,
+    pub options: GenerateOptions,
+    pub priority: Priority,
+    pub cache: CacheKey,
 }
 
 #[derive(Clone)]
@@ -220,116 +242,41 @@ impl Scheduler {
         options: GenerateOptions,
         priority: Priority,
     ) -> Result<Submitted, SchedulerError> {
-        self.submit_keyed(client, None, model, prompt, options, priority, CacheKey::connection(client))
+        self.submit_keyed(&Submission { client, user: None, model, prompt, options, priority, cache: CacheKey::connection(client) })
     }
 
-    /// `submit_as`, keeping the request's KV under `cache` (the client's connection, or one of
-    /// its sessions) for the next request with that key, and reusing what it holds.
-    pub fn submit_keyed(
-        &self,
-        client: &str,
-        user: Option<u32>,
-        model: &str,
-        prompt: &Prompt,
-        options: GenerateOptions,
-        priority: Priority,
-        cache: CacheKey,
-    ) -> Result<Submitted, SchedulerError> {
+    /// `submit_as`, keeping the request's KV under `request.cache` (the client's connection, or
+    /// one of its sessions) for the next request with that key, and reusing what it holds.
+    pub fn submit_keyed(&self, request: &Submission<'_>) -> Result<Submitted, SchedulerError> {
         // A reload may retire the model's slot while the request is validated; it is then
         // validated again against the slot that replaced it (its folder may differ). Reloads come
         // from SIGHUP, so a few tries always suffice; past them the request is refused as Busy.
         for _ in 0..4 {
-            match self.try_submit(client, user, model, prompt, options.clone(), priority, &cache)? {
+            match self.try_submit(request)? {
                 Some(submitted) => return Ok(submitted),
                 None => continue,
             }
         }
-        Err(SchedulerError::Busy(format!("model `{model}` was reloaded while the request was queued; try again")))
+        Err(SchedulerError::Busy(format!("model `{}` was reloaded while the request was queued; try again", request.model)))
     }
 
     /// `submit` against the model's current slot; `None` when a reload retired that slot before
     /// the request could be queued on it (nothing is left counted then).
-    fn try_submit(
-        &self,
-        client: &str,
-        user: Option<u32>,
-        model: &str,
-        prompt: &Prompt,
-        mut options: GenerateOptions,
-        priority: Priority,
-        cache: &CacheKey,
-    ) -> Result<Option<Submitted>, SchedulerError> {
+    fn try_submit(&self, request: &Submission<'_>) -> Result<Option<Submitted>, SchedulerError> {
+        let Submission { client, user, model, prompt, priority, .. } = *request;
         let drain = self.inner.admission.guard()?;
         let slot = self.slot(model)?;
         let folder = self.folder(&slot)?;
         let prompt_ids = folder.prompt_ids(model, prompt)?;
-        if let Some(grammar) = &options.grammar {
-            // Compiled here too, so that a schema llguidance rejects is the caller's error.
-            folder.output_matcher(grammar)?;
-        }
         let limits = self.limits();
-        let limit = limits.max_new_tokens;
-        match options.max_new_tokens {
-            Some(n) if n > limit => {
-                return Err(Error::InvalidArgument {
-                    argument: "max_new_tokens".into(),
-                    reason: format!("{n} is over the daemon's limit of {limit} (`limits.max_new_tokens`)"),
-                }
-                .into());
-            }
-            Some(0) => {
-                return Err(Error::InvalidArgument { argument: "max_new_tokens".into(), reason: "must be at least 1".into() }.into());
-            }
-            None => options.max_new_tokens = Some(limit),
-            Some(_) => {}
-        }
-        if options.prompt_lookup == Some(true) && (folder.multitoken.is_some() || slot.config.draft.is_some()) {
-            return Err(Error::InvalidArgument {
-                argument: "prompt_lookup".into(),
-                reason: format!(
-                    "model `{model}` drafts with {}; prompt lookup is for models without one",
-                    if folder.multitoken.is_some() { "its multi-token steps" } else { "its draft model" }
-                ),
-            }
-            .into());
-        }
-        let multitoken_asked =
-            options.multitoken_mode.is_some() || options.multitoken_threshold.is_some() || options.multitoken_max_tokens.is_some();
-        match &folder.multitoken {
-            None if multitoken_asked => {
-                return Err(Error::InvalidArgument {
-                    argument: "multitoken_*".into(),
-                    reason: format!("model `{model}` is not a multi-token model (no multitoken_config.json)"),
-                }
-                .into())
-            }
-            Some(contract) => {
-                if let Some(n) = options.multitoken_max_tokens.filter(|&n| n > contract.max_tokens_per_step) {
-                    return Err(Error::InvalidArgument {
-                        argument: "multitoken_max_tokens".into(),
-                        reason: format!("{n} is over the model's max_tokens_per_step of {}", contract.max_tokens_per_step),
-                    }
-                    .into());
-                }
-            }
-            None => {}
-        }
-        if options.deadline.is_none() {
-            options.deadline = Some(Instant::now() + limits.request_timeout);
-        }
+        let options = checked_options(request.options.clone(), model, &slot.config, &folder, &limits)?;
         let (permit, seat) = self.inner.admission.admit(client, user, &limits, drain.clone())?;
         let seat = Some(seat);
         // Where a submitting thread may be preempted between admission and the push (tests widen it).
         fail::fail_point!("scheduler::admitted", model.contains("failpoint"), |_| Err(SchedulerError::ShuttingDown));
         let id = self.inner.next_id.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = events::event_stream();
-        // The watchdog's heartbeat, at every engine step (not only when text is released).
-        let (heart, started) = (Arc::downgrade(&slot), self.inner.started);
-        let cancel = CancelToken::with_progress(Arc::new(move || {
-            if let Some(slot) = heart.upgrade() {
-                slot.heartbeat.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
-            }
-        }));
+        let cancel = self.cancel_with_heartbeat(&slot);
         let job = GenerateJob {
             id,
             permit,
@@ -340,7 +287,7 @@ impl Scheduler {
             events: tx,
             queued_at: Instant::now(),
             priority,
-            cache: cache.clone(),
+            cache: request.cache.clone(),
         };
         {
             let mut queue = slot.queue.lock().expect("queue");
@@ -354,6 +301,17 @@ impl Scheduler {
         slot.wake.notify_one();
         self.inner.counters.total.fetch_add(1, Ordering::Relaxed);
         Ok(Some(Submitted { id, events: rx, cancel, drain }))
+    }
+
+    /// A request's cancel token, whose progress is the watchdog's heartbeat of `slot`: at every
+    /// engine step (not only when text is released).
+    fn cancel_with_heartbeat(&self, slot: &Arc<ModelSlot>) -> CancelToken {
+        let (heart, started) = (Arc::downgrade(slot), self.inner.started);
+        CancelToken::with_progress(Arc::new(move || {
+            if let Some(slot) = heart.upgrade() {
+                slot.heartbeat.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+            }
+        }))
     }
 
     /// Frees the KV kept under `key` (a session closed).
@@ -478,5 +436,79 @@ impl Scheduler {
         for t in self.threads.lock().expect("threads").drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// `options` checked against the model and the limits, and completed: the output grammar
+/// compiles, `max_new_tokens` within the limit (the limit if unset), drafting options the model
+/// can honour, and a deadline (the request timeout if unset).
+fn checked_options(
+    mut options: GenerateOptions,
+    model: &str,
+    config: &ModelConfig,
+    folder: &ModelFolder,
+    limits: &Limits,
+) -> Result<GenerateOptions, SchedulerError> {
+    if let Some(grammar) = &options.grammar {
+        // Compiled here too, so that a schema llguidance rejects is the caller's error.
+        folder.output_matcher(grammar)?;
+    }
+    let limit = limits.max_new_tokens;
+    match options.max_new_tokens {
+        Some(n) if n > limit => {
+            return Err(Error::InvalidArgument {
+                argument: "max_new_tokens".into(),
+                reason: format!("{n} is over the daemon's limit of {limit} (`limits.max_new_tokens`)"),
+            }
+            .into());
+        }
+        Some(0) => {
+            return Err(Error::InvalidArgument { argument: "max_new_tokens".into(), reason: "must be at least 1".into() }.into());
+        }
+        None => options.max_new_tokens = Some(limit),
+        Some(_) => {}
+    }
+    check_drafting_options(&options, model, config, folder)?;
+    if options.deadline.is_none() {
+        options.deadline = Some(Instant::now() + limits.request_timeout);
+    }
+    Ok(options)
+}
+
+/// Prompt lookup only for a model that has no drafter of its own; multi-token options only for a
+/// multi-token model, within its contract.
+fn check_drafting_options(
+    options: &GenerateOptions,
+    model: &str,
+    config: &ModelConfig,
+    folder: &ModelFolder,
+) -> Result<(), SchedulerError> {
+    if options.prompt_lookup == Some(true) && (folder.multitoken.is_some() || config.draft.is_some()) {
+        return Err(Error::InvalidArgument {
+            argument: "prompt_lookup".into(),
+            reason: format!(
+                "model `{model}` drafts with {}; prompt lookup is for models without one",
+                if folder.multitoken.is_some() { "its multi-token steps" } else { "its draft model" }
+            ),
+        }
+        .into());
+    }
+    let multitoken_asked =
+        options.multitoken_mode.is_some() || options.multitoken_threshold.is_some() || options.multitoken_max_tokens.is_some();
+    match &folder.multitoken {
+        None if multitoken_asked => Err(Error::InvalidArgument {
+            argument: "multitoken_*".into(),
+            reason: format!("model `{model}` is not a multi-token model (no multitoken_config.json)"),
+        }
+        .into()),
+        Some(contract) => match options.multitoken_max_tokens.filter(|&n| n > contract.max_tokens_per_step) {
+            Some(n) => Err(Error::InvalidArgument {
+                argument: "multitoken_max_tokens".into(),
+                reason: format!("{n} is over the model's max_tokens_per_step of {}", contract.max_tokens_per_step),
+            }
+            .into()),
+            None => Ok(()),
+        },
+        None => Ok(()),
     }
 }

@@ -10,8 +10,11 @@ use std::time::Instant;
 use tokio::sync::{broadcast, oneshot};
 
 use super::admission::{Admission, ClientPermit, QueueSeat};
-use super::events::{EventSender, Finished, ModelInfo, ModelState, RequestId, SchedulerError};
+use super::error::SchedulerError;
+use super::events::{EventSender, Finished};
+use super::model_status::{ModelInfo, ModelState};
 use super::queue::{self, FairQueue};
+use super::RequestId;
 use crate::config::{Limits, ModelConfig};
 use crate::engine::{CancelToken, Engine, FinishReason, GenerateOptions, GenerationStats, Prompt};
 use crate::error::Error;
@@ -201,38 +204,40 @@ pub(super) fn engine_thread(inner: Arc<Inner>, slot: Arc<ModelSlot>) {
                 unload(&inner, &slot, &mut engine, "UnloadModel");
                 let _ = reply.send(());
             }
-            queue::Work::Job(job) => {
-                let (id, events) = (job.id, job.events.clone());
-                // A panic in the engine must not take the model's thread with it: later requests
-                // would wait forever. Its request ends with an error, the engine (whose state is
-                // unknown now) is dropped, and the model loads again on its next request.
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&inner, &slot, &mut engine, job)));
-                if let Err(panic) = run {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "(no message)".into());
-                    tracing::error!(model = %slot.config.name, request = id, %message, "the engine panicked; the model loads again on its next request");
-                    engine = None;
-                    slot.busy.store(false, Ordering::SeqCst);
-                    let error = format!("the engine panicked: {message}");
-                    set_state(&inner, &slot, ModelState::Failed, None, Some(format!("{error} (it loads again on the next request)")));
-                    events.finish(Finished {
-                        reason: FinishReason::Error,
-                        error: Some(SchedulerError::Request(Error::Inference(error))),
-                        text: String::new(),
-                        token_ids: Vec::new(),
-                        stats: GenerationStats::default(),
-                    });
-                }
-            }
+            queue::Work::Job(job) => run_job_surviving_panics(&inner, &slot, &mut engine, job),
         }
     }
 }
 
+/// `run_job`, surviving a panic of the engine. A panic must not take the model's thread with it:
+/// later requests would wait forever. Its request ends with an error, the engine (whose state is
+/// unknown now) is dropped, and the model loads again on its next request.
+fn run_job_surviving_panics(inner: &Inner, slot: &ModelSlot, engine: &mut Option<Engine>, job: GenerateJob) {
+    let (id, events) = (job.id, job.events.clone());
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(inner, slot, engine, job)));
+    if let Err(panic) = run {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        tracing::error!(model = %slot.config.name, request = id, %message, "the engine panicked; the model loads again on its next request");
+        *engine = None;
+        slot.busy.store(false, Ordering::SeqCst);
+        let error = format!("the engine panicked: {message}");
+        set_state(inner, slot, ModelState::Failed, None, Some(format!("{error} (it loads again on the next request)")));
+        events.finish(Finished {
+            reason: FinishReason::Error,
+            error: Some(SchedulerError::Request(Error::Inference(error))),
+            text: String::new(),
+            token_ids: Vec::new(),
+            stats: GenerationStats::default(),
+        });
+    }
+}
+
 /// Bytes of RSS a load costs per byte of weights on disk: ONNX Runtime reading the file itself
-/// (measured by the benchmark: 21.9 MiB for 13.5 MB of int4 weights) plus room for prepacking.
+/// (the benchmark measures it) plus room for prepacking.
 pub(super) const LOAD_OVERHEAD: f64 = 2.0;
 
 /// The daemon's resident memory, from /proc/self/status.

@@ -21,7 +21,7 @@ pub use bus_text::{BusDict, BusText};
 use crate::engine::{CancelToken, FinishReason, GenerationStats, Prompt};
 use crate::error::Error;
 use crate::model::ChatMessage;
-use crate::scheduler::{CacheKey, Event, Finished, Priority, RequestId, Scheduler, SchedulerError};
+use crate::scheduler::{CacheKey, Event, Finished, Priority, RequestId, Scheduler, SchedulerError, Submission};
 
 pub const BUS_NAME: &str = "org.edgellm.Daemon1";
 pub const OBJECT_PATH: &str = "/org/edgellm/Daemon1";
@@ -317,7 +317,17 @@ impl Daemon {
         let submitted = {
             let (scheduler, client, model, prompt) = (self.scheduler.clone(), sender.to_string(), model.to_string(), prompt.clone());
             self.blocking
-                .run(sender, "request validation", move || scheduler.submit_keyed(&client, user, &model, &prompt, generate, priority, cache))
+                .run(sender, "request validation", move || {
+                    scheduler.submit_keyed(&Submission {
+                        client: &client,
+                        user,
+                        model: &model,
+                        prompt: &prompt,
+                        options: generate,
+                        priority,
+                        cache,
+                    })
+                })
                 .await??
         };
         if self.log_text {
@@ -381,7 +391,7 @@ impl Daemon {
             };
             // No Token signal before this: what the engine makes meanwhile joins the next one.
             // Each signal costs dbus-daemon and the client about as much CPU as a token of a
-            // small model takes to make (README, "Streaming"); the end never waits.
+            // small model takes to make (docs/performance.md, "Streaming over D-Bus"); the end never waits.
             let mut quiet_until: Option<Instant> = None;
             loop {
                 if let Some(due) = quiet_until.take().filter(|&due| due > Instant::now()) {

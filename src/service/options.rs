@@ -71,9 +71,35 @@ fn as_u32(name: &str, v: &Value<'_>) -> Result<u32, Error> {
     }
 }
 
+/// A count of at least 1; `if_zero` says why 0 is refused.
+fn at_least_one(name: &str, v: &Value<'_>, if_zero: &str) -> Result<usize, Error> {
+    match as_u32(name, v)? {
+        0 => Err(invalid(name, if_zero)),
+        n => Ok(n as usize),
+    }
+}
+
+/// A number in `range`, as the f32 the engine takes; `allowed` says the range to the caller.
+fn f64_within(name: &str, v: &Value<'_>, range: std::ops::RangeInclusive<f64>, allowed: &str) -> Result<f32, Error> {
+    let x = as_f64(name, v)?;
+    if !range.contains(&x) {
+        return Err(invalid(name, format!("{x} is out of range: use {allowed}")));
+    }
+    Ok(x as f32)
+}
+
+/// A number in (0, `max`], as the f32 the sampler uses.
+fn positive_up_to(name: &str, v: &Value<'_>, max: f64) -> Result<f32, Error> {
+    let x = as_f64(name, v)?;
+    // Checked as the f32 the sampler uses: 1e-308 is positive but rounds to 0.
+    if !(x as f32 > 0.0 && x <= max) {
+        return Err(invalid(name, format!("{x} is out of range: use a number in (0, {max}]")));
+    }
+    Ok(x as f32)
+}
+
 pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Error> {
     let mut out = RequestOptions::default();
-    let g = &mut out.generate;
     for (name, value) in options {
         let v: &Value<'_> = value;
         // A variant inside a variant (`v` of `v`) is unwrapped once, as gdbus sends some that way.
@@ -81,79 +107,37 @@ pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Er
             Value::Value(inner) => inner.as_ref(),
             other => other,
         };
-        match name.as_str() {
-            "max_new_tokens" => {
-                let n = as_u32(name, v)?;
-                if n == 0 {
-                    return Err(invalid(name, "must be at least 1"));
-                }
-                g.max_new_tokens = Some(n as usize);
+        out.set(name, v)?;
+    }
+    Ok(out)
+}
+
+impl RequestOptions {
+    /// Sets option `name` from its value, or says why it cannot.
+    fn set(&mut self, name: &str, v: &Value<'_>) -> Result<(), Error> {
+        match name {
+            "json_schema" | "grammar" => set_output_grammar(&mut self.generate, name, v),
+            _ if set_sampling_option(&mut self.generate, name, v)? => Ok(()),
+            _ if self.set_drafting_option(name, v)? => Ok(()),
+            _ if self.set_request_option(name, v)? => Ok(()),
+            other => {
+                let known: Vec<&str> = OPTIONS.iter().map(|(n, _)| *n).collect();
+                Err(invalid(other, format!("unknown option; known options are {}", known.join(", "))))
             }
-            "temperature" => {
-                let t = as_f64(name, v)?;
-                if !(0.0..=100.0).contains(&t) {
-                    return Err(invalid(name, format!("{t} is out of range: use 0 (greedy) up to 100")));
-                }
-                g.temperature = Some(t as f32);
-            }
-            "top_k" => {
-                let k = as_u32(name, v)?;
-                if k == 0 {
-                    return Err(invalid(name, "must be at least 1 (leave it out for no top-k cut)"));
-                }
-                g.top_k = Some(k as usize);
-            }
-            "top_p" => {
-                let p = as_f64(name, v)?;
-                // Checked as the f32 the sampler uses: 1e-308 is positive but rounds to 0.
-                if !(p as f32 > 0.0 && p <= 1.0) {
-                    return Err(invalid(name, format!("{p} is out of range: use a number in (0, 1]")));
-                }
-                g.top_p = Some(p as f32);
-            }
-            "repetition_penalty" => {
-                let p = as_f64(name, v)?;
-                if !(p as f32 > 0.0 && p <= 10.0) {
-                    return Err(invalid(name, format!("{p} is out of range: use a number in (0, 10]")));
-                }
-                g.repetition_penalty = Some(p as f32);
-            }
-            "seed" => match v {
-                Value::U64(s) => g.seed = Some(*s),
-                other => return Err(wrong_type(name, "t", other)),
-            },
-            "stop" => {
-                let list = match v {
-                    Value::Array(a) if a.element_signature() == "s" => a
-                        .iter()
-                        .map(|s| match s {
-                            Value::Str(s) => s.to_string(),
-                            _ => String::new(),
-                        })
-                        .collect::<Vec<_>>(),
-                    other => return Err(wrong_type(name, "as", other)),
-                };
-                if list.len() > 16 || list.iter().any(|s| s.is_empty() || s.len() > 256) {
-                    return Err(invalid(name, "use at most 16 non-empty strings of at most 256 bytes"));
-                }
-                g.stop = list;
-            }
+        }
+    }
+
+    /// How the request drafts tokens (speculative, prompt lookup, multi-token); false if `name`
+    /// is not one of these.
+    fn set_drafting_option(&mut self, name: &str, v: &Value<'_>) -> Result<bool, Error> {
+        let g = &mut self.generate;
+        match name {
             "prompt_lookup" => match v {
                 Value::Bool(b) => g.prompt_lookup = Some(*b),
                 other => return Err(wrong_type(name, "b", other)),
             },
             "speculative" => match v {
-                Value::Bool(b) => out.speculative = Some(*b),
-                other => return Err(wrong_type(name, "b", other)),
-            },
-            "prompt_ids" => match v {
-                Value::Array(a) if a.element_signature() == "u" => {
-                    out.prompt_ids = Some(a.iter().map(|id| if let Value::U32(id) = id { *id } else { 0 }).collect())
-                }
-                other => return Err(wrong_type(name, "au", other)),
-            },
-            "return_token_ids" => match v {
-                Value::Bool(b) => out.return_token_ids = *b,
+                Value::Bool(b) => self.speculative = Some(*b),
                 other => return Err(wrong_type(name, "b", other)),
             },
             "multitoken_mode" => match v {
@@ -166,59 +150,104 @@ pub fn parse(options: &HashMap<String, OwnedValue>) -> Result<RequestOptions, Er
                 other => return Err(wrong_type(name, "s", other)),
             },
             "multitoken_threshold" => {
-                let t = as_f64(name, v)?;
-                if !(0.0..=1.0).contains(&t) {
-                    return Err(invalid(name, format!("{t} is out of range: use 0..1 (1 stops every step after one token)")));
-                }
-                g.multitoken_threshold = Some(t as f32);
+                g.multitoken_threshold = Some(f64_within(name, v, 0.0..=1.0, "0..1 (1 stops every step after one token)")?)
             }
-            "multitoken_max_tokens" => {
-                let n = as_u32(name, v)?;
-                if n == 0 {
-                    return Err(invalid(name, "must be at least 1"));
+            "multitoken_max_tokens" => g.multitoken_max_tokens = Some(at_least_one(name, v, "must be at least 1")?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// What the request continues, returns and keeps, and how it queues; false if `name` is not
+    /// one of these.
+    fn set_request_option(&mut self, name: &str, v: &Value<'_>) -> Result<bool, Error> {
+        match name {
+            "prompt_ids" => match v {
+                Value::Array(a) if a.element_signature() == "u" => {
+                    self.prompt_ids = Some(a.iter().map(|id| if let Value::U32(id) = id { *id } else { 0 }).collect())
                 }
-                g.multitoken_max_tokens = Some(n as usize);
-            }
+                other => return Err(wrong_type(name, "au", other)),
+            },
+            "return_token_ids" => match v {
+                Value::Bool(b) => self.return_token_ids = *b,
+                other => return Err(wrong_type(name, "b", other)),
+            },
             "session" => match v {
-                Value::ObjectPath(path) => out.session = Some(path.to_string()),
+                Value::ObjectPath(path) => self.session = Some(path.to_string()),
                 other => return Err(wrong_type(name, "o", other)),
             },
             "priority" => match v {
                 Value::Str(s) => {
-                    out.priority = Some(
+                    self.priority = Some(
                         crate::scheduler::Priority::parse(s.as_str())
                             .ok_or_else(|| invalid(name, format!("`{s}`; use \"interactive\" or \"background\"")))?,
                     )
                 }
                 other => return Err(wrong_type(name, "s", other)),
             },
-            "json_schema" | "grammar" => {
-                // The size is checked before anything else looks at the text: llguidance's work
-                // grows with it (a 12 MB grammar took minutes and a gigabyte).
-                let text = match v {
-                    Value::Str(s) if s.len() > MAX_GRAMMAR_BYTES => {
-                        return Err(invalid(name, format!("is {} bytes; at most {MAX_GRAMMAR_BYTES}", s.len())))
-                    }
-                    Value::Str(s) if s.is_empty() => return Err(invalid(name, "is empty")),
-                    Value::Str(s) => s.to_string(),
-                    other => return Err(wrong_type(name, "s", other)),
-                };
-                if g.grammar.is_some() {
-                    return Err(invalid(name, "give either json_schema or grammar, not both"));
-                }
-                g.grammar = Some(if name == "json_schema" {
-                    crate::model::grammar::OutputGrammar::JsonSchema(text)
-                } else {
-                    crate::model::grammar::OutputGrammar::Lark(text)
-                });
-            }
-            other => {
-                let known: Vec<&str> = OPTIONS.iter().map(|(n, _)| *n).collect();
-                return Err(invalid(other, format!("unknown option; known options are {}", known.join(", "))));
-            }
+            _ => return Ok(false),
         }
+        Ok(true)
     }
-    Ok(out)
+}
+
+/// Length and sampling (`max_new_tokens`, `temperature`, ..., `stop`); false if `name` is not
+/// one of these.
+fn set_sampling_option(g: &mut GenerateOptions, name: &str, v: &Value<'_>) -> Result<bool, Error> {
+    match name {
+        "max_new_tokens" => g.max_new_tokens = Some(at_least_one(name, v, "must be at least 1")?),
+        "temperature" => g.temperature = Some(f64_within(name, v, 0.0..=100.0, "0 (greedy) up to 100")?),
+        "top_k" => g.top_k = Some(at_least_one(name, v, "must be at least 1 (leave it out for no top-k cut)")?),
+        "top_p" => g.top_p = Some(positive_up_to(name, v, 1.0)?),
+        "repetition_penalty" => g.repetition_penalty = Some(positive_up_to(name, v, 10.0)?),
+        "seed" => match v {
+            Value::U64(s) => g.seed = Some(*s),
+            other => return Err(wrong_type(name, "t", other)),
+        },
+        "stop" => g.stop = stop_strings(name, v)?,
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+fn stop_strings(name: &str, v: &Value<'_>) -> Result<Vec<String>, Error> {
+    let list = match v {
+        Value::Array(a) if a.element_signature() == "s" => a
+            .iter()
+            .map(|s| match s {
+                Value::Str(s) => s.to_string(),
+                _ => String::new(),
+            })
+            .collect::<Vec<_>>(),
+        other => return Err(wrong_type(name, "as", other)),
+    };
+    if list.len() > 16 || list.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(invalid(name, "use at most 16 non-empty strings of at most 256 bytes"));
+    }
+    Ok(list)
+}
+
+/// `json_schema` or `grammar`: the one grammar the output follows.
+fn set_output_grammar(g: &mut GenerateOptions, name: &str, v: &Value<'_>) -> Result<(), Error> {
+    // The size is checked before anything else looks at the text: llguidance's time and memory
+    // grow with it.
+    let text = match v {
+        Value::Str(s) if s.len() > MAX_GRAMMAR_BYTES => {
+            return Err(invalid(name, format!("is {} bytes; at most {MAX_GRAMMAR_BYTES}", s.len())))
+        }
+        Value::Str(s) if s.is_empty() => return Err(invalid(name, "is empty")),
+        Value::Str(s) => s.to_string(),
+        other => return Err(wrong_type(name, "s", other)),
+    };
+    if g.grammar.is_some() {
+        return Err(invalid(name, "give either json_schema or grammar, not both"));
+    }
+    g.grammar = Some(if name == "json_schema" {
+        crate::model::grammar::OutputGrammar::JsonSchema(text)
+    } else {
+        crate::model::grammar::OutputGrammar::Lark(text)
+    });
+    Ok(())
 }
 
 #[cfg(test)]
