@@ -1,7 +1,6 @@
 //! `edgellm serve` against the official `openai` Python client (tests/py/openai_client.py):
 //! the same text as the D-Bus API, OpenAI's error shapes, and cancellation by disconnect.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -10,7 +9,7 @@ use edgellm::service::client::Daemon1Proxy;
 use serde_json::{json, Value as Json};
 use zbus::zvariant::Value;
 
-use crate::kit::bus::{greedy_options, rt, stream_request, Daemon};
+use crate::kit::bus::{greedy_options, rt, sampled_options, stream_request, Daemon};
 use crate::kit::fixtures::python_reference;
 
 /// `edgellm serve` on a Unix socket beside the daemon's private bus; killed on drop.
@@ -183,12 +182,9 @@ fn openai_errors_have_openai_shapes_and_codes() {
         // No end of sequence before 900 characters: each holds the engine for most of its 1000
         // tokens, however fast the kernels.
         let long = || {
-            HashMap::from([
-                ("max_new_tokens", Value::U32(1000)),
-                ("temperature", Value::F64(1.0)),
-                ("seed", Value::U64(3)),
-                ("grammar", Value::from("start: /(.|\\n){900,}/")),
-            ])
+            let mut options = sampled_options(1000, 3);
+            options.insert("grammar", Value::from("start: /(.|\\n){900,}/"));
+            options
         };
         let a = proxy.generate("kjv", PROMPT, long()).await.unwrap();
         // The second waits in the queue once the first has left it for the engine: until then the
